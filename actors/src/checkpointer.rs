@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::FutureExt;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
@@ -171,18 +172,19 @@ impl Checkpointer {
         };
         // `wait`: nothing else is handled until the commit is done, so commits and recoveries
         // never interleave.
-        ctx.wait(commit.into_actor(self).map(move |result, act, ctx| {
+        ctx.wait(guarded(commit).into_actor(self).map(move |result, act, ctx| {
             if act.epoch.current() != epoch {
                 return; // recovery reloads from the store whatever this commit did
             }
             match result {
-                Ok(record) => {
+                None => act.panicked(ctx),
+                Some(Ok(record)) => {
                     act.consecutive_failures = 0;
                     act.after_commit(batch, record);
                     act.next_seq += 1;
                     act.try_commit(ctx);
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     error!(account = %act.account(), %error, "commit failed");
                     act.fail_epoch("commit failed", ctx);
                 }
@@ -253,12 +255,24 @@ impl Checkpointer {
     }
 }
 
+/// Runs a future, turning a panic into `None`: actix would drop the actor, not restart it.
+async fn guarded<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
+    std::panic::AssertUnwindSafe(fut).catch_unwind().await.ok()
+}
+
+impl Checkpointer {
+    fn panicked(&mut self, ctx: &mut Context<Self>) {
+        error!(account = %self.account(), "the Checkpointer panicked; restarting it");
+        ctx.stop();
+    }
+}
+
 impl Actor for Checkpointer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         if self.poller.is_some() {
-            self.begin_recovery(ctx); // a supervised restart
+            self.fail_epoch("the Checkpointer restarted", ctx); // a supervised restart
         }
     }
 }
@@ -311,8 +325,9 @@ impl Handler<Recover> for Checkpointer {
             }
             Ok::<_, SinkError>(state)
         };
-        ctx.wait(recover.into_actor(self).map(|result, act, ctx| match result {
-            Ok(state) => {
+        ctx.wait(guarded(recover).into_actor(self).map(|result, act, ctx| match result {
+            None => act.panicked(ctx),
+            Some(Ok(state)) => {
                 if let Some(checkpoint) = state.checkpoint {
                     act.metrics.set_checkpoint(act.account(), checkpoint);
                 }
@@ -331,7 +346,7 @@ impl Handler<Recover> for Checkpointer {
                     poller.do_send(resume);
                 }
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 act.consecutive_failures += 1;
                 let delay = act.config.backoff.delay(act.consecutive_failures);
                 error!(account = %act.account(), %error, retry_in = ?delay, "recovery failed");

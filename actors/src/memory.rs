@@ -52,7 +52,8 @@ impl Faults {
         if from != 0 && call >= from {
             return Err(SinkError::new(format!("injected failure of {what} call {call}")));
         }
-        match self.planned.lock().unwrap().remove(&call) {
+        let planned = self.planned.lock().unwrap().remove(&call);
+        match planned {
             Some(Fault::Fail) => Err(SinkError::new(format!("injected failure of {what} call {call}"))),
             Some(Fault::Panic) => panic!("injected panic in {what} call {call}"),
             None => Ok(()),

@@ -1,0 +1,310 @@
+//! The pipeline's ordering and failure rules, deterministically in memory.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cfaudit_actors::memory::*;
+use cfaudit_actors::*;
+use chrono::{DateTime, TimeZone, Utc};
+
+const ACCOUNT: &str = "acc";
+
+/// `n` events, four per timestamp, so equal times straddle page boundaries.
+fn events(n: usize) -> Vec<(DateTime<Utc>, String)> {
+    let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+    (0..n)
+        .map(|i| (start + chrono::Duration::seconds((i / 4) as i64 * 7), format!("ev-{i:06}")))
+        .collect()
+}
+
+fn initial_checkpoint() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 12, 31, 0, 0, 0).unwrap()
+}
+
+struct World {
+    source: MemorySource,
+    rows: MemoryRowSink,
+    files: MemoryFileSink,
+    store: MemoryCheckpointStore,
+    metrics: Arc<Metrics>,
+}
+
+impl World {
+    fn new(events: Vec<(DateTime<Utc>, String)>) -> World {
+        World {
+            source: MemorySource::new(events),
+            rows: MemoryRowSink::default(),
+            files: MemoryFileSink::default(),
+            store: MemoryCheckpointStore::default(),
+            metrics: Metrics::new(),
+        }
+    }
+
+    fn start(&self, direction: Direction, once: Option<u32>) -> Pipeline {
+        let backoff = Backoff {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(20),
+        };
+        Pipeline::start(PipelineParts {
+            poller: PollerConfig {
+                account_id: ACCOUNT.into(),
+                per_page: 50,
+                direction,
+                safety_lag: Duration::from_secs(30),
+                poll_interval: Duration::from_millis(50),
+                initial_checkpoint: Some(initial_checkpoint()),
+                hide_user_logs: false,
+                max_inflight_batches: 4,
+                max_pages_per_sweep: 10_000,
+                backoff,
+                default_retry_after: Duration::from_millis(10),
+                auth_recheck: Duration::from_millis(50),
+                once,
+            },
+            checkpointer: CheckpointerConfig {
+                account_id: ACCOUNT.into(),
+                safety_lag: Duration::from_secs(30),
+                ack_timeout: Duration::from_secs(5),
+                backoff,
+            },
+            source: Arc::new(self.source.clone()),
+            rows: Arc::new(self.rows.clone()),
+            files: Arc::new(self.files.clone()),
+            store: Arc::new(self.store.clone()),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Runs one sweep to completion (`run --once`).
+    async fn once(&self, direction: Direction) -> PipelineEvent {
+        let mut pipeline = self.start(direction, Some(1000));
+        let event = wait_for(&mut pipeline, |e| !matches!(e, PipelineEvent::Drained)).await;
+        pipeline.stop();
+        event
+    }
+
+    /// Every event exactly once in both sinks, nothing left in staging, checkpoint at the end.
+    fn assert_exact(&self, expected: &[(DateTime<Utc>, String)]) {
+        let want: HashSet<&str> = expected.iter().map(|(_, id)| id.as_str()).collect();
+        let rows = self.rows.rows.lock().unwrap();
+        assert_eq!(rows.len(), want.len(), "postgres rows");
+        assert!(rows.keys().all(|(_, id)| want.contains(id.as_str())));
+        let published = self.files.published_ids();
+        assert_eq!(published.len(), want.len(), "parquet rows (duplicates count twice)");
+        assert_eq!(published.iter().collect::<HashSet<_>>().len(), want.len(), "distinct parquet ids");
+        assert!(self.files.staged.lock().unwrap().is_empty(), "staged orphans");
+        let last = expected.iter().map(|(w, _)| *w).max();
+        assert_eq!(self.store.checkpoint(ACCOUNT), last, "checkpoint");
+    }
+
+    fn commits(&self) -> usize {
+        self.store.commits.lock().unwrap().len()
+    }
+}
+
+async fn wait_for(pipeline: &mut Pipeline, want: impl Fn(&PipelineEvent) -> bool) -> PipelineEvent {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let event = pipeline.next_event().await.expect("pipeline alive");
+            if want(&event) {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the pipeline did not report in 30 s")
+}
+
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..3000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn completed(event: &PipelineEvent) {
+    assert!(matches!(event, PipelineEvent::SweepCompleted { .. }), "{event:?}");
+}
+
+#[actix_rt::test]
+async fn a_sweep_lands_every_event_once_in_both_sinks() {
+    let all = events(1003);
+    let world = World::new(all.clone());
+    completed(&world.once(Direction::Asc).await);
+    world.assert_exact(&all);
+    // 21 pages of ≤ 50: one commit each (the last page is short, so no extra request).
+    assert_eq!(world.commits(), 21);
+    assert_eq!(world.source.requests.lock().unwrap().len(), 21);
+}
+
+#[actix_rt::test]
+async fn a_second_sweep_over_the_overlap_adds_nothing() {
+    let all = events(400);
+    let world = World::new(all.clone());
+    completed(&world.once(Direction::Asc).await);
+    let files_before = world.files.published.lock().unwrap().len();
+    completed(&world.once(Direction::Asc).await);
+    world.assert_exact(&all);
+    assert_eq!(world.files.published.lock().unwrap().len(), files_before, "no new files");
+    let overlap = world.source.requests.lock().unwrap().last().unwrap().since;
+    assert!(overlap < all.last().unwrap().0, "the second window overlaps on purpose");
+    let deduplicated = world.metrics.events_deduplicated.with_label_values(&[ACCOUNT]).get();
+    assert!(deduplicated > 0, "the overlap was fetched again and dropped");
+}
+
+#[actix_rt::test]
+async fn no_commit_while_one_writer_fails_after_the_other_succeeded() {
+    let all = events(500);
+    let world = World::new(all.clone());
+    world.files.faults.fail_from(3); // batches 0 and 1 stage, every later stage fails
+    let mut pipeline = world.start(Direction::Asc, None);
+    let pg_rows_beyond_commit = || world.rows.rows.lock().unwrap().len() > 100;
+    until("postgres to hold more than the committed batches", pg_rows_beyond_commit).await;
+    until("a rewind", || world.metrics.pipeline_rewinds.with_label_values(&[ACCOUNT]).get() >= 2).await;
+    // Parquet fails batch 2 and every retry; Postgres holds rows past the last commit, yet
+    // nothing past the batches Parquet staged (at most 0 and 1) is committed or visible.
+    let commits = world.commits();
+    assert!(commits <= 2, "{commits} commits");
+    assert!(world.rows.rows.lock().unwrap().len() > commits * 50);
+    assert_eq!(world.files.published_ids().len(), commits * 50);
+    let expected_checkpoint = commits.checked_sub(1).map(|last| all[last * 50 + 49].0);
+    assert_eq!(world.store.checkpoint(ACCOUNT), expected_checkpoint);
+    world.files.faults.heal();
+    wait_for(&mut pipeline, |e| matches!(e, PipelineEvent::SweepCompleted { .. })).await;
+    pipeline.stop();
+    world.assert_exact(&all);
+}
+
+#[actix_rt::test]
+async fn acks_out_of_order_commit_in_order() {
+    let all = events(400);
+    let mut world = World::new(all.clone());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    world.files.gate = Some(gate.clone());
+    let mut pipeline = world.start(Direction::Asc, Some(1000));
+    // Postgres acks batches 0..3 while Parquet still holds batch 0.
+    until("postgres to ack four batches", || world.rows.rows.lock().unwrap().len() == 200).await;
+    assert_eq!(world.commits(), 0, "nothing commits before both writers acked");
+    gate.add_permits(1000);
+    completed(&wait_for(&mut pipeline, |_| true).await);
+    pipeline.stop();
+    let checkpoints: Vec<_> = world.store.commits.lock().unwrap().iter().map(|c| c.state.checkpoint).collect();
+    assert!(checkpoints.windows(2).all(|w| w[0] < w[1]), "commits in batch order: {checkpoints:?}");
+    let seqs: Vec<_> = world.store.commits.lock().unwrap().iter().map(|c| c.state.commit_seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    world.assert_exact(&all);
+}
+
+#[actix_rt::test]
+async fn a_panicking_writer_is_restarted_and_the_pipeline_resumes_from_the_checkpoint() {
+    let all = events(600);
+    let world = World::new(all.clone());
+    world.rows.faults.on_call(4, Fault::Panic);
+    completed(&world.once(Direction::Asc).await);
+    world.assert_exact(&all);
+    assert_eq!(world.metrics.restarts.with_label_values(&["pg_writer"]).get(), 1);
+    // Every sweep start (page 1) asks from the initial checkpoint or from a committed
+    // checkpoint minus the lag, and the panic caused at least one such restart.
+    let lag = chrono::Duration::seconds(30);
+    let mut allowed: HashSet<DateTime<Utc>> = HashSet::from([initial_checkpoint()]);
+    for commit in world.store.commits.lock().unwrap().iter() {
+        allowed.extend(commit.state.checkpoint.map(|c| c - lag));
+    }
+    let requests = world.source.requests.lock().unwrap();
+    let starts: Vec<_> = requests.iter().filter(|r| r.page == 1).map(|r| r.since).collect();
+    assert!(starts.len() >= 2, "no resume: {starts:?}");
+    assert!(starts.iter().all(|since| allowed.contains(since)), "{starts:?} not in {allowed:?}");
+}
+
+#[actix_rt::test]
+async fn a_panicking_source_restarts_the_poller_without_loss() {
+    let all = events(300);
+    let world = World::new(all.clone());
+    world.source.faults.on_call(3, Fault::Panic);
+    completed(&world.once(Direction::Asc).await);
+    world.assert_exact(&all);
+    assert_eq!(world.metrics.restarts.with_label_values(&["poller"]).get(), 1);
+}
+
+#[actix_rt::test]
+async fn a_failing_commit_rewinds_and_ends_exact() {
+    let all = events(500);
+    let world = World::new(all.clone());
+    world.store.faults.on_call(3, Fault::Fail);
+    world.store.faults.on_call(5, Fault::Panic);
+    completed(&world.once(Direction::Asc).await);
+    world.assert_exact(&all);
+    assert_eq!(world.metrics.restarts.with_label_values(&["checkpointer"]).get(), 1);
+    assert!(world.metrics.pipeline_rewinds.with_label_values(&[ACCOUNT]).get() >= 2);
+}
+
+#[actix_rt::test]
+async fn transient_source_errors_are_retried() {
+    let all = events(300);
+    let world = World::new(all.clone());
+    world.source.faults.on_call(2, Fault::Fail);
+    world.source.faults.on_call(3, Fault::Fail);
+    completed(&world.once(Direction::Asc).await);
+    world.assert_exact(&all);
+    assert_eq!(world.metrics.api_retries.with_label_values(&["transient"]).get(), 2);
+}
+
+#[actix_rt::test]
+async fn once_mode_gives_up_after_its_attempts() {
+    let world = World::new(events(100));
+    world.source.faults.fail_from(1);
+    let mut pipeline = world.start(Direction::Asc, Some(3));
+    let event = wait_for(&mut pipeline, |_| true).await;
+    pipeline.stop();
+    assert!(matches!(&event, PipelineEvent::Failed { reason } if reason.contains("3 times")), "{event:?}");
+    assert_eq!(world.commits(), 0);
+}
+
+#[actix_rt::test]
+async fn desc_advances_the_checkpoint_only_when_the_sweep_is_committed() {
+    let all = events(260);
+    let world = World::new(all.clone());
+    completed(&world.once(Direction::Desc).await);
+    world.assert_exact(&all);
+    let commits = world.store.commits.lock().unwrap();
+    let (last, earlier) = commits.split_last().unwrap();
+    assert!(earlier.iter().all(|c| c.state.checkpoint.is_none()), "checkpoint moved mid-sweep");
+    assert_eq!(last.state.checkpoint, Some(all.last().unwrap().0));
+}
+
+#[actix_rt::test]
+async fn late_events_inside_the_safety_lag_are_picked_up_by_the_next_sweep() {
+    let all = events(200);
+    let world = World::new(all.clone());
+    completed(&world.once(Direction::Asc).await);
+    // An event that appears late, 10 s before the checkpoint (inside the 30 s lag).
+    let late = (all.last().unwrap().0 - chrono::Duration::seconds(10), "late-1".to_owned());
+    world.source.add(vec![late.clone()]);
+    completed(&world.once(Direction::Asc).await);
+    let mut expected = all.clone();
+    expected.push(late);
+    world.assert_exact(&expected);
+}
+
+#[actix_rt::test]
+async fn drain_stops_fetching_and_leaves_a_resumable_state() {
+    let all = events(2000);
+    let mut world = World::new(all.clone());
+    let gate = Arc::new(tokio::sync::Semaphore::new(3));
+    world.files.gate = Some(gate.clone());
+    let mut pipeline = world.start(Direction::Asc, Some(1000));
+    until("three commits", || world.commits() == 3).await;
+    pipeline.drain();
+    gate.add_permits(1000);
+    wait_for(&mut pipeline, |e| matches!(e, PipelineEvent::Drained)).await;
+    pipeline.stop();
+    let partial = world.rows.rows.lock().unwrap().len();
+    assert!(partial < all.len(), "drained before the end");
+    world.files.gate = None;
+    completed(&world.once(Direction::Asc).await);
+    world.assert_exact(&all);
+}
