@@ -1,1 +1,104 @@
-fn main(){}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cfaudit::app::{run, RunOptions};
+use cfaudit::config::Config;
+use cfaudit::emulator::{Emulator, EmulatorConfig};
+use cfaudit::postgres::Postgres;
+
+/// Lands Cloudflare audit logs exactly once in PostgreSQL/TimescaleDB and Parquet.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (settings in the environment override it).
+    #[arg(long, global = true, env = "CFAUDIT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: poll, write both sinks, commit; until SIGTERM/SIGINT.
+    Run {
+        /// One sweep up to now, commit, print the counts and exit (non-zero on failure).
+        #[arg(long)]
+        once: bool,
+        /// Do not apply database migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Create the database if missing and apply the migrations.
+    Migrate,
+    /// Serve the Cloudflare audit-log API emulator (demo and tests).
+    Emulator(EmulatorConfig),
+}
+
+/// Exit codes: 0 success, 1 runtime failure, 2 configuration error.
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    cfaudit::telemetry::init(&config.log_format);
+    let result = match cli.command {
+        Command::Run { once, no_migrate } => {
+            run(config, RunOptions { once, skip_migrations: no_migrate })
+                .await
+                .map(|summary| {
+                    if once {
+                        println!("{}", serde_json::json!({
+                            "account_id": summary.account_id,
+                            "checkpoint": summary.checkpoint,
+                            "rows_in_postgres": summary.rows_in_postgres,
+                            "parquet_files": summary.parquet_files,
+                            "parquet_rows": summary.parquet_rows,
+                            "dead_letters": summary.dead_letters,
+                            "interrupted": summary.interrupted,
+                        }));
+                    }
+                })
+        }
+        Command::Migrate => migrate(&config).await,
+        Command::Emulator(emulator) => serve_emulator(emulator).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::from(if error.downcast_ref::<cfaudit::config::ConfigError>().is_some() { 2 } else { 1 })
+        }
+    }
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    Postgres::create_database_if_missing(&config.database_url).await?;
+    let postgres = Postgres::connect(&config.database_url, 1).await?;
+    postgres.migrate().await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn serve_emulator(config: EmulatorConfig) -> anyhow::Result<()> {
+    let emulator = Emulator::new(config.clone());
+    let (addr, server) = emulator.serve()?;
+    tracing::info!(%addr, events = config.events, account = %config.account_id, "emulator listening");
+    println!("emulator: http://{addr}/client/v4");
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    handle.stop(true).await;
+    Ok(())
+}

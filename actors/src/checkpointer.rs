@@ -413,3 +413,10 @@ impl Handler<ActorRestarted> for Checkpointer {
         self.fail_epoch(&format!("{} restarted", msg.actor), ctx);
     }
 }
+
+impl Handler<Flush> for Checkpointer {
+    type Result = ();
+
+    /// Handled only after a running commit (`ctx.wait`) is done.
+    fn handle(&mut self, _: Flush, _ctx: &mut Context<Self>) {}
+}

@@ -172,13 +172,13 @@ impl MemoryFileSink {
 
 #[async_trait]
 impl FileSink for MemoryFileSink {
-    async fn stage(&self, _account_id: &str, rows: &[AuditRow]) -> Result<Vec<StagedFile>, SinkError> {
+    async fn stage(&self, _account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<Vec<StagedFile>, SinkError> {
         if let Some(gate) = &self.gate {
             gate.acquire().await.expect("gate open").forget();
         }
         self.faults.next("file sink")?;
         let mut by_hour: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for row in rows {
+        for row in rows.iter() {
             by_hour
                 .entry(row.timestamp.format("year=%Y/month=%m/day=%d/hour=%H").to_string())
                 .or_default()

@@ -134,6 +134,12 @@ pub struct ActorRestarted {
 #[rtype(result = "()")]
 pub struct Drain;
 
+/// Runner → writers and Checkpointer at shutdown: answered once everything queued before it
+/// is done, so the threads can stop with no sink call in flight.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Flush;
+
 /// What the pipeline tells whoever runs it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PipelineEvent {

@@ -1,7 +1,12 @@
-//! Wiring: one supervised actor of each kind per account, each writer on its own arbiter
-//! (thread) so Parquet encoding, SQL and API parsing use both cores.
+//! Wiring: one supervised actor of each kind per account, all on the current arbiter.
+//!
+//! One arbiter on purpose: each actix arbiter is its own Tokio runtime, and database, HTTP and
+//! object-store connections belong to the runtime that opened them. Sharing one connection
+//! pool across arbiters breaks as soon as one of them stops. CPU-heavy work (Parquet encoding)
+//! goes to Tokio's blocking pool instead, so the second core is still used.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::mpsc;
@@ -9,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::checkpointer::{Checkpointer, CheckpointerConfig, Connect};
 use crate::mailbox::Mailbox;
 use crate::mapper::Mapper;
-use crate::messages::{Drain, Epoch, PipelineEvent};
+use crate::messages::{Drain, Epoch, Flush, PipelineEvent};
 use crate::metrics::Metrics;
 use crate::poller::{Poller, PollerConfig};
 use crate::ports::{AuditSource, CheckpointStore, FileSink, RowSink};
@@ -26,10 +31,12 @@ pub struct PipelineParts {
     pub metrics: Arc<Metrics>,
 }
 
-/// A running pipeline. Dropping it does not stop the actors; call [`Pipeline::stop`].
+/// A running pipeline; [`Pipeline::shutdown`] stops it.
 pub struct Pipeline {
     poller: Addr<Poller>,
-    arbiters: Vec<Arbiter>,
+    pg: Addr<PgWriter>,
+    parquet: Addr<ParquetWriter>,
+    checkpointer: Addr<Checkpointer>,
     pub events: mpsc::UnboundedReceiver<PipelineEvent>,
 }
 
@@ -51,12 +58,11 @@ impl Pipeline {
         let capacity = poller.max_inflight_batches + 16;
         let epoch = Epoch::default();
         let (events_tx, events) = mpsc::unbounded_channel();
-        let arbiters: Vec<Arbiter> = (0..3).map(|_| Arbiter::new()).collect();
 
         let checkpointer_config = Arc::new(checkpointer);
         let checkpointer_addr = {
             let (epoch, metrics, files) = (epoch.clone(), metrics.clone(), files.clone());
-            Supervisor::start_in_arbiter(&arbiters[0].handle(), move |ctx| {
+            Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
                 Checkpointer::new(checkpointer_config, store, files, epoch, metrics)
             })
@@ -66,21 +72,23 @@ impl Pipeline {
         let pg = {
             let (account, checkpointer, epoch, m) =
                 (account.clone(), checkpointer.clone(), epoch.clone(), metrics.clone());
-            let addr = Supervisor::start_in_arbiter(&arbiters[1].handle(), move |ctx| {
+            let addr = Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
                 PgWriter::new(PgTarget(rows), account, checkpointer, epoch, m)
             });
             Mailbox::new(addr, metrics.actor("pg_writer"))
         };
+        let pg_addr = pg.addr().clone();
         let parquet = {
             let (account, checkpointer, epoch, m) =
                 (account.clone(), checkpointer.clone(), epoch.clone(), metrics.clone());
-            let addr = Supervisor::start_in_arbiter(&arbiters[2].handle(), move |ctx| {
+            let addr = Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
                 ParquetWriter::new(ParquetTarget(files), account, checkpointer, epoch, m)
             });
             Mailbox::new(addr, metrics.actor("parquet_writer"))
         };
+        let parquet_addr = parquet.addr().clone();
         let mapper = {
             let (account, checkpointer, epoch, m) =
                 (account.clone(), checkpointer.clone(), epoch.clone(), metrics.clone());
@@ -104,7 +112,9 @@ impl Pipeline {
         )));
         Pipeline {
             poller: poller_addr,
-            arbiters,
+            pg: pg_addr,
+            parquet: parquet_addr,
+            checkpointer: checkpointer_addr,
             events,
         }
     }
@@ -114,11 +124,26 @@ impl Pipeline {
         self.poller.do_send(Drain);
     }
 
-    /// Stops the writer/checkpointer threads. Uncommitted work is abandoned, never half-done.
-    pub fn stop(self) {
-        for arbiter in &self.arbiters {
-            arbiter.stop();
-        }
+    /// Stops the pipeline: no new pages, and in-flight batches commit (within `timeout`); the
+    /// actors stay, idle. `false` when the timeout cut it short: uncommitted work is abandoned,
+    /// never half-done, and the next run fetches it again.
+    pub async fn shutdown(mut self, timeout: Duration) -> bool {
+        self.drain();
+        let clean = tokio::time::timeout(timeout, async {
+            while let Some(event) = self.events.recv().await {
+                if event == PipelineEvent::Drained {
+                    break;
+                }
+            }
+            let _ = futures::join!(
+                self.pg.send(Flush),
+                self.parquet.send(Flush),
+                self.checkpointer.send(Flush)
+            );
+        })
+        .await
+        .is_ok();
+        clean
     }
 
     /// Waits for the next event of interest.

@@ -21,7 +21,7 @@ use crate::ports::{FileSink, RowSink, SinkError};
 pub trait SinkTarget: Send + Sync + 'static {
     const SINK: Sink;
     const ACTOR: &'static str;
-    async fn write(&self, account_id: &str, rows: &[AuditRow]) -> Result<WriteOutcome, SinkError>;
+    async fn write(&self, account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<WriteOutcome, SinkError>;
 }
 
 /// Writes rows to PostgreSQL.
@@ -34,8 +34,8 @@ pub struct ParquetTarget(pub Arc<dyn FileSink>);
 impl SinkTarget for PgTarget {
     const SINK: Sink = Sink::Postgres;
     const ACTOR: &'static str = "pg_writer";
-    async fn write(&self, _account_id: &str, rows: &[AuditRow]) -> Result<WriteOutcome, SinkError> {
-        self.0.write_rows(rows).await.map(WriteOutcome::Rows)
+    async fn write(&self, _account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<WriteOutcome, SinkError> {
+        self.0.write_rows(&rows).await.map(WriteOutcome::Rows)
     }
 }
 
@@ -43,7 +43,7 @@ impl SinkTarget for PgTarget {
 impl SinkTarget for ParquetTarget {
     const SINK: Sink = Sink::Parquet;
     const ACTOR: &'static str = "parquet_writer";
-    async fn write(&self, account_id: &str, rows: &[AuditRow]) -> Result<WriteOutcome, SinkError> {
+    async fn write(&self, account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<WriteOutcome, SinkError> {
         self.0.stage(account_id, rows).await.map(WriteOutcome::Staged)
     }
 }
@@ -111,7 +111,7 @@ impl<T: SinkTarget> Handler<WriteBatch> for Writer<T> {
             }
             // A panic in the sink must not kill the arbiter: it becomes a failed ack and a
             // supervised restart (actix itself does not restart on a panic).
-            AssertUnwindSafe(target.write(&account_id, &msg.rows))
+            AssertUnwindSafe(target.write(&account_id, msg.rows))
                 .catch_unwind()
                 .await
         };
@@ -166,4 +166,10 @@ impl<T: SinkTarget> Writer<T> {
             }
         }
     }
+}
+
+impl<T: SinkTarget> Handler<Flush> for Writer<T> {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, _ctx: &mut Context<Self>) {}
 }

@@ -80,7 +80,7 @@ impl World {
     async fn once(&self, direction: Direction) -> PipelineEvent {
         let mut pipeline = self.start(direction, Some(1000));
         let event = wait_for(&mut pipeline, |e| !matches!(e, PipelineEvent::Drained)).await;
-        pipeline.stop();
+        assert!(pipeline.shutdown(Duration::from_secs(10)).await, "clean shutdown");
         event
     }
 
@@ -175,7 +175,7 @@ async fn no_commit_while_one_writer_fails_after_the_other_succeeded() {
     assert_eq!(world.store.checkpoint(ACCOUNT), expected_checkpoint);
     world.files.faults.heal();
     wait_for(&mut pipeline, |e| matches!(e, PipelineEvent::SweepCompleted { .. })).await;
-    pipeline.stop();
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     world.assert_exact(&all);
 }
 
@@ -191,7 +191,7 @@ async fn acks_out_of_order_commit_in_order() {
     assert_eq!(world.commits(), 0, "nothing commits before both writers acked");
     gate.add_permits(1000);
     completed(&wait_for(&mut pipeline, |_| true).await);
-    pipeline.stop();
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     let checkpoints: Vec<_> = world.store.commits.lock().unwrap().iter().map(|c| c.state.checkpoint).collect();
     assert!(checkpoints.windows(2).all(|w| w[0] < w[1]), "commits in batch order: {checkpoints:?}");
     let seqs: Vec<_> = world.store.commits.lock().unwrap().iter().map(|c| c.state.commit_seq).collect();
@@ -259,7 +259,7 @@ async fn once_mode_gives_up_after_its_attempts() {
     world.source.faults.fail_from(1);
     let mut pipeline = world.start(Direction::Asc, Some(3));
     let event = wait_for(&mut pipeline, |_| true).await;
-    pipeline.stop();
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     assert!(matches!(&event, PipelineEvent::Failed { reason } if reason.contains("3 times")), "{event:?}");
     assert_eq!(world.commits(), 0);
 }
@@ -301,7 +301,7 @@ async fn drain_stops_fetching_and_leaves_a_resumable_state() {
     pipeline.drain();
     gate.add_permits(1000);
     wait_for(&mut pipeline, |e| matches!(e, PipelineEvent::Drained)).await;
-    pipeline.stop();
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     let partial = world.rows.rows.lock().unwrap().len();
     assert!(partial < all.len(), "drained before the end");
     world.files.gate = None;

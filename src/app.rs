@@ -1,0 +1,162 @@
+//! Start-up and the run loop: build the adapters from the configuration, start the pipeline,
+//! and stop it cleanly on a signal or, with `--once`, after one committed sweep.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cfaudit_actors::{CheckpointerConfig, Metrics, Pipeline, PipelineEvent, PipelineParts, PollerConfig};
+use chrono::{DateTime, Utc};
+use tracing::{info, warn};
+
+use crate::cloudflare::CloudflareClient;
+use crate::config::Config;
+use crate::lake::ParquetLake;
+use crate::postgres::Postgres;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// One sweep up to now, commit, return.
+    pub once: bool,
+    /// Do not apply migrations at start.
+    pub skip_migrations: bool,
+}
+
+/// What a run did, for the `--once` summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub account_id: String,
+    pub checkpoint: Option<DateTime<Utc>>,
+    pub rows_in_postgres: i64,
+    pub parquet_files: i64,
+    pub parquet_rows: i64,
+    pub dead_letters: i64,
+    pub interrupted: bool,
+}
+
+/// Runs the service until a signal (or one sweep with `once`).
+pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSummary> {
+    config.require_source()?;
+    let metrics = Metrics::new();
+    let postgres = Postgres::connect(&config.database_url, config.database_max_connections).await?;
+    if !options.skip_migrations {
+        postgres.migrate().await?;
+    }
+    let lake = Arc::new(ParquetLake::open(&config.parquet_url)?);
+    let source = Arc::new(CloudflareClient::new(&config, metrics.clone())?);
+    let account_id = config.cloudflare_account_id.clone().expect("required above");
+
+    let http = if options.once {
+        None
+    } else {
+        let state = crate::http::HealthState {
+            metrics: metrics.clone(),
+            database: Postgres::lazy_pool(&config.database_url)?,
+            max_sweep_age: config.poll_interval() * 3 + Duration::from_secs(config.cloudflare_request_timeout_seconds * 4 + 60),
+            started: Utc::now(),
+        };
+        let (addr, server) = crate::http::serve(config.metrics_addr, state)?;
+        info!(%addr, "serving /metrics, /healthz and /readyz");
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Some(handle)
+    };
+
+    let mut pipeline = Pipeline::start(PipelineParts {
+        poller: PollerConfig {
+            account_id: account_id.clone(),
+            per_page: config.cloudflare_per_page,
+            direction: config.cloudflare_direction,
+            safety_lag: config.safety_lag(),
+            poll_interval: config.poll_interval(),
+            initial_checkpoint: config.initial_checkpoint()?,
+            hide_user_logs: config.cloudflare_hide_user_logs,
+            max_inflight_batches: config.max_inflight_batches,
+            max_pages_per_sweep: config.max_pages_per_sweep,
+            backoff: config.backoff(),
+            default_retry_after: Duration::from_secs(60),
+            auth_recheck: Duration::from_secs(600),
+            once: options.once.then_some(config.once_max_attempts),
+        },
+        checkpointer: CheckpointerConfig {
+            account_id: account_id.clone(),
+            safety_lag: config.safety_lag(),
+            ack_timeout: Duration::from_secs(config.ack_timeout_seconds),
+            backoff: config.backoff(),
+        },
+        source,
+        rows: Arc::new(postgres.clone()),
+        files: lake,
+        store: Arc::new(postgres.clone()),
+        metrics,
+    });
+    info!(account = %account_id, once = options.once, "pipeline started");
+
+    let outcome = drive(&mut pipeline, options).await;
+    let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
+    if outcome.as_ref().is_ok_and(|interrupted| *interrupted) {
+        info!(?timeout, "signal received: no new pages; committing what is in flight");
+    }
+    if !pipeline.shutdown(timeout).await {
+        warn!(?timeout, "in-flight batches did not commit in time; they are abandoned and fetched again next run");
+    }
+    if let Some(handle) = http {
+        handle.stop(true).await;
+    }
+    let interrupted = outcome?;
+    summary(&postgres, &account_id, interrupted).await
+}
+
+/// Waits for the end of the run; `Ok(true)` when a signal cut it short.
+async fn drive(pipeline: &mut Pipeline, options: RunOptions) -> anyhow::Result<bool> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            event = pipeline.next_event() => match event {
+                Some(PipelineEvent::SweepCompleted { account_id, checkpoint }) => {
+                    info!(account = %account_id, ?checkpoint, "sweep committed");
+                    if options.once {
+                        return Ok(false);
+                    }
+                }
+                Some(PipelineEvent::Failed { reason }) => anyhow::bail!("run failed: {reason}"),
+                Some(PipelineEvent::Drained) => {}
+                None => anyhow::bail!("the pipeline stopped unexpectedly"),
+            },
+            _ = terminate.recv() => return Ok(true),
+            _ = interrupt.recv() => return Ok(true),
+        }
+    }
+}
+
+/// Counts of what is committed for the account.
+pub async fn summary(postgres: &Postgres, account_id: &str, interrupted: bool) -> anyhow::Result<RunSummary> {
+    let (rows_in_postgres,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs WHERE account_id = $1")
+        .bind(account_id)
+        .fetch_one(postgres.pool())
+        .await?;
+    let (parquet_files, parquet_rows): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files WHERE account_id = $1 AND published_at IS NOT NULL",
+    )
+    .bind(account_id)
+    .fetch_one(postgres.pool())
+    .await?;
+    let (dead_letters,): (i64,) = sqlx::query_as("SELECT count(*) FROM cfaudit_dead_letters WHERE account_id = $1")
+        .bind(account_id)
+        .fetch_one(postgres.pool())
+        .await?;
+    let checkpoint: Option<(Option<DateTime<Utc>>,)> =
+        sqlx::query_as("SELECT checkpoint FROM cfaudit_checkpoints WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_optional(postgres.pool())
+            .await?;
+    Ok(RunSummary {
+        account_id: account_id.to_owned(),
+        checkpoint: checkpoint.and_then(|c| c.0),
+        rows_in_postgres,
+        parquet_files,
+        parquet_rows,
+        dead_letters,
+        interrupted,
+    })
+}

@@ -1,0 +1,269 @@
+//! The Cloudflare v1 audit-log client: the real [`AuditSource`]. The same code talks to the
+//! emulator; only the base URL differs.
+//!
+//! It classifies every answer (API facts §4–5) and leaves retry decisions to the Poller. It
+//! never needs `result_info`, accepts `errors: null`, absent `messages` and `result: null`,
+//! and reads `Ratelimit` headers when present.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cfaudit_actors::{AuditSource, Metrics, PageRequest, RawEvent, SourceError};
+use chrono::SecondsFormat;
+use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{Config, Secret};
+
+/// Error codes that mean "this credential cannot read this account" (API facts §4.3).
+const AUTH_CODES: &[i64] = &[6003, 6100, 6101, 6102, 6103, 6111, 9106, 9107, 9109, 9300, 10000];
+
+#[derive(Clone)]
+enum Credential {
+    Token(Secret),
+    Key { email: String, key: Secret },
+}
+
+pub struct CloudflareClient {
+    http: reqwest::Client,
+    base_url: String,
+    credential: Credential,
+    metrics: Arc<Metrics>,
+}
+
+impl CloudflareClient {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        config.require_source()?;
+        let credential = match (&config.cloudflare_api_token, &config.cloudflare_api_email, &config.cloudflare_api_key) {
+            (Some(token), _, _) => Credential::Token(token.clone()),
+            (None, Some(email), Some(key)) => Credential::Key { email: email.clone(), key: key.clone() },
+            _ => unreachable!("require_source checked the credentials"),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(config.cloudflare_request_timeout_seconds))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("cfaudit/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(CloudflareClient {
+            http,
+            base_url: config.cloudflare_api_base_url.trim_end_matches('/').to_owned(),
+            credential,
+            metrics,
+        })
+    }
+
+    async fn request(&self, request: &PageRequest) -> Result<(StatusCode, HeaderMap, bytes::Bytes), SourceError> {
+        let url = format!("{}/accounts/{}/audit_logs", self.base_url, request.account_id);
+        let mut query: Vec<(&str, String)> = vec![
+            ("since", request.since.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+            ("before", request.before.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+            ("direction", request.direction.as_str().to_owned()),
+            ("per_page", request.per_page.to_string()),
+            ("page", request.page.to_string()),
+        ];
+        if request.hide_user_logs {
+            query.push(("hide_user_logs", "true".to_owned()));
+        }
+        let builder = self.http.get(&url).query(&query);
+        let builder = match &self.credential {
+            Credential::Token(token) => builder.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
+            Credential::Key { email, key } => builder.header("X-Auth-Email", email).header("X-Auth-Key", key.expose()),
+        };
+        let response = builder.send().await.map_err(|e| transport_error("request", e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(|e| transport_error("response body", e))?;
+        Ok((status, headers, body))
+    }
+
+    fn observe(&self, started: Instant, class: &str, headers: Option<&HeaderMap>) {
+        self.metrics.api_request_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.api_requests.with_label_values(&[class]).inc();
+        if let Some(remaining) = headers.and_then(ratelimit_remaining) {
+            self.metrics.api_ratelimit_remaining.set(remaining);
+        }
+    }
+}
+
+fn transport_error(stage: &str, error: reqwest::Error) -> SourceError {
+    // without_url: the URL carries no secret, but keeps the message short.
+    let kind = if error.is_timeout() { "timed out" } else { "failed" };
+    SourceError::Transient(format!("{stage} {kind}: {}", error.without_url()))
+}
+
+#[async_trait]
+impl AuditSource for CloudflareClient {
+    async fn fetch_page(&self, request: &PageRequest) -> Result<Vec<RawEvent>, SourceError> {
+        let started = Instant::now();
+        let (status, headers, body) = match self.request(request).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                self.observe(started, "error", None);
+                return Err(error);
+            }
+        };
+        let class = match status.as_u16() {
+            429 => "429",
+            s if s >= 500 => "5xx",
+            s if s >= 400 => "4xx",
+            s if s >= 300 => "3xx",
+            _ => "2xx",
+        };
+        self.observe(started, class, Some(&headers));
+        classify(status, &headers, body.as_ref())
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    success: Option<bool>,
+    errors: Option<Value>,
+    result: Option<Vec<RawEvent>>,
+}
+
+/// Turns one HTTP answer into events or a classified error.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<Vec<RawEvent>, SourceError> {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Err(SourceError::RateLimited { retry_after: retry_after(headers) });
+    }
+    let errors = || errors_of(body);
+    if status.is_server_error() {
+        return Err(SourceError::Transient(format!("HTTP {status}: {}", errors().0)));
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Err(SourceError::Auth(format!("HTTP {status}: {}", errors().0)));
+    }
+    if status.is_client_error() {
+        let (summary, codes) = errors();
+        if codes.iter().any(|c| AUTH_CODES.contains(c)) {
+            return Err(SourceError::Auth(format!("HTTP {status}: {summary}")));
+        }
+        return Err(SourceError::BadRequest(format!("HTTP {status}: {summary}")));
+    }
+    if !status.is_success() {
+        return Err(SourceError::Transient(format!("unexpected HTTP {status}")));
+    }
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
+        SourceError::Transient(format!("HTTP {status} with a body that is not the audit-log envelope ({} bytes): {e}", body.len()))
+    })?;
+    if envelope.success == Some(false) {
+        let (summary, codes) = errors_of(body);
+        if codes.iter().any(|c| AUTH_CODES.contains(c)) {
+            return Err(SourceError::Auth(summary));
+        }
+        return Err(SourceError::Transient(format!("success:false with HTTP {status}: {summary}")));
+    }
+    let _ = envelope.errors; // tolerated in any shape, including null
+    Ok(envelope.result.unwrap_or_default())
+}
+
+/// "code message; code message" of an error envelope, and the codes (chains included).
+fn errors_of(body: &[u8]) -> (String, Vec<i64>) {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return (format!("non-JSON body of {} bytes", body.len()), Vec::new());
+    };
+    let mut parts = Vec::new();
+    let mut codes = Vec::new();
+    let mut visit = |item: &Value| {
+        let code = item.get("code").and_then(Value::as_i64);
+        let message = item.get("message").and_then(Value::as_str).unwrap_or("");
+        codes.extend(code);
+        parts.push(match code {
+            Some(code) => format!("{code} {message}"),
+            None => message.to_owned(),
+        });
+    };
+    if let Some(errors) = value.get("errors").and_then(Value::as_array) {
+        for error in errors {
+            visit(error);
+            for link in error.get("error_chain").and_then(Value::as_array).into_iter().flatten() {
+                visit(link);
+            }
+        }
+    }
+    if parts.is_empty() {
+        parts.push("no error details".into());
+    }
+    (parts.join("; "), codes)
+}
+
+/// `retry-after` in seconds (or an HTTP date, read as "now").
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    value.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// `Ratelimit: "default";r=<remaining>;t=<secs>` → remaining.
+fn ratelimit_remaining(headers: &HeaderMap) -> Option<i64> {
+    let value = headers.get("ratelimit")?.to_str().ok()?;
+    value
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("r="))
+        .and_then(|r| r.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn ok(body: &str) -> Result<Vec<RawEvent>, SourceError> {
+        classify(StatusCode::OK, &HeaderMap::new(), body.as_bytes())
+    }
+
+    #[test]
+    fn envelope_variants_are_tolerated() {
+        // API facts §7 case 17.
+        assert_eq!(ok(r#"{"success":true,"errors":null,"messages":[],"result":[{"id":"a"}]}"#).unwrap().len(), 1);
+        assert_eq!(ok(r#"{"success":true,"errors":[],"result":[],"result_info":{"page":1,"per_page":5}}"#).unwrap().len(), 0);
+        assert_eq!(ok(r#"{"success":true,"errors":[],"messages":[],"result":null}"#).unwrap().len(), 0);
+        assert_eq!(ok(r#"{"result":[{"id":"a"},{"id":"b"}]}"#).unwrap().len(), 2);
+        let raw = ok(r#"{"success":true,"result":[{"id":"a", "when" : "x"}]}"#).unwrap();
+        assert_eq!(raw[0].get(), r#"{"id":"a", "when" : "x"}"#, "raw bytes are kept");
+    }
+
+    #[test]
+    fn success_false_with_200_is_transient() {
+        // Case 18.
+        let error = ok(r#"{"success":false,"errors":[{"code":1000,"message":"boom"}],"messages":[],"result":null}"#).unwrap_err();
+        assert!(matches!(error, SourceError::Transient(ref m) if m.contains("1000 boom")), "{error:?}");
+    }
+
+    #[test]
+    fn broken_bodies_are_transient() {
+        assert!(matches!(ok(r#"{"success":true,"result":[{"id":"#), Err(SourceError::Transient(_))));
+        assert!(matches!(ok("<html>"), Err(SourceError::Transient(_))));
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("300"));
+        let body = br#"{"success":false,"errors":[{"code":971,"message":"Please wait"}],"messages":[],"result":null}"#;
+        assert!(matches!(
+            classify(StatusCode::TOO_MANY_REQUESTS, &headers, body),
+            Err(SourceError::RateLimited { retry_after: Some(d) }) if d == Duration::from_secs(300)
+        ));
+        assert!(matches!(classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), b""), Err(SourceError::Transient(_))));
+        let bad_auth = br#"{"success":false,"errors":[{"code":6003,"message":"Invalid request headers","error_chain":[{"code":6111,"message":"Invalid format for Authorization header"}]}],"messages":[],"result":null}"#;
+        match classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), bad_auth) {
+            Err(SourceError::Auth(m)) => assert!(m.contains("6111"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let invalid_token = br#"{"success":false,"errors":[{"code":9109,"message":"Invalid access token"}]}"#;
+        assert!(matches!(classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), invalid_token), Err(SourceError::Auth(_))));
+        assert!(matches!(classify(StatusCode::FORBIDDEN, &HeaderMap::new(), b"{}"), Err(SourceError::Auth(_))));
+        let past_end = br#"{"success":false,"errors":[{"code":1001,"message":"bad page"}]}"#;
+        assert!(matches!(classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), past_end), Err(SourceError::BadRequest(_))));
+    }
+
+    #[test]
+    fn ratelimit_header_is_read() {
+        let mut headers = HeaderMap::new();
+        headers.insert("ratelimit", HeaderValue::from_static("\"default\";r=1187;t=42"));
+        assert_eq!(ratelimit_remaining(&headers), Some(1187));
+    }
+}

@@ -1,0 +1,403 @@
+//! Configuration: built-in defaults < TOML file (`--config` / `CFAUDIT_CONFIG`) < environment.
+//!
+//! The struct is the reference: every field is one setting, its environment variable is the
+//! field name in upper case (the names of the original spec, e.g. `POLL_INTERVAL_SECONDS`), and
+//! the TOML file uses the field name as written. `docs/configuration.md` lists them all.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use cfaudit_actors::Direction;
+use chrono::{DateTime, NaiveDate, Utc};
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// A value that must never reach a log, an error or a metric.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Every setting of cfaudit.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Config {
+    /// API token with "Account Settings: Read" (sent as `Authorization: Bearer`).
+    /// Also read from the file named by `CLOUDFLARE_API_TOKEN_FILE`.
+    pub cloudflare_api_token: Option<Secret>,
+    /// Legacy global API key auth: the account e-mail (`X-Auth-Email`), with `cloudflare_api_key`.
+    pub cloudflare_api_email: Option<String>,
+    /// Legacy global API key (`X-Auth-Key`). Also from `CLOUDFLARE_API_KEY_FILE`.
+    pub cloudflare_api_key: Option<Secret>,
+    /// The account whose audit logs are collected (32 hex characters).
+    pub cloudflare_account_id: Option<String>,
+    /// API base URL; point it at the emulator for demos and tests.
+    pub cloudflare_api_base_url: String,
+    /// Seconds between the end of one sweep and the start of the next.
+    pub poll_interval_seconds: u64,
+    /// Events per page, 1–1000.
+    pub cloudflare_per_page: u32,
+    /// `asc` (checkpoint advances page by page) or `desc` (only when a sweep is complete).
+    pub cloudflare_direction: Direction,
+    /// Each sweep re-reads this many seconds before the checkpoint, for late events; the
+    /// overlap is deduplicated.
+    pub cloudflare_since_safety_lag_seconds: u64,
+    /// Sends `hide_user_logs=true`: leaves out user-level events such as logins.
+    pub cloudflare_hide_user_logs: bool,
+    /// Timeout of one API request, body included.
+    pub cloudflare_request_timeout_seconds: u64,
+    /// Where a fresh account starts: RFC 3339 time or `YYYY-MM-DD`. Default: one poll
+    /// interval ago. Ignored once a checkpoint is committed.
+    pub initial_checkpoint: Option<String>,
+    /// PostgreSQL/TimescaleDB URL. Also from `DATABASE_URL_FILE`.
+    pub database_url: Secret,
+    /// Maximum connections in the database pool.
+    pub database_max_connections: u32,
+    /// Parquet dataset root as an object_store URL: `file:///path` or `s3://bucket/prefix`.
+    pub parquet_url: String,
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addr: SocketAddr,
+    /// Batches fetched but not yet committed, at most. Bounds memory when a sink is slow.
+    pub max_inflight_batches: usize,
+    /// A batch not acknowledged by both writers within this many seconds is retried.
+    pub ack_timeout_seconds: u64,
+    /// A sweep stops after this many pages (protects against an API that repeats pages).
+    pub max_pages_per_sweep: u32,
+    /// `run --once` gives up after this many failed attempts of one page.
+    pub once_max_attempts: u32,
+    /// First retry delay after an API or sink error; doubles up to `retry_max_seconds`.
+    pub retry_initial_millis: u64,
+    pub retry_max_seconds: u64,
+    /// On SIGTERM/SIGINT, in-flight batches get this long to commit before exit.
+    pub shutdown_timeout_seconds: u64,
+    /// `text`, `json`, or `auto` (text on a terminal, JSON otherwise).
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let parquet_dir = std::env::current_dir()
+            .unwrap_or_else(|_| "/var/lib/cfaudit".into())
+            .join("data/parquet");
+        Config {
+            cloudflare_api_token: None,
+            cloudflare_api_email: None,
+            cloudflare_api_key: None,
+            cloudflare_account_id: None,
+            cloudflare_api_base_url: "https://api.cloudflare.com/client/v4".into(),
+            poll_interval_seconds: 60,
+            cloudflare_per_page: 1000,
+            cloudflare_direction: Direction::Asc,
+            cloudflare_since_safety_lag_seconds: 120,
+            cloudflare_hide_user_logs: false,
+            cloudflare_request_timeout_seconds: 30,
+            initial_checkpoint: None,
+            database_url: Secret::new("postgres://postgres@127.0.0.1:5432/cfaudit"),
+            database_max_connections: 8,
+            parquet_url: format!("file://{}", parquet_dir.display()),
+            metrics_addr: "127.0.0.1:9464".parse().expect("valid"),
+            max_inflight_batches: 4,
+            ack_timeout_seconds: 300,
+            max_pages_per_sweep: 100_000,
+            once_max_attempts: 8,
+            retry_initial_millis: 500,
+            retry_max_seconds: 60,
+            shutdown_timeout_seconds: 30,
+            log_format: "auto".into(),
+        }
+    }
+}
+
+/// The environment variable of each setting: the field name in upper case.
+pub const KEYS: &[&str] = &[
+    "cloudflare_api_token",
+    "cloudflare_api_email",
+    "cloudflare_api_key",
+    "cloudflare_account_id",
+    "cloudflare_api_base_url",
+    "poll_interval_seconds",
+    "cloudflare_per_page",
+    "cloudflare_direction",
+    "cloudflare_since_safety_lag_seconds",
+    "cloudflare_hide_user_logs",
+    "cloudflare_request_timeout_seconds",
+    "initial_checkpoint",
+    "database_url",
+    "database_max_connections",
+    "parquet_url",
+    "metrics_addr",
+    "max_inflight_batches",
+    "ack_timeout_seconds",
+    "max_pages_per_sweep",
+    "once_max_attempts",
+    "retry_initial_millis",
+    "retry_max_seconds",
+    "shutdown_timeout_seconds",
+    "log_format",
+];
+
+/// Secrets that may be given as a path in `<NAME>_FILE` instead.
+const FILE_SECRETS: &[&str] = &["cloudflare_api_token", "cloudflare_api_key", "database_url"];
+
+/// A configuration error, always naming the setting and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {key}: {problem}. Fix: {fix}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+fn config_error(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_uppercase(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with an explicit environment (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(config_error(
+                    "CFAUDIT_CONFIG",
+                    format!("the file {} does not exist", file.display()),
+                    "give the path of a TOML file, or leave it unset",
+                ));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        for (name, value) in &env {
+            let key = name.to_lowercase();
+            if KEYS.contains(&key.as_str()) && !value.is_empty() {
+                figment = figment.merge((key.clone(), value.clone()));
+            }
+            if let Some(secret) = key.strip_suffix("_file").filter(|k| FILE_SECRETS.contains(k)) {
+                let content = std::fs::read_to_string(value).map_err(|e| {
+                    config_error(name, format!("cannot read {value}: {e}"), "point it at a readable file holding the secret")
+                })?;
+                figment = figment.merge((secret.to_owned(), content.trim().to_owned()));
+            }
+        }
+        let config: Config = figment.extract_lossy().map_err(|e| {
+            let key = e.path.join(".");
+            config_error(&key, e.kind.to_string(), fix_for(&key))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1000).contains(&self.cloudflare_per_page) {
+            return Err(config_error(
+                "cloudflare_per_page",
+                format!("{} is out of range", self.cloudflare_per_page),
+                "use a value from 1 to 1000 (the API's maximum)",
+            ));
+        }
+        if self.poll_interval_seconds == 0 {
+            return Err(config_error("poll_interval_seconds", "0 would poll in a busy loop", "use 1 or more"));
+        }
+        if self.max_inflight_batches == 0 {
+            return Err(config_error("max_inflight_batches", "0 would never fetch", "use 1 or more"));
+        }
+        if self.cloudflare_request_timeout_seconds == 0 {
+            return Err(config_error("cloudflare_request_timeout_seconds", "0 is no timeout", "use 1 or more"));
+        }
+        url::Url::parse(&self.cloudflare_api_base_url).map_err(|e| {
+            config_error("cloudflare_api_base_url", e.to_string(), "give an absolute URL such as https://api.cloudflare.com/client/v4")
+        })?;
+        url::Url::parse(&self.parquet_url).map_err(|e| {
+            config_error("parquet_url", e.to_string(), "give a URL such as file:///var/lib/cfaudit/parquet or s3://bucket/prefix")
+        })?;
+        if !matches!(self.log_format.as_str(), "auto" | "text" | "json") {
+            return Err(config_error("log_format", format!("{:?} is unknown", self.log_format), "use auto, text or json"));
+        }
+        self.initial_checkpoint()?;
+        Ok(())
+    }
+
+    /// Checks what polling needs: credentials and an account id.
+    pub fn require_source(&self) -> Result<(), ConfigError> {
+        match &self.cloudflare_account_id {
+            None => return Err(config_error("cloudflare_account_id", "not set", "set it to the 32-hex account id from the dashboard URL")),
+            Some(id) if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                return Err(config_error("cloudflare_account_id", format!("{id:?} is not an account id"), "use the 32-hex account id from the dashboard URL"));
+            }
+            Some(_) => {}
+        }
+        let key_auth = self.cloudflare_api_email.is_some() && self.cloudflare_api_key.is_some();
+        if self.cloudflare_api_token.is_none() && !key_auth {
+            return Err(config_error(
+                "cloudflare_api_token",
+                "not set",
+                "create an API token with 'Account Settings: Read' and set CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_TOKEN_FILE)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn initial_checkpoint(&self) -> Result<Option<DateTime<Utc>>, ConfigError> {
+        let Some(value) = self.initial_checkpoint.as_deref() else { return Ok(None) };
+        if let Ok(time) = DateTime::parse_from_rfc3339(value) {
+            return Ok(Some(time.with_timezone(&Utc)));
+        }
+        if let Ok(date) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+            return Ok(Some(date.and_hms_opt(0, 0, 0).expect("midnight").and_utc()));
+        }
+        Err(config_error(
+            "initial_checkpoint",
+            format!("{value:?} is neither an RFC 3339 time nor a date"),
+            "use e.g. 2026-01-31T00:00:00Z or 2026-01-31",
+        ))
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_secs(self.poll_interval_seconds)
+    }
+
+    pub fn safety_lag(&self) -> Duration {
+        Duration::from_secs(self.cloudflare_since_safety_lag_seconds)
+    }
+
+    pub fn backoff(&self) -> cfaudit_actors::Backoff {
+        cfaudit_actors::Backoff {
+            initial: Duration::from_millis(self.retry_initial_millis.max(1)),
+            max: Duration::from_secs(self.retry_max_seconds.max(1)),
+        }
+    }
+}
+
+fn fix_for(key: &str) -> String {
+    match key {
+        "cloudflare_direction" => "use asc or desc".into(),
+        "cloudflare_hide_user_logs" => "use true or false".into(),
+        "metrics_addr" => "use host:port, e.g. 0.0.0.0:9464".into(),
+        k if k.ends_with("_seconds") || k.ends_with("_millis") || k.starts_with("max_") || k.ends_with("_page") || k.ends_with("_attempts") || k.ends_with("_connections") => {
+            "use a whole number".into()
+        }
+        _ => "see docs/configuration.md".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_original_env_names_work() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("CLOUDFLARE_API_TOKEN", "tok"),
+                ("CLOUDFLARE_ACCOUNT_ID", "abc123"),
+                ("POLL_INTERVAL_SECONDS", "15"),
+                ("CLOUDFLARE_PER_PAGE", "250"),
+                ("CLOUDFLARE_DIRECTION", "desc"),
+                ("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "30"),
+                ("CLOUDFLARE_HIDE_USER_LOGS", "true"),
+                ("CLOUDFLARE_REQUEST_TIMEOUT_SECONDS", "9"),
+                ("INITIAL_CHECKPOINT", "2026-01-02"),
+                ("PATH", "/usr/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.cloudflare_api_token.as_ref().unwrap().expose(), "tok");
+        assert_eq!(config.cloudflare_account_id.as_deref(), Some("abc123"));
+        assert_eq!(config.poll_interval_seconds, 15);
+        assert_eq!(config.cloudflare_per_page, 250);
+        assert_eq!(config.cloudflare_direction, Direction::Desc);
+        assert_eq!(config.cloudflare_since_safety_lag_seconds, 30);
+        assert!(config.cloudflare_hide_user_logs);
+        assert_eq!(config.cloudflare_request_timeout_seconds, 9);
+        assert_eq!(
+            config.initial_checkpoint().unwrap().unwrap().to_rfc3339(),
+            "2026-01-02T00:00:00+00:00"
+        );
+        config.require_source().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cfaudit.toml");
+        std::fs::write(&file, "poll_interval_seconds = 7\ncloudflare_per_page = 10\n").unwrap();
+        let config = Config::load_from(Some(&file), env(&[("CLOUDFLARE_PER_PAGE", "20")])).unwrap();
+        assert_eq!(config.poll_interval_seconds, 7);
+        assert_eq!(config.cloudflare_per_page, 20);
+        assert_eq!(config.cloudflare_since_safety_lag_seconds, 120);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_fix() {
+        let cases = [
+            ("POLL_INTERVAL_SECONDS", "soon", "POLL_INTERVAL_SECONDS"),
+            ("CLOUDFLARE_PER_PAGE", "5000", "CLOUDFLARE_PER_PAGE"),
+            ("CLOUDFLARE_DIRECTION", "sideways", "CLOUDFLARE_DIRECTION"),
+            ("CLOUDFLARE_HIDE_USER_LOGS", "maybe", "CLOUDFLARE_HIDE_USER_LOGS"),
+            ("INITIAL_CHECKPOINT", "last tuesday", "INITIAL_CHECKPOINT"),
+            ("METRICS_ADDR", "nowhere", "METRICS_ADDR"),
+        ];
+        for (name, value, key) in cases {
+            let error = Config::load_from(None, env(&[(name, value)])).unwrap_err();
+            assert_eq!(error.key, key, "{error}");
+            assert!(error.to_string().contains("Fix: "), "{error}");
+        }
+    }
+
+    #[test]
+    fn missing_credentials_are_named() {
+        let config = Config::load_from(None, env(&[("CLOUDFLARE_ACCOUNT_ID", "abc")])).unwrap();
+        let error = config.require_source().unwrap_err();
+        assert_eq!(error.key, "CLOUDFLARE_API_TOKEN");
+        let config = Config::load_from(None, env(&[("CLOUDFLARE_API_TOKEN", "t")])).unwrap();
+        assert_eq!(config.require_source().unwrap_err().key, "CLOUDFLARE_ACCOUNT_ID");
+    }
+
+    #[test]
+    fn secrets_from_files_and_never_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cr3t-token\n").unwrap();
+        let config = Config::load_from(
+            None,
+            env(&[("CLOUDFLARE_API_TOKEN_FILE", file.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(config.cloudflare_api_token.as_ref().unwrap().expose(), "s3cr3t-token");
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,580 @@
+//! A faithful local emulator of the Cloudflare v1 audit-log endpoint (API facts §6).
+//!
+//! Tests and the demo run against it; the real client code is the same, only the base URL
+//! differs. Data is synthetic and deterministic for a seed: bursts of events with identical
+//! `when` (so they straddle page boundaries), every fractional precision, and the event
+//! shapes of API facts §7. Fault knobs cover 429 with `retry-after`, 5xx, `success:false` with
+//! HTTP 200, truncated JSON and latency.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use chrono::{DateTime, NaiveDate, SecondsFormat, SubsecRound, Utc};
+use ipnetwork::IpNetwork;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+pub const DEMO_ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
+pub const DEMO_TOKEN: &str = "demo-token-not-a-secret";
+
+/// Emulator settings; also the flags of `cfaudit emulator`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EmulatorConfig {
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    /// The account the token may read.
+    #[arg(long, default_value = DEMO_ACCOUNT)]
+    pub account_id: String,
+    /// The one valid API token.
+    #[arg(long, default_value = DEMO_TOKEN)]
+    pub token: String,
+    /// Number of synthetic events.
+    #[arg(long, default_value_t = 10_000)]
+    pub events: usize,
+    /// Seed of the synthetic data: same seed, same events.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The events span this many days, ending at `--end`.
+    #[arg(long, default_value_t = 30.0)]
+    pub days: f64,
+    /// Time of the newest event (RFC 3339); default: one hour ago, on the hour.
+    #[arg(long)]
+    pub end: Option<DateTime<Utc>>,
+    /// Every Nth event is unusable (no id, or an invalid `when`) and must be dead-lettered.
+    #[arg(long, default_value_t = 0)]
+    pub invalid_every: usize,
+    #[command(flatten)]
+    pub faults: Faults,
+    /// Requests per credential per window before the lockout.
+    #[arg(long, default_value_t = 1200)]
+    pub rate_limit: u32,
+    #[arg(long, default_value_t = 300)]
+    pub rate_window_seconds: u64,
+    /// How long a credential over the limit gets 429 for every request.
+    #[arg(long, default_value_t = 300)]
+    pub lockout_seconds: u64,
+    /// Add `result_info: {page, per_page}` to successes (the real v1 API does not).
+    #[arg(long)]
+    pub result_info: bool,
+    /// Send `errors: null` instead of `[]`.
+    #[arg(long)]
+    pub errors_null: bool,
+    /// Answer 400 on the page after an exactly full last page (the PostHog case).
+    #[arg(long)]
+    pub past_end_400: bool,
+    /// Treat `before` as inclusive.
+    #[arg(long)]
+    pub before_inclusive: bool,
+}
+
+/// Injected faults, by request number: "every Nth request". 0 switches a fault off.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Faults {
+    /// Every Nth request gets HTTP 429 with `retry-after: --retry-after-seconds`.
+    #[arg(long, default_value_t = 0)]
+    pub fault_429_every: u64,
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_seconds: u64,
+    /// Every Nth request gets HTTP 500/502/503 with a failure envelope.
+    #[arg(long, default_value_t = 0)]
+    pub fault_5xx_every: u64,
+    /// Every Nth request gets HTTP 200 with `success:false`.
+    #[arg(long, default_value_t = 0)]
+    pub fault_success_false_every: u64,
+    /// Every Nth request gets a truncated JSON body.
+    #[arg(long, default_value_t = 0)]
+    pub fault_truncate_every: u64,
+    /// Added latency of every request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+impl EmulatorConfig {
+    /// Defaults, as `cfaudit emulator` with no flags.
+    pub fn new(events: usize) -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: EmulatorConfig,
+        }
+        let mut config = Wrapper::parse_from(["emulator"]).config;
+        config.events = events;
+        config
+    }
+}
+
+/// One stored event.
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    pub when: DateTime<Utc>,
+    pub id: String,
+    pub json: String,
+    user_level: bool,
+    action_type: Option<String>,
+    actor_email: Option<String>,
+    actor_ip: Option<IpAddr>,
+    zone_name: Option<String>,
+}
+
+impl StoredEvent {
+    /// Indexes a raw event at its `when`, or at `fallback` when `when` does not parse (the
+    /// invalid events still have to be served inside some window).
+    pub fn from_json(value: &Value, fallback: DateTime<Utc>) -> StoredEvent {
+        let text = |a: &str, b: &str| value.get(a).and_then(|v| v.get(b)).and_then(Value::as_str).map(str::to_owned);
+        StoredEvent {
+            when: value
+                .get("when")
+                .and_then(Value::as_str)
+                .and_then(|w| DateTime::parse_from_rfc3339(w).ok())
+                .map(|w| w.with_timezone(&Utc))
+                .unwrap_or(fallback),
+            id: value.get("id").and_then(Value::as_str).unwrap_or("").to_owned(),
+            json: value.to_string(),
+            user_level: text("resource", "type").as_deref() == Some("user"),
+            action_type: text("action", "type"),
+            actor_email: text("actor", "email"),
+            actor_ip: text("actor", "ip").and_then(|ip| ip.parse().ok()),
+            zone_name: text("metadata", "zone_name"),
+        }
+    }
+}
+
+struct RateWindow {
+    started: Instant,
+    count: u32,
+    blocked_until: Option<Instant>,
+}
+
+struct State {
+    events: Vec<StoredEvent>,
+    faults: Faults,
+    requests: u64,
+    windows: HashMap<String, RateWindow>,
+}
+
+/// The emulator's shared state; clone freely.
+#[derive(Clone)]
+pub struct Emulator {
+    config: Arc<EmulatorConfig>,
+    state: Arc<Mutex<State>>,
+}
+
+impl Emulator {
+    pub fn new(config: EmulatorConfig) -> Emulator {
+        let mut events: Vec<StoredEvent> =
+            generate(&config).iter().map(|(when, event)| StoredEvent::from_json(event, *when)).collect();
+        sort(&mut events);
+        let faults = config.faults.clone();
+        Emulator {
+            config: Arc::new(config),
+            state: Arc::new(Mutex::new(State { events, faults, requests: 0, windows: HashMap::new() })),
+        }
+    }
+
+    /// Adds events (tests of late arrivals and of pages that shift).
+    pub fn insert(&self, events: &[Value]) {
+        let mut state = self.state.lock().unwrap();
+        state.events.extend(events.iter().map(|e| StoredEvent::from_json(e, Utc::now())));
+        sort(&mut state.events);
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.state.lock().unwrap().faults = faults;
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.state.lock().unwrap().requests
+    }
+
+    /// Every stored event (tests compare the sinks against this).
+    pub fn events(&self) -> Vec<StoredEvent> {
+        self.state.lock().unwrap().events.clone()
+    }
+
+    /// Serves on `config.listen` until the server is stopped; returns the bound address.
+    pub fn serve(&self) -> std::io::Result<(SocketAddr, actix_web::dev::Server)> {
+        let emulator = self.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(emulator.clone()))
+                .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                    actix_web::error::InternalError::from_response(e, failure(StatusCode::BAD_REQUEST, 400, "invalid query")).into()
+                }))
+                .service(
+                    web::resource("/client/v4/accounts/{account_id}/audit_logs")
+                        .route(web::get().to(account_audit_logs))
+                        .default_service(web::to(method_not_allowed)),
+                )
+                .service(
+                    web::resource("/client/v4/user/audit_logs")
+                        .route(web::get().to(user_audit_logs))
+                        .default_service(web::to(method_not_allowed)),
+                )
+                .default_service(web::to(no_route))
+        })
+        .workers(1)
+        .disable_signals()
+        .bind(self.config.listen)?;
+        let addr = server.addrs()[0];
+        Ok((addr, server.run()))
+    }
+}
+
+fn sort(events: &mut [StoredEvent]) {
+    events.sort_by(|a, b| (a.when, &a.id).cmp(&(b.when, &b.id)));
+}
+
+/// `{"success":false,"errors":[{"code":N,"message":…}],"messages":[],"result":null}`.
+fn failure(status: StatusCode, code: i64, message: &str) -> HttpResponse {
+    failure_with(status, json!([{"code": code, "message": message}]))
+}
+
+fn failure_with(status: StatusCode, errors: Value) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(json!({"success": false, "errors": errors, "messages": [], "result": null}).to_string())
+}
+
+async fn no_route() -> HttpResponse {
+    failure(StatusCode::NOT_FOUND, 7003, "No route for the URI")
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    failure(StatusCode::METHOD_NOT_ALLOWED, 7001, "Method not allowed for this route")
+}
+
+async fn account_audit_logs(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<Vec<(String, String)>>,
+    emulator: web::Data<Emulator>,
+) -> HttpResponse {
+    serve_page(&req, Some(path.into_inner()), query.into_inner(), &emulator).await
+}
+
+async fn user_audit_logs(req: HttpRequest, query: web::Query<Vec<(String, String)>>, emulator: web::Data<Emulator>) -> HttpResponse {
+    serve_page(&req, None, query.into_inner(), &emulator).await
+}
+
+/// Who is asking: the credential key for rate limiting, or the failure to answer.
+fn authenticate(req: &HttpRequest, config: &EmulatorConfig, account: Option<&str>) -> Result<String, HttpResponse> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let chain = |code: i64, message: &str| {
+        failure_with(
+            StatusCode::BAD_REQUEST,
+            json!([{"code": 6003, "message": "Invalid request headers", "error_chain": [{"code": code, "message": message}]}]),
+        )
+    };
+    let credential = if let Some(authorization) = header("authorization") {
+        let Some(token) = authorization.strip_prefix("Bearer ").filter(|t| !t.trim().is_empty() && !t.contains(' ')) else {
+            return Err(chain(6111, "Invalid format for Authorization header"));
+        };
+        if token != config.token {
+            return Err(failure(StatusCode::UNAUTHORIZED, 9109, "Invalid access token"));
+        }
+        token.to_owned()
+    } else if let (Some(email), Some(key)) = (header("x-auth-email"), header("x-auth-key")) {
+        if !email.contains('@') {
+            return Err(chain(6102, "Invalid format for X-Auth-Email header"));
+        }
+        if key.len() != 37 || !key.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(chain(6103, "Invalid format for X-Auth-Key header"));
+        }
+        return Err(failure(StatusCode::FORBIDDEN, 9103, "Unknown X-Auth-Key or X-Auth-Email"));
+    } else {
+        return Err(chain(6111, "Invalid format for Authorization header"));
+    };
+    if account.is_some_and(|a| a != config.account_id) {
+        return Err(failure(StatusCode::FORBIDDEN, 10000, "Authentication error"));
+    }
+    Ok(credential)
+}
+
+/// `YYYY-MM-DD` (UTC midnight) or RFC 3339 with any precision and offset.
+fn parse_bound(value: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Some(t.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(value, "%Y-%m-%d").ok().map(|d| d.and_hms_opt(0, 0, 0).unwrap().and_utc())
+}
+
+async fn serve_page(req: &HttpRequest, account: Option<String>, query: Vec<(String, String)>, emulator: &Emulator) -> HttpResponse {
+    let config = &emulator.config;
+    let credential = match authenticate(req, config, account.as_deref()) {
+        Ok(credential) => credential,
+        Err(response) => return response,
+    };
+    let (request_no, faults) = {
+        let mut state = emulator.state.lock().unwrap();
+        state.requests += 1;
+        (state.requests, state.faults.clone())
+    };
+    if faults.latency_ms > 0 {
+        actix_rt::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    // Rate limit: a fixed window per credential, then a lockout during which every request
+    // gets 429 and does not count towards the next window.
+    let (remaining, reset) = {
+        let mut state = emulator.state.lock().unwrap();
+        let now = Instant::now();
+        let window = Duration::from_secs(config.rate_window_seconds);
+        let w = state.windows.entry(credential).or_insert(RateWindow { started: now, count: 0, blocked_until: None });
+        if let Some(until) = w.blocked_until {
+            if now < until {
+                return too_many(until - now);
+            }
+            *w = RateWindow { started: now, count: 0, blocked_until: None };
+        }
+        if now.duration_since(w.started) >= window {
+            *w = RateWindow { started: now, count: 0, blocked_until: None };
+        }
+        w.count += 1;
+        if w.count > config.rate_limit {
+            let lockout = Duration::from_secs(config.lockout_seconds);
+            w.blocked_until = Some(now + lockout);
+            return too_many(lockout);
+        }
+        (config.rate_limit - w.count, window.saturating_sub(now.duration_since(w.started)).as_secs())
+    };
+    let every = |n: u64| n > 0 && request_no % n == 0;
+    if every(faults.fault_429_every) {
+        return too_many(Duration::from_secs(faults.retry_after_seconds));
+    }
+    if every(faults.fault_5xx_every) {
+        let status = [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE][(request_no % 3) as usize];
+        return failure(status, 10001, "Internal server error");
+    }
+    if every(faults.fault_success_false_every) {
+        return failure(StatusCode::OK, 10001, "Temporary failure, please retry");
+    }
+    let mut response = match page_body(&query, emulator) {
+        Ok(body) => {
+            let body = if every(faults.fault_truncate_every) { body[..body.len() / 2].to_owned() } else { body };
+            HttpResponse::Ok().content_type("application/json").body(body)
+        }
+        Err(response) => response,
+    };
+    let headers = response.headers_mut();
+    let value = |s: String| actix_web::http::header::HeaderValue::from_str(&s).expect("ascii");
+    headers.insert("ratelimit".parse().unwrap(), value(format!("\"default\";r={remaining};t={reset}")));
+    headers.insert(
+        "ratelimit-policy".parse().unwrap(),
+        value(format!("\"default\";q={};w={}", config.rate_limit, config.rate_window_seconds)),
+    );
+    response
+}
+
+fn too_many(wait: Duration) -> HttpResponse {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut response = failure(StatusCode::TOO_MANY_REQUESTS, 971, "Please wait and consider throttling your request speed");
+    response.headers_mut().insert(
+        actix_web::http::header::RETRY_AFTER,
+        actix_web::http::header::HeaderValue::from(seconds.max(1)),
+    );
+    response
+}
+
+/// The success body for one page, or a 400 failure for a bad parameter.
+fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, HttpResponse> {
+    let config = &emulator.config;
+    let param = |name: &str| query.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let bad = |message: String| failure(StatusCode::BAD_REQUEST, 1001, &message);
+    let number = |name: &str, default: usize| -> Result<usize, HttpResponse> {
+        match param(name) {
+            None => Ok(default),
+            Some(v) => v.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| bad(format!("{name} must be a positive integer"))),
+        }
+    };
+    let per_page = number("per_page", 100)?;
+    if per_page > 1000 {
+        return Err(bad("per_page must be at most 1000".into()));
+    }
+    let page = number("page", 1)?;
+    let bound = |name: &str| -> Result<Option<DateTime<Utc>>, HttpResponse> {
+        match param(name) {
+            None => Ok(None),
+            Some(v) => parse_bound(v).map(Some).ok_or_else(|| bad(format!("{name} must be a date or an RFC 3339 time"))),
+        }
+    };
+    let since = bound("since")?;
+    let before = bound("before")?;
+    let desc = match param("direction") {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(other) => return Err(bad(format!("direction {other:?} must be asc or desc"))),
+    };
+    let hide_user_logs = param("hide_user_logs") == Some("true");
+    let actor_ip = match param("actor.ip") {
+        None => None,
+        Some(v) => Some(v.parse::<IpNetwork>().map_err(|_| bad("actor.ip must be an IP or a CIDR range".into()))?),
+    };
+    let retention = Utc::now() - chrono::Duration::days(548);
+
+    let state = emulator.state.lock().unwrap();
+    let events = &state.events;
+    let start = events.partition_point(|e| e.when < since.unwrap_or(retention).max(retention));
+    let end = match before {
+        Some(b) if config.before_inclusive => events.partition_point(|e| e.when <= b),
+        Some(b) => events.partition_point(|e| e.when < b),
+        None => events.len(),
+    };
+    let matches = |e: &&StoredEvent| {
+        param("id").is_none_or(|id| e.id == id)
+            && param("action.type").is_none_or(|t| e.action_type.as_deref() == Some(t))
+            && param("actor.email").is_none_or(|m| e.actor_email.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(m)))
+            && param("zone.name").is_none_or(|z| e.zone_name.as_deref() == Some(z))
+            && actor_ip.is_none_or(|net| e.actor_ip.is_some_and(|ip| net.contains(ip)))
+            && !(hide_user_logs && e.user_level)
+    };
+    let window = &events[start..end.max(start)];
+    let offset = (page - 1) * per_page;
+    let selected: Vec<&StoredEvent> = if desc {
+        window.iter().rev().filter(matches).skip(offset).take(per_page).collect()
+    } else {
+        window.iter().filter(matches).skip(offset).take(per_page).collect()
+    };
+    if selected.is_empty() && config.past_end_400 && page > 1 {
+        let total = window.iter().filter(matches).count();
+        if total > 0 && total == offset {
+            return Err(bad("page is out of range".into()));
+        }
+    }
+    let mut body = String::with_capacity(selected.iter().map(|e| e.json.len() + 1).sum::<usize>() + 128);
+    body.push_str("{\"success\":true,\"errors\":");
+    body.push_str(if config.errors_null { "null" } else { "[]" });
+    body.push_str(",\"messages\":[],\"result\":[");
+    for (i, event) in selected.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&event.json);
+    }
+    body.push(']');
+    if config.result_info {
+        body.push_str(&format!(",\"result_info\":{{\"page\":{page},\"per_page\":{per_page}}}"));
+    }
+    body.push('}');
+    Ok(body)
+}
+
+/// The synthetic events with their times, deterministic for (seed, count, span, end).
+pub fn generate(config: &EmulatorConfig) -> Vec<(DateTime<Utc>, Value)> {
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let end = config.end.unwrap_or_else(|| Utc::now().trunc_subsecs(0) - chrono::Duration::hours(1));
+    let span_micros = (config.days * 86_400e6) as i64;
+    let start = end - chrono::Duration::microseconds(span_micros);
+    let n = config.events.max(1) as i64;
+    let mut when = start;
+    let mut events = Vec::with_capacity(config.events);
+    for i in 0..config.events {
+        // 20 % of events share the previous one's exact time: bursts across page boundaries.
+        if i == 0 || rng.random_range(0..10) >= 2 {
+            let gap = rng.random_range(0..=(2 * span_micros / n).max(1));
+            when = (when + chrono::Duration::microseconds(gap)).min(end);
+        }
+        let precision = [0, 3, 5, 6, 6, 9][i % 6];
+        let t = when.trunc_subsecs(precision);
+        events.push((t, synthetic_event(i, t, precision, &mut rng, config)));
+    }
+    events
+}
+
+fn uuid_from(rng: &mut StdRng) -> String {
+    uuid::Builder::from_random_bytes(rng.random()).into_uuid().to_string()
+}
+
+fn format_when(t: DateTime<Utc>, precision: u16) -> String {
+    let format = match precision {
+        0 => SecondsFormat::Secs,
+        3 => SecondsFormat::Millis,
+        6 => SecondsFormat::Micros,
+        _ => SecondsFormat::Nanos,
+    };
+    let text = t.to_rfc3339_opts(format, true);
+    if precision == 5 {
+        // Five digits, as Cloudflare drops a trailing zero: "…:48.87573Z".
+        let micros = t.to_rfc3339_opts(SecondsFormat::Micros, true);
+        return format!("{}Z", &micros[..micros.len() - 2]);
+    }
+    text
+}
+
+/// One event in a shape chosen by its index: mostly ordinary, with every API facts §7 shape.
+fn synthetic_event(i: usize, t: DateTime<Utc>, precision: u16, rng: &mut StdRng, config: &EmulatorConfig) -> Value {
+    const ACTIONS: &[&str] = &["change_setting", "rec_add", "rec_del", "login", "token_create", "token_revoke", "API_key_view", "purge", "delete"];
+    const RESOURCES: &[&str] = &["zone", "account", "user", "DNS_record", "api_key", "d1.database"];
+    const INTERFACES: &[&str] = &["API", "UI", ""];
+    const EMAILS: &[&str] = &["alice@example.com", "bob@example.com", "zoë@exämple.com", "a+b@example.com", "OPS@EXAMPLE.COM"];
+    let id = uuid_from(rng);
+    let action = ACTIONS[rng.random_range(0..ACTIONS.len())];
+    let ip = if rng.random_bool(0.8) {
+        format!("198.51.100.{}", rng.random_range(1..255))
+    } else {
+        format!("2a02:cf40:add:4002:{:x}::{:x}", rng.random_range(0..0xffff), rng.random_range(1..0xffff))
+    };
+    let mut e = json!({
+        "id": id,
+        "action": {"type": action, "result": rng.random_bool(0.9)},
+        "actor": {"email": EMAILS[rng.random_range(0..EMAILS.len())], "id": format!("{:032x}", rng.random::<u128>()), "ip": ip, "type": "user"},
+        "interface": INTERFACES[i % 3],
+        "metadata": {"zone_name": format!("zone{}.example.com", i % 7)},
+        "newValue": "", "oldValue": "",
+        "owner": {"id": config.account_id},
+        "resource": {"id": format!("{:032x}", rng.random::<u128>()), "type": RESOURCES[rng.random_range(0..RESOURCES.len())]},
+        "when": format_when(t, precision),
+    });
+    match i % 29 {
+        1 => e["actor"] = json!({"id": "1", "type": "system"}),
+        2 => e["actor"]["ip"] = json!("1b11:a1b2:12b1:12a::11a:1b"),
+        3 => e["actor"]["ip"] = json!(""),
+        4 => e["actor"]["ip"] = Value::Null,
+        5 => e["actor"]["type"] = json!(["admin", "Cloudflare", "robot"][i % 3]),
+        6 => e["metadata"] = json!({}),
+        7 => e["metadata"] = Value::Null,
+        8 => {
+            e.as_object_mut().unwrap().remove("metadata");
+        }
+        9 => e["metadata"] = [json!("text"), json!(42), json!([1, 2])][i % 3].clone(),
+        10 => e["metadata"] = json!({"value": true, "ttl": 1, "nested": {"a": [1, {"b": null}]}}),
+        11 => {
+            e["newValue"] = json!("null");
+            e["oldValue"] = json!("{\"a\":1}");
+        }
+        12 => e["newValueJson"] = json!({"type": "A", "name": "www", "content": "192.0.2.1", "ttl": 300, "proxied": true}),
+        13 => e["oldValueJson"] = json!(["not", "an", "object"]),
+        14 => {
+            e["action"]["info"] = json!("key digest: c6b5");
+            e["action"]["result"] = json!(false);
+        }
+        15 => {
+            e.as_object_mut().unwrap().remove("interface");
+        }
+        16 => e["when"] = json!(t.to_rfc3339_opts(SecondsFormat::Micros, false)), // "+00:00"
+        17 => {
+            let ist = chrono::FixedOffset::east_opt(5 * 3600 + 1800).unwrap();
+            e["when"] = json!(t.with_timezone(&ist).to_rfc3339_opts(SecondsFormat::AutoSi, false));
+        }
+        18 => e["resource"]["id"] = json!("10715065315"),
+        19 => {
+            e.as_object_mut().unwrap().remove("owner");
+        }
+        20 => e["foo"] = json!({"bar": [1, "two"], "unknown": true}),
+        21 => e["actor"]["email"] = Value::Null,
+        _ => {}
+    }
+    if config.invalid_every > 0 && i % config.invalid_every == config.invalid_every - 1 {
+        if i % 2 == 0 {
+            e.as_object_mut().unwrap().remove("id");
+        } else {
+            e["when"] = json!("not-a-time");
+        }
+    }
+    e
+}

@@ -1,0 +1,216 @@
+//! The Parquet dataset on object storage: the real [`FileSink`].
+//!
+//! Files are written to a staging prefix *beside* the dataset root (`<root>.staging/`, or
+//! `_cfaudit_staging/` when the root is a bucket's top), never inside it: DuckDB, Spark and
+//! Athena read every `*.parquet` under the root. Publishing is a rename that refuses to
+//! overwrite, so publishing twice is harmless.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, StringArray, TimestampNanosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use cfaudit_actors::{AuditRow, CommittedFile, FileSink, SinkError, StagedFile};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+/// The Parquet schema of the original spec, plus `raw_event` (replay needs it).
+pub fn schema() -> SchemaRef {
+    let ts = || DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()));
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Utf8, false),
+        Field::new("timestamp", ts(), false),
+        text("account_id"),
+        text("actor_email"),
+        text("actor_type"),
+        text("action_type"),
+        text("action_result"),
+        text("resource_type"),
+        text("resource_id"),
+        text("ip_address"),
+        text("metadata"),
+        text("raw_event"),
+        Field::new("ingestion_time", ts(), true),
+    ]))
+}
+
+pub struct ParquetLake {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    staging: Path,
+    props: WriterProperties,
+}
+
+fn lake_error(what: &str, error: impl std::fmt::Display) -> SinkError {
+    SinkError::new(format!("parquet {what}: {error}"))
+}
+
+impl ParquetLake {
+    /// Opens the dataset at `url` with object_store's own URL and option parsing
+    /// (`AWS_*` variables for S3).
+    pub fn open(url: &str) -> anyhow::Result<ParquetLake> {
+        let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("PARQUET_URL {url:?}: {e}"))?;
+        let options = std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.to_lowercase(), v));
+        let (store, root) = object_store::parse_url_opts(&parsed, options)
+            .map_err(|e| anyhow::anyhow!("PARQUET_URL {}: {e}", parsed.scheme()))?;
+        Ok(ParquetLake::new(Arc::from(store), root))
+    }
+
+    pub fn new(store: Arc<dyn ObjectStore>, root: Path) -> ParquetLake {
+        let staging = if root.as_ref().is_empty() {
+            Path::from("_cfaudit_staging")
+        } else {
+            Path::from(format!("{}.staging", root.as_ref()))
+        };
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        ParquetLake { store, root, staging, props }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn final_location(&self, final_path: &str) -> Path {
+        Path::from(format!("{}/{final_path}", self.root.as_ref()).trim_start_matches('/'))
+    }
+
+}
+
+/// Encodes the rows as one zstd Parquet file in memory.
+fn encode(rows: &[&AuditRow], props: WriterProperties) -> Result<Vec<u8>, SinkError> {
+    let batch = record_batch(rows).map_err(|e| lake_error("encode", e))?;
+    let mut writer =
+        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(|e| lake_error("writer", e))?;
+    writer.write(&batch).map_err(|e| lake_error("write", e))?;
+    writer.into_inner().map_err(|e| lake_error("finish", e))
+}
+
+fn nanos(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// The rows as one Arrow batch in the dataset schema.
+pub fn record_batch(rows: &[&AuditRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let text = |f: fn(&AuditRow) -> Option<&str>| -> ArrayRef {
+        Arc::new(rows.iter().map(|r| f(r)).collect::<StringArray>())
+    };
+    let ts = |f: fn(&AuditRow) -> DateTime<Utc>| -> ArrayRef {
+        Arc::new(TimestampNanosecondArray::from(rows.iter().map(|r| nanos(f(r))).collect::<Vec<_>>()).with_timezone("UTC"))
+    };
+    let ips: ArrayRef = Arc::new(rows.iter().map(|r| r.ip_address.map(|ip| ip.to_string())).collect::<StringArray>());
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            text(|r| Some(&r.event_id)),
+            ts(|r| r.timestamp),
+            text(|r| Some(&r.account_id)),
+            text(|r| r.actor_email.as_deref()),
+            text(|r| r.actor_type.as_deref()),
+            text(|r| r.action_type.as_deref()),
+            text(|r| r.action_result.as_deref()),
+            text(|r| r.resource_type.as_deref()),
+            text(|r| r.resource_id.as_deref()),
+            ips,
+            text(|r| r.metadata.as_deref()),
+            text(|r| Some(&r.raw_event)),
+            ts(|r| r.ingestion_time),
+        ],
+    )
+}
+
+/// `year=YYYY/month=MM/day=DD/hour=HH` of the event's UTC hour.
+pub fn partition_of(timestamp: DateTime<Utc>) -> String {
+    timestamp.format("year=%Y/month=%m/day=%d/hour=%H").to_string()
+}
+
+#[async_trait]
+impl FileSink for ParquetLake {
+    async fn stage(&self, account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<Vec<StagedFile>, SinkError> {
+        // Encoding is CPU work: off the actors' thread, onto the blocking pool.
+        let props = self.props.clone();
+        let encoded = tokio::task::spawn_blocking(move || {
+            let mut by_hour: BTreeMap<String, Vec<&AuditRow>> = BTreeMap::new();
+            for row in rows.iter() {
+                by_hour.entry(partition_of(row.timestamp)).or_default().push(row);
+            }
+            by_hour
+                .into_iter()
+                .map(|(partition, rows)| Ok((partition, rows.len() as u64, encode(&rows, props.clone())?)))
+                .collect::<Result<Vec<_>, SinkError>>()
+        })
+        .await
+        .map_err(|e| lake_error("encode task", e))??;
+        let mut staged = Vec::with_capacity(encoded.len());
+        for (partition, row_count, bytes) in encoded {
+            let name = format!("{account_id}-{}.parquet", uuid::Uuid::new_v4().simple());
+            let location = self.staging.clone().join(name.as_str());
+            let size = bytes.len() as u64;
+            self.store
+                .put(&location, PutPayload::from(bytes))
+                .await
+                .map_err(|e| lake_error("stage", e))?;
+            staged.push(StagedFile {
+                staged_path: name,
+                partition,
+                rows: row_count,
+                bytes: size,
+            });
+        }
+        Ok(staged)
+    }
+
+    async fn publish(&self, files: &[CommittedFile]) -> Result<(), SinkError> {
+        for file in files {
+            let from = self.staging.clone().join(file.staged_path.as_str());
+            let to = self.final_location(&file.final_path);
+            match self.store.rename_if_not_exists(&from, &to).await {
+                Ok(()) => {}
+                // Published before a crash, staged copy left behind: drop it.
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let _ = self.store.delete(&from).await;
+                }
+                // Published and cleaned up before: nothing to do if the final file is there.
+                Err(object_store::Error::NotFound { .. }) => {
+                    self.store.head(&to).await.map_err(|e| {
+                        lake_error(&format!("publish {}: staged file and final file are both missing", file.final_path), e)
+                    })?;
+                }
+                Err(e) => return Err(lake_error("publish", e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError> {
+        for path in staged_paths {
+            match self.store.delete(&self.staging.clone().join(path.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(lake_error("discard", e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_staged(&self) -> Result<Vec<String>, SinkError> {
+        let listed: Vec<_> = match self.store.list(Some(&self.staging)).try_collect().await {
+            Ok(listed) => listed,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(lake_error("list staging", e)),
+        };
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| meta.location.filename().map(str::to_owned))
+            .filter(|name| name.ends_with(".parquet"))
+            .collect())
+    }
+}

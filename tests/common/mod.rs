@@ -1,0 +1,165 @@
+//! Shared test fixtures: a fresh PostgreSQL database per test, the emulator on a free port,
+//! and the independent Parquet reader.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cfaudit::config::{Config, Secret};
+use cfaudit::emulator::{Emulator, EmulatorConfig, DEMO_ACCOUNT, DEMO_TOKEN};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+
+pub fn admin_url() -> String {
+    std::env::var("CFAUDIT_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own, dropped by [`TestDb::drop_db`].
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = format!("cfaudit_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("PostgreSQL must run on 127.0.0.1:5432 (make test starts it); set CFAUDIT_TEST_ADMIN_URL otherwise");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+        let mut url = url::Url::parse(&admin_url()).unwrap();
+        url.set_path(&name);
+        TestDb { name, url: url.to_string() }
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.url).await.unwrap()
+    }
+
+    pub async fn drop_db(self) {
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+/// The emulator, serving in this actix system on a free port.
+pub struct RunningEmulator {
+    pub emulator: Emulator,
+    pub base_url: String,
+    pub handle: actix_web::dev::ServerHandle,
+}
+
+pub fn emulator_config(events: usize) -> EmulatorConfig {
+    let mut config = EmulatorConfig::new(events);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+pub fn spawn_emulator(config: EmulatorConfig) -> RunningEmulator {
+    let emulator = Emulator::new(config);
+    let (addr, server) = emulator.serve().unwrap();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    RunningEmulator { emulator, base_url: format!("http://{addr}/client/v4"), handle }
+}
+
+/// Environment for a run against `emulator`, `db` and a Parquet folder.
+pub fn run_env(base_url: &str, db: &TestDb, parquet: &Path) -> Vec<(String, String)> {
+    [
+        ("CLOUDFLARE_API_TOKEN", DEMO_TOKEN.to_owned()),
+        ("CLOUDFLARE_ACCOUNT_ID", DEMO_ACCOUNT.to_owned()),
+        ("CLOUDFLARE_API_BASE_URL", base_url.to_owned()),
+        ("DATABASE_URL", db.url.clone()),
+        ("PARQUET_URL", format!("file://{}", parquet.display())),
+        ("INITIAL_CHECKPOINT", "2000-01-01".to_owned()),
+        ("CLOUDFLARE_PER_PAGE", "1000".to_owned()),
+        ("RETRY_INITIAL_MILLIS", "20".to_owned()),
+        ("RETRY_MAX_SECONDS", "1".to_owned()),
+        ("LOG_FORMAT", "json".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+pub fn config_from(env: &[(String, String)]) -> Config {
+    Config::load_from(None, env.to_vec()).expect("valid test config")
+}
+
+pub fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_owned(), value.to_owned()));
+}
+
+/// The ids of the events the emulator holds that can be mapped (valid id and `when`).
+pub fn valid_ids(emulator: &Emulator) -> std::collections::BTreeSet<String> {
+    emulator
+        .events()
+        .iter()
+        .filter_map(|e| {
+            let v: Value = serde_json::from_str(&e.json).unwrap();
+            let ok = cfaudit_actors::mapping::map_v1(&e.json, DEMO_ACCOUNT, chrono::Utc::now()).is_ok();
+            ok.then(|| v["id"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+/// Rows, distinct keys and distinct ids in `audit_logs`.
+pub async fn pg_counts(pool: &sqlx::PgPool) -> (i64, i64, i64) {
+    sqlx::query_as("SELECT count(*), count(DISTINCT (timestamp, event_id)), count(DISTINCT event_id) FROM audit_logs")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+pub async fn pg_ids(pool: &sqlx::PgPool) -> std::collections::BTreeSet<String> {
+    let ids: Vec<(String,)> = sqlx::query_as("SELECT event_id FROM audit_logs").fetch_all(pool).await.unwrap();
+    ids.into_iter().map(|(id,)| id).collect()
+}
+
+fn python() -> PathBuf {
+    if let Ok(python) = std::env::var("CFAUDIT_PYTHON") {
+        return python.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(venv.exists(), "no Python with pyarrow and duckdb: run `make test` (it creates .venv) or set CFAUDIT_PYTHON");
+    venv
+}
+
+/// Counts from the independent reader (pyarrow and DuckDB, hive partitioning).
+pub fn parquet_counts(root: &Path, with_ids: bool) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parquet_check.py");
+    let mut command = Command::new(python());
+    command.arg(script).arg(root);
+    if with_ids {
+        command.env("PARQUET_CHECK_IDS", "1");
+    }
+    let output = command.output().expect("run the Parquet reader");
+    assert!(output.status.success(), "reader failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("reader prints JSON")
+}
+
+/// Asserts both sinks hold exactly `expected`, once each, and nothing is left in staging.
+pub async fn assert_exact(pool: &sqlx::PgPool, parquet: &Path, expected: &std::collections::BTreeSet<String>) -> Value {
+    let n = expected.len() as i64;
+    let (rows, keys, ids) = pg_counts(pool).await;
+    assert_eq!((rows, keys, ids), (n, n, n), "postgres: rows, distinct keys, distinct ids");
+    assert_eq!(&pg_ids(pool).await, expected, "postgres holds exactly the emulator's events");
+    let counts = parquet_counts(parquet, true);
+    assert_eq!(counts["pyarrow_rows"], n, "{counts}");
+    assert_eq!(counts["pyarrow_distinct_ids"], n, "{counts}");
+    assert_eq!(counts["duckdb_rows"], n, "{counts}");
+    assert_eq!(counts["duckdb_distinct_ids"], n, "{counts}");
+    assert_eq!(counts["rows_in_wrong_partition"], 0, "{counts}");
+    assert_eq!(counts["staged_orphans"], 0, "{counts}");
+    let parquet_ids: std::collections::BTreeSet<String> =
+        serde_json::from_value(counts["ids"].clone()).unwrap();
+    assert_eq!(&parquet_ids, expected, "parquet holds exactly the emulator's events");
+    counts
+}
+
+pub fn secret(s: &str) -> Secret {
+    Secret::new(s)
+}

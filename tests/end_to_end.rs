@@ -1,0 +1,207 @@
+//! End to end against real PostgreSQL, a local Parquet folder read back by pyarrow and DuckDB,
+//! and the emulator: exactly once, counted.
+
+mod common;
+
+
+use cfaudit::app::{run, RunOptions};
+use common::*;
+use serde_json::json;
+
+const ONCE: RunOptions = RunOptions { once: true, skip_migrations: false };
+
+#[actix_web::test]
+async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let mut config = emulator_config(50_000);
+    config.invalid_every = 1000;
+    let emu = spawn_emulator(config);
+    let expected = valid_ids(&emu.emulator);
+    assert_eq!(expected.len(), 50_000 - 50);
+    let env = run_env(&emu.base_url, &db, &parquet);
+
+    let first = run(config_from(&env), ONCE).await.unwrap();
+    assert_eq!(first.rows_in_postgres, expected.len() as i64);
+    assert_eq!(first.parquet_rows, expected.len() as i64);
+    assert_eq!(first.dead_letters, 50);
+    let pool = db.pool().await;
+    let counts = assert_exact(&pool, &parquet, &expected).await;
+    assert_eq!(counts["compression"], json!(["ZSTD"]));
+    assert_eq!(counts["schema"]["timestamp"], "timestamp[ns, tz=UTC]");
+    assert_eq!(counts["schema"]["ingestion_time"], "timestamp[ns, tz=UTC]");
+    let files_after_first = counts["files"].clone();
+
+    let requests_before = emu.emulator.requests();
+    let second = run(config_from(&env), ONCE).await.unwrap();
+    assert!(emu.emulator.requests() > requests_before, "the second run polled");
+    assert_eq!(second.rows_in_postgres, first.rows_in_postgres);
+    assert_eq!(second.dead_letters, 50, "dead letters seen again are stored once");
+    let counts = assert_exact(&pool, &parquet, &expected).await;
+    assert_eq!(counts["files"], files_after_first, "the second run wrote no file");
+
+    // The rows are the mapping of the events, checked on a few columns in SQL.
+    let (ipv6, system, non_object_meta): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE family(ip_address) = 6), count(*) FILTER (WHERE actor_type = 'system'), \
+                count(*) FILTER (WHERE jsonb_typeof(metadata) <> 'object') FROM audit_logs",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(ipv6 > 0 && system > 0 && non_object_meta > 0, "{ipv6} {system} {non_object_meta}");
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_duplicates() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let mut config = emulator_config(3_000);
+    config.days = 0.5;
+    let emu = spawn_emulator(config);
+    // Bursts of equal `when` straddle boundaries of 7-event pages.
+    let events = emu.emulator.events();
+    let straddling = (1..events.len() / 7).filter(|k| events[k * 7 - 1].when == events[k * 7].when).count();
+    assert!(straddling > 10, "only {straddling} page boundaries inside a burst");
+    let mut env = run_env(&emu.base_url, &db, &parquet);
+    set(&mut env, "CLOUDFLARE_PER_PAGE", "7");
+    // A lag of a day: every window re-reads everything, so the overlap is total.
+    set(&mut env, "CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "86400");
+
+    run(config_from(&env), ONCE).await.unwrap();
+    // Late events with the exact time of already committed ones, inside the lag.
+    let last = events.last().unwrap();
+    let late: Vec<_> = (0..5)
+        .map(|i| json!({"id": format!("late-{i}"), "when": last.when.to_rfc3339(), "action": {"type": "login", "result": true}}))
+        .collect();
+    emu.emulator.insert(&late);
+    run(config_from(&env), ONCE).await.unwrap();
+    run(config_from(&env), ONCE).await.unwrap();
+
+    let pool = db.pool().await;
+    let expected = valid_ids(&emu.emulator);
+    assert_exact(&pool, &parquet, &expected).await;
+    let deduplicated: (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs WHERE event_id LIKE 'late-%'").fetch_one(&pool).await.unwrap();
+    assert_eq!(deduplicated.0, 5);
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn api_faults_are_retried_and_the_result_is_still_exact() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let mut config = emulator_config(8_000);
+    config.faults.fault_429_every = 7;
+    config.faults.retry_after_seconds = 1;
+    config.faults.fault_5xx_every = 5;
+    config.faults.fault_truncate_every = 6;
+    config.faults.fault_success_false_every = 11;
+    config.errors_null = true;
+    config.result_info = true;
+    let emu = spawn_emulator(config);
+    let mut env = run_env(&emu.base_url, &db, &parquet);
+    set(&mut env, "CLOUDFLARE_PER_PAGE", "250");
+    run(config_from(&env), ONCE).await.unwrap();
+    let pool = db.pool().await;
+    assert_exact(&pool, &parquet, &valid_ids(&emu.emulator)).await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn an_exactly_full_last_page_followed_by_400_ends_the_sweep() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let mut config = emulator_config(1_000);
+    config.past_end_400 = true;
+    let emu = spawn_emulator(config);
+    let mut env = run_env(&emu.base_url, &db, &parquet);
+    set(&mut env, "CLOUDFLARE_PER_PAGE", "100"); // 1000 events: page 11 is past the end
+    let summary = run(config_from(&env), ONCE).await.unwrap();
+    assert_eq!(summary.rows_in_postgres, 1_000);
+    let pool = db.pool().await;
+    assert_exact(&pool, &parquet, &valid_ids(&emu.emulator)).await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn a_bad_token_fails_once_with_a_clear_cause_and_commits_nothing() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = spawn_emulator(emulator_config(100));
+    let mut env = run_env(&emu.base_url, &db, &dir.path().join("parquet"));
+    set(&mut env, "CLOUDFLARE_API_TOKEN", "wrong-token-123");
+    let error = run(config_from(&env), ONCE).await.unwrap_err().to_string();
+    assert!(error.contains("authentication failed") && error.contains("9109"), "{error}");
+    assert!(!error.contains("wrong-token-123"), "the token leaked into the error");
+    let pool = db.pool().await;
+    assert_eq!(pg_counts(&pool).await.0, 0);
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn desc_direction_lands_the_same_rows() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let emu = spawn_emulator(emulator_config(2_500));
+    let mut env = run_env(&emu.base_url, &db, &parquet);
+    set(&mut env, "CLOUDFLARE_DIRECTION", "desc");
+    set(&mut env, "CLOUDFLARE_PER_PAGE", "300");
+    run(config_from(&env), ONCE).await.unwrap();
+    run(config_from(&env), ONCE).await.unwrap();
+    let pool = db.pool().await;
+    assert_exact(&pool, &parquet, &valid_ids(&emu.emulator)).await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn migrations_apply_twice_and_give_the_expected_schema() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    cfaudit::postgres::MIGRATOR.run(&pool).await.unwrap();
+    cfaudit::postgres::MIGRATOR.run(&pool).await.unwrap();
+    // The statements themselves are idempotent too (a hand-applied file, a reset history).
+    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/20260101000001_init.sql")).unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&pool).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_name = 'audit_logs' ORDER BY ordinal_position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let expected = [
+        ("event_id", "text"), ("timestamp", "timestamp with time zone"), ("account_id", "text"),
+        ("actor_email", "text"), ("actor_type", "text"), ("action_type", "text"), ("action_result", "text"),
+        ("resource_type", "text"), ("resource_id", "text"), ("ip_address", "inet"), ("metadata", "jsonb"),
+        ("raw_event", "jsonb"), ("ingestion_time", "timestamp with time zone"),
+    ];
+    let got: Vec<(&str, &str)> = columns.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(got, expected);
+    let (pk,): (String,) = sqlx::query_as(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'audit_logs'::regclass AND contype = 'p'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pk, "PRIMARY KEY (\"timestamp\", event_id)");
+    for table in ["cfaudit_checkpoints", "cfaudit_dead_letters", "cfaudit_parquet_files"] {
+        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass($1) IS NOT NULL").bind(table).fetch_one(&pool).await.unwrap();
+        assert!(exists, "{table}");
+    }
+    let applied: (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations").fetch_one(&pool).await.unwrap();
+    assert_eq!(applied.0, cfaudit::postgres::MIGRATOR.iter().count() as i64);
+    pool.close().await;
+    db.drop_db().await;
+}
+
