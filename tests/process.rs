@@ -1,0 +1,212 @@
+//! The real binary, as an operator runs it: stopped half-way by SIGTERM or SIGKILL and
+//! restarted, and its HTTP endpoints. The emulator runs in the test process.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cfaudit::emulator::DEMO_TOKEN;
+use common::*;
+use tokio::process::{Child, Command};
+
+fn cfaudit(args: &[&str], env: &[(String, String)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cfaudit"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cfaudit")
+}
+
+fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args([signal, &pid]).status().unwrap();
+    assert!(status.success());
+}
+
+async fn rows(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM audit_logs").fetch_one(pool).await.map(|r| r.0).unwrap_or(0)
+}
+
+async fn wait_for_rows(pool: &sqlx::PgPool, at_least: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rows(pool).await < at_least {
+        assert!(Instant::now() < deadline, "fewer than {at_least} rows after 120 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Finished {
+    success: bool,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn finish(child: Child) -> Finished {
+    let output = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .expect("cfaudit exited within 180 s")
+        .unwrap();
+    Finished {
+        success: output.status.success(),
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A slow emulator (latency per page), so a run can be caught half-way.
+fn slow_setup(events: usize, db: &TestDb, parquet: &Path) -> (RunningEmulator, Vec<(String, String)>) {
+    let mut config = emulator_config(events);
+    config.faults.latency_ms = 25;
+    let emu = spawn_emulator(config);
+    let mut env = run_env(&emu.base_url, db, parquet);
+    set(&mut env, "CLOUDFLARE_PER_PAGE", "200");
+    (emu, env)
+}
+
+#[actix_web::test]
+async fn sigterm_half_way_commits_what_is_in_flight_and_a_restart_ends_exact() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let (emu, env) = slow_setup(20_000, &db, &parquet);
+    let expected = valid_ids(&emu.emulator);
+    cfaudit(&["migrate"], &env).wait().await.unwrap();
+    let pool = db.pool().await;
+
+    let child = cfaudit(&["run", "--once"], &env);
+    wait_for_rows(&pool, 3_000).await;
+    signal(&child, "-TERM");
+    let stopped = finish(child).await;
+    assert!(stopped.success, "SIGTERM exits 0: {}", stopped.stderr);
+    let summary: serde_json::Value = serde_json::from_str(stopped.stdout.trim()).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    let partial = rows(&pool).await;
+    assert!(partial < expected.len() as i64, "stopped half-way ({partial} rows)");
+    // Everything in flight was committed: both sinks hold the same rows.
+    let counts = parquet_counts(&parquet, false);
+    assert_eq!(counts["duckdb_rows"], partial, "{counts}");
+    assert_eq!(counts["duckdb_distinct_ids"], partial, "{counts}");
+    assert_eq!(summary["rows_in_postgres"], partial);
+
+    let resumed = finish(cfaudit(&["run", "--once"], &env)).await;
+    assert!(resumed.success, "{}", resumed.stderr);
+    assert_exact(&pool, &parquet, &expected).await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn sigkill_at_any_moment_then_restart_ends_exact_with_no_orphans() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let (emu, env) = slow_setup(24_000, &db, &parquet);
+    let expected = valid_ids(&emu.emulator);
+    cfaudit(&["migrate"], &env).wait().await.unwrap();
+    let pool = db.pool().await;
+
+    for at_least in [2_500, 9_000, 16_000] {
+        let mut child = cfaudit(&["run", "--once"], &env);
+        wait_for_rows(&pool, at_least).await;
+        child.start_kill().unwrap(); // SIGKILL: no chance to clean up
+        child.wait().await.unwrap();
+    }
+    let finished = finish(cfaudit(&["run", "--once"], &env)).await;
+    assert!(finished.success, "{}", finished.stderr);
+    assert_exact(&pool, &parquet, &expected).await;
+    let unpublished: (i64,) = sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(unpublished.0, 0);
+    pool.close().await;
+    db.drop_db().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[actix_web::test]
+async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let emu = spawn_emulator(emulator_config(3_000));
+    let expected = valid_ids(&emu.emulator);
+    let mut env = run_env(&emu.base_url, &db, &parquet);
+    let addr = format!("127.0.0.1:{}", free_port());
+    set(&mut env, "METRICS_ADDR", &addr);
+    set(&mut env, "POLL_INTERVAL_SECONDS", "1");
+    let child = cfaudit(&["run"], &env);
+    let http = reqwest::Client::new();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Ready during the start-up grace too; wait for the first committed sweep.
+        let ready = http.get(format!("http://{addr}/readyz")).send().await;
+        if let Ok(response) = ready {
+            let ok = response.status() == 200;
+            let body: serde_json::Value = response.json().await.unwrap();
+            if ok && !body["last_successful_sweep"].is_null() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no committed sweep after 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let health = http.get(format!("http://{addr}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let metrics = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |line_start: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let n = expected.len() as f64;
+    assert_eq!(value("cfaudit_events_written_total{sink=\"postgres\"}"), n);
+    assert_eq!(value("cfaudit_events_written_total{sink=\"parquet\"}"), n);
+    for actor in ["poller", "mapper", "pg_writer", "parquet_writer", "checkpointer"] {
+        assert!(value(&format!("cfaudit_actor_messages_handled_total{{actor=\"{actor}\"}}")) > 0.0, "{actor}");
+        let depth = value(&format!("cfaudit_actor_mailbox_depth{{actor=\"{actor}\"}}"));
+        assert!((0.0..=20.0).contains(&depth), "{actor} depth {depth}");
+        assert!(metrics.contains(&format!("cfaudit_actor_handler_duration_seconds_count{{actor=\"{actor}\"}}")));
+    }
+    assert!(value("cfaudit_batches_committed_total") >= 3.0);
+    assert!(value("cfaudit_checkpoint_lag_seconds") > 0.0);
+    assert!(value("cfaudit_last_successful_sweep_timestamp_seconds") > 1.7e9);
+    assert!(value("cfaudit_api_requests_total{status_class=\"2xx\"}") >= 3.0);
+    assert!(!metrics.contains(DEMO_TOKEN), "the token is in the metrics");
+
+    signal(&child, "-TERM");
+    let stopped = finish(child).await;
+    assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    assert!(stopped.stderr.contains("sweep committed"), "logs are JSON lines on stderr");
+    assert!(!stopped.stderr.contains(DEMO_TOKEN) && !stopped.stdout.contains(DEMO_TOKEN), "the token is in the logs");
+    db.drop_db().await;
+}
+
+#[actix_web::test]
+async fn a_config_error_names_the_key_and_exits_2() {
+    let finished = finish(cfaudit(&["run", "--once"], &[("CLOUDFLARE_PER_PAGE".into(), "5000".into())])).await;
+    assert_eq!(finished.code, Some(2));
+    assert!(finished.stderr.contains("CLOUDFLARE_PER_PAGE") && finished.stderr.contains("Fix:"), "{}", finished.stderr);
+    let finished = finish(cfaudit(&["run", "--once"], &[])).await;
+    assert_eq!(finished.code, Some(2), "{}", finished.stderr);
+    assert!(finished.stderr.contains("CLOUDFLARE_ACCOUNT_ID"), "{}", finished.stderr);
+}
