@@ -472,16 +472,16 @@ pub fn generate(config: &EmulatorConfig) -> Vec<(DateTime<Utc>, Value)> {
     let start = end - chrono::Duration::microseconds(span_micros);
     let n = config.events.max(1) as i64;
     let mut when = start;
+    let mut precision = 0;
     let mut events = Vec::with_capacity(config.events);
     for i in 0..config.events {
-        // 20 % of events share the previous one's exact time: bursts across page boundaries.
+        // 20 % of events share the previous one's exact `when`: bursts across page boundaries.
         if i == 0 || rng.random_range(0..10) >= 2 {
             let gap = rng.random_range(0..=(2 * span_micros / n).max(1));
-            when = (when + chrono::Duration::microseconds(gap)).min(end);
+            precision = [0, 3, 5, 6, 6, 9][i % 6];
+            when = (when + chrono::Duration::microseconds(gap)).min(end).trunc_subsecs(precision);
         }
-        let precision = [0, 3, 5, 6, 6, 9][i % 6];
-        let t = when.trunc_subsecs(precision);
-        events.push((t, synthetic_event(i, t, precision, &mut rng, config)));
+        events.push((when, synthetic_event(i, when, precision, &mut rng, config)));
     }
     events
 }
