@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cfaudit_actors::{CheckpointerConfig, Metrics, Pipeline, PipelineEvent, PipelineParts, PollerConfig};
+use cfaudit_actors::{
+    CheckpointerConfig, Metrics, Pipeline, PipelineEvent, PipelineParts, PollerConfig,
+};
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
@@ -43,7 +45,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
     }
     let lake = Arc::new(ParquetLake::open(&config.parquet_url)?);
     let source = Arc::new(CloudflareClient::new(&config, metrics.clone())?);
-    let account_id = config.cloudflare_account_id.clone().expect("required above");
+    let account_id = config
+        .cloudflare_account_id
+        .clone()
+        .expect("required above");
 
     let http = if options.once {
         None
@@ -51,7 +56,8 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
         let state = crate::http::HealthState {
             metrics: metrics.clone(),
             database: Postgres::lazy_pool(&config.database_url)?,
-            max_sweep_age: config.poll_interval() * 3 + Duration::from_secs(config.cloudflare_request_timeout_seconds * 4 + 60),
+            max_sweep_age: config.poll_interval() * 3
+                + Duration::from_secs(config.cloudflare_request_timeout_seconds * 4 + 60),
             started: Utc::now(),
         };
         let (addr, server) = crate::http::serve(config.metrics_addr, state)?;
@@ -94,7 +100,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
     let outcome = drive(&mut pipeline, options).await;
     let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
     if outcome.as_ref().is_ok_and(|interrupted| *interrupted) {
-        info!(?timeout, "signal received: no new pages; committing what is in flight");
+        info!(
+            ?timeout,
+            "signal received: no new pages; committing what is in flight"
+        );
     }
     if !pipeline.shutdown(timeout).await {
         warn!(?timeout, "in-flight batches did not commit in time; they are abandoned and fetched again next run");
@@ -130,21 +139,27 @@ async fn drive(pipeline: &mut Pipeline, options: RunOptions) -> anyhow::Result<b
 }
 
 /// Counts of what is committed for the account.
-pub async fn summary(postgres: &Postgres, account_id: &str, interrupted: bool) -> anyhow::Result<RunSummary> {
-    let (rows_in_postgres,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs WHERE account_id = $1")
-        .bind(account_id)
-        .fetch_one(postgres.pool())
-        .await?;
+pub async fn summary(
+    postgres: &Postgres,
+    account_id: &str,
+    interrupted: bool,
+) -> anyhow::Result<RunSummary> {
+    let (rows_in_postgres,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit_logs WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_one(postgres.pool())
+            .await?;
     let (parquet_files, parquet_rows): (i64, i64) = sqlx::query_as(
         "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files WHERE account_id = $1 AND published_at IS NOT NULL",
     )
     .bind(account_id)
     .fetch_one(postgres.pool())
     .await?;
-    let (dead_letters,): (i64,) = sqlx::query_as("SELECT count(*) FROM cfaudit_dead_letters WHERE account_id = $1")
-        .bind(account_id)
-        .fetch_one(postgres.pool())
-        .await?;
+    let (dead_letters,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM cfaudit_dead_letters WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_one(postgres.pool())
+            .await?;
     let checkpoint: Option<(Option<DateTime<Utc>>,)> =
         sqlx::query_as("SELECT checkpoint FROM cfaudit_checkpoints WHERE account_id = $1")
             .bind(account_id)

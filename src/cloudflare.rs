@@ -19,7 +19,9 @@ use serde_json::Value;
 use crate::config::{Config, Secret};
 
 /// Error codes that mean "this credential cannot read this account" (API facts §4.3).
-const AUTH_CODES: &[i64] = &[6003, 6100, 6101, 6102, 6103, 6111, 9106, 9107, 9109, 9300, 10000];
+const AUTH_CODES: &[i64] = &[
+    6003, 6100, 6101, 6102, 6103, 6111, 9106, 9107, 9109, 9300, 10000,
+];
 
 #[derive(Clone)]
 enum Credential {
@@ -37,29 +39,53 @@ pub struct CloudflareClient {
 impl CloudflareClient {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         config.require_source()?;
-        let credential = match (&config.cloudflare_api_token, &config.cloudflare_api_email, &config.cloudflare_api_key) {
+        let credential = match (
+            &config.cloudflare_api_token,
+            &config.cloudflare_api_email,
+            &config.cloudflare_api_key,
+        ) {
             (Some(token), _, _) => Credential::Token(token.clone()),
-            (None, Some(email), Some(key)) => Credential::Key { email: email.clone(), key: key.clone() },
+            (None, Some(email), Some(key)) => Credential::Key {
+                email: email.clone(),
+                key: key.clone(),
+            },
             _ => unreachable!("require_source checked the credentials"),
         };
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(config.cloudflare_request_timeout_seconds))
+            .timeout(Duration::from_secs(
+                config.cloudflare_request_timeout_seconds,
+            ))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cfaudit/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(CloudflareClient {
             http,
-            base_url: config.cloudflare_api_base_url.trim_end_matches('/').to_owned(),
+            base_url: config
+                .cloudflare_api_base_url
+                .trim_end_matches('/')
+                .to_owned(),
             credential,
             metrics,
         })
     }
 
-    async fn request(&self, request: &PageRequest) -> Result<(StatusCode, HeaderMap, bytes::Bytes), SourceError> {
-        let url = format!("{}/accounts/{}/audit_logs", self.base_url, request.account_id);
+    async fn request(
+        &self,
+        request: &PageRequest,
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), SourceError> {
+        let url = format!(
+            "{}/accounts/{}/audit_logs",
+            self.base_url, request.account_id
+        );
         let mut query: Vec<(&str, String)> = vec![
-            ("since", request.since.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-            ("before", request.before.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+            (
+                "since",
+                request.since.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            ),
+            (
+                "before",
+                request.before.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            ),
             ("direction", request.direction.as_str().to_owned()),
             ("per_page", request.per_page.to_string()),
             ("page", request.page.to_string()),
@@ -69,18 +95,30 @@ impl CloudflareClient {
         }
         let builder = self.http.get(&url).query(&query);
         let builder = match &self.credential {
-            Credential::Token(token) => builder.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
-            Credential::Key { email, key } => builder.header("X-Auth-Email", email).header("X-Auth-Key", key.expose()),
+            Credential::Token(token) => {
+                builder.header(AUTHORIZATION, format!("Bearer {}", token.expose()))
+            }
+            Credential::Key { email, key } => builder
+                .header("X-Auth-Email", email)
+                .header("X-Auth-Key", key.expose()),
         };
-        let response = builder.send().await.map_err(|e| transport_error("request", e))?;
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| transport_error("request", e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(|e| transport_error("response body", e))?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error("response body", e))?;
         Ok((status, headers, body))
     }
 
     fn observe(&self, started: Instant, class: &str, headers: Option<&HeaderMap>) {
-        self.metrics.api_request_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .api_request_duration
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.api_requests.with_label_values(&[class]).inc();
         if let Some(remaining) = headers.and_then(ratelimit_remaining) {
             self.metrics.api_ratelimit_remaining.set(remaining);
@@ -90,7 +128,11 @@ impl CloudflareClient {
 
 fn transport_error(stage: &str, error: reqwest::Error) -> SourceError {
     // without_url: the URL carries no secret, but keeps the message short.
-    let kind = if error.is_timeout() { "timed out" } else { "failed" };
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else {
+        "failed"
+    };
     SourceError::Transient(format!("{stage} {kind}: {}", error.without_url()))
 }
 
@@ -125,13 +167,22 @@ struct Envelope {
 }
 
 /// Turns one HTTP answer into events or a classified error.
-pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<Vec<RawEvent>, SourceError> {
+pub fn classify(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<RawEvent>, SourceError> {
     if status == StatusCode::TOO_MANY_REQUESTS {
-        return Err(SourceError::RateLimited { retry_after: retry_after(headers) });
+        return Err(SourceError::RateLimited {
+            retry_after: retry_after(headers),
+        });
     }
     let errors = || errors_of(body);
     if status.is_server_error() {
-        return Err(SourceError::Transient(format!("HTTP {status}: {}", errors().0)));
+        return Err(SourceError::Transient(format!(
+            "HTTP {status}: {}",
+            errors().0
+        )));
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Err(SourceError::Auth(format!("HTTP {status}: {}", errors().0)));
@@ -147,14 +198,19 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<
         return Err(SourceError::Transient(format!("unexpected HTTP {status}")));
     }
     let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
-        SourceError::Transient(format!("HTTP {status} with a body that is not the audit-log envelope ({} bytes): {e}", body.len()))
+        SourceError::Transient(format!(
+            "HTTP {status} with a body that is not the audit-log envelope ({} bytes): {e}",
+            body.len()
+        ))
     })?;
     if envelope.success == Some(false) {
         let (summary, codes) = errors_of(body);
         if codes.iter().any(|c| AUTH_CODES.contains(c)) {
             return Err(SourceError::Auth(summary));
         }
-        return Err(SourceError::Transient(format!("success:false with HTTP {status}: {summary}")));
+        return Err(SourceError::Transient(format!(
+            "success:false with HTTP {status}: {summary}"
+        )));
     }
     let _ = envelope.errors; // tolerated in any shape, including null
     Ok(envelope.result.unwrap_or_default())
@@ -179,7 +235,12 @@ fn errors_of(body: &[u8]) -> (String, Vec<i64>) {
     if let Some(errors) = value.get("errors").and_then(Value::as_array) {
         for error in errors {
             visit(error);
-            for link in error.get("error_chain").and_then(Value::as_array).into_iter().flatten() {
+            for link in error
+                .get("error_chain")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 visit(link);
             }
         }
@@ -217,24 +278,52 @@ mod tests {
     #[test]
     fn envelope_variants_are_tolerated() {
         // API facts §7 case 17.
-        assert_eq!(ok(r#"{"success":true,"errors":null,"messages":[],"result":[{"id":"a"}]}"#).unwrap().len(), 1);
-        assert_eq!(ok(r#"{"success":true,"errors":[],"result":[],"result_info":{"page":1,"per_page":5}}"#).unwrap().len(), 0);
-        assert_eq!(ok(r#"{"success":true,"errors":[],"messages":[],"result":null}"#).unwrap().len(), 0);
-        assert_eq!(ok(r#"{"result":[{"id":"a"},{"id":"b"}]}"#).unwrap().len(), 2);
+        assert_eq!(
+            ok(r#"{"success":true,"errors":null,"messages":[],"result":[{"id":"a"}]}"#)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            ok(r#"{"success":true,"errors":[],"result":[],"result_info":{"page":1,"per_page":5}}"#)
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            ok(r#"{"success":true,"errors":[],"messages":[],"result":null}"#)
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            ok(r#"{"result":[{"id":"a"},{"id":"b"}]}"#).unwrap().len(),
+            2
+        );
         let raw = ok(r#"{"success":true,"result":[{"id":"a", "when" : "x"}]}"#).unwrap();
-        assert_eq!(raw[0].get(), r#"{"id":"a", "when" : "x"}"#, "raw bytes are kept");
+        assert_eq!(
+            raw[0].get(),
+            r#"{"id":"a", "when" : "x"}"#,
+            "raw bytes are kept"
+        );
     }
 
     #[test]
     fn success_false_with_200_is_transient() {
         // Case 18.
         let error = ok(r#"{"success":false,"errors":[{"code":1000,"message":"boom"}],"messages":[],"result":null}"#).unwrap_err();
-        assert!(matches!(error, SourceError::Transient(ref m) if m.contains("1000 boom")), "{error:?}");
+        assert!(
+            matches!(error, SourceError::Transient(ref m) if m.contains("1000 boom")),
+            "{error:?}"
+        );
     }
 
     #[test]
     fn broken_bodies_are_transient() {
-        assert!(matches!(ok(r#"{"success":true,"result":[{"id":"#), Err(SourceError::Transient(_))));
+        assert!(matches!(
+            ok(r#"{"success":true,"result":[{"id":"#),
+            Err(SourceError::Transient(_))
+        ));
         assert!(matches!(ok("<html>"), Err(SourceError::Transient(_))));
     }
 
@@ -247,23 +336,39 @@ mod tests {
             classify(StatusCode::TOO_MANY_REQUESTS, &headers, body),
             Err(SourceError::RateLimited { retry_after: Some(d) }) if d == Duration::from_secs(300)
         ));
-        assert!(matches!(classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), b""), Err(SourceError::Transient(_))));
+        assert!(matches!(
+            classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), b""),
+            Err(SourceError::Transient(_))
+        ));
         let bad_auth = br#"{"success":false,"errors":[{"code":6003,"message":"Invalid request headers","error_chain":[{"code":6111,"message":"Invalid format for Authorization header"}]}],"messages":[],"result":null}"#;
         match classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), bad_auth) {
             Err(SourceError::Auth(m)) => assert!(m.contains("6111"), "{m}"),
             other => panic!("{other:?}"),
         }
-        let invalid_token = br#"{"success":false,"errors":[{"code":9109,"message":"Invalid access token"}]}"#;
-        assert!(matches!(classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), invalid_token), Err(SourceError::Auth(_))));
-        assert!(matches!(classify(StatusCode::FORBIDDEN, &HeaderMap::new(), b"{}"), Err(SourceError::Auth(_))));
+        let invalid_token =
+            br#"{"success":false,"errors":[{"code":9109,"message":"Invalid access token"}]}"#;
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), invalid_token),
+            Err(SourceError::Auth(_))
+        ));
+        assert!(matches!(
+            classify(StatusCode::FORBIDDEN, &HeaderMap::new(), b"{}"),
+            Err(SourceError::Auth(_))
+        ));
         let past_end = br#"{"success":false,"errors":[{"code":1001,"message":"bad page"}]}"#;
-        assert!(matches!(classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), past_end), Err(SourceError::BadRequest(_))));
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), past_end),
+            Err(SourceError::BadRequest(_))
+        ));
     }
 
     #[test]
     fn ratelimit_header_is_read() {
         let mut headers = HeaderMap::new();
-        headers.insert("ratelimit", HeaderValue::from_static("\"default\";r=1187;t=42"));
+        headers.insert(
+            "ratelimit",
+            HeaderValue::from_static("\"default\";r=1187;t=42"),
+        );
         assert_eq!(ratelimit_remaining(&headers), Some(1187));
     }
 }

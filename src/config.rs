@@ -201,9 +201,16 @@ impl Config {
             if KEYS.contains(&key.as_str()) && !value.is_empty() {
                 figment = figment.merge((key.clone(), value.clone()));
             }
-            if let Some(secret) = key.strip_suffix("_file").filter(|k| FILE_SECRETS.contains(k)) {
+            if let Some(secret) = key
+                .strip_suffix("_file")
+                .filter(|k| FILE_SECRETS.contains(k))
+            {
                 let content = std::fs::read_to_string(value).map_err(|e| {
-                    config_error(name, format!("cannot read {value}: {e}"), "point it at a readable file holding the secret")
+                    config_error(
+                        name,
+                        format!("cannot read {value}: {e}"),
+                        "point it at a readable file holding the secret",
+                    )
                 })?;
                 figment = figment.merge((secret.to_owned(), content.trim().to_owned()));
             }
@@ -225,22 +232,46 @@ impl Config {
             ));
         }
         if self.poll_interval_seconds == 0 {
-            return Err(config_error("poll_interval_seconds", "0 would poll in a busy loop", "use 1 or more"));
+            return Err(config_error(
+                "poll_interval_seconds",
+                "0 would poll in a busy loop",
+                "use 1 or more",
+            ));
         }
         if self.max_inflight_batches == 0 {
-            return Err(config_error("max_inflight_batches", "0 would never fetch", "use 1 or more"));
+            return Err(config_error(
+                "max_inflight_batches",
+                "0 would never fetch",
+                "use 1 or more",
+            ));
         }
         if self.cloudflare_request_timeout_seconds == 0 {
-            return Err(config_error("cloudflare_request_timeout_seconds", "0 is no timeout", "use 1 or more"));
+            return Err(config_error(
+                "cloudflare_request_timeout_seconds",
+                "0 is no timeout",
+                "use 1 or more",
+            ));
         }
         url::Url::parse(&self.cloudflare_api_base_url).map_err(|e| {
-            config_error("cloudflare_api_base_url", e.to_string(), "give an absolute URL such as https://api.cloudflare.com/client/v4")
+            config_error(
+                "cloudflare_api_base_url",
+                e.to_string(),
+                "give an absolute URL such as https://api.cloudflare.com/client/v4",
+            )
         })?;
         url::Url::parse(&self.parquet_url).map_err(|e| {
-            config_error("parquet_url", e.to_string(), "give a URL such as file:///var/lib/cfaudit/parquet or s3://bucket/prefix")
+            config_error(
+                "parquet_url",
+                e.to_string(),
+                "give a URL such as file:///var/lib/cfaudit/parquet or s3://bucket/prefix",
+            )
         })?;
         if !matches!(self.log_format.as_str(), "auto" | "text" | "json") {
-            return Err(config_error("log_format", format!("{:?} is unknown", self.log_format), "use auto, text or json"));
+            return Err(config_error(
+                "log_format",
+                format!("{:?} is unknown", self.log_format),
+                "use auto, text or json",
+            ));
         }
         self.initial_checkpoint()?;
         Ok(())
@@ -249,9 +280,19 @@ impl Config {
     /// Checks what polling needs: credentials and an account id.
     pub fn require_source(&self) -> Result<(), ConfigError> {
         match &self.cloudflare_account_id {
-            None => return Err(config_error("cloudflare_account_id", "not set", "set it to the 32-hex account id from the dashboard URL")),
+            None => {
+                return Err(config_error(
+                    "cloudflare_account_id",
+                    "not set",
+                    "set it to the 32-hex account id from the dashboard URL",
+                ))
+            }
             Some(id) if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) => {
-                return Err(config_error("cloudflare_account_id", format!("{id:?} is not an account id"), "use the 32-hex account id from the dashboard URL"));
+                return Err(config_error(
+                    "cloudflare_account_id",
+                    format!("{id:?} is not an account id"),
+                    "use the 32-hex account id from the dashboard URL",
+                ));
             }
             Some(_) => {}
         }
@@ -267,7 +308,9 @@ impl Config {
     }
 
     pub fn initial_checkpoint(&self) -> Result<Option<DateTime<Utc>>, ConfigError> {
-        let Some(value) = self.initial_checkpoint.as_deref() else { return Ok(None) };
+        let Some(value) = self.initial_checkpoint.as_deref() else {
+            return Ok(None);
+        };
         if let Ok(time) = DateTime::parse_from_rfc3339(value) {
             return Ok(Some(time.with_timezone(&Utc)));
         }
@@ -302,7 +345,13 @@ fn fix_for(key: &str) -> String {
         "cloudflare_direction" => "use asc or desc".into(),
         "cloudflare_hide_user_logs" => "use true or false".into(),
         "metrics_addr" => "use host:port, e.g. 0.0.0.0:9464".into(),
-        k if k.ends_with("_seconds") || k.ends_with("_millis") || k.starts_with("max_") || k.ends_with("_page") || k.ends_with("_attempts") || k.ends_with("_connections") => {
+        k if k.ends_with("_seconds")
+            || k.ends_with("_millis")
+            || k.starts_with("max_")
+            || k.ends_with("_page")
+            || k.ends_with("_attempts")
+            || k.ends_with("_connections") =>
+        {
             "use a whole number".into()
         }
         _ => "see docs/configuration.md".into(),
@@ -314,7 +363,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -335,7 +387,10 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(config.cloudflare_api_token.as_ref().unwrap().expose(), "tok");
+        assert_eq!(
+            config.cloudflare_api_token.as_ref().unwrap().expose(),
+            "tok"
+        );
         assert_eq!(config.cloudflare_account_id.as_deref(), Some("abc123"));
         assert_eq!(config.poll_interval_seconds, 15);
         assert_eq!(config.cloudflare_per_page, 250);
@@ -354,7 +409,11 @@ mod tests {
     fn env_overrides_file_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cfaudit.toml");
-        std::fs::write(&file, "poll_interval_seconds = 7\ncloudflare_per_page = 10\n").unwrap();
+        std::fs::write(
+            &file,
+            "poll_interval_seconds = 7\ncloudflare_per_page = 10\n",
+        )
+        .unwrap();
         let config = Config::load_from(Some(&file), env(&[("CLOUDFLARE_PER_PAGE", "20")])).unwrap();
         assert_eq!(config.poll_interval_seconds, 7);
         assert_eq!(config.cloudflare_per_page, 20);
@@ -367,7 +426,11 @@ mod tests {
             ("POLL_INTERVAL_SECONDS", "soon", "POLL_INTERVAL_SECONDS"),
             ("CLOUDFLARE_PER_PAGE", "5000", "CLOUDFLARE_PER_PAGE"),
             ("CLOUDFLARE_DIRECTION", "sideways", "CLOUDFLARE_DIRECTION"),
-            ("CLOUDFLARE_HIDE_USER_LOGS", "maybe", "CLOUDFLARE_HIDE_USER_LOGS"),
+            (
+                "CLOUDFLARE_HIDE_USER_LOGS",
+                "maybe",
+                "CLOUDFLARE_HIDE_USER_LOGS",
+            ),
             ("INITIAL_CHECKPOINT", "last tuesday", "INITIAL_CHECKPOINT"),
             ("METRICS_ADDR", "nowhere", "METRICS_ADDR"),
         ];
@@ -384,7 +447,10 @@ mod tests {
         let error = config.require_source().unwrap_err();
         assert_eq!(error.key, "CLOUDFLARE_API_TOKEN");
         let config = Config::load_from(None, env(&[("CLOUDFLARE_API_TOKEN", "t")])).unwrap();
-        assert_eq!(config.require_source().unwrap_err().key, "CLOUDFLARE_ACCOUNT_ID");
+        assert_eq!(
+            config.require_source().unwrap_err().key,
+            "CLOUDFLARE_ACCOUNT_ID"
+        );
     }
 
     #[test]
@@ -397,7 +463,10 @@ mod tests {
             env(&[("CLOUDFLARE_API_TOKEN_FILE", file.to_str().unwrap())]),
         )
         .unwrap();
-        assert_eq!(config.cloudflare_api_token.as_ref().unwrap().expose(), "s3cr3t-token");
+        assert_eq!(
+            config.cloudflare_api_token.as_ref().unwrap().expose(),
+            "s3cr3t-token"
+        );
         assert!(!format!("{config:?}").contains("s3cr3t"));
     }
 }

@@ -127,7 +127,13 @@ impl StoredEvent {
     /// Indexes a raw event at its `when`, or at `fallback` when `when` does not parse (the
     /// invalid events still have to be served inside some window).
     pub fn from_json(value: &Value, fallback: DateTime<Utc>) -> StoredEvent {
-        let text = |a: &str, b: &str| value.get(a).and_then(|v| v.get(b)).and_then(Value::as_str).map(str::to_owned);
+        let text = |a: &str, b: &str| {
+            value
+                .get(a)
+                .and_then(|v| v.get(b))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
         StoredEvent {
             when: value
                 .get("when")
@@ -135,7 +141,11 @@ impl StoredEvent {
                 .and_then(|w| DateTime::parse_from_rfc3339(w).ok())
                 .map(|w| w.with_timezone(&Utc))
                 .unwrap_or(fallback),
-            id: value.get("id").and_then(Value::as_str).unwrap_or("").to_owned(),
+            id: value
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
             json: value.to_string(),
             user_level: text("resource", "type").as_deref() == Some("user"),
             action_type: text("action", "type"),
@@ -168,20 +178,29 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Emulator {
-        let mut events: Vec<StoredEvent> =
-            generate(&config).iter().map(|(when, event)| StoredEvent::from_json(event, *when)).collect();
+        let mut events: Vec<StoredEvent> = generate(&config)
+            .iter()
+            .map(|(when, event)| StoredEvent::from_json(event, *when))
+            .collect();
         sort(&mut events);
         let faults = config.faults.clone();
         Emulator {
             config: Arc::new(config),
-            state: Arc::new(Mutex::new(State { events, faults, requests: 0, windows: HashMap::new() })),
+            state: Arc::new(Mutex::new(State {
+                events,
+                faults,
+                requests: 0,
+                windows: HashMap::new(),
+            })),
         }
     }
 
     /// Adds events (tests of late arrivals and of pages that shift).
     pub fn insert(&self, events: &[Value]) {
         let mut state = self.state.lock().unwrap();
-        state.events.extend(events.iter().map(|e| StoredEvent::from_json(e, Utc::now())));
+        state
+            .events
+            .extend(events.iter().map(|e| StoredEvent::from_json(e, Utc::now())));
         sort(&mut state.events);
     }
 
@@ -205,7 +224,11 @@ impl Emulator {
             App::new()
                 .app_data(web::Data::new(emulator.clone()))
                 .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                    actix_web::error::InternalError::from_response(e, failure(StatusCode::BAD_REQUEST, 400, "invalid query")).into()
+                    actix_web::error::InternalError::from_response(
+                        e,
+                        Failure::bad_request("invalid query".into()).response(),
+                    )
+                    .into()
                 }))
                 .service(
                     web::resource("/client/v4/accounts/{account_id}/audit_logs")
@@ -231,23 +254,53 @@ fn sort(events: &mut [StoredEvent]) {
     events.sort_by(|a, b| (a.when, &a.id).cmp(&(b.when, &b.id)));
 }
 
-/// `{"success":false,"errors":[{"code":N,"message":…}],"messages":[],"result":null}`.
-fn failure(status: StatusCode, code: i64, message: &str) -> HttpResponse {
-    failure_with(status, json!([{"code": code, "message": message}]))
+/// A failure answer: `{"success":false,"errors":[…],"messages":[],"result":null}`.
+struct Failure {
+    status: StatusCode,
+    errors: Value,
 }
 
-fn failure_with(status: StatusCode, errors: Value) -> HttpResponse {
-    HttpResponse::build(status)
-        .content_type("application/json")
-        .body(json!({"success": false, "errors": errors, "messages": [], "result": null}).to_string())
+impl Failure {
+    fn new(status: StatusCode, code: i64, message: &str) -> Failure {
+        Failure {
+            status,
+            errors: json!([{"code": code, "message": message}]),
+        }
+    }
+
+    /// 400/6003 "Invalid request headers" with the cause in `error_chain`.
+    fn bad_headers(code: i64, message: &str) -> Failure {
+        Failure {
+            status: StatusCode::BAD_REQUEST,
+            errors: json!([{"code": 6003, "message": "Invalid request headers", "error_chain": [{"code": code, "message": message}]}]),
+        }
+    }
+
+    fn bad_request(message: String) -> Failure {
+        Failure::new(StatusCode::BAD_REQUEST, 1001, &message)
+    }
+
+    fn response(self) -> HttpResponse {
+        HttpResponse::build(self.status)
+            .content_type("application/json")
+            .body(
+                json!({"success": false, "errors": self.errors, "messages": [], "result": null})
+                    .to_string(),
+            )
+    }
 }
 
 async fn no_route() -> HttpResponse {
-    failure(StatusCode::NOT_FOUND, 7003, "No route for the URI")
+    Failure::new(StatusCode::NOT_FOUND, 7003, "No route for the URI").response()
 }
 
 async fn method_not_allowed() -> HttpResponse {
-    failure(StatusCode::METHOD_NOT_ALLOWED, 7001, "Method not allowed for this route")
+    Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        7001,
+        "Method not allowed for this route",
+    )
+    .response()
 }
 
 async fn account_audit_logs(
@@ -259,40 +312,69 @@ async fn account_audit_logs(
     serve_page(&req, Some(path.into_inner()), query.into_inner(), &emulator).await
 }
 
-async fn user_audit_logs(req: HttpRequest, query: web::Query<Vec<(String, String)>>, emulator: web::Data<Emulator>) -> HttpResponse {
+async fn user_audit_logs(
+    req: HttpRequest,
+    query: web::Query<Vec<(String, String)>>,
+    emulator: web::Data<Emulator>,
+) -> HttpResponse {
     serve_page(&req, None, query.into_inner(), &emulator).await
 }
 
 /// Who is asking: the credential key for rate limiting, or the failure to answer.
-fn authenticate(req: &HttpRequest, config: &EmulatorConfig, account: Option<&str>) -> Result<String, HttpResponse> {
+fn authenticate(
+    req: &HttpRequest,
+    config: &EmulatorConfig,
+    account: Option<&str>,
+) -> Result<String, Failure> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let chain = |code: i64, message: &str| {
-        failure_with(
-            StatusCode::BAD_REQUEST,
-            json!([{"code": 6003, "message": "Invalid request headers", "error_chain": [{"code": code, "message": message}]}]),
-        )
-    };
     let credential = if let Some(authorization) = header("authorization") {
-        let Some(token) = authorization.strip_prefix("Bearer ").filter(|t| !t.trim().is_empty() && !t.contains(' ')) else {
-            return Err(chain(6111, "Invalid format for Authorization header"));
+        let Some(token) = authorization
+            .strip_prefix("Bearer ")
+            .filter(|t| !t.trim().is_empty() && !t.contains(' '))
+        else {
+            return Err(Failure::bad_headers(
+                6111,
+                "Invalid format for Authorization header",
+            ));
         };
         if token != config.token {
-            return Err(failure(StatusCode::UNAUTHORIZED, 9109, "Invalid access token"));
+            return Err(Failure::new(
+                StatusCode::UNAUTHORIZED,
+                9109,
+                "Invalid access token",
+            ));
         }
         token.to_owned()
     } else if let (Some(email), Some(key)) = (header("x-auth-email"), header("x-auth-key")) {
         if !email.contains('@') {
-            return Err(chain(6102, "Invalid format for X-Auth-Email header"));
+            return Err(Failure::bad_headers(
+                6102,
+                "Invalid format for X-Auth-Email header",
+            ));
         }
         if key.len() != 37 || !key.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(chain(6103, "Invalid format for X-Auth-Key header"));
+            return Err(Failure::bad_headers(
+                6103,
+                "Invalid format for X-Auth-Key header",
+            ));
         }
-        return Err(failure(StatusCode::FORBIDDEN, 9103, "Unknown X-Auth-Key or X-Auth-Email"));
+        return Err(Failure::new(
+            StatusCode::FORBIDDEN,
+            9103,
+            "Unknown X-Auth-Key or X-Auth-Email",
+        ));
     } else {
-        return Err(chain(6111, "Invalid format for Authorization header"));
+        return Err(Failure::bad_headers(
+            6111,
+            "Invalid format for Authorization header",
+        ));
     };
     if account.is_some_and(|a| a != config.account_id) {
-        return Err(failure(StatusCode::FORBIDDEN, 10000, "Authentication error"));
+        return Err(Failure::new(
+            StatusCode::FORBIDDEN,
+            10000,
+            "Authentication error",
+        ));
     }
     Ok(credential)
 }
@@ -302,14 +384,21 @@ fn parse_bound(value: &str) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(value) {
         return Some(t.with_timezone(&Utc));
     }
-    NaiveDate::parse_from_str(value, "%Y-%m-%d").ok().map(|d| d.and_hms_opt(0, 0, 0).unwrap().and_utc())
+    NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .ok()
+        .map(|d| d.and_hms_opt(0, 0, 0).unwrap().and_utc())
 }
 
-async fn serve_page(req: &HttpRequest, account: Option<String>, query: Vec<(String, String)>, emulator: &Emulator) -> HttpResponse {
+async fn serve_page(
+    req: &HttpRequest,
+    account: Option<String>,
+    query: Vec<(String, String)>,
+    emulator: &Emulator,
+) -> HttpResponse {
     let config = &emulator.config;
     let credential = match authenticate(req, config, account.as_deref()) {
         Ok(credential) => credential,
-        Err(response) => return response,
+        Err(failure) => return failure.response(),
     };
     let (request_no, faults) = {
         let mut state = emulator.state.lock().unwrap();
@@ -325,15 +414,27 @@ async fn serve_page(req: &HttpRequest, account: Option<String>, query: Vec<(Stri
         let mut state = emulator.state.lock().unwrap();
         let now = Instant::now();
         let window = Duration::from_secs(config.rate_window_seconds);
-        let w = state.windows.entry(credential).or_insert(RateWindow { started: now, count: 0, blocked_until: None });
+        let w = state.windows.entry(credential).or_insert(RateWindow {
+            started: now,
+            count: 0,
+            blocked_until: None,
+        });
         if let Some(until) = w.blocked_until {
             if now < until {
                 return too_many(until - now);
             }
-            *w = RateWindow { started: now, count: 0, blocked_until: None };
+            *w = RateWindow {
+                started: now,
+                count: 0,
+                blocked_until: None,
+            };
         }
         if now.duration_since(w.started) >= window {
-            *w = RateWindow { started: now, count: 0, blocked_until: None };
+            *w = RateWindow {
+                started: now,
+                count: 0,
+                blocked_until: None,
+            };
         }
         w.count += 1;
         if w.count > config.rate_limit {
@@ -341,39 +442,65 @@ async fn serve_page(req: &HttpRequest, account: Option<String>, query: Vec<(Stri
             w.blocked_until = Some(now + lockout);
             return too_many(lockout);
         }
-        (config.rate_limit - w.count, window.saturating_sub(now.duration_since(w.started)).as_secs())
+        (
+            config.rate_limit - w.count,
+            window
+                .saturating_sub(now.duration_since(w.started))
+                .as_secs(),
+        )
     };
     let every = |n: u64| n > 0 && request_no % n == 0;
     if every(faults.fault_429_every) {
         return too_many(Duration::from_secs(faults.retry_after_seconds));
     }
     if every(faults.fault_5xx_every) {
-        let status = [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE][(request_no % 3) as usize];
-        return failure(status, 10001, "Internal server error");
+        let status = [
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ][(request_no % 3) as usize];
+        return Failure::new(status, 10001, "Internal server error").response();
     }
     if every(faults.fault_success_false_every) {
-        return failure(StatusCode::OK, 10001, "Temporary failure, please retry");
+        return Failure::new(StatusCode::OK, 10001, "Temporary failure, please retry").response();
     }
     let mut response = match page_body(&query, emulator) {
         Ok(body) => {
-            let body = if every(faults.fault_truncate_every) { body[..body.len() / 2].to_owned() } else { body };
-            HttpResponse::Ok().content_type("application/json").body(body)
+            let body = if every(faults.fault_truncate_every) {
+                body[..body.len() / 2].to_owned()
+            } else {
+                body
+            };
+            HttpResponse::Ok()
+                .content_type("application/json")
+                .body(body)
         }
-        Err(response) => response,
+        Err(failure) => failure.response(),
     };
     let headers = response.headers_mut();
     let value = |s: String| actix_web::http::header::HeaderValue::from_str(&s).expect("ascii");
-    headers.insert("ratelimit".parse().unwrap(), value(format!("\"default\";r={remaining};t={reset}")));
+    headers.insert(
+        "ratelimit".parse().unwrap(),
+        value(format!("\"default\";r={remaining};t={reset}")),
+    );
     headers.insert(
         "ratelimit-policy".parse().unwrap(),
-        value(format!("\"default\";q={};w={}", config.rate_limit, config.rate_window_seconds)),
+        value(format!(
+            "\"default\";q={};w={}",
+            config.rate_limit, config.rate_window_seconds
+        )),
     );
     response
 }
 
 fn too_many(wait: Duration) -> HttpResponse {
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let mut response = failure(StatusCode::TOO_MANY_REQUESTS, 971, "Please wait and consider throttling your request speed");
+    let mut response = Failure::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        971,
+        "Please wait and consider throttling your request speed",
+    )
+    .response();
     response.headers_mut().insert(
         actix_web::http::header::RETRY_AFTER,
         actix_web::http::header::HeaderValue::from(seconds.max(1)),
@@ -382,25 +509,35 @@ fn too_many(wait: Duration) -> HttpResponse {
 }
 
 /// The success body for one page, or a 400 failure for a bad parameter.
-fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, HttpResponse> {
+fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, Failure> {
     let config = &emulator.config;
-    let param = |name: &str| query.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    let bad = |message: String| failure(StatusCode::BAD_REQUEST, 1001, &message);
-    let number = |name: &str, default: usize| -> Result<usize, HttpResponse> {
-        match param(name) {
-            None => Ok(default),
-            Some(v) => v.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| bad(format!("{name} must be a positive integer"))),
-        }
+    let param = |name: &str| {
+        query
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     };
+    let number =
+        |name: &str, default: usize| -> Result<usize, Failure> {
+            match param(name) {
+                None => Ok(default),
+                Some(v) => v.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    Failure::bad_request(format!("{name} must be a positive integer"))
+                }),
+            }
+        };
     let per_page = number("per_page", 100)?;
     if per_page > 1000 {
-        return Err(bad("per_page must be at most 1000".into()));
+        return Err(Failure::bad_request("per_page must be at most 1000".into()));
     }
     let page = number("page", 1)?;
-    let bound = |name: &str| -> Result<Option<DateTime<Utc>>, HttpResponse> {
+    let bound = |name: &str| -> Result<Option<DateTime<Utc>>, Failure> {
         match param(name) {
             None => Ok(None),
-            Some(v) => parse_bound(v).map(Some).ok_or_else(|| bad(format!("{name} must be a date or an RFC 3339 time"))),
+            Some(v) => parse_bound(v).map(Some).ok_or_else(|| {
+                Failure::bad_request(format!("{name} must be a date or an RFC 3339 time"))
+            }),
         }
     };
     let since = bound("since")?;
@@ -408,13 +545,20 @@ fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, 
     let desc = match param("direction") {
         None | Some("desc") => true,
         Some("asc") => false,
-        Some(other) => return Err(bad(format!("direction {other:?} must be asc or desc"))),
+        Some(other) => {
+            return Err(Failure::bad_request(format!(
+                "direction {other:?} must be asc or desc"
+            )))
+        }
     };
     let hide_user_logs = param("hide_user_logs") == Some("true");
-    let actor_ip = match param("actor.ip") {
-        None => None,
-        Some(v) => Some(v.parse::<IpNetwork>().map_err(|_| bad("actor.ip must be an IP or a CIDR range".into()))?),
-    };
+    let actor_ip =
+        match param("actor.ip") {
+            None => None,
+            Some(v) => Some(v.parse::<IpNetwork>().map_err(|_| {
+                Failure::bad_request("actor.ip must be an IP or a CIDR range".into())
+            })?),
+        };
     let retention = Utc::now() - chrono::Duration::days(548);
 
     let state = emulator.state.lock().unwrap();
@@ -428,7 +572,11 @@ fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, 
     let matches = |e: &&StoredEvent| {
         param("id").is_none_or(|id| e.id == id)
             && param("action.type").is_none_or(|t| e.action_type.as_deref() == Some(t))
-            && param("actor.email").is_none_or(|m| e.actor_email.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(m)))
+            && param("actor.email").is_none_or(|m| {
+                e.actor_email
+                    .as_deref()
+                    .is_some_and(|x| x.eq_ignore_ascii_case(m))
+            })
             && param("zone.name").is_none_or(|z| e.zone_name.as_deref() == Some(z))
             && actor_ip.is_none_or(|net| e.actor_ip.is_some_and(|ip| net.contains(ip)))
             && !(hide_user_logs && e.user_level)
@@ -436,17 +584,29 @@ fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, 
     let window = &events[start..end.max(start)];
     let offset = (page - 1) * per_page;
     let selected: Vec<&StoredEvent> = if desc {
-        window.iter().rev().filter(matches).skip(offset).take(per_page).collect()
+        window
+            .iter()
+            .rev()
+            .filter(matches)
+            .skip(offset)
+            .take(per_page)
+            .collect()
     } else {
-        window.iter().filter(matches).skip(offset).take(per_page).collect()
+        window
+            .iter()
+            .filter(matches)
+            .skip(offset)
+            .take(per_page)
+            .collect()
     };
     if selected.is_empty() && config.past_end_400 && page > 1 {
         let total = window.iter().filter(matches).count();
         if total > 0 && total == offset {
-            return Err(bad("page is out of range".into()));
+            return Err(Failure::bad_request("page is out of range".into()));
         }
     }
-    let mut body = String::with_capacity(selected.iter().map(|e| e.json.len() + 1).sum::<usize>() + 128);
+    let mut body =
+        String::with_capacity(selected.iter().map(|e| e.json.len() + 1).sum::<usize>() + 128);
     body.push_str("{\"success\":true,\"errors\":");
     body.push_str(if config.errors_null { "null" } else { "[]" });
     body.push_str(",\"messages\":[],\"result\":[");
@@ -458,7 +618,9 @@ fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, 
     }
     body.push(']');
     if config.result_info {
-        body.push_str(&format!(",\"result_info\":{{\"page\":{page},\"per_page\":{per_page}}}"));
+        body.push_str(&format!(
+            ",\"result_info\":{{\"page\":{page},\"per_page\":{per_page}}}"
+        ));
     }
     body.push('}');
     Ok(body)
@@ -467,7 +629,9 @@ fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, 
 /// The synthetic events with their times, deterministic for (seed, count, span, end).
 pub fn generate(config: &EmulatorConfig) -> Vec<(DateTime<Utc>, Value)> {
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let end = config.end.unwrap_or_else(|| Utc::now().trunc_subsecs(0) - chrono::Duration::hours(1));
+    let end = config
+        .end
+        .unwrap_or_else(|| Utc::now().trunc_subsecs(0) - chrono::Duration::hours(1));
     let span_micros = (config.days * 86_400e6) as i64;
     let start = end - chrono::Duration::microseconds(span_micros);
     let n = config.events.max(1) as i64;
@@ -479,7 +643,9 @@ pub fn generate(config: &EmulatorConfig) -> Vec<(DateTime<Utc>, Value)> {
         if i == 0 || rng.random_range(0..10) >= 2 {
             let gap = rng.random_range(0..=(2 * span_micros / n).max(1));
             precision = [0, 3, 5, 6, 6, 9][i % 6];
-            when = (when + chrono::Duration::microseconds(gap)).min(end).trunc_subsecs(precision);
+            when = (when + chrono::Duration::microseconds(gap))
+                .min(end)
+                .trunc_subsecs(precision);
         }
         events.push((when, synthetic_event(i, when, precision, &mut rng, config)));
     }
@@ -487,7 +653,9 @@ pub fn generate(config: &EmulatorConfig) -> Vec<(DateTime<Utc>, Value)> {
 }
 
 fn uuid_from(rng: &mut StdRng) -> String {
-    uuid::Builder::from_random_bytes(rng.random()).into_uuid().to_string()
+    uuid::Builder::from_random_bytes(rng.random())
+        .into_uuid()
+        .to_string()
 }
 
 fn format_when(t: DateTime<Utc>, precision: u16) -> String {
@@ -507,17 +675,50 @@ fn format_when(t: DateTime<Utc>, precision: u16) -> String {
 }
 
 /// One event in a shape chosen by its index: mostly ordinary, with every API facts §7 shape.
-fn synthetic_event(i: usize, t: DateTime<Utc>, precision: u16, rng: &mut StdRng, config: &EmulatorConfig) -> Value {
-    const ACTIONS: &[&str] = &["change_setting", "rec_add", "rec_del", "login", "token_create", "token_revoke", "API_key_view", "purge", "delete"];
-    const RESOURCES: &[&str] = &["zone", "account", "user", "DNS_record", "api_key", "d1.database"];
+fn synthetic_event(
+    i: usize,
+    t: DateTime<Utc>,
+    precision: u16,
+    rng: &mut StdRng,
+    config: &EmulatorConfig,
+) -> Value {
+    const ACTIONS: &[&str] = &[
+        "change_setting",
+        "rec_add",
+        "rec_del",
+        "login",
+        "token_create",
+        "token_revoke",
+        "API_key_view",
+        "purge",
+        "delete",
+    ];
+    const RESOURCES: &[&str] = &[
+        "zone",
+        "account",
+        "user",
+        "DNS_record",
+        "api_key",
+        "d1.database",
+    ];
     const INTERFACES: &[&str] = &["API", "UI", ""];
-    const EMAILS: &[&str] = &["alice@example.com", "bob@example.com", "zoë@exämple.com", "a+b@example.com", "OPS@EXAMPLE.COM"];
+    const EMAILS: &[&str] = &[
+        "alice@example.com",
+        "bob@example.com",
+        "zoë@exämple.com",
+        "a+b@example.com",
+        "OPS@EXAMPLE.COM",
+    ];
     let id = uuid_from(rng);
     let action = ACTIONS[rng.random_range(0..ACTIONS.len())];
     let ip = if rng.random_bool(0.8) {
         format!("198.51.100.{}", rng.random_range(1..255))
     } else {
-        format!("2a02:cf40:add:4002:{:x}::{:x}", rng.random_range(0..0xffff), rng.random_range(1..0xffff))
+        format!(
+            "2a02:cf40:add:4002:{:x}::{:x}",
+            rng.random_range(0..0xffff),
+            rng.random_range(1..0xffff)
+        )
     };
     let mut e = json!({
         "id": id,
@@ -547,7 +748,9 @@ fn synthetic_event(i: usize, t: DateTime<Utc>, precision: u16, rng: &mut StdRng,
             e["newValue"] = json!("null");
             e["oldValue"] = json!("{\"a\":1}");
         }
-        12 => e["newValueJson"] = json!({"type": "A", "name": "www", "content": "192.0.2.1", "ttl": 300, "proxied": true}),
+        12 => {
+            e["newValueJson"] = json!({"type": "A", "name": "www", "content": "192.0.2.1", "ttl": 300, "proxied": true})
+        }
         13 => e["oldValueJson"] = json!(["not", "an", "object"]),
         14 => {
             e["action"]["info"] = json!("key digest: c6b5");
@@ -559,7 +762,9 @@ fn synthetic_event(i: usize, t: DateTime<Utc>, precision: u16, rng: &mut StdRng,
         16 => e["when"] = json!(t.to_rfc3339_opts(SecondsFormat::Micros, false)), // "+00:00"
         17 => {
             let ist = chrono::FixedOffset::east_opt(5 * 3600 + 1800).unwrap();
-            e["when"] = json!(t.with_timezone(&ist).to_rfc3339_opts(SecondsFormat::AutoSi, false));
+            e["when"] = json!(t
+                .with_timezone(&ist)
+                .to_rfc3339_opts(SecondsFormat::AutoSi, false));
         }
         18 => e["resource"]["id"] = json!("10715065315"),
         19 => {

@@ -11,7 +11,6 @@ use chrono::Utc;
 use prometheus::{Encoder, TextEncoder};
 use serde_json::json;
 
-
 pub struct HealthState {
     pub metrics: Arc<Metrics>,
     /// A pool of its own: connections belong to the runtime that opens them, and this server
@@ -22,7 +21,10 @@ pub struct HealthState {
     pub started: chrono::DateTime<Utc>,
 }
 
-pub fn serve(addr: SocketAddr, state: HealthState) -> std::io::Result<(SocketAddr, actix_web::dev::Server)> {
+pub fn serve(
+    addr: SocketAddr,
+    state: HealthState,
+) -> std::io::Result<(SocketAddr, actix_web::dev::Server)> {
     let state = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new()
@@ -42,7 +44,9 @@ async fn metrics(state: web::Data<HealthState>) -> HttpResponse {
     state.metrics.refresh_lag(Utc::now());
     let mut buffer = Vec::new();
     match TextEncoder::new().encode(&state.metrics.registry.gather(), &mut buffer) {
-        Ok(()) => HttpResponse::Ok().content_type(prometheus::TEXT_FORMAT).body(buffer),
+        Ok(()) => HttpResponse::Ok()
+            .content_type(prometheus::TEXT_FORMAT)
+            .body(buffer),
         Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
     }
 }
@@ -53,19 +57,33 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<HealthState>) -> HttpResponse {
     let mut problems = Vec::new();
-    if sqlx::query("SELECT 1").execute(&state.database).await.is_err() {
+    if sqlx::query("SELECT 1")
+        .execute(&state.database)
+        .await
+        .is_err()
+    {
         problems.push("database unreachable".to_owned());
     }
     for (account, reason) in state.metrics.health.auth_failures.lock().unwrap().iter() {
-        problems.push(format!("account {account}: polling stopped by an authentication error: {reason}"));
+        problems.push(format!(
+            "account {account}: polling stopped by an authentication error: {reason}"
+        ));
     }
     let now = Utc::now();
     let max_age = chrono::Duration::from_std(state.max_sweep_age).unwrap_or_default();
-    let sweeps = state.metrics.health.last_successful_sweep.lock().unwrap().clone();
+    let sweeps = state
+        .metrics
+        .health
+        .last_successful_sweep
+        .lock()
+        .unwrap()
+        .clone();
     let last_sweep = sweeps.values().max().copied();
     match last_sweep {
         Some(at) if now - at > max_age => problems.push(format!("no successful sweep since {at}")),
-        None if now - state.started > max_age => problems.push("no successful sweep yet".to_owned()),
+        None if now - state.started > max_age => {
+            problems.push("no successful sweep yet".to_owned())
+        }
         _ => {}
     }
     let body = json!({"ready": problems.is_empty(), "problems": problems, "last_successful_sweep": last_sweep});

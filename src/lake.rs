@@ -57,8 +57,11 @@ impl ParquetLake {
     /// Opens the dataset at `url` with object_store's own URL and option parsing
     /// (`AWS_*` variables for S3).
     pub fn open(url: &str) -> anyhow::Result<ParquetLake> {
-        let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("PARQUET_URL {url:?}: {e}"))?;
-        let options = std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.to_lowercase(), v));
+        let parsed =
+            url::Url::parse(url).map_err(|e| anyhow::anyhow!("PARQUET_URL {url:?}: {e}"))?;
+        let options = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.to_lowercase(), v));
         let (store, root) = object_store::parse_url_opts(&parsed, options)
             .map_err(|e| anyhow::anyhow!("PARQUET_URL {}: {e}", parsed.scheme()))?;
         Ok(ParquetLake::new(Arc::from(store), root))
@@ -73,7 +76,12 @@ impl ParquetLake {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
-        ParquetLake { store, root, staging, props }
+        ParquetLake {
+            store,
+            root,
+            staging,
+            props,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -83,14 +91,13 @@ impl ParquetLake {
     fn final_location(&self, final_path: &str) -> Path {
         Path::from(format!("{}/{final_path}", self.root.as_ref()).trim_start_matches('/'))
     }
-
 }
 
 /// Encodes the rows as one zstd Parquet file in memory.
 fn encode(rows: &[&AuditRow], props: WriterProperties) -> Result<Vec<u8>, SinkError> {
     let batch = record_batch(rows).map_err(|e| lake_error("encode", e))?;
-    let mut writer =
-        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(|e| lake_error("writer", e))?;
+    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
+        .map_err(|e| lake_error("writer", e))?;
     writer.write(&batch).map_err(|e| lake_error("write", e))?;
     writer.into_inner().map_err(|e| lake_error("finish", e))
 }
@@ -105,9 +112,16 @@ pub fn record_batch(rows: &[&AuditRow]) -> Result<RecordBatch, arrow::error::Arr
         Arc::new(rows.iter().map(|r| f(r)).collect::<StringArray>())
     };
     let ts = |f: fn(&AuditRow) -> DateTime<Utc>| -> ArrayRef {
-        Arc::new(TimestampNanosecondArray::from(rows.iter().map(|r| nanos(f(r))).collect::<Vec<_>>()).with_timezone("UTC"))
+        Arc::new(
+            TimestampNanosecondArray::from(rows.iter().map(|r| nanos(f(r))).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        )
     };
-    let ips: ArrayRef = Arc::new(rows.iter().map(|r| r.ip_address.map(|ip| ip.to_string())).collect::<StringArray>());
+    let ips: ArrayRef = Arc::new(
+        rows.iter()
+            .map(|r| r.ip_address.map(|ip| ip.to_string()))
+            .collect::<StringArray>(),
+    );
     RecordBatch::try_new(
         schema(),
         vec![
@@ -130,22 +144,33 @@ pub fn record_batch(rows: &[&AuditRow]) -> Result<RecordBatch, arrow::error::Arr
 
 /// `year=YYYY/month=MM/day=DD/hour=HH` of the event's UTC hour.
 pub fn partition_of(timestamp: DateTime<Utc>) -> String {
-    timestamp.format("year=%Y/month=%m/day=%d/hour=%H").to_string()
+    timestamp
+        .format("year=%Y/month=%m/day=%d/hour=%H")
+        .to_string()
 }
 
 #[async_trait]
 impl FileSink for ParquetLake {
-    async fn stage(&self, account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<Vec<StagedFile>, SinkError> {
+    async fn stage(
+        &self,
+        account_id: &str,
+        rows: Arc<Vec<AuditRow>>,
+    ) -> Result<Vec<StagedFile>, SinkError> {
         // Encoding is CPU work: off the actors' thread, onto the blocking pool.
         let props = self.props.clone();
         let encoded = tokio::task::spawn_blocking(move || {
             let mut by_hour: BTreeMap<String, Vec<&AuditRow>> = BTreeMap::new();
             for row in rows.iter() {
-                by_hour.entry(partition_of(row.timestamp)).or_default().push(row);
+                by_hour
+                    .entry(partition_of(row.timestamp))
+                    .or_default()
+                    .push(row);
             }
             by_hour
                 .into_iter()
-                .map(|(partition, rows)| Ok((partition, rows.len() as u64, encode(&rows, props.clone())?)))
+                .map(|(partition, rows)| {
+                    Ok((partition, rows.len() as u64, encode(&rows, props.clone())?))
+                })
                 .collect::<Result<Vec<_>, SinkError>>()
         })
         .await
@@ -182,7 +207,13 @@ impl FileSink for ParquetLake {
                 // Published and cleaned up before: nothing to do if the final file is there.
                 Err(object_store::Error::NotFound { .. }) => {
                     self.store.head(&to).await.map_err(|e| {
-                        lake_error(&format!("publish {}: staged file and final file are both missing", file.final_path), e)
+                        lake_error(
+                            &format!(
+                                "publish {}: staged file and final file are both missing",
+                                file.final_path
+                            ),
+                            e,
+                        )
                     })?;
                 }
                 Err(e) => return Err(lake_error("publish", e)),
@@ -193,7 +224,11 @@ impl FileSink for ParquetLake {
 
     async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError> {
         for path in staged_paths {
-            match self.store.delete(&self.staging.clone().join(path.as_str())).await {
+            match self
+                .store
+                .delete(&self.staging.clone().join(path.as_str()))
+                .await
+            {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(lake_error("discard", e)),
             }

@@ -49,23 +49,30 @@ async fn main() -> ExitCode {
     };
     cfaudit::telemetry::init(&config.log_format);
     let result = match cli.command {
-        Command::Run { once, no_migrate } => {
-            run(config, RunOptions { once, skip_migrations: no_migrate })
-                .await
-                .map(|summary| {
-                    if once {
-                        println!("{}", serde_json::json!({
-                            "account_id": summary.account_id,
-                            "checkpoint": summary.checkpoint,
-                            "rows_in_postgres": summary.rows_in_postgres,
-                            "parquet_files": summary.parquet_files,
-                            "parquet_rows": summary.parquet_rows,
-                            "dead_letters": summary.dead_letters,
-                            "interrupted": summary.interrupted,
-                        }));
-                    }
-                })
-        }
+        Command::Run { once, no_migrate } => run(
+            config,
+            RunOptions {
+                once,
+                skip_migrations: no_migrate,
+            },
+        )
+        .await
+        .map(|summary| {
+            if once {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "account_id": summary.account_id,
+                        "checkpoint": summary.checkpoint,
+                        "rows_in_postgres": summary.rows_in_postgres,
+                        "parquet_files": summary.parquet_files,
+                        "parquet_rows": summary.parquet_rows,
+                        "dead_letters": summary.dead_letters,
+                        "interrupted": summary.interrupted,
+                    })
+                );
+            }
+        }),
         Command::Migrate => migrate(&config).await,
         Command::Emulator(emulator) => serve_emulator(emulator).await,
     };
@@ -74,7 +81,16 @@ async fn main() -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("error: {error:#}");
-            ExitCode::from(if error.downcast_ref::<cfaudit::config::ConfigError>().is_some() { 2 } else { 1 })
+            ExitCode::from(
+                if error
+                    .downcast_ref::<cfaudit::config::ConfigError>()
+                    .is_some()
+                {
+                    2
+                } else {
+                    1
+                },
+            )
         }
     }
 }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cfaudit_actors::{
-    AuditRow, CheckpointStore, CommitRecord, CommittedFile, CommittedState, RowSink, RowWriteReport,
-    SeenId, SinkError,
+    AuditRow, CheckpointStore, CommitRecord, CommittedFile, CommittedState, RowSink,
+    RowWriteReport, SeenId, SinkError,
 };
 use chrono::{DateTime, Utc};
 use ipnetwork::IpNetwork;
@@ -48,15 +48,25 @@ impl Postgres {
             .acquire_timeout(Duration::from_secs(10))
             .connect(url.expose())
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to DATABASE_URL {}: {e}", redacted_url(url.expose())))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot connect to DATABASE_URL {}: {e}",
+                    redacted_url(url.expose())
+                )
+            })?;
         Ok(Postgres { pool })
     }
 
     /// Creates the database named in the URL if it does not exist (demo and tests).
     pub async fn create_database_if_missing(url: &Secret) -> anyhow::Result<()> {
-        let exists = sqlx::Postgres::database_exists(url.expose()).await.map_err(|e| {
-            anyhow::anyhow!("cannot reach DATABASE_URL {}: {e}", redacted_url(url.expose()))
-        })?;
+        let exists = sqlx::Postgres::database_exists(url.expose())
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach DATABASE_URL {}: {e}",
+                    redacted_url(url.expose())
+                )
+            })?;
         if !exists {
             sqlx::Postgres::create_database(url.expose()).await?;
         }
@@ -86,7 +96,10 @@ impl RowSink for Postgres {
     /// One statement per batch: UNNEST keeps the bind count at 13 whatever the batch size.
     async fn write_rows(&self, rows: &[AuditRow]) -> Result<RowWriteReport, SinkError> {
         let texts = |f: fn(&AuditRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
-        let ips: Vec<Option<IpNetwork>> = rows.iter().map(|r| r.ip_address.map(IpNetwork::from)).collect();
+        let ips: Vec<Option<IpNetwork>> = rows
+            .iter()
+            .map(|r| r.ip_address.map(IpNetwork::from))
+            .collect();
         let result = sqlx::query(
             "INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, actor_type, action_type, \
                                      action_result, resource_type, resource_id, ip_address, metadata, raw_event, ingestion_time) \
@@ -141,7 +154,11 @@ impl CheckpointStore for Postgres {
     }
 
     async fn commit(&self, record: &CommitRecord) -> Result<(), SinkError> {
-        let mut tx = self.pool.begin().await.map_err(|e| sink_error("begin", e))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| sink_error("begin", e))?;
         // Fenced on commit_seq: a second instance on the same account cannot interleave.
         let updated = sqlx::query(
             "INSERT INTO cfaudit_checkpoints (account_id, checkpoint, overlap_ids, commit_seq, updated_at) \
@@ -213,7 +230,10 @@ impl CheckpointStore for Postgres {
         .map_err(|e| sink_error("list unpublished files", e))?;
         Ok(rows
             .into_iter()
-            .map(|(staged_path, final_path)| CommittedFile { staged_path, final_path })
+            .map(|(staged_path, final_path)| CommittedFile {
+                staged_path,
+                final_path,
+            })
             .collect())
     }
 
@@ -226,4 +246,3 @@ impl CheckpointStore for Postgres {
         Ok(())
     }
 }
-

@@ -18,28 +18,58 @@ struct Api {
 impl Api {
     fn new(config: EmulatorConfig) -> (Api, RunningEmulator) {
         let emu = spawn_emulator(config);
-        (Api { http: reqwest::Client::new(), base: emu.base_url.clone() }, emu)
+        (
+            Api {
+                http: reqwest::Client::new(),
+                base: emu.base_url.clone(),
+            },
+            emu,
+        )
     }
 
-    async fn get(&self, path: &str, query: &[(&str, &str)]) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        self.raw(self.http.get(format!("{}{path}", self.base)).query(query).bearer_auth(DEMO_TOKEN)).await
+    async fn get(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        self.raw(
+            self.http
+                .get(format!("{}{path}", self.base))
+                .query(query)
+                .bearer_auth(DEMO_TOKEN),
+        )
+        .await
     }
 
     async fn logs(&self, query: &[(&str, &str)]) -> (StatusCode, Value) {
-        let (status, _, body) = self.get(&format!("/accounts/{DEMO_ACCOUNT}/audit_logs"), query).await;
+        let (status, _, body) = self
+            .get(&format!("/accounts/{DEMO_ACCOUNT}/audit_logs"), query)
+            .await;
         (status, body)
     }
 
-    async fn raw(&self, request: reqwest::RequestBuilder) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    async fn raw(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
         let response = request.send().await.unwrap();
         let (status, headers) = (response.status(), response.headers().clone());
         let text = response.text().await.unwrap();
-        (status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 }
 
 fn ids(body: &Value) -> Vec<String> {
-    body["result"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap_or("").to_owned()).collect()
+    body["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or("").to_owned())
+        .collect()
 }
 
 fn error_code(body: &Value) -> i64 {
@@ -66,7 +96,11 @@ async fn since_is_inclusive_before_exclusive_and_pages_cover_the_window_once() {
     let events = emu.emulator.events();
     let since = events[100].when;
     let before = events[400].when;
-    let window: Vec<String> = events.iter().filter(|e| e.when >= since && e.when < before).map(|e| e.id.clone()).collect();
+    let window: Vec<String> = events
+        .iter()
+        .filter(|e| e.when >= since && e.when < before)
+        .map(|e| e.id.clone())
+        .collect();
     let mut seen = Vec::new();
     for page in 1.. {
         let page = page.to_string();
@@ -86,14 +120,30 @@ async fn since_is_inclusive_before_exclusive_and_pages_cover_the_window_once() {
             break;
         }
     }
-    assert_eq!(seen, window, "asc by (when, id), since inclusive, before exclusive");
+    assert_eq!(
+        seen, window,
+        "asc by (when, id), since inclusive, before exclusive"
+    );
 }
 
 #[actix_web::test]
 async fn date_only_bounds_and_bad_parameters() {
     let (api, _emu) = Api::new(emulator_config(50));
-    assert_eq!(api.logs(&[("since", "2000-01-01"), ("before", "2999-01-01")]).await.0, 200);
-    for (key, value) in [("since", "yesterday"), ("before", "1/2/2026"), ("per_page", "1001"), ("per_page", "0"), ("page", "x"), ("direction", "up"), ("actor.ip", "300.1.1.1")] {
+    assert_eq!(
+        api.logs(&[("since", "2000-01-01"), ("before", "2999-01-01")])
+            .await
+            .0,
+        200
+    );
+    for (key, value) in [
+        ("since", "yesterday"),
+        ("before", "1/2/2026"),
+        ("per_page", "1001"),
+        ("per_page", "0"),
+        ("page", "x"),
+        ("direction", "up"),
+        ("actor.ip", "300.1.1.1"),
+    ] {
         let (status, body) = api.logs(&[(key, value)]).await;
         assert_eq!(status, 400, "{key}={value}");
         assert_eq!(body["success"], false);
@@ -110,14 +160,20 @@ async fn past_the_last_page_is_empty_or_400_when_configured() {
     config.past_end_400 = true;
     let (api, _emu) = Api::new(config);
     let (status, _) = api.logs(&[("per_page", "100"), ("page", "3")]).await;
-    assert_eq!(status, 400, "the PostHog case: 400 after an exactly full page");
+    assert_eq!(
+        status, 400,
+        "the PostHog case: 400 after an exactly full page"
+    );
 }
 
 #[actix_web::test]
 async fn filters_work_as_documented() {
     let (api, emu) = Api::new(emulator_config(2_000));
     let events = emu.emulator.events();
-    let parsed: Vec<Value> = events.iter().map(|e| serde_json::from_str(&e.json).unwrap()).collect();
+    let parsed: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.json).unwrap())
+        .collect();
     let count = |f: &dyn Fn(&Value) -> bool| parsed.iter().filter(|e| f(e)).count();
     let all = [("per_page", "1000"), ("direction", "asc")];
     let fetch_all = |extra: Vec<(&'static str, String)>| {
@@ -145,19 +201,35 @@ async fn filters_work_as_documented() {
     let by_type = fetch_all(vec![("action.type", "login".into())]).await;
     assert_eq!(by_type.len(), count(&|e| e["action"]["type"] == "login"));
     let by_email = fetch_all(vec![("actor.email", "ALICE@example.com".into())]).await;
-    assert_eq!(by_email.len(), count(&|e| e["actor"]["email"].as_str().is_some_and(|m| m.eq_ignore_ascii_case("alice@example.com"))));
+    assert_eq!(
+        by_email.len(),
+        count(&|e| e["actor"]["email"]
+            .as_str()
+            .is_some_and(|m| m.eq_ignore_ascii_case("alice@example.com")))
+    );
     assert!(!by_email.is_empty());
     let by_cidr = fetch_all(vec![("actor.ip", "198.51.100.0/25".into())]).await;
     let in_cidr = |e: &Value| {
-        e["actor"]["ip"].as_str().and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()).is_some_and(|ip| ip.octets()[..3] == [198, 51, 100] && ip.octets()[3] < 128)
+        e["actor"]["ip"]
+            .as_str()
+            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+            .is_some_and(|ip| ip.octets()[..3] == [198, 51, 100] && ip.octets()[3] < 128)
     };
     assert_eq!(by_cidr.len(), count(&in_cidr));
     let v6 = fetch_all(vec![("actor.ip", "2a02:cf40::/32".into())]).await;
-    assert!(!v6.is_empty() && v6.iter().all(|e| e["actor"]["ip"].as_str().unwrap().starts_with("2a02:cf40:")));
+    assert!(
+        !v6.is_empty()
+            && v6
+                .iter()
+                .all(|e| e["actor"]["ip"].as_str().unwrap().starts_with("2a02:cf40:"))
+    );
     let hidden = fetch_all(vec![("hide_user_logs", "true".into())]).await;
     assert_eq!(hidden.len(), count(&|e| e["resource"]["type"] != "user"));
     let zone = fetch_all(vec![("zone.name", "zone3.example.com".into())]).await;
-    assert_eq!(zone.len(), count(&|e| e["metadata"]["zone_name"] == "zone3.example.com"));
+    assert_eq!(
+        zone.len(),
+        count(&|e| e["metadata"]["zone_name"] == "zone3.example.com")
+    );
     let one = fetch_all(vec![("id", events[7].id.clone())]).await;
     assert_eq!(one.len(), 1);
 }
@@ -168,11 +240,44 @@ async fn authentication_failures_have_the_documented_bodies() {
     let url = format!("{}/accounts/{DEMO_ACCOUNT}/audit_logs", api.base);
     let cases = [
         (api.http.get(&url), 400, 6003, Some(6111)),
-        (api.http.get(&url).header("Authorization", "Bearer"), 400, 6003, Some(6111)),
-        (api.http.get(&url).header("Authorization", "Token abc"), 400, 6003, Some(6111)),
-        (api.http.get(&url).bearer_auth("not-the-token"), 401, 9109, None),
-        (api.http.get(&url).header("X-Auth-Email", "a@b.c").header("X-Auth-Key", "short"), 400, 6003, Some(6103)),
-        (api.http.get(format!("{}/accounts/ffffffffffffffffffffffffffffffff/audit_logs", api.base)).bearer_auth(DEMO_TOKEN), 403, 10000, None),
+        (
+            api.http.get(&url).header("Authorization", "Bearer"),
+            400,
+            6003,
+            Some(6111),
+        ),
+        (
+            api.http.get(&url).header("Authorization", "Token abc"),
+            400,
+            6003,
+            Some(6111),
+        ),
+        (
+            api.http.get(&url).bearer_auth("not-the-token"),
+            401,
+            9109,
+            None,
+        ),
+        (
+            api.http
+                .get(&url)
+                .header("X-Auth-Email", "a@b.c")
+                .header("X-Auth-Key", "short"),
+            400,
+            6003,
+            Some(6103),
+        ),
+        (
+            api.http
+                .get(format!(
+                    "{}/accounts/ffffffffffffffffffffffffffffffff/audit_logs",
+                    api.base
+                ))
+                .bearer_auth(DEMO_TOKEN),
+            403,
+            10000,
+            None,
+        ),
     ];
     for (request, status, code, chain) in cases {
         let (got_status, _, body) = api.raw(request).await;
@@ -192,7 +297,13 @@ async fn unknown_routes_and_methods() {
     let (api, _emu) = Api::new(emulator_config(10));
     let (status, _, body) = api.get("/nope", &[]).await;
     assert_eq!((status.as_u16(), error_code(&body)), (404, 7003));
-    let (status, _, body) = api.raw(api.http.post(format!("{}/accounts/{DEMO_ACCOUNT}/audit_logs", api.base)).bearer_auth(DEMO_TOKEN)).await;
+    let (status, _, body) = api
+        .raw(
+            api.http
+                .post(format!("{}/accounts/{DEMO_ACCOUNT}/audit_logs", api.base))
+                .bearer_auth(DEMO_TOKEN),
+        )
+        .await;
     assert_eq!(status, 405, "{body}");
     let (status, _, _) = api.get("/user/audit_logs", &[]).await;
     assert_eq!(status, 200);
@@ -233,7 +344,9 @@ async fn fault_knobs() {
     let (api, _emu) = Api::new(config);
     let mut seen = Vec::new();
     for _ in 0..10 {
-        let (status, headers, body) = api.get(&format!("/accounts/{DEMO_ACCOUNT}/audit_logs"), &[]).await;
+        let (status, headers, body) = api
+            .get(&format!("/accounts/{DEMO_ACCOUNT}/audit_logs"), &[])
+            .await;
         seen.push(match (status.as_u16(), &body) {
             (429, _) => {
                 assert_eq!(headers["retry-after"], "7");
@@ -251,7 +364,21 @@ async fn fault_knobs() {
         });
     }
     // Request 10 is both a 5xx and a 429 turn: 429 wins.
-    assert_eq!(seen, ["ok", "5xx", "truncated", "5xx", "429", "5xx", "success_false", "5xx", "truncated", "429"]);
+    assert_eq!(
+        seen,
+        [
+            "ok",
+            "5xx",
+            "truncated",
+            "5xx",
+            "429",
+            "5xx",
+            "success_false",
+            "5xx",
+            "truncated",
+            "429"
+        ]
+    );
 }
 
 #[actix_web::test]
@@ -267,10 +394,23 @@ async fn events_cover_the_edge_shapes_and_are_deterministic() {
         c
     });
     assert_eq!(events, again, "same seed, same events");
-    let whens: Vec<&str> = events.iter().map(|(_, e)| e["when"].as_str().unwrap()).collect();
-    let fraction_digits = |w: &str| w.split('.').nth(1).map(|f| f.trim_end_matches('Z').len()).unwrap_or(0);
+    let whens: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| e["when"].as_str().unwrap())
+        .collect();
+    let fraction_digits = |w: &str| {
+        w.split('.')
+            .nth(1)
+            .map(|f| f.trim_end_matches('Z').len())
+            .unwrap_or(0)
+    };
     for digits in [0, 3, 5, 6, 9] {
-        assert!(whens.iter().any(|w| w.ends_with('Z') && fraction_digits(w) == digits), "{digits} fractional digits");
+        assert!(
+            whens
+                .iter()
+                .any(|w| w.ends_with('Z') && fraction_digits(w) == digits),
+            "{digits} fractional digits"
+        );
     }
     assert!(whens.iter().any(|w| w.ends_with("+05:30")));
     assert!(whens.iter().any(|w| w.ends_with("+00:00")));
@@ -282,5 +422,8 @@ async fn events_cover_the_edge_shapes_and_are_deterministic() {
     assert!(has(&|e| e.get("foo").is_some()));
     assert!(has(&|e| e["actor"]["email"] == "zoë@exämple.com"));
     let equal_neighbours = events.windows(2).filter(|w| w[0].0 == w[1].0).count();
-    assert!(equal_neighbours > 300, "bursts of identical `when`: {equal_neighbours}");
+    assert!(
+        equal_neighbours > 300,
+        "bursts of identical `when`: {equal_neighbours}"
+    );
 }

@@ -3,12 +3,14 @@
 
 mod common;
 
-
 use cfaudit::app::{run, RunOptions};
 use common::*;
 use serde_json::json;
 
-const ONCE: RunOptions = RunOptions { once: true, skip_migrations: false };
+const ONCE: RunOptions = RunOptions {
+    once: true,
+    skip_migrations: false,
+};
 
 #[actix_web::test]
 async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
@@ -35,11 +37,20 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
 
     let requests_before = emu.emulator.requests();
     let second = run(config_from(&env), ONCE).await.unwrap();
-    assert!(emu.emulator.requests() > requests_before, "the second run polled");
+    assert!(
+        emu.emulator.requests() > requests_before,
+        "the second run polled"
+    );
     assert_eq!(second.rows_in_postgres, first.rows_in_postgres);
-    assert_eq!(second.dead_letters, 50, "dead letters seen again are stored once");
+    assert_eq!(
+        second.dead_letters, 50,
+        "dead letters seen again are stored once"
+    );
     let counts = assert_exact(&pool, &parquet, &expected).await;
-    assert_eq!(counts["files"], files_after_first, "the second run wrote no file");
+    assert_eq!(
+        counts["files"], files_after_first,
+        "the second run wrote no file"
+    );
 
     // The rows are the mapping of the events, checked on a few columns in SQL.
     let (ipv6, system, non_object_meta): (i64, i64, i64) = sqlx::query_as(
@@ -49,7 +60,10 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert!(ipv6 > 0 && system > 0 && non_object_meta > 0, "{ipv6} {system} {non_object_meta}");
+    assert!(
+        ipv6 > 0 && system > 0 && non_object_meta > 0,
+        "{ipv6} {system} {non_object_meta}"
+    );
     pool.close().await;
     db.drop_db().await;
 }
@@ -64,8 +78,13 @@ async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_dupli
     let emu = spawn_emulator(config);
     // Bursts of equal `when` straddle boundaries of 7-event pages.
     let events = emu.emulator.events();
-    let straddling = (1..events.len() / 7).filter(|k| events[k * 7 - 1].when == events[k * 7].when).count();
-    assert!(straddling > 10, "only {straddling} page boundaries inside a burst");
+    let straddling = (1..events.len() / 7)
+        .filter(|k| events[k * 7 - 1].when == events[k * 7].when)
+        .count();
+    assert!(
+        straddling > 10,
+        "only {straddling} page boundaries inside a burst"
+    );
     let mut env = run_env(&emu.base_url, &db, &parquet);
     set(&mut env, "CLOUDFLARE_PER_PAGE", "7");
     // An hour of lag: every window re-reads the last hour, bursts included.
@@ -84,7 +103,11 @@ async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_dupli
     let pool = db.pool().await;
     let expected = valid_ids(&emu.emulator);
     assert_exact(&pool, &parquet, &expected).await;
-    let deduplicated: (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs WHERE event_id LIKE 'late-%'").fetch_one(&pool).await.unwrap();
+    let deduplicated: (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit_logs WHERE event_id LIKE 'late-%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(deduplicated.0, 5);
     pool.close().await;
     db.drop_db().await;
@@ -139,8 +162,14 @@ async fn a_bad_token_fails_once_with_a_clear_cause_and_commits_nothing() {
     let mut env = run_env(&emu.base_url, &db, &dir.path().join("parquet"));
     set(&mut env, "CLOUDFLARE_API_TOKEN", "wrong-token-123");
     let error = run(config_from(&env), ONCE).await.unwrap_err().to_string();
-    assert!(error.contains("authentication failed") && error.contains("9109"), "{error}");
-    assert!(!error.contains("wrong-token-123"), "the token leaked into the error");
+    assert!(
+        error.contains("authentication failed") && error.contains("9109"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("wrong-token-123"),
+        "the token leaked into the error"
+    );
     let pool = db.pool().await;
     assert_eq!(pg_counts(&pool).await.0, 0);
     pool.close().await;
@@ -171,9 +200,19 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
     cfaudit::postgres::MIGRATOR.run(&pool).await.unwrap();
     cfaudit::postgres::MIGRATOR.run(&pool).await.unwrap();
     // The statements themselves are idempotent too (a hand-applied file, a reset history).
-    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/20260101000001_init.sql")).unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&pool).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/migrations/20260101000001_init.sql"
+    ))
+    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&pool)
+        .await
+        .unwrap();
     let columns: Vec<(String, String)> = sqlx::query_as(
         "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_name = 'audit_logs' ORDER BY ordinal_position",
     )
@@ -181,12 +220,24 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
     .await
     .unwrap();
     let expected = [
-        ("event_id", "text"), ("timestamp", "timestamp with time zone"), ("account_id", "text"),
-        ("actor_email", "text"), ("actor_type", "text"), ("action_type", "text"), ("action_result", "text"),
-        ("resource_type", "text"), ("resource_id", "text"), ("ip_address", "inet"), ("metadata", "jsonb"),
-        ("raw_event", "jsonb"), ("ingestion_time", "timestamp with time zone"),
+        ("event_id", "text"),
+        ("timestamp", "timestamp with time zone"),
+        ("account_id", "text"),
+        ("actor_email", "text"),
+        ("actor_type", "text"),
+        ("action_type", "text"),
+        ("action_result", "text"),
+        ("resource_type", "text"),
+        ("resource_id", "text"),
+        ("ip_address", "inet"),
+        ("metadata", "jsonb"),
+        ("raw_event", "jsonb"),
+        ("ingestion_time", "timestamp with time zone"),
     ];
-    let got: Vec<(&str, &str)> = columns.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let got: Vec<(&str, &str)> = columns
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     assert_eq!(got, expected);
     let (pk,): (String,) = sqlx::query_as(
         "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'audit_logs'::regclass AND contype = 'p'",
@@ -195,13 +246,23 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
     .await
     .unwrap();
     assert_eq!(pk, "PRIMARY KEY (\"timestamp\", event_id)");
-    for table in ["cfaudit_checkpoints", "cfaudit_dead_letters", "cfaudit_parquet_files"] {
-        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass($1) IS NOT NULL").bind(table).fetch_one(&pool).await.unwrap();
+    for table in [
+        "cfaudit_checkpoints",
+        "cfaudit_dead_letters",
+        "cfaudit_parquet_files",
+    ] {
+        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass($1) IS NOT NULL")
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
         assert!(exists, "{table}");
     }
-    let applied: (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations").fetch_one(&pool).await.unwrap();
+    let applied: (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(applied.0, cfaudit::postgres::MIGRATOR.iter().count() as i64);
     pool.close().await;
     db.drop_db().await;
 }
-

@@ -26,18 +26,28 @@ fn cfaudit(args: &[&str], env: &[(String, String)]) -> Child {
 
 fn signal(child: &Child, signal: &str) {
     let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill").args([signal, &pid]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
 async fn rows(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM audit_logs").fetch_one(pool).await.map(|r| r.0).unwrap_or(0)
+    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM audit_logs")
+        .fetch_one(pool)
+        .await
+        .map(|r| r.0)
+        .unwrap_or(0)
 }
 
 async fn wait_for_rows(pool: &sqlx::PgPool, at_least: i64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while rows(pool).await < at_least {
-        assert!(Instant::now() < deadline, "fewer than {at_least} rows after 120 s");
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {at_least} rows after 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -63,7 +73,11 @@ async fn finish(child: Child) -> Finished {
 }
 
 /// A slow emulator (latency per page), so a run can be caught half-way.
-fn slow_setup(events: usize, db: &TestDb, parquet: &Path) -> (RunningEmulator, Vec<(String, String)>) {
+fn slow_setup(
+    events: usize,
+    db: &TestDb,
+    parquet: &Path,
+) -> (RunningEmulator, Vec<(String, String)>) {
     let mut config = emulator_config(events);
     config.faults.latency_ms = 25;
     let emu = spawn_emulator(config);
@@ -90,7 +104,10 @@ async fn sigterm_half_way_commits_what_is_in_flight_and_a_restart_ends_exact() {
     let summary: serde_json::Value = serde_json::from_str(stopped.stdout.trim()).unwrap();
     assert_eq!(summary["interrupted"], true);
     let partial = rows(&pool).await;
-    assert!(partial < expected.len() as i64, "stopped half-way ({partial} rows)");
+    assert!(
+        partial < expected.len() as i64,
+        "stopped half-way ({partial} rows)"
+    );
     // Everything in flight was committed: both sinks hold the same rows.
     let counts = parquet_counts(&parquet, false);
     assert_eq!(counts["duckdb_rows"], partial, "{counts}");
@@ -123,17 +140,22 @@ async fn sigkill_at_any_moment_then_restart_ends_exact_with_no_orphans() {
     let finished = finish(cfaudit(&["run", "--once"], &env)).await;
     assert!(finished.success, "{}", finished.stderr);
     assert_exact(&pool, &parquet, &expected).await;
-    let unpublished: (i64,) = sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let unpublished: (i64,) =
+        sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(unpublished.0, 0);
     pool.close().await;
     db.drop_db().await;
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[actix_web::test]
@@ -164,9 +186,20 @@ async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
         assert!(Instant::now() < deadline, "no committed sweep after 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let health = http.get(format!("http://{addr}/healthz")).send().await.unwrap();
+    let health = http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |line_start: &str| -> f64 {
         metrics
             .lines()
@@ -181,11 +214,24 @@ async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
     let n = expected.len() as f64;
     assert_eq!(value("cfaudit_events_written_total{sink=\"postgres\"}"), n);
     assert_eq!(value("cfaudit_events_written_total{sink=\"parquet\"}"), n);
-    for actor in ["poller", "mapper", "pg_writer", "parquet_writer", "checkpointer"] {
-        assert!(value(&format!("cfaudit_actor_messages_handled_total{{actor=\"{actor}\"}}")) > 0.0, "{actor}");
+    for actor in [
+        "poller",
+        "mapper",
+        "pg_writer",
+        "parquet_writer",
+        "checkpointer",
+    ] {
+        assert!(
+            value(&format!(
+                "cfaudit_actor_messages_handled_total{{actor=\"{actor}\"}}"
+            )) > 0.0,
+            "{actor}"
+        );
         let depth = value(&format!("cfaudit_actor_mailbox_depth{{actor=\"{actor}\"}}"));
         assert!((0.0..=20.0).contains(&depth), "{actor} depth {depth}");
-        assert!(metrics.contains(&format!("cfaudit_actor_handler_duration_seconds_count{{actor=\"{actor}\"}}")));
+        assert!(metrics.contains(&format!(
+            "cfaudit_actor_handler_duration_seconds_count{{actor=\"{actor}\"}}"
+        )));
     }
     assert!(value("cfaudit_batches_committed_total") >= 3.0);
     assert!(value("cfaudit_checkpoint_lag_seconds") > 0.0);
@@ -196,17 +242,35 @@ async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
     signal(&child, "-TERM");
     let stopped = finish(child).await;
     assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
-    assert!(stopped.stderr.contains("sweep committed"), "logs are JSON lines on stderr");
-    assert!(!stopped.stderr.contains(DEMO_TOKEN) && !stopped.stdout.contains(DEMO_TOKEN), "the token is in the logs");
+    assert!(
+        stopped.stderr.contains("sweep committed"),
+        "logs are JSON lines on stderr"
+    );
+    assert!(
+        !stopped.stderr.contains(DEMO_TOKEN) && !stopped.stdout.contains(DEMO_TOKEN),
+        "the token is in the logs"
+    );
     db.drop_db().await;
 }
 
 #[actix_web::test]
 async fn a_config_error_names_the_key_and_exits_2() {
-    let finished = finish(cfaudit(&["run", "--once"], &[("CLOUDFLARE_PER_PAGE".into(), "5000".into())])).await;
+    let finished = finish(cfaudit(
+        &["run", "--once"],
+        &[("CLOUDFLARE_PER_PAGE".into(), "5000".into())],
+    ))
+    .await;
     assert_eq!(finished.code, Some(2));
-    assert!(finished.stderr.contains("CLOUDFLARE_PER_PAGE") && finished.stderr.contains("Fix:"), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("CLOUDFLARE_PER_PAGE") && finished.stderr.contains("Fix:"),
+        "{}",
+        finished.stderr
+    );
     let finished = finish(cfaudit(&["run", "--once"], &[])).await;
     assert_eq!(finished.code, Some(2), "{}", finished.stderr);
-    assert!(finished.stderr.contains("CLOUDFLARE_ACCOUNT_ID"), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("CLOUDFLARE_ACCOUNT_ID"),
+        "{}",
+        finished.stderr
+    );
 }

@@ -145,7 +145,9 @@ impl Checkpointer {
         if self.recovering {
             return;
         }
-        let Some(pending) = self.pending.get(&self.next_seq) else { return };
+        let Some(pending) = self.pending.get(&self.next_seq) else {
+            return;
+        };
         if !pending.complete() {
             return;
         }
@@ -162,7 +164,8 @@ impl Checkpointer {
             if changed {
                 store.commit(&record).await?;
             }
-            let committed: Vec<CommittedFile> = record.files.iter().map(|(_, c)| c.clone()).collect();
+            let committed: Vec<CommittedFile> =
+                record.files.iter().map(|(_, c)| c.clone()).collect();
             if !committed.is_empty() {
                 files.publish(&committed).await?;
                 let finals: Vec<String> = committed.iter().map(|c| c.final_path.clone()).collect();
@@ -172,24 +175,28 @@ impl Checkpointer {
         };
         // `wait`: nothing else is handled until the commit is done, so commits and recoveries
         // never interleave.
-        ctx.wait(guarded(commit).into_actor(self).map(move |result, act, ctx| {
-            if act.epoch.current() != epoch {
-                return; // recovery reloads from the store whatever this commit did
-            }
-            match result {
-                None => act.panicked(ctx),
-                Some(Ok(record)) => {
-                    act.consecutive_failures = 0;
-                    act.after_commit(batch, record);
-                    act.next_seq += 1;
-                    act.try_commit(ctx);
-                }
-                Some(Err(error)) => {
-                    error!(account = %act.account(), %error, "commit failed");
-                    act.fail_epoch("commit failed", ctx);
-                }
-            }
-        }));
+        ctx.wait(
+            guarded(commit)
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    if act.epoch.current() != epoch {
+                        return; // recovery reloads from the store whatever this commit did
+                    }
+                    match result {
+                        None => act.panicked(ctx),
+                        Some(Ok(record)) => {
+                            act.consecutive_failures = 0;
+                            act.after_commit(batch, record);
+                            act.next_seq += 1;
+                            act.try_commit(ctx);
+                        }
+                        Some(Err(error)) => {
+                            error!(account = %act.account(), %error, "commit failed");
+                            act.fail_epoch("commit failed", ctx);
+                        }
+                    }
+                }),
+        );
     }
 
     /// The state after `expect` commits, and its files with their final names.
@@ -203,8 +210,8 @@ impl Checkpointer {
             state.checkpoint = state.checkpoint.max(highest);
         }
         if let Some(checkpoint) = state.checkpoint {
-            let horizon = checkpoint
-                - chrono::Duration::from_std(self.config.safety_lag).unwrap_or_default();
+            let horizon =
+                checkpoint - chrono::Duration::from_std(self.config.safety_lag).unwrap_or_default();
             state.overlap_ids.retain(|s| s.when >= horizon);
         }
         let has_content = !expect.seen.is_empty() || !expect.dead_letters.is_empty();
@@ -308,9 +315,14 @@ impl Handler<Recover> for Checkpointer {
             let state = store.load(&account).await?;
             let unpublished = store.unpublished(&account).await?;
             if !unpublished.is_empty() {
-                info!(account, files = unpublished.len(), "publishing files committed before a crash");
+                info!(
+                    account,
+                    files = unpublished.len(),
+                    "publishing files committed before a crash"
+                );
                 files.publish(&unpublished).await?;
-                let finals: Vec<String> = unpublished.iter().map(|c| c.final_path.clone()).collect();
+                let finals: Vec<String> =
+                    unpublished.iter().map(|c| c.final_path.clone()).collect();
                 store.mark_published(&finals).await?;
             }
             let orphans: Vec<String> = files
@@ -320,7 +332,11 @@ impl Handler<Recover> for Checkpointer {
                 .filter(|path| !unpublished.iter().any(|c| &c.staged_path == path))
                 .collect();
             if !orphans.is_empty() {
-                info!(account, files = orphans.len(), "deleting staged files of uncommitted batches");
+                info!(
+                    account,
+                    files = orphans.len(),
+                    "deleting staged files of uncommitted batches"
+                );
                 files.discard(&orphans).await?;
             }
             Ok::<_, SinkError>(state)

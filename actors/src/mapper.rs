@@ -109,7 +109,8 @@ impl Supervised for Mapper {
         warn!("Mapper restarted");
         self.dedup_epoch = None;
         self.seen.clear();
-        self.checkpointer.do_send(ActorRestarted { actor: "mapper" });
+        self.checkpointer
+            .do_send(ActorRestarted { actor: "mapper" });
     }
 }
 

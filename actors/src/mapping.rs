@@ -20,7 +20,9 @@ pub fn map_v1(
 ) -> Result<AuditRow, Rejection> {
     // PostgreSQL can store neither a NUL character in TEXT nor the \u0000 escape in JSONB.
     if raw.contains("\\u0000") {
-        return Err("event contains a NUL character (\\u0000), which PostgreSQL cannot store".into());
+        return Err(
+            "event contains a NUL character (\\u0000), which PostgreSQL cannot store".into(),
+        );
     }
     let event: Value =
         serde_json::from_str(raw).map_err(|e| format!("event is not valid JSON: {e}"))?;

@@ -50,34 +50,41 @@ impl Faults {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let from = self.failing_from.load(Ordering::SeqCst);
         if from != 0 && call >= from {
-            return Err(SinkError::new(format!("injected failure of {what} call {call}")));
+            return Err(SinkError::new(format!(
+                "injected failure of {what} call {call}"
+            )));
         }
         let planned = self.planned.lock().unwrap().remove(&call);
         match planned {
-            Some(Fault::Fail) => Err(SinkError::new(format!("injected failure of {what} call {call}"))),
+            Some(Fault::Fail) => Err(SinkError::new(format!(
+                "injected failure of {what} call {call}"
+            ))),
             Some(Fault::Panic) => panic!("injected panic in {what} call {call}"),
             None => Ok(()),
         }
     }
 }
 
+/// An event of [`MemorySource`]: its time and id.
+pub type TimedId = (DateTime<Utc>, String);
+
 /// A v1-like source over a fixed list of `(when, id)` events: `since` inclusive, `before`
 /// exclusive, ordered by `when` then `id`, page-number pagination.
 #[derive(Clone, Default)]
 pub struct MemorySource {
-    events: Arc<Mutex<Vec<(DateTime<Utc>, String)>>>,
+    events: Arc<Mutex<Vec<TimedId>>>,
     pub faults: Faults,
     pub requests: Arc<Mutex<Vec<PageRequest>>>,
 }
 
 impl MemorySource {
-    pub fn new(events: Vec<(DateTime<Utc>, String)>) -> Self {
+    pub fn new(events: Vec<TimedId>) -> Self {
         let source = MemorySource::default();
         source.add(events);
         source
     }
 
-    pub fn add(&self, events: Vec<(DateTime<Utc>, String)>) {
+    pub fn add(&self, events: Vec<TimedId>) {
         let mut all = self.events.lock().unwrap();
         all.extend(events);
         all.sort();
@@ -123,7 +130,7 @@ pub fn raw_event(id: &str, when: DateTime<Utc>) -> RawEvent {
 /// Rows keyed like the primary key; counts every attempted row too.
 #[derive(Clone, Default)]
 pub struct MemoryRowSink {
-    pub rows: Arc<Mutex<BTreeMap<(DateTime<Utc>, String), AuditRow>>>,
+    pub rows: Arc<Mutex<BTreeMap<TimedId, AuditRow>>>,
     pub faults: Faults,
 }
 
@@ -135,11 +142,12 @@ impl RowSink for MemoryRowSink {
         let mut report = RowWriteReport::default();
         for row in rows {
             let key = (row.timestamp, row.event_id.clone());
-            if stored.contains_key(&key) {
-                report.duplicates += 1;
-            } else {
-                stored.insert(key, row.clone());
-                report.inserted += 1;
+            match stored.entry(key) {
+                std::collections::btree_map::Entry::Occupied(_) => report.duplicates += 1,
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(row.clone());
+                    report.inserted += 1;
+                }
             }
         }
         Ok(report)
@@ -172,7 +180,11 @@ impl MemoryFileSink {
 
 #[async_trait]
 impl FileSink for MemoryFileSink {
-    async fn stage(&self, _account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<Vec<StagedFile>, SinkError> {
+    async fn stage(
+        &self,
+        _account_id: &str,
+        rows: Arc<Vec<AuditRow>>,
+    ) -> Result<Vec<StagedFile>, SinkError> {
         if let Some(gate) = &self.gate {
             gate.acquire().await.expect("gate open").forget();
         }
@@ -180,7 +192,11 @@ impl FileSink for MemoryFileSink {
         let mut by_hour: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for row in rows.iter() {
             by_hour
-                .entry(row.timestamp.format("year=%Y/month=%m/day=%d/hour=%H").to_string())
+                .entry(
+                    row.timestamp
+                        .format("year=%Y/month=%m/day=%d/hour=%H")
+                        .to_string(),
+                )
                 .or_default()
                 .push(row.event_id.clone());
         }
@@ -188,7 +204,10 @@ impl FileSink for MemoryFileSink {
         Ok(by_hour
             .into_iter()
             .map(|(partition, ids)| {
-                let path = format!("staging/{}.parquet", self.counter.fetch_add(1, Ordering::SeqCst));
+                let path = format!(
+                    "staging/{}.parquet",
+                    self.counter.fetch_add(1, Ordering::SeqCst)
+                );
                 let file = StagedFile {
                     staged_path: path.clone(),
                     partition,
@@ -242,14 +261,24 @@ pub struct MemoryCheckpointStore {
 
 impl MemoryCheckpointStore {
     pub fn checkpoint(&self, account: &str) -> Option<DateTime<Utc>> {
-        self.state.lock().unwrap().get(account).and_then(|s| s.checkpoint)
+        self.state
+            .lock()
+            .unwrap()
+            .get(account)
+            .and_then(|s| s.checkpoint)
     }
 }
 
 #[async_trait]
 impl CheckpointStore for MemoryCheckpointStore {
     async fn load(&self, account_id: &str) -> Result<CommittedState, SinkError> {
-        Ok(self.state.lock().unwrap().get(account_id).cloned().unwrap_or_default())
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .get(account_id)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn commit(&self, record: &CommitRecord) -> Result<(), SinkError> {
@@ -264,7 +293,13 @@ impl CheckpointStore for MemoryCheckpointStore {
         files.extend(record.files.iter().map(|(_, c)| (c.clone(), false)));
         let mut dead = self.dead_letters.lock().unwrap();
         let known: HashSet<_> = dead.iter().map(|d| d.raw_event.clone()).collect();
-        dead.extend(record.dead_letters.iter().filter(|d| !known.contains(&d.raw_event)).cloned());
+        dead.extend(
+            record
+                .dead_letters
+                .iter()
+                .filter(|d| !known.contains(&d.raw_event))
+                .cloned(),
+        );
         self.commits.lock().unwrap().push(record.clone());
         Ok(())
     }

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
-};
 use prometheus::GaugeVec;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 /// Every metric cfaudit exports. Names follow Prometheus conventions with a `cfaudit_` prefix.
 pub struct Metrics {
@@ -49,7 +49,10 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let r = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             reg(&r, GaugeVec::new(Opts::new(name, help), labels).unwrap())
@@ -270,4 +273,3 @@ impl Drop for HandlerTimer {
         }
     }
 }
-

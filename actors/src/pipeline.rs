@@ -70,8 +70,12 @@ impl Pipeline {
         let checkpointer = Mailbox::new(checkpointer_addr.clone(), metrics.actor("checkpointer"));
 
         let pg = {
-            let (account, checkpointer, epoch, m) =
-                (account.clone(), checkpointer.clone(), epoch.clone(), metrics.clone());
+            let (account, checkpointer, epoch, m) = (
+                account.clone(),
+                checkpointer.clone(),
+                epoch.clone(),
+                metrics.clone(),
+            );
             let addr = Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
                 PgWriter::new(PgTarget(rows), account, checkpointer, epoch, m)
@@ -80,8 +84,12 @@ impl Pipeline {
         };
         let pg_addr = pg.addr().clone();
         let parquet = {
-            let (account, checkpointer, epoch, m) =
-                (account.clone(), checkpointer.clone(), epoch.clone(), metrics.clone());
+            let (account, checkpointer, epoch, m) = (
+                account.clone(),
+                checkpointer.clone(),
+                epoch.clone(),
+                metrics.clone(),
+            );
             let addr = Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
                 ParquetWriter::new(ParquetTarget(files), account, checkpointer, epoch, m)
@@ -90,8 +98,12 @@ impl Pipeline {
         };
         let parquet_addr = parquet.addr().clone();
         let mapper = {
-            let (account, checkpointer, epoch, m) =
-                (account.clone(), checkpointer.clone(), epoch.clone(), metrics.clone());
+            let (account, checkpointer, epoch, m) = (
+                account.clone(),
+                checkpointer.clone(),
+                epoch.clone(),
+                metrics.clone(),
+            );
             let addr = Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
                 Mapper::new(account, checkpointer, pg, parquet, epoch, m)
@@ -151,4 +163,3 @@ impl Pipeline {
         self.events.recv().await
     }
 }
-

@@ -163,7 +163,10 @@ impl Poller {
                 .map(move |(request, result), act, ctx| match result {
                     Ok(result) => act.on_page(epoch, request, result, ctx),
                     Err(_) => {
-                        error!(page = request.page, "the source panicked; restarting the Poller");
+                        error!(
+                            page = request.page,
+                            "the source panicked; restarting the Poller"
+                        );
                         ctx.stop();
                     }
                 }),
@@ -183,8 +186,12 @@ impl Poller {
             self.report_drained();
             return;
         }
-        let Some(sweep) = self.sweep.as_mut() else { return };
-        if self.epoch != Some(epoch) || sweep.next_page != request.page || sweep.since != request.since
+        let Some(sweep) = self.sweep.as_mut() else {
+            return;
+        };
+        if self.epoch != Some(epoch)
+            || sweep.next_page != request.page
+            || sweep.since != request.since
         {
             return; // a rewind happened while the request was out
         }
@@ -249,16 +256,24 @@ impl Poller {
                 let (reason, delay) = match &error {
                     SourceError::RateLimited { retry_after } => {
                         self.metrics.api_rate_limited.inc();
-                        ("rate_limited", retry_after.unwrap_or(self.config.default_retry_after))
+                        (
+                            "rate_limited",
+                            retry_after.unwrap_or(self.config.default_retry_after),
+                        )
                     }
-                    SourceError::BadRequest(_) => ("bad_request", self.config.backoff.delay(attempts)),
+                    SourceError::BadRequest(_) => {
+                        ("bad_request", self.config.backoff.delay(attempts))
+                    }
                     _ => ("transient", self.config.backoff.delay(attempts)),
                 };
                 self.metrics.api_retries.with_label_values(&[reason]).inc();
                 if let Some(max_attempts) = self.config.once {
                     if attempts >= max_attempts {
                         let _ = self.events.send(PipelineEvent::Failed {
-                            reason: format!("page {} failed {attempts} times: {error}", request.page),
+                            reason: format!(
+                                "page {} failed {attempts} times: {error}",
+                                request.page
+                            ),
                         });
                         return;
                     }
@@ -284,18 +299,34 @@ impl Poller {
         match reason {
             Some(reason) => {
                 failures.insert(account.clone(), reason);
-                self.metrics.auth_failed.with_label_values(&[account]).set(1);
+                self.metrics
+                    .auth_failed
+                    .with_label_values(&[account])
+                    .set(1);
             }
             None => {
                 failures.remove(account);
-                self.metrics.auth_failed.with_label_values(&[account]).set(0);
+                self.metrics
+                    .auth_failed
+                    .with_label_values(&[account])
+                    .set(0);
             }
         }
     }
 
-    fn send_batch(&mut self, events: Vec<crate::event::RawEvent>, last: bool, ctx: &mut Context<Self>) {
-        let (Some(epoch), Some(sweep)) = (self.epoch, self.sweep.as_mut()) else { return };
-        let batch = BatchId { epoch, seq: self.next_seq };
+    fn send_batch(
+        &mut self,
+        events: Vec<crate::event::RawEvent>,
+        last: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let (Some(epoch), Some(sweep)) = (self.epoch, self.sweep.as_mut()) else {
+            return;
+        };
+        let batch = BatchId {
+            epoch,
+            seq: self.next_seq,
+        };
         self.next_seq += 1;
         self.inflight += 1;
         if last {
@@ -310,12 +341,17 @@ impl Poller {
         };
         // The mailbox is never full here (credits ≤ capacity), so this enqueues at once and
         // batches stay in order; the spawned future only waits for the Mapper's reply.
-        ctx.spawn(self.mapper.send(page).into_actor(self).map(|result, _, ctx| {
-            if result.is_err() {
-                error!("the Mapper's mailbox is closed; restarting the Poller");
-                ctx.stop();
-            }
-        }));
+        ctx.spawn(
+            self.mapper
+                .send(page)
+                .into_actor(self)
+                .map(|result, _, ctx| {
+                    if result.is_err() {
+                        error!("the Mapper's mailbox is closed; restarting the Poller");
+                        ctx.stop();
+                    }
+                }),
+        );
         self.fetch_next(ctx);
     }
 
@@ -350,7 +386,8 @@ impl Supervised for Poller {
         self.sweep = None;
         self.inflight = 0;
         self.fetching = false;
-        self.checkpointer.do_send(ActorRestarted { actor: "poller" });
+        self.checkpointer
+            .do_send(ActorRestarted { actor: "poller" });
     }
 }
 

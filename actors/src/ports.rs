@@ -119,7 +119,11 @@ pub fn final_file_path(partition: &str, commit_seq: u64, account_id: &str) -> St
 #[async_trait]
 pub trait FileSink: Send + Sync + 'static {
     /// Writes the rows as one file per hour partition into the staging area.
-    async fn stage(&self, account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<Vec<StagedFile>, SinkError>;
+    async fn stage(
+        &self,
+        account_id: &str,
+        rows: Arc<Vec<AuditRow>>,
+    ) -> Result<Vec<StagedFile>, SinkError>;
     /// Moves committed files to their final names. Idempotent.
     async fn publish(&self, files: &[CommittedFile]) -> Result<(), SinkError>;
     /// Deletes staged files whose batch will never commit.

@@ -21,7 +21,11 @@ use crate::ports::{FileSink, RowSink, SinkError};
 pub trait SinkTarget: Send + Sync + 'static {
     const SINK: Sink;
     const ACTOR: &'static str;
-    async fn write(&self, account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<WriteOutcome, SinkError>;
+    async fn write(
+        &self,
+        account_id: &str,
+        rows: Arc<Vec<AuditRow>>,
+    ) -> Result<WriteOutcome, SinkError>;
 }
 
 /// Writes rows to PostgreSQL.
@@ -34,7 +38,11 @@ pub struct ParquetTarget(pub Arc<dyn FileSink>);
 impl SinkTarget for PgTarget {
     const SINK: Sink = Sink::Postgres;
     const ACTOR: &'static str = "pg_writer";
-    async fn write(&self, _account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<WriteOutcome, SinkError> {
+    async fn write(
+        &self,
+        _account_id: &str,
+        rows: Arc<Vec<AuditRow>>,
+    ) -> Result<WriteOutcome, SinkError> {
         self.0.write_rows(&rows).await.map(WriteOutcome::Rows)
     }
 }
@@ -43,8 +51,15 @@ impl SinkTarget for PgTarget {
 impl SinkTarget for ParquetTarget {
     const SINK: Sink = Sink::Parquet;
     const ACTOR: &'static str = "parquet_writer";
-    async fn write(&self, account_id: &str, rows: Arc<Vec<AuditRow>>) -> Result<WriteOutcome, SinkError> {
-        self.0.stage(account_id, rows).await.map(WriteOutcome::Staged)
+    async fn write(
+        &self,
+        account_id: &str,
+        rows: Arc<Vec<AuditRow>>,
+    ) -> Result<WriteOutcome, SinkError> {
+        self.0
+            .stage(account_id, rows)
+            .await
+            .map(WriteOutcome::Staged)
     }
 }
 
@@ -87,7 +102,8 @@ impl<T: SinkTarget> Supervised for Writer<T> {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.actor.restarts.inc();
         warn!(actor = T::ACTOR, "writer restarted");
-        self.checkpointer.do_send(ActorRestarted { actor: T::ACTOR });
+        self.checkpointer
+            .do_send(ActorRestarted { actor: T::ACTOR });
     }
 }
 
@@ -128,7 +144,11 @@ impl<T: SinkTarget> Handler<WriteBatch> for Writer<T> {
                         Err(error.to_string())
                     }
                     Err(_) => {
-                        error!(actor = T::ACTOR, ?batch, "the writer panicked; restarting it");
+                        error!(
+                            actor = T::ACTOR,
+                            ?batch,
+                            "the writer panicked; restarting it"
+                        );
                         ctx.stop();
                         Err(format!("{} panicked", T::ACTOR))
                     }

@@ -36,7 +36,10 @@ fn base_event_maps_every_column() {
     let raw = event(|_| {});
     let row = map(&raw);
     assert_eq!(row.event_id, "d5b0f326-1232-4452-8858-1089bd7168ef");
-    assert_eq!(row.timestamp, Utc.with_ymd_and_hms(2017, 4, 26, 17, 31, 7).unwrap());
+    assert_eq!(
+        row.timestamp,
+        Utc.with_ymd_and_hms(2017, 4, 26, 17, 31, 7).unwrap()
+    );
     assert_eq!(row.account_id, ACCOUNT);
     assert_eq!(row.actor_email.as_deref(), Some("a@b.c"));
     assert_eq!(row.actor_type.as_deref(), Some("user"));
@@ -53,7 +56,9 @@ fn base_event_maps_every_column() {
 
 #[test]
 fn case_01_system_actor_without_email_or_ip() {
-    let row = map(&event(|e| e["actor"] = json!({"id": "1", "type": "system"})));
+    let row = map(&event(|e| {
+        e["actor"] = json!({"id": "1", "type": "system"})
+    }));
     assert_eq!(row.actor_type.as_deref(), Some("system"));
     assert_eq!(row.actor_email, None);
     assert_eq!(row.ip_address, None);
@@ -61,7 +66,10 @@ fn case_01_system_actor_without_email_or_ip() {
 
 #[test]
 fn case_02_ipv6_full_and_compressed() {
-    for ip in ["2a02:cf40:add:4002:91f2:a9b2:e09a:6fc6", "1b11:a1b2:12b1:12a::11a:1b"] {
+    for ip in [
+        "2a02:cf40:add:4002:91f2:a9b2:e09a:6fc6",
+        "1b11:a1b2:12b1:12a::11a:1b",
+    ] {
         let row = map(&event(|e| e["actor"]["ip"] = json!(ip)));
         assert_eq!(row.ip_address, Some(ip.parse().unwrap()));
     }
@@ -83,13 +91,21 @@ fn case_03_ip_and_email_missing_empty_or_null() {
     assert_eq!((null.ip_address, null.actor_email), (None, None));
     let garbage = map(&event(|e| e["actor"]["ip"] = json!("not-an-ip")));
     assert_eq!(garbage.ip_address, None);
-    assert!(garbage.raw_event.contains("not-an-ip"), "raw keeps the original");
+    assert!(
+        garbage.raw_event.contains("not-an-ip"),
+        "raw keeps the original"
+    );
 }
 
 #[test]
 fn case_04_actor_types_are_open_strings() {
     for t in ["user", "admin", "Cloudflare", "system", "robot"] {
-        assert_eq!(map(&event(|e| e["actor"]["type"] = json!(t))).actor_type.as_deref(), Some(t));
+        assert_eq!(
+            map(&event(|e| e["actor"]["type"] = json!(t)))
+                .actor_type
+                .as_deref(),
+            Some(t)
+        );
     }
 }
 
@@ -119,13 +135,22 @@ fn case_06_metadata_shapes() {
     assert_eq!(meta(Some(json!(42))).as_deref(), Some("42"));
     assert_eq!(meta(Some(json!([1, 2]))).as_deref(), Some("[1,2]"));
     let nested = meta(Some(json!({"value": true, "ttl": 1}))).unwrap();
-    assert_eq!(serde_json::from_str::<Value>(&nested).unwrap(), json!({"value": true, "ttl": 1}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&nested).unwrap(),
+        json!({"value": true, "ttl": 1})
+    );
 }
 
 #[test]
 fn case_07_and_08_values_survive_in_raw() {
     let huge = "x".repeat(1 << 20);
-    for value in [json!(""), json!("null"), Value::Null, json!("{\"a\":1}"), json!(huge)] {
+    for value in [
+        json!(""),
+        json!("null"),
+        Value::Null,
+        json!("{\"a\":1}"),
+        json!(huge),
+    ] {
         let raw = event(|e| {
             e["newValue"] = value.clone();
             e["oldValueJson"] = json!({"content": value, "nested": {"a": [1, 2, {"b": null}]}});
@@ -148,9 +173,16 @@ fn case_09_action_variants() {
         e["action"].as_object_mut().unwrap().remove("info");
     }));
     assert_eq!(no_info.action_type.as_deref(), Some("change_setting"));
-    assert_eq!(map(&event(|e| e["action"]["result"] = json!(false))).action_result.as_deref(), Some("false"));
     assert_eq!(
-        map(&event(|e| e["action"]["type"] = json!("API_key_view"))).action_type.as_deref(),
+        map(&event(|e| e["action"]["result"] = json!(false)))
+            .action_result
+            .as_deref(),
+        Some("false")
+    );
+    assert_eq!(
+        map(&event(|e| e["action"]["type"] = json!("API_key_view")))
+            .action_type
+            .as_deref(),
         Some("API_key_view")
     );
 }
@@ -180,10 +212,19 @@ fn case_11_when_precisions_and_offsets() {
         ("2017-04-26T23:01:07+05:30", micros(0)),
     ];
     for (when, expected) in cases {
-        assert_eq!(map(&event(|e| e["when"] = json!(when))).timestamp, expected, "{when}");
+        assert_eq!(
+            map(&event(|e| e["when"] = json!(when))).timestamp,
+            expected,
+            "{when}"
+        );
         assert_eq!(parse_when(when).unwrap(), expected);
     }
-    for bad in [json!("yesterday"), json!(""), json!(1493227867), Value::Null] {
+    for bad in [
+        json!("yesterday"),
+        json!(""),
+        json!(1493227867),
+        Value::Null,
+    ] {
         let reason = map_v1(&event(|e| e["when"] = bad.clone()), ACCOUNT, now()).unwrap_err();
         assert!(reason.contains("`when`"), "{reason}");
     }
@@ -193,11 +234,17 @@ fn case_11_when_precisions_and_offsets() {
 fn case_14_resource_ids_kept_as_text() {
     for (id, t) in [
         ("10715065315", "DNS_record"),
-        ("c6b5b0e1d24bfc6aab0e3e0b5f0fd9e3c6b5b0e1d24bfc6aab0e3e0b5f0fd9e3", "api_key"),
+        (
+            "c6b5b0e1d24bfc6aab0e3e0b5f0fd9e3c6b5b0e1d24bfc6aab0e3e0b5f0fd9e3",
+            "api_key",
+        ),
         ("8d3396e8-c903-5a66-9421-000000000000", "d1.database"),
     ] {
         let row = map(&event(|e| e["resource"] = json!({"id": id, "type": t})));
-        assert_eq!((row.resource_id.as_deref(), row.resource_type.as_deref()), (Some(id), Some(t)));
+        assert_eq!(
+            (row.resource_id.as_deref(), row.resource_type.as_deref()),
+            (Some(id), Some(t))
+        );
     }
     let numeric = map(&event(|e| e["resource"]["id"] = json!(10715065315u64)));
     assert_eq!(numeric.resource_id.as_deref(), Some("10715065315"));
@@ -214,15 +261,20 @@ fn case_15_owner_missing_or_empty() {
 #[test]
 fn case_16_unknown_keys_kept_in_raw() {
     let raw = event(|e| e["foo"] = json!({"bar": [1, "two"]}));
-    assert!(map(&raw).raw_event.contains("\"foo\":{\"bar\":[1,\"two\"]}"));
+    assert!(map(&raw)
+        .raw_event
+        .contains("\"foo\":{\"bar\":[1,\"two\"]}"));
 }
 
 #[test]
 fn unusable_events_are_rejected_with_a_reason() {
     let cases = [
-        (event(|e| {
-            e.as_object_mut().unwrap().remove("id");
-        }), "`id` is missing"),
+        (
+            event(|e| {
+                e.as_object_mut().unwrap().remove("id");
+            }),
+            "`id` is missing",
+        ),
         (event(|e| e["id"] = json!("")), "`id` is empty"),
         (event(|e| e["id"] = json!(7)), "`id` is a number"),
         ("[1,2]".to_owned(), "not a JSON object"),

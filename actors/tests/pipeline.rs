@@ -14,7 +14,12 @@ const ACCOUNT: &str = "acc";
 fn events(n: usize) -> Vec<(DateTime<Utc>, String)> {
     let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
     (0..n)
-        .map(|i| (start + chrono::Duration::seconds((i / 4) as i64 * 7), format!("ev-{i:06}")))
+        .map(|i| {
+            (
+                start + chrono::Duration::seconds((i / 4) as i64 * 7),
+                format!("ev-{i:06}"),
+            )
+        })
         .collect()
 }
 
@@ -80,7 +85,10 @@ impl World {
     async fn once(&self, direction: Direction) -> PipelineEvent {
         let mut pipeline = self.start(direction, Some(1000));
         let event = wait_for(&mut pipeline, |e| !matches!(e, PipelineEvent::Drained)).await;
-        assert!(pipeline.shutdown(Duration::from_secs(10)).await, "clean shutdown");
+        assert!(
+            pipeline.shutdown(Duration::from_secs(10)).await,
+            "clean shutdown"
+        );
         event
     }
 
@@ -91,9 +99,20 @@ impl World {
         assert_eq!(rows.len(), want.len(), "postgres rows");
         assert!(rows.keys().all(|(_, id)| want.contains(id.as_str())));
         let published = self.files.published_ids();
-        assert_eq!(published.len(), want.len(), "parquet rows (duplicates count twice)");
-        assert_eq!(published.iter().collect::<HashSet<_>>().len(), want.len(), "distinct parquet ids");
-        assert!(self.files.staged.lock().unwrap().is_empty(), "staged orphans");
+        assert_eq!(
+            published.len(),
+            want.len(),
+            "parquet rows (duplicates count twice)"
+        );
+        assert_eq!(
+            published.iter().collect::<HashSet<_>>().len(),
+            want.len(),
+            "distinct parquet ids"
+        );
+        assert!(
+            self.files.staged.lock().unwrap().is_empty(),
+            "staged orphans"
+        );
         let last = expected.iter().map(|(w, _)| *w).max();
         assert_eq!(self.store.checkpoint(ACCOUNT), last, "checkpoint");
     }
@@ -127,7 +146,10 @@ async fn until(what: &str, condition: impl Fn() -> bool) {
 }
 
 fn completed(event: &PipelineEvent) {
-    assert!(matches!(event, PipelineEvent::SweepCompleted { .. }), "{event:?}");
+    assert!(
+        matches!(event, PipelineEvent::SweepCompleted { .. }),
+        "{event:?}"
+    );
 }
 
 #[actix_rt::test]
@@ -149,11 +171,25 @@ async fn a_second_sweep_over_the_overlap_adds_nothing() {
     let files_before = world.files.published.lock().unwrap().len();
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(world.files.published.lock().unwrap().len(), files_before, "no new files");
+    assert_eq!(
+        world.files.published.lock().unwrap().len(),
+        files_before,
+        "no new files"
+    );
     let overlap = world.source.requests.lock().unwrap().last().unwrap().since;
-    assert!(overlap < all.last().unwrap().0, "the second window overlaps on purpose");
-    let deduplicated = world.metrics.events_deduplicated.with_label_values(&[ACCOUNT]).get();
-    assert!(deduplicated > 0, "the overlap was fetched again and dropped");
+    assert!(
+        overlap < all.last().unwrap().0,
+        "the second window overlaps on purpose"
+    );
+    let deduplicated = world
+        .metrics
+        .events_deduplicated
+        .with_label_values(&[ACCOUNT])
+        .get();
+    assert!(
+        deduplicated > 0,
+        "the overlap was fetched again and dropped"
+    );
 }
 
 #[actix_rt::test]
@@ -163,8 +199,20 @@ async fn no_commit_while_one_writer_fails_after_the_other_succeeded() {
     world.files.faults.fail_from(3); // batches 0 and 1 stage, every later stage fails
     let mut pipeline = world.start(Direction::Asc, None);
     let pg_rows_beyond_commit = || world.rows.rows.lock().unwrap().len() > 100;
-    until("postgres to hold more than the committed batches", pg_rows_beyond_commit).await;
-    until("a rewind", || world.metrics.pipeline_rewinds.with_label_values(&[ACCOUNT]).get() >= 2).await;
+    until(
+        "postgres to hold more than the committed batches",
+        pg_rows_beyond_commit,
+    )
+    .await;
+    until("a rewind", || {
+        world
+            .metrics
+            .pipeline_rewinds
+            .with_label_values(&[ACCOUNT])
+            .get()
+            >= 2
+    })
+    .await;
     // Parquet fails batch 2 and every retry; Postgres holds rows past the last commit, yet
     // nothing past the batches Parquet staged (at most 0 and 1) is committed or visible.
     let commits = world.commits();
@@ -174,7 +222,10 @@ async fn no_commit_while_one_writer_fails_after_the_other_succeeded() {
     let expected_checkpoint = commits.checked_sub(1).map(|last| all[last * 50 + 49].0);
     assert_eq!(world.store.checkpoint(ACCOUNT), expected_checkpoint);
     world.files.faults.heal();
-    wait_for(&mut pipeline, |e| matches!(e, PipelineEvent::SweepCompleted { .. })).await;
+    wait_for(&mut pipeline, |e| {
+        matches!(e, PipelineEvent::SweepCompleted { .. })
+    })
+    .await;
     assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     world.assert_exact(&all);
 }
@@ -187,14 +238,38 @@ async fn acks_out_of_order_commit_in_order() {
     world.files.gate = Some(gate.clone());
     let mut pipeline = world.start(Direction::Asc, Some(1000));
     // Postgres acks batches 0..3 while Parquet still holds batch 0.
-    until("postgres to ack four batches", || world.rows.rows.lock().unwrap().len() == 200).await;
-    assert_eq!(world.commits(), 0, "nothing commits before both writers acked");
+    until("postgres to ack four batches", || {
+        world.rows.rows.lock().unwrap().len() == 200
+    })
+    .await;
+    assert_eq!(
+        world.commits(),
+        0,
+        "nothing commits before both writers acked"
+    );
     gate.add_permits(1000);
     completed(&wait_for(&mut pipeline, |_| true).await);
     assert!(pipeline.shutdown(Duration::from_secs(10)).await);
-    let checkpoints: Vec<_> = world.store.commits.lock().unwrap().iter().map(|c| c.state.checkpoint).collect();
-    assert!(checkpoints.windows(2).all(|w| w[0] < w[1]), "commits in batch order: {checkpoints:?}");
-    let seqs: Vec<_> = world.store.commits.lock().unwrap().iter().map(|c| c.state.commit_seq).collect();
+    let checkpoints: Vec<_> = world
+        .store
+        .commits
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.state.checkpoint)
+        .collect();
+    assert!(
+        checkpoints.windows(2).all(|w| w[0] < w[1]),
+        "commits in batch order: {checkpoints:?}"
+    );
+    let seqs: Vec<_> = world
+        .store
+        .commits
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.state.commit_seq)
+        .collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     world.assert_exact(&all);
 }
@@ -206,7 +281,14 @@ async fn a_panicking_writer_is_restarted_and_the_pipeline_resumes_from_the_check
     world.rows.faults.on_call(4, Fault::Panic);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(world.metrics.restarts.with_label_values(&["pg_writer"]).get(), 1);
+    assert_eq!(
+        world
+            .metrics
+            .restarts
+            .with_label_values(&["pg_writer"])
+            .get(),
+        1
+    );
     // Every sweep start (page 1) asks from the initial checkpoint or from a committed
     // checkpoint minus the lag, and the panic caused at least one such restart.
     let lag = chrono::Duration::seconds(30);
@@ -215,9 +297,16 @@ async fn a_panicking_writer_is_restarted_and_the_pipeline_resumes_from_the_check
         allowed.extend(commit.state.checkpoint.map(|c| c - lag));
     }
     let requests = world.source.requests.lock().unwrap();
-    let starts: Vec<_> = requests.iter().filter(|r| r.page == 1).map(|r| r.since).collect();
+    let starts: Vec<_> = requests
+        .iter()
+        .filter(|r| r.page == 1)
+        .map(|r| r.since)
+        .collect();
     assert!(starts.len() >= 2, "no resume: {starts:?}");
-    assert!(starts.iter().all(|since| allowed.contains(since)), "{starts:?} not in {allowed:?}");
+    assert!(
+        starts.iter().all(|since| allowed.contains(since)),
+        "{starts:?} not in {allowed:?}"
+    );
 }
 
 #[actix_rt::test]
@@ -227,7 +316,10 @@ async fn a_panicking_source_restarts_the_poller_without_loss() {
     world.source.faults.on_call(3, Fault::Panic);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(world.metrics.restarts.with_label_values(&["poller"]).get(), 1);
+    assert_eq!(
+        world.metrics.restarts.with_label_values(&["poller"]).get(),
+        1
+    );
 }
 
 #[actix_rt::test]
@@ -238,8 +330,22 @@ async fn a_failing_commit_rewinds_and_ends_exact() {
     world.store.faults.on_call(5, Fault::Panic);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(world.metrics.restarts.with_label_values(&["checkpointer"]).get(), 1);
-    assert!(world.metrics.pipeline_rewinds.with_label_values(&[ACCOUNT]).get() >= 2);
+    assert_eq!(
+        world
+            .metrics
+            .restarts
+            .with_label_values(&["checkpointer"])
+            .get(),
+        1
+    );
+    assert!(
+        world
+            .metrics
+            .pipeline_rewinds
+            .with_label_values(&[ACCOUNT])
+            .get()
+            >= 2
+    );
 }
 
 #[actix_rt::test]
@@ -250,7 +356,14 @@ async fn transient_source_errors_are_retried() {
     world.source.faults.on_call(3, Fault::Fail);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(world.metrics.api_retries.with_label_values(&["transient"]).get(), 2);
+    assert_eq!(
+        world
+            .metrics
+            .api_retries
+            .with_label_values(&["transient"])
+            .get(),
+        2
+    );
 }
 
 #[actix_rt::test]
@@ -260,7 +373,10 @@ async fn once_mode_gives_up_after_its_attempts() {
     let mut pipeline = world.start(Direction::Asc, Some(3));
     let event = wait_for(&mut pipeline, |_| true).await;
     assert!(pipeline.shutdown(Duration::from_secs(10)).await);
-    assert!(matches!(&event, PipelineEvent::Failed { reason } if reason.contains("3 times")), "{event:?}");
+    assert!(
+        matches!(&event, PipelineEvent::Failed { reason } if reason.contains("3 times")),
+        "{event:?}"
+    );
     assert_eq!(world.commits(), 0);
 }
 
@@ -272,7 +388,10 @@ async fn desc_advances_the_checkpoint_only_when_the_sweep_is_committed() {
     world.assert_exact(&all);
     let commits = world.store.commits.lock().unwrap();
     let (last, earlier) = commits.split_last().unwrap();
-    assert!(earlier.iter().all(|c| c.state.checkpoint.is_none()), "checkpoint moved mid-sweep");
+    assert!(
+        earlier.iter().all(|c| c.state.checkpoint.is_none()),
+        "checkpoint moved mid-sweep"
+    );
     assert_eq!(last.state.checkpoint, Some(all.last().unwrap().0));
 }
 
@@ -282,7 +401,10 @@ async fn late_events_inside_the_safety_lag_are_picked_up_by_the_next_sweep() {
     let world = World::new(all.clone());
     completed(&world.once(Direction::Asc).await);
     // An event that appears late, 10 s before the checkpoint (inside the 30 s lag).
-    let late = (all.last().unwrap().0 - chrono::Duration::seconds(10), "late-1".to_owned());
+    let late = (
+        all.last().unwrap().0 - chrono::Duration::seconds(10),
+        "late-1".to_owned(),
+    );
     world.source.add(vec![late.clone()]);
     completed(&world.once(Direction::Asc).await);
     let mut expected = all.clone();

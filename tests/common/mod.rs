@@ -11,7 +11,8 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
 pub fn admin_url() -> String {
-    std::env::var("CFAUDIT_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("CFAUDIT_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database of its own, dropped by [`TestDb::drop_db`].
@@ -26,10 +27,16 @@ impl TestDb {
         let mut admin = PgConnection::connect(&admin_url())
             .await
             .expect("PostgreSQL must run on 127.0.0.1:5432 (make test starts it); set CFAUDIT_TEST_ADMIN_URL otherwise");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
         let mut url = url::Url::parse(&admin_url()).unwrap();
         url.set_path(&name);
-        TestDb { name, url: url.to_string() }
+        TestDb {
+            name,
+            url: url.to_string(),
+        }
     }
 
     pub async fn pool(&self) -> sqlx::PgPool {
@@ -38,9 +45,12 @@ impl TestDb {
 
     pub async fn drop_db(self) {
         let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
-            .execute(&mut admin)
-            .await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut admin)
+        .await;
     }
 }
 
@@ -62,7 +72,11 @@ pub fn spawn_emulator(config: EmulatorConfig) -> RunningEmulator {
     let (addr, server) = emulator.serve().unwrap();
     let handle = server.handle();
     actix_rt::spawn(server);
-    RunningEmulator { emulator, base_url: format!("http://{addr}/client/v4"), handle }
+    RunningEmulator {
+        emulator,
+        base_url: format!("http://{addr}/client/v4"),
+        handle,
+    }
 }
 
 /// Environment for a run against `emulator`, `db` and a Parquet folder.
@@ -100,7 +114,8 @@ pub fn valid_ids(emulator: &Emulator) -> std::collections::BTreeSet<String> {
         .iter()
         .filter_map(|e| {
             let v: Value = serde_json::from_str(&e.json).unwrap();
-            let ok = cfaudit_actors::mapping::map_v1(&e.json, DEMO_ACCOUNT, chrono::Utc::now()).is_ok();
+            let ok =
+                cfaudit_actors::mapping::map_v1(&e.json, DEMO_ACCOUNT, chrono::Utc::now()).is_ok();
             ok.then(|| v["id"].as_str().unwrap().to_owned())
         })
         .collect()
@@ -115,7 +130,10 @@ pub async fn pg_counts(pool: &sqlx::PgPool) -> (i64, i64, i64) {
 }
 
 pub async fn pg_ids(pool: &sqlx::PgPool) -> std::collections::BTreeSet<String> {
-    let ids: Vec<(String,)> = sqlx::query_as("SELECT event_id FROM audit_logs").fetch_all(pool).await.unwrap();
+    let ids: Vec<(String,)> = sqlx::query_as("SELECT event_id FROM audit_logs")
+        .fetch_all(pool)
+        .await
+        .unwrap();
     ids.into_iter().map(|(id,)| id).collect()
 }
 
@@ -137,16 +155,32 @@ pub fn parquet_counts(root: &Path, with_ids: bool) -> Value {
         command.env("PARQUET_CHECK_IDS", "1");
     }
     let output = command.output().expect("run the Parquet reader");
-    assert!(output.status.success(), "reader failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "reader failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).expect("reader prints JSON")
 }
 
 /// Asserts both sinks hold exactly `expected`, once each, and nothing is left in staging.
-pub async fn assert_exact(pool: &sqlx::PgPool, parquet: &Path, expected: &std::collections::BTreeSet<String>) -> Value {
+pub async fn assert_exact(
+    pool: &sqlx::PgPool,
+    parquet: &Path,
+    expected: &std::collections::BTreeSet<String>,
+) -> Value {
     let n = expected.len() as i64;
     let (rows, keys, ids) = pg_counts(pool).await;
-    assert_eq!((rows, keys, ids), (n, n, n), "postgres: rows, distinct keys, distinct ids");
-    assert_eq!(&pg_ids(pool).await, expected, "postgres holds exactly the emulator's events");
+    assert_eq!(
+        (rows, keys, ids),
+        (n, n, n),
+        "postgres: rows, distinct keys, distinct ids"
+    );
+    assert_eq!(
+        &pg_ids(pool).await,
+        expected,
+        "postgres holds exactly the emulator's events"
+    );
     let counts = parquet_counts(parquet, true);
     assert_eq!(counts["pyarrow_rows"], n, "{counts}");
     assert_eq!(counts["pyarrow_distinct_ids"], n, "{counts}");
@@ -156,7 +190,10 @@ pub async fn assert_exact(pool: &sqlx::PgPool, parquet: &Path, expected: &std::c
     assert_eq!(counts["staged_orphans"], 0, "{counts}");
     let parquet_ids: std::collections::BTreeSet<String> =
         serde_json::from_value(counts["ids"].clone()).unwrap();
-    assert_eq!(&parquet_ids, expected, "parquet holds exactly the emulator's events");
+    assert_eq!(
+        &parquet_ids, expected,
+        "parquet holds exactly the emulator's events"
+    );
     counts
 }
 
