@@ -2,7 +2,7 @@
 //!
 //! The struct is the reference: every field is one setting, its environment variable is the
 //! field name in upper case (the names of the original spec, e.g. `POLL_INTERVAL_SECONDS`), and
-//! the TOML file uses the field name as written. `docs/configuration.md` lists them all.
+//! the TOML file uses the field name as written. the README lists them all (a test keeps it complete).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -354,7 +354,7 @@ fn fix_for(key: &str) -> String {
         {
             "use a whole number".into()
         }
-        _ => "see docs/configuration.md".into(),
+        _ => "see the Configuration section of README.md".into(),
     }
 }
 
@@ -468,5 +468,18 @@ mod tests {
             "s3cr3t-token"
         );
         assert!(!format!("{config:?}").contains("s3cr3t"));
+    }
+}
+
+#[cfg(test)]
+mod docs {
+    /// The README's configuration table names every setting: the docs cannot drift.
+    #[test]
+    fn readme_lists_every_setting() {
+        let readme = include_str!("../README.md");
+        for key in super::KEYS {
+            let name = format!("`{}`", key.to_uppercase());
+            assert!(readme.contains(&name), "README.md does not document {name}");
+        }
     }
 }

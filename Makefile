@@ -1,0 +1,44 @@
+# cfaudit — the commands a newcomer needs. `make demo` runs the main job on embedded defaults;
+# `make test` is what CI runs (.ci/run).
+
+CARGO ?= cargo
+VENV  ?= .venv
+export CFAUDIT_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
+
+.PHONY: demo test lint unit services bench build release clean-data
+
+## demo: emulator + local PostgreSQL + local Parquet folder (data/parquet), one backfill, counts
+demo: services build
+	@mkdir -p data
+	tests/support/demo.sh
+
+## test: lint, then every test against real PostgreSQL, local Parquet (read back by pyarrow and DuckDB) and the emulator
+test: services lint
+	$(CARGO) test --workspace --all-targets
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## unit: the in-memory tests only (no services needed)
+unit:
+	$(CARGO) test -p cfaudit-actors
+
+## services: start (or install) PostgreSQL on 127.0.0.1:5432 and create the Python readers' venv
+services:
+	tests/support/ensure-postgres.sh
+	tests/support/ensure-python.sh $(VENV)
+
+## bench: 200,000-event backfill with the release build; events/s and peak RSS (BENCH_EVENTS=n)
+bench: services release
+	tests/support/bench.sh
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+clean-data:
+	rm -rf data

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Benchmark: a backfill of BENCH_EVENTS (default 200,000) emulator events with the release
+# build, measured by /usr/bin/time -v: events/s and peak RSS, plus the run's counts.
+set -euo pipefail
+bin=target/release/cfaudit
+events=${BENCH_EVENTS:-200000}
+port=${BENCH_EMULATOR_PORT:-18788}
+db=cfaudit_bench
+out=data/bench
+mkdir -p "$out"
+rm -rf "$out/parquet" "$out/parquet.staging"
+psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+
+"$bin" emulator --listen "127.0.0.1:$port" --events "$events" >/dev/null 2>"$out/emulator.log" &
+emulator=$!
+trap 'kill $emulator 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do curl -s "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+
+export CLOUDFLARE_API_BASE_URL="http://127.0.0.1:$port/client/v4"
+export CLOUDFLARE_API_TOKEN=demo-token-not-a-secret
+export CLOUDFLARE_ACCOUNT_ID=0123456789abcdef0123456789abcdef
+export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db"
+export PARQUET_URL="file://$PWD/$out/parquet"
+export INITIAL_CHECKPOINT=2000-01-01
+export LOG_FORMAT=json RUST_LOG=warn
+
+"$bin" migrate
+/usr/bin/time -v "$bin" run --once >"$out/summary.json" 2>"$out/time.txt"
+elapsed=$(grep 'Elapsed (wall clock)' "$out/time.txt" | awk '{print $NF}')
+rss_kb=$(grep 'Maximum resident set size' "$out/time.txt" | awk '{print $NF}')
+seconds=$(python3 -c "import sys; p=sys.argv[1].split(':'); print(sum(float(x)*60**i for i,x in enumerate(reversed(p))))" "$elapsed")
+python3 - "$out/summary.json" "$seconds" "$rss_kb" "$events" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+seconds, rss_kb, events = float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rows = summary["rows_in_postgres"]
+print(f"events in emulator: {events}")
+print(f"rows in postgres:   {rows}   parquet rows: {summary['parquet_rows']}   parquet files: {summary['parquet_files']}   dead letters: {summary['dead_letters']}")
+print(f"wall time:          {seconds:.1f} s")
+print(f"throughput:         {rows / seconds:,.0f} events/s")
+print(f"peak RSS:           {rss_kb / 1024:.1f} MiB")
+PY
