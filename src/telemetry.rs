@@ -1,12 +1,13 @@
 //! Logging: human format on a terminal, JSON otherwise (or as `LOG_FORMAT` says); level from
-//! `RUST_LOG`, default `info`.
+//! `RUST_LOG`, default `info` (sqlx's notices at `warn`).
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
 pub fn init(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let json = match format {
         "json" => true,
         "text" => false,

@@ -14,31 +14,27 @@ const ONCE: RunOptions = RunOptions {
 
 #[actix_web::test]
 async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
     let mut config = emulator_config(50_000);
     config.invalid_every = 1000;
-    let emu = spawn_emulator(config);
-    let expected = valid_ids(&emu.emulator);
+    let h = Harness::new(config).await;
+    let expected = valid_ids(&h.emu.emulator);
     assert_eq!(expected.len(), 50_000 - 50);
-    let env = run_env(&emu.base_url, &db, &parquet);
 
-    let first = run(config_from(&env), ONCE).await.unwrap();
+    let first = run(h.config(), ONCE).await.unwrap();
     assert_eq!(first.rows_in_postgres, expected.len() as i64);
     assert_eq!(first.parquet_rows, expected.len() as i64);
     assert_eq!(first.dead_letters, 50);
-    let pool = db.pool().await;
-    let counts = assert_exact(&pool, &parquet, &expected).await;
+    let pool = h.db.pool().await;
+    let counts = assert_exact(&pool, &h.parquet, &expected).await;
     assert_eq!(counts["compression"], json!(["ZSTD"]));
     assert_eq!(counts["schema"]["timestamp"], "timestamp[ns, tz=UTC]");
     assert_eq!(counts["schema"]["ingestion_time"], "timestamp[ns, tz=UTC]");
     let files_after_first = counts["files"].clone();
 
-    let requests_before = emu.emulator.requests();
-    let second = run(config_from(&env), ONCE).await.unwrap();
+    let requests_before = h.emu.emulator.requests();
+    let second = run(h.config(), ONCE).await.unwrap();
     assert!(
-        emu.emulator.requests() > requests_before,
+        h.emu.emulator.requests() > requests_before,
         "the second run polled"
     );
     assert_eq!(second.rows_in_postgres, first.rows_in_postgres);
@@ -46,7 +42,7 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
         second.dead_letters, 50,
         "dead letters seen again are stored once"
     );
-    let counts = assert_exact(&pool, &parquet, &expected).await;
+    let counts = assert_exact(&pool, &h.parquet, &expected).await;
     assert_eq!(
         counts["files"], files_after_first,
         "the second run wrote no file"
@@ -65,19 +61,16 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
         "{ipv6} {system} {non_object_meta}"
     );
     pool.close().await;
-    db.drop_db().await;
+    h.finish().await;
 }
 
 #[actix_web::test]
 async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_duplicates() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
     let mut config = emulator_config(3_000);
     config.days = 0.5;
-    let emu = spawn_emulator(config);
+    let mut h = Harness::new(config).await;
     // Bursts of equal `when` straddle boundaries of 7-event pages.
-    let events = emu.emulator.events();
+    let events = h.emu.emulator.events();
     let straddling = (1..events.len() / 7)
         .filter(|k| events[k * 7 - 1].when == events[k * 7].when)
         .count();
@@ -85,24 +78,23 @@ async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_dupli
         straddling > 10,
         "only {straddling} page boundaries inside a burst"
     );
-    let mut env = run_env(&emu.base_url, &db, &parquet);
-    set(&mut env, "CLOUDFLARE_PER_PAGE", "7");
+    h.set("CLOUDFLARE_PER_PAGE", "7");
     // An hour of lag: every window re-reads the last hour, bursts included.
-    set(&mut env, "CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "3600");
+    h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "3600");
 
-    run(config_from(&env), ONCE).await.unwrap();
+    run(h.config(), ONCE).await.unwrap();
     // Late events with the exact time of already committed ones, inside the lag.
     let last = events.last().unwrap();
     let late: Vec<_> = (0..5)
         .map(|i| json!({"id": format!("late-{i}"), "when": last.when.to_rfc3339(), "action": {"type": "login", "result": true}}))
         .collect();
-    emu.emulator.insert(&late);
-    run(config_from(&env), ONCE).await.unwrap();
-    run(config_from(&env), ONCE).await.unwrap();
+    h.emu.emulator.insert(&late);
+    run(h.config(), ONCE).await.unwrap();
+    run(h.config(), ONCE).await.unwrap();
 
-    let pool = db.pool().await;
-    let expected = valid_ids(&emu.emulator);
-    assert_exact(&pool, &parquet, &expected).await;
+    let pool = h.db.pool().await;
+    let expected = valid_ids(&h.emu.emulator);
+    assert_exact(&pool, &h.parquet, &expected).await;
     let deduplicated: (i64,) =
         sqlx::query_as("SELECT count(*) FROM audit_logs WHERE event_id LIKE 'late-%'")
             .fetch_one(&pool)
@@ -110,14 +102,11 @@ async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_dupli
             .unwrap();
     assert_eq!(deduplicated.0, 5);
     pool.close().await;
-    db.drop_db().await;
+    h.finish().await;
 }
 
 #[actix_web::test]
 async fn api_faults_are_retried_and_the_result_is_still_exact() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
     let mut config = emulator_config(8_000);
     config.faults.fault_429_every = 7;
     config.faults.retry_after_seconds = 1;
@@ -126,42 +115,30 @@ async fn api_faults_are_retried_and_the_result_is_still_exact() {
     config.faults.fault_success_false_every = 11;
     config.errors_null = true;
     config.result_info = true;
-    let emu = spawn_emulator(config);
-    let mut env = run_env(&emu.base_url, &db, &parquet);
-    set(&mut env, "CLOUDFLARE_PER_PAGE", "250");
-    run(config_from(&env), ONCE).await.unwrap();
-    let pool = db.pool().await;
-    assert_exact(&pool, &parquet, &valid_ids(&emu.emulator)).await;
-    pool.close().await;
-    db.drop_db().await;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_PER_PAGE", "250");
+    run(h.config(), ONCE).await.unwrap();
+    h.assert_exact().await;
+    h.finish().await;
 }
 
 #[actix_web::test]
 async fn an_exactly_full_last_page_followed_by_400_ends_the_sweep() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
     let mut config = emulator_config(1_000);
     config.past_end_400 = true;
-    let emu = spawn_emulator(config);
-    let mut env = run_env(&emu.base_url, &db, &parquet);
-    set(&mut env, "CLOUDFLARE_PER_PAGE", "100"); // 1000 events: page 11 is past the end
-    let summary = run(config_from(&env), ONCE).await.unwrap();
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_PER_PAGE", "100"); // 1000 events: page 11 is past the end
+    let summary = run(h.config(), ONCE).await.unwrap();
     assert_eq!(summary.rows_in_postgres, 1_000);
-    let pool = db.pool().await;
-    assert_exact(&pool, &parquet, &valid_ids(&emu.emulator)).await;
-    pool.close().await;
-    db.drop_db().await;
+    h.assert_exact().await;
+    h.finish().await;
 }
 
 #[actix_web::test]
 async fn a_bad_token_fails_once_with_a_clear_cause_and_commits_nothing() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = spawn_emulator(emulator_config(100));
-    let mut env = run_env(&emu.base_url, &db, &dir.path().join("parquet"));
-    set(&mut env, "CLOUDFLARE_API_TOKEN", "wrong-token-123");
-    let error = run(config_from(&env), ONCE).await.unwrap_err().to_string();
+    let mut h = Harness::new(emulator_config(100)).await;
+    h.set("CLOUDFLARE_API_TOKEN", "wrong-token-123");
+    let error = run(h.config(), ONCE).await.unwrap_err().to_string();
     assert!(
         error.contains("authentication failed") && error.contains("9109"),
         "{error}"
@@ -170,27 +147,21 @@ async fn a_bad_token_fails_once_with_a_clear_cause_and_commits_nothing() {
         !error.contains("wrong-token-123"),
         "the token leaked into the error"
     );
-    let pool = db.pool().await;
+    let pool = h.db.pool().await;
     assert_eq!(pg_counts(&pool).await.0, 0);
     pool.close().await;
-    db.drop_db().await;
+    h.finish().await;
 }
 
 #[actix_web::test]
 async fn desc_direction_lands_the_same_rows() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
-    let emu = spawn_emulator(emulator_config(2_500));
-    let mut env = run_env(&emu.base_url, &db, &parquet);
-    set(&mut env, "CLOUDFLARE_DIRECTION", "desc");
-    set(&mut env, "CLOUDFLARE_PER_PAGE", "300");
-    run(config_from(&env), ONCE).await.unwrap();
-    run(config_from(&env), ONCE).await.unwrap();
-    let pool = db.pool().await;
-    assert_exact(&pool, &parquet, &valid_ids(&emu.emulator)).await;
-    pool.close().await;
-    db.drop_db().await;
+    let mut h = Harness::new(emulator_config(2_500)).await;
+    h.set("CLOUDFLARE_DIRECTION", "desc");
+    h.set("CLOUDFLARE_PER_PAGE", "300");
+    run(h.config(), ONCE).await.unwrap();
+    run(h.config(), ONCE).await.unwrap();
+    h.assert_exact().await;
+    h.finish().await;
 }
 
 #[actix_web::test]

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -73,30 +72,23 @@ async fn finish(child: Child) -> Finished {
 }
 
 /// A slow emulator (latency per page), so a run can be caught half-way.
-fn slow_setup(
-    events: usize,
-    db: &TestDb,
-    parquet: &Path,
-) -> (RunningEmulator, Vec<(String, String)>) {
+async fn slow_harness(events: usize) -> Harness {
     let mut config = emulator_config(events);
     config.faults.latency_ms = 25;
-    let emu = spawn_emulator(config);
-    let mut env = run_env(&emu.base_url, db, parquet);
-    set(&mut env, "CLOUDFLARE_PER_PAGE", "200");
-    (emu, env)
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_PER_PAGE", "200");
+    h
 }
 
 #[actix_web::test]
 async fn sigterm_half_way_commits_what_is_in_flight_and_a_restart_ends_exact() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
-    let (emu, env) = slow_setup(20_000, &db, &parquet);
-    let expected = valid_ids(&emu.emulator);
-    cfaudit(&["migrate"], &env).wait().await.unwrap();
-    let pool = db.pool().await;
+    let h = slow_harness(20_000).await;
+    let (env, parquet) = (&h.env, &h.parquet);
+    let expected = valid_ids(&h.emu.emulator);
+    cfaudit(&["migrate"], env).wait().await.unwrap();
+    let pool = h.db.pool().await;
 
-    let child = cfaudit(&["run", "--once"], &env);
+    let child = cfaudit(&["run", "--once"], env);
     wait_for_rows(&pool, 3_000).await;
     signal(&child, "-TERM");
     let stopped = finish(child).await;
@@ -109,37 +101,35 @@ async fn sigterm_half_way_commits_what_is_in_flight_and_a_restart_ends_exact() {
         "stopped half-way ({partial} rows)"
     );
     // Everything in flight was committed: both sinks hold the same rows.
-    let counts = parquet_counts(&parquet, false);
+    let counts = parquet_counts(parquet, false);
     assert_eq!(counts["duckdb_rows"], partial, "{counts}");
     assert_eq!(counts["duckdb_distinct_ids"], partial, "{counts}");
     assert_eq!(summary["rows_in_postgres"], partial);
 
-    let resumed = finish(cfaudit(&["run", "--once"], &env)).await;
+    let resumed = finish(cfaudit(&["run", "--once"], env)).await;
     assert!(resumed.success, "{}", resumed.stderr);
-    assert_exact(&pool, &parquet, &expected).await;
+    assert_exact(&pool, parquet, &expected).await;
     pool.close().await;
-    db.drop_db().await;
+    h.finish().await;
 }
 
 #[actix_web::test]
 async fn sigkill_at_any_moment_then_restart_ends_exact_with_no_orphans() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
-    let (emu, env) = slow_setup(24_000, &db, &parquet);
-    let expected = valid_ids(&emu.emulator);
-    cfaudit(&["migrate"], &env).wait().await.unwrap();
-    let pool = db.pool().await;
+    let h = slow_harness(24_000).await;
+    let (env, parquet) = (&h.env, &h.parquet);
+    let expected = valid_ids(&h.emu.emulator);
+    cfaudit(&["migrate"], env).wait().await.unwrap();
+    let pool = h.db.pool().await;
 
     for at_least in [2_500, 9_000, 16_000] {
-        let mut child = cfaudit(&["run", "--once"], &env);
+        let mut child = cfaudit(&["run", "--once"], env);
         wait_for_rows(&pool, at_least).await;
         child.start_kill().unwrap(); // SIGKILL: no chance to clean up
         child.wait().await.unwrap();
     }
-    let finished = finish(cfaudit(&["run", "--once"], &env)).await;
+    let finished = finish(cfaudit(&["run", "--once"], env)).await;
     assert!(finished.success, "{}", finished.stderr);
-    assert_exact(&pool, &parquet, &expected).await;
+    assert_exact(&pool, parquet, &expected).await;
     let unpublished: (i64,) =
         sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
             .fetch_one(&pool)
@@ -147,7 +137,7 @@ async fn sigkill_at_any_moment_then_restart_ends_exact_with_no_orphans() {
             .unwrap();
     assert_eq!(unpublished.0, 0);
     pool.close().await;
-    db.drop_db().await;
+    h.finish().await;
 }
 
 fn free_port() -> u16 {
@@ -160,16 +150,12 @@ fn free_port() -> u16 {
 
 #[actix_web::test]
 async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let parquet = dir.path().join("parquet");
-    let emu = spawn_emulator(emulator_config(3_000));
-    let expected = valid_ids(&emu.emulator);
-    let mut env = run_env(&emu.base_url, &db, &parquet);
+    let mut h = Harness::new(emulator_config(3_000)).await;
+    let expected = valid_ids(&h.emu.emulator);
     let addr = format!("127.0.0.1:{}", free_port());
-    set(&mut env, "METRICS_ADDR", &addr);
-    set(&mut env, "POLL_INTERVAL_SECONDS", "1");
-    let child = cfaudit(&["run"], &env);
+    h.set("METRICS_ADDR", &addr);
+    h.set("POLL_INTERVAL_SECONDS", "1");
+    let child = cfaudit(&["run"], &h.env);
     let http = reqwest::Client::new();
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -250,7 +236,7 @@ async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
         !stopped.stderr.contains(DEMO_TOKEN) && !stopped.stdout.contains(DEMO_TOKEN),
         "the token is in the logs"
     );
-    db.drop_db().await;
+    h.finish().await;
 }
 
 #[actix_web::test]

@@ -18,7 +18,7 @@ use crate::messages::{Drain, Epoch, Flush, PipelineEvent};
 use crate::metrics::Metrics;
 use crate::poller::{Poller, PollerConfig};
 use crate::ports::{AuditSource, CheckpointStore, FileSink, RowSink};
-use crate::writer::{ParquetTarget, ParquetWriter, PgTarget, PgWriter};
+use crate::writer::{ParquetTarget, ParquetWriter, PgTarget, PgWriter, SinkTarget, Writer};
 
 /// Everything one account's pipeline is given.
 pub struct PipelineParts {
@@ -69,33 +69,16 @@ impl Pipeline {
         };
         let checkpointer = Mailbox::new(checkpointer_addr.clone(), metrics.actor("checkpointer"));
 
-        let pg = {
-            let (account, checkpointer, epoch, m) = (
-                account.clone(),
-                checkpointer.clone(),
-                epoch.clone(),
-                metrics.clone(),
-            );
-            let addr = Supervisor::start(move |ctx: &mut Context<_>| {
-                ctx.set_mailbox_capacity(capacity);
-                PgWriter::new(PgTarget(rows), account, checkpointer, epoch, m)
-            });
-            Mailbox::new(addr, metrics.actor("pg_writer"))
+        let writers = WriterDeps {
+            account: account.clone(),
+            checkpointer: checkpointer.clone(),
+            epoch: epoch.clone(),
+            metrics: metrics.clone(),
+            capacity,
         };
+        let pg = writers.start(PgTarget(rows));
         let pg_addr = pg.addr().clone();
-        let parquet = {
-            let (account, checkpointer, epoch, m) = (
-                account.clone(),
-                checkpointer.clone(),
-                epoch.clone(),
-                metrics.clone(),
-            );
-            let addr = Supervisor::start(move |ctx: &mut Context<_>| {
-                ctx.set_mailbox_capacity(capacity);
-                ParquetWriter::new(ParquetTarget(files), account, checkpointer, epoch, m)
-            });
-            Mailbox::new(addr, metrics.actor("parquet_writer"))
-        };
+        let parquet = writers.start(ParquetTarget(files.clone()));
         let parquet_addr = parquet.addr().clone();
         let mapper = {
             let (account, checkpointer, epoch, m) = (
@@ -161,5 +144,31 @@ impl Pipeline {
     /// Waits for the next event of interest.
     pub async fn next_event(&mut self) -> Option<PipelineEvent> {
         self.events.recv().await
+    }
+}
+
+/// What both writers are started with.
+struct WriterDeps {
+    account: Arc<str>,
+    checkpointer: Mailbox<Checkpointer>,
+    epoch: Epoch,
+    metrics: Arc<Metrics>,
+    capacity: usize,
+}
+
+impl WriterDeps {
+    fn start<T: SinkTarget>(&self, target: T) -> Mailbox<Writer<T>> {
+        let (account, checkpointer, epoch, metrics) = (
+            self.account.clone(),
+            self.checkpointer.clone(),
+            self.epoch.clone(),
+            self.metrics.clone(),
+        );
+        let capacity = self.capacity;
+        let addr = Supervisor::start(move |ctx: &mut Context<_>| {
+            ctx.set_mailbox_capacity(capacity);
+            Writer::new(target, account, checkpointer, epoch, metrics)
+        });
+        Mailbox::new(addr, self.metrics.actor(T::ACTOR))
     }
 }

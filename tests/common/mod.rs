@@ -200,3 +200,49 @@ pub async fn assert_exact(
 pub fn secret(s: &str) -> Secret {
     Secret::new(s)
 }
+
+/// One test's world: a fresh database, a Parquet folder, the emulator and the run environment.
+pub struct Harness {
+    pub db: TestDb,
+    pub dir: tempfile::TempDir,
+    pub parquet: PathBuf,
+    pub emu: RunningEmulator,
+    pub env: Vec<(String, String)>,
+}
+
+impl Harness {
+    pub async fn new(config: EmulatorConfig) -> Harness {
+        let db = TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let parquet = dir.path().join("parquet");
+        let emu = spawn_emulator(config);
+        let env = run_env(&emu.base_url, &db, &parquet);
+        Harness {
+            db,
+            dir,
+            parquet,
+            emu,
+            env,
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: &str) {
+        set(&mut self.env, key, value);
+    }
+
+    pub fn config(&self) -> Config {
+        config_from(&self.env)
+    }
+
+    /// Both sinks hold exactly the emulator's valid events, once.
+    pub async fn assert_exact(&self) -> Value {
+        let pool = self.db.pool().await;
+        let counts = assert_exact(&pool, &self.parquet, &valid_ids(&self.emu.emulator)).await;
+        pool.close().await;
+        counts
+    }
+
+    pub async fn finish(self) {
+        self.db.drop_db().await;
+    }
+}

@@ -11,17 +11,10 @@ mkdir -p "$out"
 rm -rf "$out/parquet" "$out/parquet.staging"
 psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 
-"$bin" emulator --listen "127.0.0.1:$port" --events "$events" >/dev/null 2>"$out/emulator.log" &
-emulator=$!
-trap 'kill $emulator 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do curl -s "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
-
-export CLOUDFLARE_API_BASE_URL="http://127.0.0.1:$port/client/v4"
-export CLOUDFLARE_API_TOKEN=demo-token-not-a-secret
-export CLOUDFLARE_ACCOUNT_ID=0123456789abcdef0123456789abcdef
+source "$(dirname "$0")/emulator-env.sh"
+start_emulator "$bin" "$port" "$events" "$out/emulator.log"
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db"
 export PARQUET_URL="file://$PWD/$out/parquet"
-export INITIAL_CHECKPOINT=2000-01-01
 export LOG_FORMAT=json RUST_LOG=warn
 
 "$bin" migrate
