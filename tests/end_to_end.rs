@@ -237,3 +237,25 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
     pool.close().await;
     db.drop_db().await;
 }
+
+#[actix_web::test]
+async fn request_timeouts_are_retried_until_the_api_answers() {
+    let mut config = emulator_config(2_000);
+    config.faults.latency_ms = 2_500;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_REQUEST_TIMEOUT_SECONDS", "1");
+    let emulator = h.emu.emulator.clone();
+    actix_rt::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        emulator.set_faults(cfaudit::emulator::Faults::default());
+    });
+    run(h.config(), ONCE).await.unwrap();
+    // Two pages of 1000 (plus an empty third), after at least two timed-out attempts.
+    assert!(
+        h.emu.emulator.requests() >= 4,
+        "{} requests",
+        h.emu.emulator.requests()
+    );
+    h.assert_exact().await;
+    h.finish().await;
+}

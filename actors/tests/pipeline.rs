@@ -47,11 +47,15 @@ impl World {
     }
 
     fn start(&self, direction: Direction, once: Option<u32>) -> Pipeline {
+        Pipeline::start(self.parts(direction, once))
+    }
+
+    fn parts(&self, direction: Direction, once: Option<u32>) -> PipelineParts {
         let backoff = Backoff {
             initial: Duration::from_millis(5),
             max: Duration::from_millis(20),
         };
-        Pipeline::start(PipelineParts {
+        PipelineParts {
             poller: PollerConfig {
                 account_id: ACCOUNT.into(),
                 per_page: 50,
@@ -78,7 +82,7 @@ impl World {
             files: Arc::new(self.files.clone()),
             store: Arc::new(self.store.clone()),
             metrics: self.metrics.clone(),
-        })
+        }
     }
 
     /// Runs one sweep to completion (`run --once`).
@@ -94,6 +98,13 @@ impl World {
 
     /// Every event exactly once in both sinks, nothing left in staging, checkpoint at the end.
     fn assert_exact(&self, expected: &[(DateTime<Utc>, String)]) {
+        self.assert_exact_ids(expected);
+        let last = expected.iter().map(|(w, _)| *w).max();
+        assert_eq!(self.store.checkpoint(ACCOUNT), last, "checkpoint");
+    }
+
+    /// Every event exactly once in both sinks and nothing left in staging.
+    fn assert_exact_ids(&self, expected: &[(DateTime<Utc>, String)]) {
         let want: HashSet<&str> = expected.iter().map(|(_, id)| id.as_str()).collect();
         let rows = self.rows.rows.lock().unwrap();
         assert_eq!(rows.len(), want.len(), "postgres rows");
@@ -429,4 +440,58 @@ async fn drain_stops_fetching_and_leaves_a_resumable_state() {
     world.files.gate = None;
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
+}
+
+#[actix_rt::test]
+async fn the_same_id_twice_in_a_page_or_on_two_pages_lands_once() {
+    // API facts §7 case 13: "dup-a" twice inside one page, "dup-b" on both sides of the
+    // boundary between pages 1 and 2 (50 per page).
+    let mut all = events(120);
+    let t = all[10].0;
+    all.push((t, "dup-a".into()));
+    all.push((t, "dup-a".into()));
+    let boundary = all[49].0;
+    all.push((boundary, "dup-b".into()));
+    all.push((boundary + chrono::Duration::seconds(7), "dup-b".into()));
+    let world = World::new(all.clone());
+    completed(&world.once(Direction::Asc).await);
+    let mut unique = all.clone();
+    unique.sort();
+    unique.dedup_by(|a, b| a.1 == b.1);
+    world.assert_exact_ids(&unique);
+    assert!(
+        world
+            .metrics
+            .events_deduplicated
+            .with_label_values(&[ACCOUNT])
+            .get()
+            >= 2
+    );
+}
+
+/// A source that ignores `page` and returns page 1 for ever (API facts §7 case 29).
+struct IgnoresPage(MemorySource);
+
+#[async_trait::async_trait]
+impl AuditSource for IgnoresPage {
+    async fn fetch_page(&self, request: &PageRequest) -> Result<Vec<RawEvent>, SourceError> {
+        let mut first = request.clone();
+        first.page = 1;
+        self.0.fetch_page(&first).await
+    }
+}
+
+#[actix_rt::test]
+async fn an_api_that_ignores_page_cannot_loop_for_ever() {
+    let all = events(300);
+    let world = World::new(all.clone());
+    let mut parts = world.parts(Direction::Asc, Some(1000));
+    parts.source = Arc::new(IgnoresPage(world.source.clone()));
+    let mut pipeline = Pipeline::start(parts);
+    let event = wait_for(&mut pipeline, |_| true).await;
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    completed(&event);
+    // Page 2 repeated page 1: the detector ended the sweep after two requests.
+    assert_eq!(world.source.requests.lock().unwrap().len(), 2);
+    world.assert_exact_ids(&all[..50]);
 }
