@@ -14,12 +14,12 @@ demo: services build
 
 ## test: lint, then every test against real PostgreSQL, local Parquet (read back by pyarrow and DuckDB) and the emulator
 test: services lint
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --all-targets --features failpoints
 
 ## lint: formatting and clippy, warnings are errors
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features failpoints -- -D warnings
 
 ## unit: the in-memory tests only (no services needed)
 unit:

@@ -43,7 +43,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
     if !options.skip_migrations {
         postgres.migrate().await?;
     }
-    let lake = Arc::new(ParquetLake::open(&config.parquet_url)?);
+    let lake = Arc::new(ParquetLake::open(
+        &config.parquet_url,
+        &config.storage_options,
+    )?);
     let source = Arc::new(CloudflareClient::new(&config, metrics.clone())?);
     let account_id = config
         .cloudflare_account_id
@@ -77,6 +80,8 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
             initial_checkpoint: config.initial_checkpoint()?,
             hide_user_logs: config.cloudflare_hide_user_logs,
             max_inflight_batches: config.max_inflight_batches,
+            batch_max_events: config.batch_max_events,
+            batch_max_bytes: config.batch_max_bytes,
             max_pages_per_sweep: config.max_pages_per_sweep,
             backoff: config.backoff(),
             default_retry_after: Duration::from_secs(60),

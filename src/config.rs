@@ -76,6 +76,12 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Batches fetched but not yet committed, at most. Bounds memory when a sink is slow.
     pub max_inflight_batches: usize,
+    /// Pages are coalesced into one batch (one commit, one Parquet file per touched hour) of
+    /// up to this many events…
+    pub batch_max_events: usize,
+    /// …or this many bytes of raw JSON. Memory in flight is bounded by
+    /// `max_inflight_batches × batch_max_bytes`.
+    pub batch_max_bytes: usize,
     /// A batch not acknowledged by both writers within this many seconds is retried.
     pub ack_timeout_seconds: u64,
     /// A sweep stops after this many pages (protects against an API that repeats pages).
@@ -89,6 +95,10 @@ pub struct Config {
     pub shutdown_timeout_seconds: u64,
     /// `text`, `json`, or `auto` (text on a terminal, JSON otherwise).
     pub log_format: String,
+    /// Object-store options: every `AWS_*` variable of the environment (lower-cased), passed
+    /// to object_store as it is (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_ACCESS_KEY_ID`, …).
+    #[serde(skip)]
+    pub storage_options: Vec<(String, Secret)>,
 }
 
 impl Default for Config {
@@ -114,6 +124,8 @@ impl Default for Config {
             parquet_url: format!("file://{}", parquet_dir.display()),
             metrics_addr: "127.0.0.1:9464".parse().expect("valid"),
             max_inflight_batches: 4,
+            batch_max_events: 10_000,
+            batch_max_bytes: 32 << 20,
             ack_timeout_seconds: 300,
             max_pages_per_sweep: 100_000,
             once_max_attempts: 8,
@@ -121,6 +133,7 @@ impl Default for Config {
             retry_max_seconds: 60,
             shutdown_timeout_seconds: 30,
             log_format: "auto".into(),
+            storage_options: Vec::new(),
         }
     }
 }
@@ -144,6 +157,8 @@ pub const KEYS: &[&str] = &[
     "parquet_url",
     "metrics_addr",
     "max_inflight_batches",
+    "batch_max_events",
+    "batch_max_bytes",
     "ack_timeout_seconds",
     "max_pages_per_sweep",
     "once_max_attempts",
@@ -215,10 +230,15 @@ impl Config {
                 figment = figment.merge((secret.to_owned(), content.trim().to_owned()));
             }
         }
-        let config: Config = figment.extract_lossy().map_err(|e| {
+        let mut config: Config = figment.extract_lossy().map_err(|e| {
             let key = e.path.join(".");
             config_error(&key, e.kind.to_string(), fix_for(&key))
         })?;
+        config.storage_options = env
+            .iter()
+            .filter(|(name, _)| name.starts_with("AWS_"))
+            .map(|(name, value)| (name.to_lowercase(), Secret::new(value.clone())))
+            .collect();
         config.validate()?;
         Ok(config)
     }
@@ -236,6 +256,13 @@ impl Config {
                 "poll_interval_seconds",
                 "0 would poll in a busy loop",
                 "use 1 or more",
+            ));
+        }
+        if self.batch_max_events == 0 || self.batch_max_bytes == 0 {
+            return Err(config_error(
+                "batch_max_events",
+                "0 would make empty batches",
+                "use 1 or more (default 10000; BATCH_MAX_BYTES default 33554432)",
             ));
         }
         if self.max_inflight_batches == 0 {

@@ -13,6 +13,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use cfaudit_actors::{AuditRow, CommittedFile, FileSink, SinkError, StagedFile};
+
+use crate::config::Secret;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -54,16 +56,23 @@ fn lake_error(what: &str, error: impl std::fmt::Display) -> SinkError {
 }
 
 impl ParquetLake {
-    /// Opens the dataset at `url` with object_store's own URL and option parsing
-    /// (`AWS_*` variables for S3).
-    pub fn open(url: &str) -> anyhow::Result<ParquetLake> {
+    /// Opens the dataset at `url` with object_store's own URL and option parsing; `options`
+    /// are object_store keys such as `aws_endpoint` (see `Config::storage_options`).
+    ///
+    /// Publishing needs copy-if-not-exists: on S3 it defaults to the multipart method (the
+    /// one S3, MinIO and s3s honour); `AWS_COPY_IF_NOT_EXISTS` overrides it.
+    pub fn open(url: &str, options: &[(String, Secret)]) -> anyhow::Result<ParquetLake> {
         let parsed =
             url::Url::parse(url).map_err(|e| anyhow::anyhow!("PARQUET_URL {url:?}: {e}"))?;
-        let options = std::env::vars()
-            .filter(|(k, _)| k.starts_with("AWS_"))
-            .map(|(k, v)| (k.to_lowercase(), v));
+        let defaults = [("aws_copy_if_not_exists".to_owned(), "multipart".to_owned())];
+        let options = defaults.into_iter().chain(
+            options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_owned())),
+        );
+        // The error names the scheme, never the options: they hold credentials.
         let (store, root) = object_store::parse_url_opts(&parsed, options)
-            .map_err(|e| anyhow::anyhow!("PARQUET_URL {}: {e}", parsed.scheme()))?;
+            .map_err(|e| anyhow::anyhow!("PARQUET_URL ({} storage): {e}", parsed.scheme()))?;
         Ok(ParquetLake::new(Arc::from(store), root))
     }
 

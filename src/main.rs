@@ -39,6 +39,8 @@ enum Command {
 /// Exit codes: 0 success, 1 runtime failure, 2 configuration error.
 #[actix_web::main]
 async fn main() -> ExitCode {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,

@@ -15,6 +15,7 @@ use futures::FutureExt;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::failpoints::{self, crash_point};
 use crate::mailbox::Mailbox;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
@@ -161,12 +162,16 @@ impl Checkpointer {
         let files = self.files.clone();
         let changed = record.state != self.committed || !record.dead_letters.is_empty();
         let commit = async move {
-            if changed {
-                store.commit(&record).await?;
-            }
             let committed: Vec<CommittedFile> =
                 record.files.iter().map(|(_, c)| c.clone()).collect();
             if !committed.is_empty() {
+                crash_point(failpoints::STAGED_NOT_COMMITTED);
+            }
+            if changed {
+                store.commit(&record).await?;
+            }
+            if !committed.is_empty() {
+                crash_point(failpoints::COMMITTED_NOT_PUBLISHED);
                 files.publish(&committed).await?;
                 let finals: Vec<String> = committed.iter().map(|c| c.final_path.clone()).collect();
                 store.mark_published(&finals).await?;

@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod checkpointer;
 pub mod event;
+pub mod failpoints;
 pub mod mailbox;
 pub mod mapper;
 pub mod mapping;

@@ -34,6 +34,11 @@ pub struct PollerConfig {
     pub initial_checkpoint: Option<DateTime<Utc>>,
     pub hide_user_logs: bool,
     pub max_inflight_batches: usize,
+    /// Pages are coalesced into one batch up to this many events…
+    pub batch_max_events: usize,
+    /// …or this many bytes of raw JSON, whichever comes first; the last page of a sweep
+    /// always closes its batch. Fewer, larger batches mean fewer commits and Parquet files.
+    pub batch_max_bytes: usize,
     /// A sweep never fetches more pages than this (a misbehaving API cannot loop for ever).
     pub max_pages_per_sweep: u32,
     pub backoff: Backoff,
@@ -68,6 +73,9 @@ pub struct Poller {
     epoch: Option<u64>,
     checkpoint: Option<DateTime<Utc>>,
     sweep: Option<Sweep>,
+    /// Pages fetched and not yet sent: the batch being filled.
+    pending: Vec<crate::event::RawEvent>,
+    pending_bytes: usize,
     next_seq: u64,
     inflight: usize,
     fetching: bool,
@@ -95,6 +103,8 @@ impl Poller {
             epoch: None,
             checkpoint: None,
             sweep: None,
+            pending: Vec::new(),
+            pending_bytes: 0,
             next_seq: 0,
             inflight: 0,
             fetching: false,
@@ -213,7 +223,7 @@ impl Poller {
                 if request.page > 1 && first_id.is_some() && first_id == sweep.previous_first_id {
                     warn!(account = %self.config.account_id, page = request.page,
                         "the API returned the same page again; ending the sweep here");
-                    self.send_batch(Vec::new(), true, ctx);
+                    self.push_page(Vec::new(), true, ctx);
                     return;
                 }
                 let short = events.len() < per_page;
@@ -225,13 +235,13 @@ impl Poller {
                 sweep.previous_first_id = first_id;
                 sweep.previous_len = events.len();
                 sweep.next_page += 1;
-                self.send_batch(events, short || capped, ctx);
+                self.push_page(events, short || capped, ctx);
             }
             Err(SourceError::BadRequest(_))
                 if request.page > 1 && sweep.previous_len == per_page =>
             {
                 // The PostHog case: a 400 on the page after an exactly full one is the end.
-                self.send_batch(Vec::new(), true, ctx);
+                self.push_page(Vec::new(), true, ctx);
             }
             Err(SourceError::Auth(reason)) => {
                 if !self.auth_failed {
@@ -314,6 +324,26 @@ impl Poller {
         }
     }
 
+    /// Adds a page to the batch being filled; sends the batch when it is full or `last`.
+    fn push_page(
+        &mut self,
+        events: Vec<crate::event::RawEvent>,
+        last: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        self.pending_bytes += events.iter().map(|e| e.get().len()).sum::<usize>();
+        self.pending.extend(events);
+        let full = self.pending.len() >= self.config.batch_max_events
+            || self.pending_bytes >= self.config.batch_max_bytes;
+        if last || full {
+            let batch = std::mem::take(&mut self.pending);
+            self.pending_bytes = 0;
+            self.send_batch(batch, last, ctx);
+        } else {
+            self.fetch_next(ctx);
+        }
+    }
+
     fn send_batch(
         &mut self,
         events: Vec<crate::event::RawEvent>,
@@ -384,6 +414,8 @@ impl Supervised for Poller {
         warn!(account = %self.config.account_id, "Poller restarted; resuming from the committed checkpoint");
         self.epoch = None;
         self.sweep = None;
+        self.pending.clear();
+        self.pending_bytes = 0;
         self.inflight = 0;
         self.fetching = false;
         self.checkpointer
@@ -399,6 +431,8 @@ impl Handler<Resume> for Poller {
         self.epoch = Some(msg.epoch);
         self.checkpoint = msg.state.checkpoint;
         self.sweep = None;
+        self.pending.clear();
+        self.pending_bytes = 0;
         self.next_seq = 0;
         self.inflight = 0;
         self.fetching = false;

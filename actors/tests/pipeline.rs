@@ -65,6 +65,9 @@ impl World {
                 initial_checkpoint: Some(initial_checkpoint()),
                 hide_user_logs: false,
                 max_inflight_batches: 4,
+                // One page, one batch: the tests below count commits per page.
+                batch_max_events: 1,
+                batch_max_bytes: usize::MAX,
                 max_pages_per_sweep: 10_000,
                 backoff,
                 default_retry_after: Duration::from_millis(10),
@@ -494,4 +497,19 @@ async fn an_api_that_ignores_page_cannot_loop_for_ever() {
     // Page 2 repeated page 1: the detector ended the sweep after two requests.
     assert_eq!(world.source.requests.lock().unwrap().len(), 2);
     world.assert_exact_ids(&all[..50]);
+}
+
+#[actix_rt::test]
+async fn pages_are_coalesced_into_batches() {
+    let all = events(1003);
+    let world = World::new(all.clone());
+    let mut parts = world.parts(Direction::Asc, Some(1000));
+    parts.poller.batch_max_events = 200; // four pages of 50
+    let mut pipeline = Pipeline::start(parts);
+    completed(&wait_for(&mut pipeline, |_| true).await);
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    world.assert_exact(&all);
+    // 21 pages: five batches of four pages, then the short last page.
+    assert_eq!(world.commits(), 6);
+    assert_eq!(world.source.requests.lock().unwrap().len(), 21);
 }
