@@ -25,7 +25,7 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
     assert_eq!(first.parquet_rows, expected.len() as i64);
     assert_eq!(first.dead_letters, 50);
     let pool = h.db.pool().await;
-    let counts = assert_exact(&pool, &h.parquet, &expected).await;
+    let counts = assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
     assert_eq!(counts["compression"], json!(["ZSTD"]));
     assert_eq!(counts["schema"]["timestamp"], "timestamp[ns, tz=UTC]");
     assert_eq!(counts["schema"]["ingestion_time"], "timestamp[ns, tz=UTC]");
@@ -42,7 +42,7 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
         second.dead_letters, 50,
         "dead letters seen again are stored once"
     );
-    let counts = assert_exact(&pool, &h.parquet, &expected).await;
+    let counts = assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
     assert_eq!(
         counts["files"], files_after_first,
         "the second run wrote no file"
@@ -94,7 +94,7 @@ async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_dupli
 
     let pool = h.db.pool().await;
     let expected = valid_ids(&h.emu.emulator);
-    assert_exact(&pool, &h.parquet, &expected).await;
+    assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
     let deduplicated: (i64,) =
         sqlx::query_as("SELECT count(*) FROM audit_logs WHERE event_id LIKE 'late-%'")
             .fetch_one(&pool)

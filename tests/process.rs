@@ -83,7 +83,7 @@ async fn slow_harness(events: usize) -> Harness {
 #[actix_web::test]
 async fn sigterm_half_way_commits_what_is_in_flight_and_a_restart_ends_exact() {
     let h = slow_harness(20_000).await;
-    let (env, parquet) = (&h.env, &h.parquet);
+    let env = &h.env;
     let expected = valid_ids(&h.emu.emulator);
     cfaudit(&["migrate"], env).wait().await.unwrap();
     let pool = h.db.pool().await;
@@ -101,14 +101,14 @@ async fn sigterm_half_way_commits_what_is_in_flight_and_a_restart_ends_exact() {
         "stopped half-way ({partial} rows)"
     );
     // Everything in flight was committed: both sinks hold the same rows.
-    let counts = parquet_counts(parquet, false);
+    let counts = h.parquet_counts(false);
     assert_eq!(counts["duckdb_rows"], partial, "{counts}");
     assert_eq!(counts["duckdb_distinct_ids"], partial, "{counts}");
     assert_eq!(summary["rows_in_postgres"], partial);
 
     let resumed = finish(cfaudit(&["run", "--once"], env)).await;
     assert!(resumed.success, "{}", resumed.stderr);
-    assert_exact(&pool, parquet, &expected).await;
+    assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
     pool.close().await;
     h.finish().await;
 }
@@ -116,7 +116,7 @@ async fn sigterm_half_way_commits_what_is_in_flight_and_a_restart_ends_exact() {
 #[actix_web::test]
 async fn sigkill_at_any_moment_then_restart_ends_exact_with_no_orphans() {
     let h = slow_harness(24_000).await;
-    let (env, parquet) = (&h.env, &h.parquet);
+    let env = &h.env;
     let expected = valid_ids(&h.emu.emulator);
     cfaudit(&["migrate"], env).wait().await.unwrap();
     let pool = h.db.pool().await;
@@ -129,7 +129,7 @@ async fn sigkill_at_any_moment_then_restart_ends_exact_with_no_orphans() {
     }
     let finished = finish(cfaudit(&["run", "--once"], env)).await;
     assert!(finished.success, "{}", finished.stderr);
-    assert_exact(&pool, parquet, &expected).await;
+    assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
     let unpublished: (i64,) =
         sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
             .fetch_one(&pool)

@@ -71,6 +71,8 @@ pub struct Checkpointer {
     next_seq: u64,
     recovering: bool,
     consecutive_failures: u32,
+    /// The failure that started the current recovery, passed on to the Poller.
+    failure: Option<String>,
 }
 
 impl Checkpointer {
@@ -94,6 +96,7 @@ impl Checkpointer {
             next_seq: 0,
             recovering: false,
             consecutive_failures: 0,
+            failure: None,
         }
     }
 
@@ -112,6 +115,7 @@ impl Checkpointer {
             .with_label_values(&[self.account()])
             .inc();
         self.consecutive_failures += 1;
+        self.failure = Some(reason.to_owned());
         self.begin_recovery(ctx);
     }
 
@@ -360,6 +364,7 @@ impl Handler<Recover> for Checkpointer {
                     epoch: act.epoch.current(),
                     state,
                     delay: act.config.backoff.delay(act.consecutive_failures),
+                    reason: act.failure.take(),
                 };
                 info!(account = %act.account(), epoch = resume.epoch, checkpoint = ?resume.state.checkpoint,
                     "resuming from the committed checkpoint");
@@ -371,6 +376,9 @@ impl Handler<Recover> for Checkpointer {
                 act.consecutive_failures += 1;
                 let delay = act.config.backoff.delay(act.consecutive_failures);
                 error!(account = %act.account(), %error, retry_in = ?delay, "recovery failed");
+                if let Some(poller) = &act.poller {
+                    poller.do_send(RecoveryFailed { reason: format!("recovery failed: {error}") });
+                }
                 ctx.run_later(delay, |_, ctx| ctx.notify(Recover));
             }
         }));

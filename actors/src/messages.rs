@@ -112,6 +112,16 @@ pub struct Resume {
     pub state: CommittedState,
     /// Back-off before the first request, growing with consecutive failures.
     pub delay: Duration,
+    /// Why the pipeline rewound; `None` at start-up.
+    pub reason: Option<String>,
+}
+
+/// Checkpointer → Poller: recovery (reload, publish, clean staging) failed; it is retried
+/// after a back-off. `run --once` counts it as a failed attempt.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct RecoveryFailed {
+    pub reason: String,
 }
 
 /// Checkpointer → Poller: the batch and all before it are durable in both sinks.

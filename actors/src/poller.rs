@@ -81,6 +81,8 @@ pub struct Poller {
     fetching: bool,
     draining: bool,
     auth_failed: bool,
+    /// Rewinds since the last commit (`--once` gives up after `once` of them).
+    rewinds_without_commit: u32,
 }
 
 impl Poller {
@@ -110,6 +112,7 @@ impl Poller {
             fetching: false,
             draining: false,
             auth_failed: false,
+            rewinds_without_commit: 0,
         }
     }
 
@@ -440,12 +443,46 @@ impl Handler<Resume> for Poller {
             epoch: msg.epoch,
             seen: msg.state.overlap_ids,
         });
+        if let Some(reason) = msg.reason {
+            if self.count_failure(&reason) {
+                return;
+            }
+        }
         if self.draining {
             self.report_drained();
             return;
         }
         let epoch = msg.epoch;
         ctx.run_later(msg.delay, move |act, ctx| act.start_sweep(epoch, ctx));
+    }
+}
+
+impl Poller {
+    /// Counts a failed attempt (a rewind or a failed recovery) since the last commit; `true`
+    /// when `run --once` has now failed for good.
+    fn count_failure(&mut self, reason: &str) -> bool {
+        self.rewinds_without_commit += 1;
+        match self.config.once {
+            Some(max_attempts) if self.rewinds_without_commit >= max_attempts => {
+                let _ = self.events.send(PipelineEvent::Failed {
+                    reason: format!(
+                        "{} attempts in a row failed; the last: {reason}",
+                        self.rewinds_without_commit
+                    ),
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Handler<RecoveryFailed> for Poller {
+    type Result = ();
+
+    fn handle(&mut self, msg: RecoveryFailed, _ctx: &mut Context<Self>) {
+        let _timer = self.actor.handling();
+        self.count_failure(&msg.reason);
     }
 }
 
@@ -458,6 +495,7 @@ impl Handler<BatchCommitted> for Poller {
             return;
         }
         self.inflight = self.inflight.saturating_sub(1);
+        self.rewinds_without_commit = 0;
         self.checkpoint = msg.checkpoint.or(self.checkpoint);
         let sweep_done = self
             .sweep

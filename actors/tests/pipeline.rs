@@ -513,3 +513,22 @@ async fn pages_are_coalesced_into_batches() {
     assert_eq!(world.commits(), 6);
     assert_eq!(world.source.requests.lock().unwrap().len(), 21);
 }
+
+#[actix_rt::test]
+async fn once_mode_gives_up_when_a_sink_keeps_failing_and_says_why() {
+    let world = World::new(events(100));
+    world.rows.faults.fail_from(1);
+    let mut pipeline = world.start(Direction::Asc, Some(3));
+    let event = wait_for(&mut pipeline, |_| true).await;
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    match &event {
+        PipelineEvent::Failed { reason } => {
+            assert!(
+                reason.contains("3 attempts") && reason.contains("injected failure of row sink"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(world.commits(), 0);
+}

@@ -146,11 +146,12 @@ fn python() -> PathBuf {
     venv
 }
 
-/// Counts from the independent reader (pyarrow and DuckDB, hive partitioning).
-pub fn parquet_counts(root: &Path, with_ids: bool) -> Value {
+/// Counts from the independent reader (pyarrow and DuckDB, hive partitioning). `root` is a
+/// folder or `s3://bucket/prefix`; `env` carries the S3 credentials for the reader.
+pub fn parquet_counts(root: &str, env: &[(String, String)], with_ids: bool) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parquet_check.py");
     let mut command = Command::new(python());
-    command.arg(script).arg(root);
+    command.arg(script).arg(root).envs(env.iter().cloned());
     if with_ids {
         command.env("PARQUET_CHECK_IDS", "1");
     }
@@ -166,7 +167,8 @@ pub fn parquet_counts(root: &Path, with_ids: bool) -> Value {
 /// Asserts both sinks hold exactly `expected`, once each, and nothing is left in staging.
 pub async fn assert_exact(
     pool: &sqlx::PgPool,
-    parquet: &Path,
+    lake: &str,
+    reader_env: &[(String, String)],
     expected: &std::collections::BTreeSet<String>,
 ) -> Value {
     let n = expected.len() as i64;
@@ -181,7 +183,7 @@ pub async fn assert_exact(
         expected,
         "postgres holds exactly the emulator's events"
     );
-    let counts = parquet_counts(parquet, true);
+    let counts = parquet_counts(lake, reader_env, true);
     assert_eq!(counts["pyarrow_rows"], n, "{counts}");
     assert_eq!(counts["pyarrow_distinct_ids"], n, "{counts}");
     assert_eq!(counts["duckdb_rows"], n, "{counts}");
@@ -205,9 +207,13 @@ pub fn secret(s: &str) -> Secret {
 pub struct Harness {
     pub db: TestDb,
     pub dir: tempfile::TempDir,
-    pub parquet: PathBuf,
+    /// The dataset root: a folder, or `s3://bucket/prefix`.
+    pub lake: String,
     pub emu: RunningEmulator,
     pub env: Vec<(String, String)>,
+    /// What the Parquet reader needs (S3 credentials and endpoint).
+    pub reader_env: Vec<(String, String)>,
+    pub s3: Option<S3Server>,
 }
 
 impl Harness {
@@ -217,13 +223,35 @@ impl Harness {
         let parquet = dir.path().join("parquet");
         let emu = spawn_emulator(config);
         let env = run_env(&emu.base_url, &db, &parquet);
+        let lake = parquet.to_str().unwrap().to_owned();
         Harness {
             db,
             dir,
-            parquet,
+            lake,
             emu,
             env,
+            reader_env: Vec::new(),
+            s3: None,
         }
+    }
+
+    /// As [`Harness::new`], with the dataset in a bucket of a real S3-compatible server.
+    pub async fn with_s3(config: EmulatorConfig) -> Harness {
+        let mut h = Harness::new(config).await;
+        let s3 = S3Server::start("cfaudit");
+        h.reader_env = s3.env();
+        h.lake = "s3://cfaudit/lake".to_owned();
+        for (key, value) in s3.env() {
+            h.set(&key, &value);
+        }
+        let lake = h.lake.clone();
+        h.set("PARQUET_URL", &lake);
+        h.s3 = Some(s3);
+        h
+    }
+
+    pub fn parquet_counts(&self, with_ids: bool) -> Value {
+        parquet_counts(&self.lake, &self.reader_env, with_ids)
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -237,12 +265,95 @@ impl Harness {
     /// Both sinks hold exactly the emulator's valid events, once.
     pub async fn assert_exact(&self) -> Value {
         let pool = self.db.pool().await;
-        let counts = assert_exact(&pool, &self.parquet, &valid_ids(&self.emu.emulator)).await;
+        let counts = assert_exact(
+            &pool,
+            &self.lake,
+            &self.reader_env,
+            &valid_ids(&self.emu.emulator),
+        )
+        .await;
         pool.close().await;
         counts
     }
 
     pub async fn finish(self) {
         self.db.drop_db().await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real S3-compatible server (s3s-fs: signatures checked, conditional writes honoured) with
+/// one bucket, on a free port, killed when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+    _root: tempfile::TempDir,
+}
+
+pub const S3_ACCESS_KEY: &str = "cfaudit-test-access";
+pub const S3_SECRET_KEY: &str = "cfaudit-test-secret-5d41402abc4b2a76";
+
+impl S3Server {
+    pub fn start(bucket: &str) -> S3Server {
+        let binary = std::env::var("CFAUDIT_S3S_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(&std::env::var("HOME").unwrap()).join(".cargo/bin/s3s-fs")
+            });
+        assert!(
+            binary.exists(),
+            "{} is missing: run `make test` (tests/support/ensure-s3.sh installs it)",
+            binary.display()
+        );
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(bucket)).unwrap();
+        let port = free_port();
+        let child = Command::new(binary)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return S3Server {
+                    child,
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                    _root: root,
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("s3s-fs did not listen on {port}");
+    }
+
+    /// The standard variables, as an operator would set them for MinIO.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
