@@ -42,6 +42,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
     let postgres = Postgres::connect(&config.database_url, config.database_max_connections).await?;
     if !options.skip_migrations {
         postgres.migrate().await?;
+        apply_policies(&postgres, &config).await?;
     }
     let lake = Arc::new(ParquetLake::open(
         &config.parquet_url,
@@ -118,6 +119,24 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
     }
     let interrupted = outcome?;
     summary(&postgres, &account_id, interrupted).await
+}
+
+/// TimescaleDB's compression and retention policies from the configuration.
+pub async fn apply_policies(postgres: &Postgres, config: &Config) -> anyhow::Result<()> {
+    let (compress, retention) = (config.timescale_compress_after_days, config.retention_days);
+    if postgres
+        .apply_timescale_policies(compress, retention)
+        .await?
+    {
+        info!(
+            compress_after_days = compress,
+            retention_days = retention,
+            "TimescaleDB policies applied"
+        );
+    } else {
+        info!("plain PostgreSQL (no TimescaleDB): audit_logs is neither compressed nor pruned; see README");
+    }
+    Ok(())
 }
 
 /// Waits for the end of the run; `Ok(true)` when a signal cut it short.

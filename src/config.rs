@@ -70,6 +70,11 @@ pub struct Config {
     pub database_url: Secret,
     /// Maximum connections in the database pool.
     pub database_max_connections: u32,
+    /// TimescaleDB only: compress `audit_logs` chunks older than this many days (0: never).
+    pub timescale_compress_after_days: u32,
+    /// TimescaleDB only: drop `audit_logs` chunks older than this many days (0: keep all).
+    /// On plain PostgreSQL nothing is dropped; see README for pruning by hand.
+    pub retention_days: u32,
     /// Parquet dataset root as an object_store URL: `file:///path` or `s3://bucket/prefix`.
     pub parquet_url: String,
     /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
@@ -121,6 +126,8 @@ impl Default for Config {
             initial_checkpoint: None,
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/cfaudit"),
             database_max_connections: 8,
+            timescale_compress_after_days: 30,
+            retention_days: 90,
             parquet_url: format!("file://{}", parquet_dir.display()),
             metrics_addr: "127.0.0.1:9464".parse().expect("valid"),
             max_inflight_batches: 4,
@@ -154,6 +161,8 @@ pub const KEYS: &[&str] = &[
     "initial_checkpoint",
     "database_url",
     "database_max_connections",
+    "timescale_compress_after_days",
+    "retention_days",
     "parquet_url",
     "metrics_addr",
     "max_inflight_batches",

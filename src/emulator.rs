@@ -71,6 +71,12 @@ pub struct EmulatorConfig {
     /// Treat `before` as inclusive.
     #[arg(long)]
     pub before_inclusive: bool,
+    /// Live mode: new events per second, added while the emulator runs (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub live_per_second: f64,
+    /// Live events carry a `when` up to this many seconds in the past (late arrivals).
+    #[arg(long, default_value_t = 0)]
+    pub live_late_seconds: u64,
 }
 
 /// Injected faults, by request number: "every Nth request". 0 switches a fault off.
@@ -215,6 +221,41 @@ impl Emulator {
     /// Every stored event (tests compare the sinks against this).
     pub fn events(&self) -> Vec<StoredEvent> {
         self.state.lock().unwrap().events.clone()
+    }
+
+    /// Live mode: adds `live_per_second` events every second, timed now (or up to
+    /// `live_late_seconds` earlier). Runs on the current actix system until it stops.
+    pub fn start_live(&self) {
+        if self.config.live_per_second <= 0.0 {
+            return;
+        }
+        let emulator = self.clone();
+        actix_rt::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(emulator.config.seed ^ 0x11fe);
+            let mut owed = 0.0;
+            let mut index = emulator.config.events;
+            let mut tick = actix_rt::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                owed += emulator.config.live_per_second;
+                let mut batch = Vec::new();
+                while owed >= 1.0 {
+                    owed -= 1.0;
+                    let late =
+                        rng.random_range(0..=emulator.config.live_late_seconds * 1000) as i64;
+                    let when = Utc::now() - chrono::Duration::milliseconds(late);
+                    batch.push(synthetic_event(
+                        index,
+                        when.trunc_subsecs(6),
+                        6,
+                        &mut rng,
+                        &emulator.config,
+                    ));
+                    index += 1;
+                }
+                emulator.insert(&batch);
+            }
+        });
     }
 
     /// Serves on `config.listen` until the server is stopped; returns the bound address.

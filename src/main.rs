@@ -101,6 +101,7 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     Postgres::create_database_if_missing(&config.database_url).await?;
     let postgres = Postgres::connect(&config.database_url, 1).await?;
     postgres.migrate().await?;
+    cfaudit::app::apply_policies(&postgres, config).await?;
     tracing::info!("migrations applied");
     Ok(())
 }
@@ -108,6 +109,7 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
 async fn serve_emulator(config: EmulatorConfig) -> anyhow::Result<()> {
     let emulator = Emulator::new(config.clone());
     let (addr, server) = emulator.serve()?;
+    emulator.start_live();
     tracing::info!(%addr, events = config.events, account = %config.account_id, "emulator listening");
     println!("emulator: http://{addr}/client/v4");
     let handle = server.handle();

@@ -78,6 +78,50 @@ impl Postgres {
         Ok(())
     }
 
+    /// Whether the TimescaleDB extension is installed in this database.
+    pub async fn has_timescaledb(&self) -> anyhow::Result<bool> {
+        let (present,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(present)
+    }
+
+    /// Applies the compression and retention policies of the configuration (TimescaleDB
+    /// only; `0` removes a policy). Replaced on every start, so a changed setting takes effect
+    /// without a migration. Returns `false` on plain PostgreSQL, where nothing is done.
+    pub async fn apply_timescale_policies(
+        &self,
+        compress_after_days: u32,
+        retention_days: u32,
+    ) -> anyhow::Result<bool> {
+        if !self.has_timescaledb().await? {
+            return Ok(false);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT remove_compression_policy('audit_logs', if_exists => TRUE)")
+            .execute(&mut *tx)
+            .await?;
+        if compress_after_days > 0 {
+            sqlx::query("SELECT add_compression_policy('audit_logs', compress_after => make_interval(days => $1))")
+                .bind(compress_after_days as i32)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("SELECT remove_retention_policy('audit_logs', if_exists => TRUE)")
+            .execute(&mut *tx)
+            .await?;
+        if retention_days > 0 {
+            sqlx::query("SELECT add_retention_policy('audit_logs', drop_after => make_interval(days => $1))")
+                .bind(retention_days as i32)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
