@@ -33,7 +33,7 @@ enum Command {
     /// Create the database if missing and apply the migrations.
     Migrate,
     /// Serve the Cloudflare audit-log API emulator (demo and tests).
-    Emulator(EmulatorConfig),
+    Emulator(Box<EmulatorConfig>),
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 configuration error.
@@ -76,7 +76,7 @@ async fn main() -> ExitCode {
             }
         }),
         Command::Migrate => migrate(&config).await,
-        Command::Emulator(emulator) => serve_emulator(emulator).await,
+        Command::Emulator(emulator) => serve_emulator(*emulator).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -219,7 +219,10 @@ async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
             "cfaudit_actor_handler_duration_seconds_count{{actor=\"{actor}\"}}"
         )));
     }
-    assert!(value("cfaudit_batches_committed_total") >= 3.0);
+    assert!(
+        value("cfaudit_batches_committed_total") >= 1.0,
+        "3 pages coalesce into one batch"
+    );
     assert!(value("cfaudit_checkpoint_lag_seconds") > 0.0);
     assert!(value("cfaudit_last_successful_sweep_timestamp_seconds") > 1.7e9);
     assert!(value("cfaudit_api_requests_total{status_class=\"2xx\"}") >= 3.0);
