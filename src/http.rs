@@ -69,6 +69,11 @@ async fn readyz(state: web::Data<HealthState>) -> HttpResponse {
             "account {account}: polling stopped by an authentication error: {reason}"
         ));
     }
+    for (account, reason) in state.metrics.health.sink_failures.lock().unwrap().iter() {
+        problems.push(format!(
+            "account {account}: retrying from the checkpoint after: {reason}"
+        ));
+    }
     let now = Utc::now();
     let max_age = chrono::Duration::from_std(state.max_sweep_age).unwrap_or_default();
     let sweeps = state

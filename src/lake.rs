@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::array::{ArrayRef, StringArray, TimestampNanosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -17,8 +18,9 @@ use cfaudit_actors::{AuditRow, CommittedFile, FileSink, SinkError, StagedFile};
 use crate::config::Secret;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, RetryConfig};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -65,15 +67,48 @@ impl ParquetLake {
         let parsed =
             url::Url::parse(url).map_err(|e| anyhow::anyhow!("PARQUET_URL {url:?}: {e}"))?;
         let defaults = [("aws_copy_if_not_exists".to_owned(), "multipart".to_owned())];
-        let options = defaults.into_iter().chain(
-            options
-                .iter()
-                .map(|(k, v)| (k.clone(), v.expose().to_owned())),
-        );
-        // The error names the scheme, never the options: they hold credentials.
-        let (store, root) = object_store::parse_url_opts(&parsed, options)
+        let options: Vec<(String, String)> = defaults
+            .into_iter()
+            .chain(
+                options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.expose().to_owned())),
+            )
+            .collect();
+        // The errors name the scheme, never the options: they hold credentials.
+        let scheme = parsed.scheme().to_owned();
+        let scheme_error =
+            move |e: object_store::Error| anyhow::anyhow!("PARQUET_URL ({scheme} storage): {e}");
+        let (scheme, path) = ObjectStoreScheme::parse(&parsed)
             .map_err(|e| anyhow::anyhow!("PARQUET_URL ({} storage): {e}", parsed.scheme()))?;
-        Ok(ParquetLake::new(Arc::from(store), root))
+        let root = Path::parse(path).map_err(|e| anyhow::anyhow!("PARQUET_URL path: {e}"))?;
+        let store: Arc<dyn ObjectStore> = match scheme {
+            // object_store retries a failing request for up to 3 minutes by default; bounded
+            // here so an outage reaches the pipeline (not-ready, back-off, rewind) in ~20 s.
+            ObjectStoreScheme::AmazonS3 => {
+                let builder =
+                    options
+                        .iter()
+                        .fold(AmazonS3Builder::new().with_url(url), |b, (k, v)| {
+                            match k.parse::<AmazonS3ConfigKey>() {
+                                Ok(key) => b.with_config(key, v),
+                                Err(_) => b,
+                            }
+                        });
+                let retry = RetryConfig {
+                    max_retries: 4,
+                    retry_timeout: Duration::from_secs(20),
+                    ..RetryConfig::default()
+                };
+                Arc::new(builder.with_retry(retry).build().map_err(scheme_error)?)
+            }
+            _ => Arc::from(
+                object_store::parse_url_opts(&parsed, options)
+                    .map_err(scheme_error)?
+                    .0,
+            ),
+        };
+        Ok(ParquetLake::new(store, root))
     }
 
     pub fn new(store: Arc<dyn ObjectStore>, root: Path) -> ParquetLake {

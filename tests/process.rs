@@ -3,73 +3,10 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cfaudit::emulator::DEMO_TOKEN;
 use common::*;
-use tokio::process::{Child, Command};
-
-fn cfaudit(args: &[&str], env: &[(String, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cfaudit"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().cloned())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn cfaudit")
-}
-
-fn signal(child: &Child, signal: &str) {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-async fn rows(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM audit_logs")
-        .fetch_one(pool)
-        .await
-        .map(|r| r.0)
-        .unwrap_or(0)
-}
-
-async fn wait_for_rows(pool: &sqlx::PgPool, at_least: i64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while rows(pool).await < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {at_least} rows after 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct Finished {
-    success: bool,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn finish(child: Child) -> Finished {
-    let output = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
-        .await
-        .expect("cfaudit exited within 180 s")
-        .unwrap();
-    Finished {
-        success: output.status.success(),
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
 
 /// A slow emulator (latency per page), so a run can be caught half-way.
 async fn slow_harness(events: usize) -> Harness {

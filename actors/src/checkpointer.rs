@@ -116,6 +116,12 @@ impl Checkpointer {
             .inc();
         self.consecutive_failures += 1;
         self.failure = Some(reason.to_owned());
+        self.metrics
+            .health
+            .sink_failures
+            .lock()
+            .unwrap()
+            .insert(self.config.account_id.clone(), reason.to_owned());
         self.begin_recovery(ctx);
     }
 
@@ -201,7 +207,7 @@ impl Checkpointer {
                         }
                         Some(Err(error)) => {
                             error!(account = %act.account(), %error, "commit failed");
-                            act.fail_epoch("commit failed", ctx);
+                            act.fail_epoch(&format!("commit failed: {error}"), ctx);
                         }
                     }
                 }),
@@ -262,6 +268,12 @@ impl Checkpointer {
             self.metrics.set_checkpoint(&account, checkpoint);
         }
         self.committed = record.state;
+        self.metrics
+            .health
+            .sink_failures
+            .lock()
+            .unwrap()
+            .remove(&account);
         if let Some(poller) = &self.poller {
             poller.do_send(BatchCommitted {
                 batch,
@@ -376,8 +388,15 @@ impl Handler<Recover> for Checkpointer {
                 act.consecutive_failures += 1;
                 let delay = act.config.backoff.delay(act.consecutive_failures);
                 error!(account = %act.account(), %error, retry_in = ?delay, "recovery failed");
+                let reason = format!("recovery failed: {error}");
+                act.metrics
+                    .health
+                    .sink_failures
+                    .lock()
+                    .unwrap()
+                    .insert(act.config.account_id.clone(), reason.clone());
                 if let Some(poller) = &act.poller {
-                    poller.do_send(RecoveryFailed { reason: format!("recovery failed: {error}") });
+                    poller.do_send(RecoveryFailed { reason });
                 }
                 ctx.run_later(delay, |_, ctx| ctx.notify(Recover));
             }

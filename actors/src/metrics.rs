@@ -238,6 +238,9 @@ pub struct PipelineHealth {
     pub last_successful_sweep: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Accounts whose polling is stopped by an authentication error, with the reason.
     pub auth_failures: Mutex<HashMap<String, String>>,
+    /// Accounts whose pipeline is rewinding after a failure (a sink down, a failed commit),
+    /// with the last reason; cleared by the next commit.
+    pub sink_failures: Mutex<HashMap<String, String>>,
 }
 
 /// One actor's metrics. Depth is "sent − started handling": actix has no queue-length API.

@@ -294,7 +294,9 @@ pub fn free_port() -> u16 {
 pub struct S3Server {
     child: std::process::Child,
     pub endpoint: String,
-    _root: tempfile::TempDir,
+    binary: PathBuf,
+    port: u16,
+    root: tempfile::TempDir,
 }
 
 pub const S3_ACCESS_KEY: &str = "cfaudit-test-access";
@@ -315,27 +317,45 @@ impl S3Server {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join(bucket)).unwrap();
         let port = free_port();
+        let child = Self::spawn(&binary, port, root.path());
+        S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            binary,
+            port,
+            root,
+        }
+    }
+
+    fn spawn(binary: &Path, port: u16, root: &Path) -> std::process::Child {
         let mut child = Command::new(binary)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-            .arg(root.path())
+            .arg(root)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start s3s-fs");
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return S3Server {
-                    child,
-                    endpoint: format!("http://127.0.0.1:{port}"),
-                    _root: root,
-                };
+                return child;
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         let _ = child.kill();
         let _ = child.wait();
         panic!("s3s-fs did not listen on {port}");
+    }
+
+    /// An outage: the server is killed; its data stays.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The same server again: same port, same data.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.binary, self.port, self.root.path());
     }
 
     /// The standard variables, as an operator would set them for MinIO.
@@ -357,5 +377,190 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A PostgreSQL cluster of its own (initdb in a temporary folder, a free port, trust auth),
+/// so a test can stop and start it without disturbing the shared server.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .flatten()
+                    .map(|v| v.path().join("bin"))
+                    .find(|b| b.join("initdb").exists())
+            })
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql/<version>/bin");
+        let dir = tempfile::Builder::new()
+            .prefix("cfaudit-pg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let pg = PrivatePostgres {
+            dir,
+            port: free_port(),
+            bin,
+        };
+        // initdb and postgres refuse to run as root: hand the folder to the postgres user.
+        if Self::is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let data = pg.data();
+        pg.run(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        );
+        pg.start_again();
+        pg
+    }
+
+    fn is_root() -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0\n"))
+            .unwrap_or(false)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").to_str().unwrap().to_owned()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let output = if Self::is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&program).args(args).output()
+        }
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").to_str().unwrap().to_owned();
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-o", &options, "-l", &log, "-w", "start"],
+        );
+    }
+
+    /// An outage: fast shutdown, connections cut.
+    pub fn stop(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let program = self.bin.join("pg_ctl");
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if Self::is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(program)
+                .args(args)
+                .output()
+        } else {
+            Command::new(program).args(args).output()
+        };
+    }
+}
+
+// The real binary, as an operator runs it.
+
+pub fn cfaudit(args: &[&str], env: &[(String, String)]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cfaudit"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cfaudit")
+}
+
+pub fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+pub async fn rows(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM audit_logs")
+        .fetch_one(pool)
+        .await
+        .map(|r| r.0)
+        .unwrap_or(0)
+}
+
+pub async fn wait_for_rows(pool: &sqlx::PgPool, at_least: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while rows(pool).await < at_least {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {at_least} rows after 120 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+pub struct Finished {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub async fn finish(child: tokio::process::Child) -> Finished {
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(180),
+        child.wait_with_output(),
+    )
+    .await
+    .expect("cfaudit exited within 180 s")
+    .unwrap();
+    Finished {
+        success: output.status.success(),
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
