@@ -5,12 +5,14 @@
 //! never needs `result_info`, accepts `errors: null`, absent `messages` and `result: null`,
 //! and reads `Ratelimit` headers when present.
 
-use std::sync::Arc;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cfaudit_actors::{AuditSource, Metrics, PageRequest, RawEvent, SourceError};
 use chrono::SecondsFormat;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -34,6 +36,10 @@ pub struct CloudflareClient {
     base_url: String,
     credential: Credential,
     metrics: Arc<Metrics>,
+    /// The client-side budget (GCRA): below Cloudflare's 1,200 requests per 5 minutes.
+    budget: DefaultDirectRateLimiter,
+    /// Set when a `Ratelimit` header said nothing is left: no request before this instant.
+    paused_until: Mutex<Option<Instant>>,
 }
 
 impl CloudflareClient {
@@ -58,6 +64,11 @@ impl CloudflareClient {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cfaudit/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let per_request =
+            Duration::from_secs(300).div_f64(f64::from(config.cloudflare_requests_per_5_minutes));
+        let quota = Quota::with_period(per_request)
+            .expect("a positive period")
+            .allow_burst(NonZeroU32::new(config.cloudflare_request_burst).expect("validated"));
         Ok(CloudflareClient {
             http,
             base_url: config
@@ -66,7 +77,21 @@ impl CloudflareClient {
                 .to_owned(),
             credential,
             metrics,
+            budget: RateLimiter::direct(quota),
+            paused_until: Mutex::new(None),
         })
+    }
+
+    /// Waits for the budget, and for the reset announced by a `Ratelimit: …;r=0;t=N` header.
+    async fn wait_for_budget(&self) {
+        let paused_until = *self.paused_until.lock().unwrap();
+        if let Some(until) = paused_until {
+            let now = Instant::now();
+            if until > now {
+                tokio::time::sleep(until - now).await;
+            }
+        }
+        self.budget.until_ready().await;
     }
 
     async fn request(
@@ -120,8 +145,13 @@ impl CloudflareClient {
             .api_request_duration
             .observe(started.elapsed().as_secs_f64());
         self.metrics.api_requests.with_label_values(&[class]).inc();
-        if let Some(remaining) = headers.and_then(ratelimit_remaining) {
+        if let Some((remaining, reset)) = headers.and_then(ratelimit) {
             self.metrics.api_ratelimit_remaining.set(remaining);
+            if remaining <= 0 {
+                // The window is used up: wait for its reset rather than earn a 5-minute block.
+                *self.paused_until.lock().unwrap() =
+                    Some(Instant::now() + Duration::from_secs(reset.max(1)));
+            }
         }
     }
 }
@@ -139,6 +169,7 @@ fn transport_error(stage: &str, error: reqwest::Error) -> SourceError {
 #[async_trait]
 impl AuditSource for CloudflareClient {
     async fn fetch_page(&self, request: &PageRequest) -> Result<Vec<RawEvent>, SourceError> {
+        self.wait_for_budget().await;
         let started = Instant::now();
         let (status, headers, body) = match self.request(request).await {
             Ok(answer) => answer,
@@ -257,13 +288,16 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     value.parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// `Ratelimit: "default";r=<remaining>;t=<secs>` → remaining.
-fn ratelimit_remaining(headers: &HeaderMap) -> Option<i64> {
+/// `Ratelimit: "default";r=<remaining>;t=<secs to reset>` → (remaining, secs to reset).
+fn ratelimit(headers: &HeaderMap) -> Option<(i64, u64)> {
     let value = headers.get("ratelimit")?.to_str().ok()?;
-    value
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("r="))
-        .and_then(|r| r.trim().parse().ok())
+    let field = |name: &str| {
+        value
+            .split(';')
+            .find_map(|part| part.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    Some((field("r=")?, field("t=").unwrap_or(0).max(0) as u64))
 }
 
 #[cfg(test)]
@@ -369,6 +403,6 @@ mod tests {
             "ratelimit",
             HeaderValue::from_static("\"default\";r=1187;t=42"),
         );
-        assert_eq!(ratelimit_remaining(&headers), Some(1187));
+        assert_eq!(ratelimit(&headers), Some((1187, 42)));
     }
 }

@@ -63,6 +63,12 @@ pub struct Config {
     pub cloudflare_hide_user_logs: bool,
     /// Timeout of one API request, body included.
     pub cloudflare_request_timeout_seconds: u64,
+    /// Client-side request budget per 5 minutes, kept below Cloudflare's 1,200 (whose breach
+    /// blocks the token for 5 minutes). At most `budget + burst` requests go out in any
+    /// 5-minute window.
+    pub cloudflare_requests_per_5_minutes: u32,
+    /// Requests that may go out back to back before the budget's pace applies.
+    pub cloudflare_request_burst: u32,
     /// Where a fresh account starts: RFC 3339 time or `YYYY-MM-DD`. Default: one poll
     /// interval ago. Ignored once a checkpoint is committed.
     pub initial_checkpoint: Option<String>,
@@ -123,6 +129,8 @@ impl Default for Config {
             cloudflare_since_safety_lag_seconds: 120,
             cloudflare_hide_user_logs: false,
             cloudflare_request_timeout_seconds: 30,
+            cloudflare_requests_per_5_minutes: 1000,
+            cloudflare_request_burst: 100,
             initial_checkpoint: None,
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/cfaudit"),
             database_max_connections: 8,
@@ -158,6 +166,8 @@ pub const KEYS: &[&str] = &[
     "cloudflare_since_safety_lag_seconds",
     "cloudflare_hide_user_logs",
     "cloudflare_request_timeout_seconds",
+    "cloudflare_requests_per_5_minutes",
+    "cloudflare_request_burst",
     "initial_checkpoint",
     "database_url",
     "database_max_connections",
@@ -272,6 +282,13 @@ impl Config {
                 "batch_max_events",
                 "0 would make empty batches",
                 "use 1 or more (default 10000; BATCH_MAX_BYTES default 33554432)",
+            ));
+        }
+        if self.cloudflare_requests_per_5_minutes == 0 || self.cloudflare_request_burst == 0 {
+            return Err(config_error(
+                "cloudflare_requests_per_5_minutes",
+                "0 would never send a request",
+                "use 1 or more (defaults: 1000 per 5 minutes, burst 100: at most 1100 in any window, below Cloudflare's 1200)",
             ));
         }
         if self.max_inflight_batches == 0 {

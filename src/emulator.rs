@@ -437,14 +437,15 @@ async fn serve_page(
     emulator: &Emulator,
 ) -> HttpResponse {
     let config = &emulator.config;
-    let credential = match authenticate(req, config, account.as_deref()) {
-        Ok(credential) => credential,
-        Err(failure) => return failure.response(),
-    };
+    // Every request counts, refused ones included.
     let (request_no, faults) = {
         let mut state = emulator.state.lock().unwrap();
         state.requests += 1;
         (state.requests, state.faults.clone())
+    };
+    let credential = match authenticate(req, config, account.as_deref()) {
+        Ok(credential) => credential,
+        Err(failure) => return failure.response(),
     };
     if faults.latency_ms > 0 {
         actix_rt::time::sleep(Duration::from_millis(faults.latency_ms)).await;
@@ -485,9 +486,7 @@ async fn serve_page(
         }
         (
             config.rate_limit - w.count,
-            window
-                .saturating_sub(now.duration_since(w.started))
-                .as_secs(),
+            ceil_seconds(window.saturating_sub(now.duration_since(w.started))),
         )
     };
     let every = |n: u64| n > 0 && request_no % n == 0;
@@ -534,8 +533,13 @@ async fn serve_page(
     response
 }
 
+/// Whole seconds, rounded up: a client that waits this long is past the deadline.
+fn ceil_seconds(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
 fn too_many(wait: Duration) -> HttpResponse {
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let seconds = ceil_seconds(wait);
     let mut response = Failure::new(
         StatusCode::TOO_MANY_REQUESTS,
         971,

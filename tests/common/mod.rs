@@ -92,6 +92,9 @@ pub fn run_env(base_url: &str, db: &TestDb, parquet: &Path) -> Vec<(String, Stri
         ("RETRY_INITIAL_MILLIS", "20".to_owned()),
         ("RETRY_MAX_SECONDS", "1".to_owned()),
         ("LOG_FORMAT", "json".to_owned()),
+        // The emulator answers fast: the real budget would only slow the tests down.
+        ("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "1000000".to_owned()),
+        ("CLOUDFLARE_REQUEST_BURST", "1000".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
