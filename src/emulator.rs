@@ -96,6 +96,9 @@ pub struct Faults {
     /// Every Nth request gets a truncated JSON body.
     #[arg(long, default_value_t = 0)]
     pub fault_truncate_every: u64,
+    /// Every Nth request has its connection cut in the middle of the body.
+    #[arg(long, default_value_t = 0)]
+    pub fault_reset_every: u64,
     /// Added latency of every request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
@@ -505,6 +508,20 @@ async fn serve_page(
         return Failure::new(StatusCode::OK, 10001, "Temporary failure, please retry").response();
     }
     let mut response = match page_body(&query, emulator) {
+        Ok(body) if every(faults.fault_reset_every) => {
+            // Half the body, a moment for it to reach the client, then the stream fails and
+            // the server drops the connection.
+            use futures::StreamExt;
+            let half = actix_web::web::Bytes::from(body.as_bytes()[..body.len() / 2].to_vec());
+            let first = futures::stream::once(async move { Ok::<_, std::io::Error>(half) });
+            let reset = futures::stream::once(async {
+                actix_rt::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "emulated reset"))
+            });
+            HttpResponse::Ok()
+                .content_type("application/json")
+                .streaming(first.chain(reset))
+        }
         Ok(body) => {
             let body = if every(faults.fault_truncate_every) {
                 body[..body.len() / 2].to_owned()

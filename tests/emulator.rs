@@ -427,3 +427,19 @@ async fn events_cover_the_edge_shapes_and_are_deterministic() {
         "bursts of identical `when`: {equal_neighbours}"
     );
 }
+
+#[actix_web::test]
+async fn a_reset_cuts_the_body_in_the_middle() {
+    let mut config = emulator_config(500);
+    config.faults.fault_reset_every = 1;
+    let (api, _emu) = Api::new(config);
+    let response = api
+        .http
+        .get(format!("{}/accounts/{DEMO_ACCOUNT}/audit_logs", api.base))
+        .bearer_auth(DEMO_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the status line and headers arrive");
+    assert!(response.text().await.is_err(), "the body must break off");
+}

@@ -106,12 +106,13 @@ async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_dupli
 }
 
 #[actix_web::test]
-async fn api_faults_are_retried_and_the_result_is_still_exact() {
+async fn api_faults_are_retried_and_the_result_is_still_exact_429_5xx_truncated_resets() {
     let mut config = emulator_config(8_000);
     config.faults.fault_429_every = 7;
     config.faults.retry_after_seconds = 1;
     config.faults.fault_5xx_every = 5;
     config.faults.fault_truncate_every = 6;
+    config.faults.fault_reset_every = 9;
     config.faults.fault_success_false_every = 11;
     config.errors_null = true;
     config.result_info = true;
