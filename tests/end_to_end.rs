@@ -312,3 +312,65 @@ async fn request_timeouts_are_retried_until_the_api_answers() {
     h.assert_exact().await;
     h.finish().await;
 }
+
+#[actix_web::test]
+async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
+    let h = Harness::new(emulator_config(300)).await;
+    let events = h.emu.emulator.events();
+    let when = |i: usize| events[i].when.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let huge = "x".repeat(1 << 20);
+    let ok = |id: &str, i: usize| json!({"id": id, "when": when(i), "action": {"type": "login", "result": true}});
+    let mut hostile = vec![
+        // Dead letters: no usable id or when, or a NUL PostgreSQL cannot store.
+        json!({"id": "bad-when", "when": "yesterday"}),
+        json!({"when": when(10)}),
+        json!({"id": 42, "when": when(11)}),
+        json!({"id": "nul", "when": when(12), "actor": {"email": "a\u{0}b"}}),
+        // Stored, as they are.
+        json!({"id": "meta-text", "when": when(20), "metadata": "text"}),
+        json!({"id": "meta-number", "when": when(21), "metadata": 42}),
+        json!({"id": "ip-garbage", "when": when(22), "actor": {"ip": "999.1.1.1"}}),
+        json!({"id": "ip-words", "when": when(23), "actor": {"ip": "not an ip"}}),
+        json!({"id": "huge", "when": when(24), "newValue": huge, "oldValueJson": {"deep": [[[{"a": [1, {"b": null}]}]]]}}),
+        json!({"id": "unknown-fields", "when": when(25), "foo": {"bar": [1, "two"]}, "zzz": null}),
+    ];
+    // The same event twice, inside one page (same id, same when).
+    hostile.push(ok("twice", 30));
+    hostile.push(ok("twice", 30));
+    h.emu.emulator.insert(&hostile);
+    let expected = valid_ids(&h.emu.emulator);
+    assert_eq!(expected.len(), 300 + 7);
+
+    let summary = run(h.config(), ONCE).await.unwrap();
+    assert_eq!(summary.dead_letters, 4);
+    assert_eq!(summary.rows_in_postgres, expected.len() as i64);
+    h.assert_exact().await;
+    let last = events.last().unwrap().when;
+    assert!(summary.checkpoint.unwrap() >= last, "the checkpoint moved past the hostile events");
+
+    let pool = h.db.pool().await;
+    let (ip, meta, raw_len): (Option<String>, Option<String>, i32) = sqlx::query_as(
+        "SELECT (SELECT host(ip_address) FROM audit_logs WHERE event_id = 'ip-garbage'), \
+                (SELECT metadata::text FROM audit_logs WHERE event_id = 'meta-number'), \
+                (SELECT length(raw_event::text) FROM audit_logs WHERE event_id = 'huge')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((ip, meta.as_deref()), (None, Some("42")));
+    assert!(raw_len > 1 << 20);
+    let reasons: Vec<(String,)> = sqlx::query_as("SELECT reason FROM cfaudit_dead_letters ORDER BY reason")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let reasons: Vec<&str> = reasons.iter().map(|r| r.0.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("`when`")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("`id` is missing")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("NUL")), "{reasons:?}");
+    pool.close().await;
+
+    let again = run(h.config(), ONCE).await.unwrap();
+    assert_eq!((again.rows_in_postgres, again.dead_letters), (summary.rows_in_postgres, 4));
+    h.assert_exact().await;
+    h.finish().await;
+}
