@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV  ?= .venv
 export CFAUDIT_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo test lint unit services bench build release clean-data
+.PHONY: demo test lint unit services bench chaos build release clean-data
 
 ## demo: emulator + local PostgreSQL + local Parquet folder (data/parquet), one backfill, counts
 demo: services build
@@ -34,6 +34,11 @@ services:
 ## bench: 200,000-event backfill with the release build; events/s and peak RSS (BENCH_EVENTS=n)
 bench: services release
 	tests/support/bench.sh
+
+## chaos: SIGKILL the service at random moments during a faulty backfill, then count (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED, CHAOS_S3=1)
+chaos: services
+	CHAOS_KILLS=$${CHAOS_KILLS:-20} CHAOS_EVENTS=$${CHAOS_EVENTS:-200000} \
+	  $(CARGO) test --features failpoints --test chaos -- --nocapture
 
 build:
 	$(CARGO) build

@@ -516,7 +516,10 @@ async fn serve_page(
             let first = futures::stream::once(async move { Ok::<_, std::io::Error>(half) });
             let reset = futures::stream::once(async {
                 actix_rt::time::sleep(Duration::from_millis(50)).await;
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "emulated reset"))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "emulated reset",
+                ))
             });
             HttpResponse::Ok()
                 .content_type("application/json")

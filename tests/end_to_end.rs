@@ -317,7 +317,11 @@ async fn request_timeouts_are_retried_until_the_api_answers() {
 async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
     let h = Harness::new(emulator_config(300)).await;
     let events = h.emu.emulator.events();
-    let when = |i: usize| events[i].when.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let when = |i: usize| {
+        events[i]
+            .when
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    };
     let huge = "x".repeat(1 << 20);
     let ok = |id: &str, i: usize| json!({"id": id, "when": when(i), "action": {"type": "login", "result": true}});
     let mut hostile = vec![
@@ -346,7 +350,10 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
     assert_eq!(summary.rows_in_postgres, expected.len() as i64);
     h.assert_exact().await;
     let last = events.last().unwrap().when;
-    assert!(summary.checkpoint.unwrap() >= last, "the checkpoint moved past the hostile events");
+    assert!(
+        summary.checkpoint.unwrap() >= last,
+        "the checkpoint moved past the hostile events"
+    );
 
     let pool = h.db.pool().await;
     let (ip, meta, raw_len): (Option<String>, Option<String>, i32) = sqlx::query_as(
@@ -359,18 +366,25 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
     .unwrap();
     assert_eq!((ip, meta.as_deref()), (None, Some("42")));
     assert!(raw_len > 1 << 20);
-    let reasons: Vec<(String,)> = sqlx::query_as("SELECT reason FROM cfaudit_dead_letters ORDER BY reason")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let reasons: Vec<(String,)> =
+        sqlx::query_as("SELECT reason FROM cfaudit_dead_letters ORDER BY reason")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     let reasons: Vec<&str> = reasons.iter().map(|r| r.0.as_str()).collect();
     assert!(reasons.iter().any(|r| r.contains("`when`")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("`id` is missing")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("`id` is missing")),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().any(|r| r.contains("NUL")), "{reasons:?}");
     pool.close().await;
 
     let again = run(h.config(), ONCE).await.unwrap();
-    assert_eq!((again.rows_in_postgres, again.dead_letters), (summary.rows_in_postgres, 4));
+    assert_eq!(
+        (again.rows_in_postgres, again.dead_letters),
+        (summary.rows_in_postgres, 4)
+    );
     h.assert_exact().await;
     h.finish().await;
 }
