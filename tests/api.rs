@@ -127,3 +127,42 @@ async fn an_auth_failure_stops_polling_without_a_crash_loop_and_shows_in_readine
     assert!(!stopped.stderr.contains("revoked-token-42") && !metrics.contains("revoked-token-42"));
     h.finish().await;
 }
+
+#[actix_web::test]
+async fn late_events_inside_the_safety_lag_are_not_missed_in_live_mode() {
+    // 20 events a second, each up to 5 s in the past when it appears; lag 30 s.
+    let mut config = emulator_config(0);
+    config.live_per_second = 20.0;
+    config.live_late_seconds = 5;
+    let mut h = Harness::new(config).await;
+    h.emu.emulator.start_live();
+    let addr = format!("127.0.0.1:{}", free_port());
+    h.set("METRICS_ADDR", &addr);
+    h.set("POLL_INTERVAL_SECONDS", "1");
+    h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "30");
+    h.set("INITIAL_CHECKPOINT", &chrono::Utc::now().to_rfc3339());
+    let child = cfaudit(&["run"], &h.env);
+
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Every event the emulator holds now, late ones included, must land.
+    let snapshot = valid_ids(&h.emu.emulator);
+    assert!(snapshot.len() > 100, "{} live events", snapshot.len());
+    let pool = h.db.pool().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !snapshot.is_subset(&pg_ids(&pool).await) {
+        assert!(Instant::now() < deadline, "late events were missed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    signal(&child, "-TERM");
+    assert_eq!(finish(child).await.code, Some(0));
+    // And nothing twice, in either sink.
+    let (rows, keys, ids) = pg_counts(&pool).await;
+    assert_eq!((rows, keys), (ids, ids));
+    let counts = h.parquet_counts(true);
+    let parquet: std::collections::BTreeSet<String> =
+        serde_json::from_value(counts["ids"].clone()).unwrap();
+    assert_eq!(parquet, pg_ids(&pool).await, "{counts}");
+    assert_eq!(counts["pyarrow_rows"], rows, "{counts}");
+    pool.close().await;
+    h.finish().await;
+}
