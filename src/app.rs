@@ -23,8 +23,8 @@ pub struct RunOptions {
     pub skip_migrations: bool,
 }
 
-/// What a run did, for the `--once` summary.
-#[derive(Debug, Clone, PartialEq)]
+/// What a run did, for the `--once` summary (printed as one JSON line).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RunSummary {
     pub account_id: String,
     pub checkpoint: Option<DateTime<Utc>>,
@@ -35,8 +35,9 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
-/// Runs the service until a signal (or one sweep with `once`).
-pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSummary> {
+/// Runs the service until a signal (or one sweep with `once`). The counts summary is for
+/// `--once` only: a service stopped by SIGTERM while its database is down still exits cleanly.
+pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<RunSummary>> {
     config.require_source()?;
     let metrics = Metrics::new();
     let postgres = Postgres::connect(&config.database_url, config.database_max_connections).await?;
@@ -118,7 +119,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<RunSumma
         handle.stop(true).await;
     }
     let interrupted = outcome?;
-    summary(&postgres, &account_id, interrupted).await
+    if !options.once {
+        return Ok(None);
+    }
+    summary(&postgres, &account_id, interrupted).await.map(Some)
 }
 
 /// TimescaleDB's compression and retention policies from the configuration.

@@ -60,19 +60,8 @@ async fn main() -> ExitCode {
         )
         .await
         .map(|summary| {
-            if once {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "account_id": summary.account_id,
-                        "checkpoint": summary.checkpoint,
-                        "rows_in_postgres": summary.rows_in_postgres,
-                        "parquet_files": summary.parquet_files,
-                        "parquet_rows": summary.parquet_rows,
-                        "dead_letters": summary.dead_letters,
-                        "interrupted": summary.interrupted,
-                    })
-                );
+            if let Some(summary) = summary {
+                println!("{}", serde_json::to_string(&summary).expect("plain data"));
             }
         }),
         Command::Migrate => migrate(&config).await,

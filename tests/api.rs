@@ -5,20 +5,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cfaudit::app::{run, RunOptions};
 use common::*;
-
-const ONCE: RunOptions = RunOptions {
-    once: true,
-    skip_migrations: false,
-};
 
 /// 1,000 events in pages of 100: ten full pages and an empty one.
 const PAGES: u64 = 11;
 
 async fn timed_run(h: &Harness) -> Duration {
     let started = Instant::now();
-    run(h.config(), ONCE).await.unwrap();
+    run_once(h.config()).await.unwrap();
     started.elapsed()
 }
 

@@ -3,14 +3,8 @@
 
 mod common;
 
-use cfaudit::app::{run, RunOptions};
 use common::*;
 use serde_json::json;
-
-const ONCE: RunOptions = RunOptions {
-    once: true,
-    skip_migrations: false,
-};
 
 #[actix_web::test]
 async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
@@ -20,7 +14,7 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
     let expected = valid_ids(&h.emu.emulator);
     assert_eq!(expected.len(), 50_000 - 50);
 
-    let first = run(h.config(), ONCE).await.unwrap();
+    let first = run_once(h.config()).await.unwrap();
     assert_eq!(first.rows_in_postgres, expected.len() as i64);
     assert_eq!(first.parquet_rows, expected.len() as i64);
     assert_eq!(first.dead_letters, 50);
@@ -32,7 +26,7 @@ async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
     let files_after_first = counts["files"].clone();
 
     let requests_before = h.emu.emulator.requests();
-    let second = run(h.config(), ONCE).await.unwrap();
+    let second = run_once(h.config()).await.unwrap();
     assert!(
         h.emu.emulator.requests() > requests_before,
         "the second run polled"
@@ -82,15 +76,15 @@ async fn identical_timestamps_across_pages_and_overlapping_windows_give_no_dupli
     // An hour of lag: every window re-reads the last hour, bursts included.
     h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "3600");
 
-    run(h.config(), ONCE).await.unwrap();
+    run_once(h.config()).await.unwrap();
     // Late events with the exact time of already committed ones, inside the lag.
     let last = events.last().unwrap();
     let late: Vec<_> = (0..5)
         .map(|i| json!({"id": format!("late-{i}"), "when": last.when.to_rfc3339(), "action": {"type": "login", "result": true}}))
         .collect();
     h.emu.emulator.insert(&late);
-    run(h.config(), ONCE).await.unwrap();
-    run(h.config(), ONCE).await.unwrap();
+    run_once(h.config()).await.unwrap();
+    run_once(h.config()).await.unwrap();
 
     let pool = h.db.pool().await;
     let expected = valid_ids(&h.emu.emulator);
@@ -118,7 +112,7 @@ async fn api_faults_are_retried_and_the_result_is_still_exact_429_5xx_truncated_
     config.result_info = true;
     let mut h = Harness::new(config).await;
     h.set("CLOUDFLARE_PER_PAGE", "250");
-    run(h.config(), ONCE).await.unwrap();
+    run_once(h.config()).await.unwrap();
     h.assert_exact().await;
     h.finish().await;
 }
@@ -129,7 +123,7 @@ async fn an_exactly_full_last_page_followed_by_400_ends_the_sweep() {
     config.past_end_400 = true;
     let mut h = Harness::new(config).await;
     h.set("CLOUDFLARE_PER_PAGE", "100"); // 1000 events: page 11 is past the end
-    let summary = run(h.config(), ONCE).await.unwrap();
+    let summary = run_once(h.config()).await.unwrap();
     assert_eq!(summary.rows_in_postgres, 1_000);
     h.assert_exact().await;
     h.finish().await;
@@ -139,7 +133,7 @@ async fn an_exactly_full_last_page_followed_by_400_ends_the_sweep() {
 async fn a_bad_token_fails_once_with_a_clear_cause_and_commits_nothing() {
     let mut h = Harness::new(emulator_config(100)).await;
     h.set("CLOUDFLARE_API_TOKEN", "wrong-token-123");
-    let error = run(h.config(), ONCE).await.unwrap_err().to_string();
+    let error = run_once(h.config()).await.unwrap_err().to_string();
     assert!(
         error.contains("authentication failed") && error.contains("9109"),
         "{error}"
@@ -159,8 +153,8 @@ async fn desc_direction_lands_the_same_rows() {
     let mut h = Harness::new(emulator_config(2_500)).await;
     h.set("CLOUDFLARE_DIRECTION", "desc");
     h.set("CLOUDFLARE_PER_PAGE", "300");
-    run(h.config(), ONCE).await.unwrap();
-    run(h.config(), ONCE).await.unwrap();
+    run_once(h.config()).await.unwrap();
+    run_once(h.config()).await.unwrap();
     h.assert_exact().await;
     h.finish().await;
 }
@@ -302,7 +296,7 @@ async fn request_timeouts_are_retried_until_the_api_answers() {
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         emulator.set_faults(cfaudit::emulator::Faults::default());
     });
-    run(h.config(), ONCE).await.unwrap();
+    run_once(h.config()).await.unwrap();
     // Two pages of 1000 (plus an empty third), after at least two timed-out attempts.
     assert!(
         h.emu.emulator.requests() >= 4,
@@ -345,7 +339,7 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
     let expected = valid_ids(&h.emu.emulator);
     assert_eq!(expected.len(), 300 + 7);
 
-    let summary = run(h.config(), ONCE).await.unwrap();
+    let summary = run_once(h.config()).await.unwrap();
     assert_eq!(summary.dead_letters, 4);
     assert_eq!(summary.rows_in_postgres, expected.len() as i64);
     h.assert_exact().await;
@@ -380,7 +374,7 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
     assert!(reasons.iter().any(|r| r.contains("NUL")), "{reasons:?}");
     pool.close().await;
 
-    let again = run(h.config(), ONCE).await.unwrap();
+    let again = run_once(h.config()).await.unwrap();
     assert_eq!(
         (again.rows_in_postgres, again.dead_letters),
         (summary.rows_in_postgres, 4)

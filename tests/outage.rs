@@ -198,3 +198,37 @@ async fn the_s3_server_down_for_a_minute_recovers_and_ends_exact() {
     h.assert_exact().await;
     h.finish().await;
 }
+
+#[actix_web::test]
+async fn sigterm_while_postgres_is_down_exits_0_within_the_shutdown_timeout() {
+    let pg = PrivatePostgres::start();
+    let mut config = emulator_config(20_000);
+    config.faults.latency_ms = 20;
+    let mut h = Harness::new(config).await;
+    h.set("DATABASE_URL", &pg.url());
+    outage_env(&mut h);
+    h.set("SHUTDOWN_TIMEOUT_SECONDS", "3");
+    let child = cfaudit(&["run"], &h.env);
+    wait_rows(&pg.url(), 2_000, Duration::from_secs(120)).await;
+    pg.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    signal(&child, "-TERM");
+    let stopped = finish(child).await;
+    let took = asked.elapsed();
+    assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    assert!(
+        took < Duration::from_secs(10),
+        "shutdown took {took:?} with a 3 s timeout"
+    );
+    // Nothing half-done: after a restart everything lands exactly once.
+    pg.start_again();
+    let mut once = h.env.clone();
+    set(&mut once, "METRICS_ADDR", "127.0.0.1:0");
+    let resumed = finish(cfaudit(&["run", "--once"], &once)).await;
+    assert!(resumed.success, "{}", resumed.stderr);
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    assert_exact(&pool, &h.lake, &h.reader_env, &valid_ids(&h.emu.emulator)).await;
+    pool.close().await;
+    h.finish().await;
+}

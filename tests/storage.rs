@@ -4,14 +4,8 @@
 
 mod common;
 
-use cfaudit::app::{run, RunOptions};
 use cfaudit_actors::failpoints::{COMMITTED_NOT_PUBLISHED, STAGED_NOT_COMMITTED};
 use common::*;
-
-const ONCE: RunOptions = RunOptions {
-    once: true,
-    skip_migrations: false,
-};
 
 #[actix_web::test]
 async fn an_s3_backfill_lands_exactly_once_and_leaves_nothing_in_staging() {
@@ -19,7 +13,7 @@ async fn an_s3_backfill_lands_exactly_once_and_leaves_nothing_in_staging() {
     config.invalid_every = 1000;
     let mut h = Harness::with_s3(config).await;
     h.set("BATCH_MAX_EVENTS", "3000");
-    let first = run(h.config(), ONCE).await.unwrap();
+    let first = run_once(h.config()).await.unwrap();
     assert_eq!(first.parquet_rows, 12_000 - 12);
     let counts = h.assert_exact().await;
     assert_eq!(counts["staged_orphans"], 0, "{counts}");
@@ -28,7 +22,7 @@ async fn an_s3_backfill_lands_exactly_once_and_leaves_nothing_in_staging() {
         "only Parquet files under the dataset root: {counts}"
     );
     let files = counts["files"].clone();
-    run(h.config(), ONCE).await.unwrap();
+    run_once(h.config()).await.unwrap();
     let counts = h.assert_exact().await;
     assert_eq!(counts["files"], files, "a second run writes nothing");
     h.finish().await;
@@ -39,7 +33,7 @@ async fn a_wrong_s3_secret_fails_clearly_and_never_shows_the_secret() {
     let mut h = Harness::with_s3(emulator_config(500)).await;
     h.set("AWS_SECRET_ACCESS_KEY", "wrong-secret-7a1c9e");
     h.set("ONCE_MAX_ATTEMPTS", "2");
-    let error = format!("{:#}", run(h.config(), ONCE).await.unwrap_err());
+    let error = format!("{:#}", run_once(h.config()).await.unwrap_err());
     assert!(
         error.contains("attempts in a row failed") && error.contains("parquet"),
         "{error}"

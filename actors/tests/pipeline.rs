@@ -532,3 +532,29 @@ async fn once_mode_gives_up_when_a_sink_keeps_failing_and_says_why() {
     }
     assert_eq!(world.commits(), 0);
 }
+
+#[actix_rt::test]
+async fn the_page_cap_ends_a_sweep_and_the_next_sweep_goes_on() {
+    let all = events(500);
+    let world = World::new(all.clone());
+    let mut parts = world.parts(Direction::Asc, Some(1000));
+    parts.poller.max_pages_per_sweep = 3;
+    let mut pipeline = Pipeline::start(parts);
+    completed(&wait_for(&mut pipeline, |_| true).await);
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    assert_eq!(
+        world.source.requests.lock().unwrap().len(),
+        3,
+        "the sweep stopped at the cap"
+    );
+    world.assert_exact_ids(&all[..150]);
+    // The following sweeps continue from the checkpoint until the window is done.
+    for _ in 0..4 {
+        let mut parts = world.parts(Direction::Asc, Some(1000));
+        parts.poller.max_pages_per_sweep = 3;
+        let mut pipeline = Pipeline::start(parts);
+        completed(&wait_for(&mut pipeline, |_| true).await);
+        assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    }
+    world.assert_exact(&all);
+}

@@ -567,3 +567,14 @@ pub async fn finish(child: tokio::process::Child) -> Finished {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// `cfaudit run --once` in this process; its counts summary.
+pub async fn run_once(config: Config) -> anyhow::Result<cfaudit::app::RunSummary> {
+    let options = cfaudit::app::RunOptions {
+        once: true,
+        skip_migrations: false,
+    };
+    Ok(cfaudit::app::run(config, options)
+        .await?
+        .expect("--once returns its summary"))
+}
