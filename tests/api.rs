@@ -94,12 +94,7 @@ async fn an_auth_failure_stops_polling_without_a_crash_loop_and_shows_in_readine
         1,
         "polling retried a refused credential"
     );
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&addr).await;
     assert!(
         metrics
             .lines()

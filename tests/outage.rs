@@ -79,14 +79,6 @@ fn outage_env(h: &mut Harness) -> String {
     addr
 }
 
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 #[actix_web::test]
 async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
     let pg = PrivatePostgres::start();
@@ -114,12 +106,7 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
 
     wait_rows(&pg.url(), expected.len() as i64, Duration::from_secs(180)).await;
     wait_ready(&addr, 200, "", Duration::from_secs(60)).await;
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&addr).await;
     assert!(
         metric(&metrics, "cfaudit_pipeline_rewinds_total") >= 1.0,
         "the outage caused rewinds"
@@ -159,12 +146,7 @@ async fn the_s3_server_down_for_a_minute_recovers_and_ends_exact() {
         rss_at_end < rss_at_start + 64.0,
         "memory grew during the outage: {rss_at_start:.0} → {rss_at_end:.0} MiB"
     );
-    let during = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let during = scrape(&addr).await;
     h.s3.as_mut().unwrap().restart();
 
     // Everything lands, with no duplicate in Parquet and nothing left in staging.

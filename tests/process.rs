@@ -115,25 +115,8 @@ async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = http
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |line_start: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(line_start))
-            .unwrap_or_else(|| panic!("no {line_start} in\n{metrics}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let metrics = scrape(&addr).await;
+    let value = |series: &str| metric(&metrics, series);
     let n = expected.len() as f64;
     assert_eq!(value("cfaudit_events_written_total{sink=\"postgres\"}"), n);
     assert_eq!(value("cfaudit_events_written_total{sink=\"parquet\"}"), n);

@@ -578,3 +578,25 @@ pub async fn run_once(config: Config) -> anyhow::Result<cfaudit::app::RunSummary
         .await?
         .expect("--once returns its summary"))
 }
+
+/// The service's `/metrics` page.
+pub async fn scrape(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The sum of the samples whose line starts with `series` (a name, or a name with labels);
+/// panics when there is none, so a renamed metric fails the test.
+pub fn metric(metrics: &str, series: &str) -> f64 {
+    let samples: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .collect();
+    assert!(!samples.is_empty(), "no {series} in\n{metrics}");
+    samples.iter().sum()
+}
