@@ -50,6 +50,8 @@ pub struct ParquetLake {
     store: Arc<dyn ObjectStore>,
     root: Path,
     staging: Path,
+    /// The staging folder when the store is the local filesystem (see `list_staged`).
+    local_staging: Option<std::path::PathBuf>,
     props: WriterProperties,
 }
 
@@ -108,7 +110,11 @@ impl ParquetLake {
                     .0,
             ),
         };
-        Ok(ParquetLake::new(store, root))
+        let mut lake = ParquetLake::new(store, root);
+        if scheme == ObjectStoreScheme::Local {
+            lake.local_staging = Some(std::path::PathBuf::from("/").join(lake.staging.as_ref()));
+        }
+        Ok(lake)
     }
 
     pub fn new(store: Arc<dyn ObjectStore>, root: Path) -> ParquetLake {
@@ -124,6 +130,7 @@ impl ParquetLake {
             store,
             root,
             staging,
+            local_staging: None,
             props,
         }
     }
@@ -280,7 +287,27 @@ impl FileSink for ParquetLake {
         Ok(())
     }
 
+    /// Every staged file. On the local filesystem, object_store writes a file as `name#N` and
+    /// renames it, and hides such names from listings: a process killed mid-write leaves one
+    /// behind that no listing shows. Only a dead writer leaves them, so they are removed here,
+    /// during recovery.
     async fn list_staged(&self) -> Result<Vec<String>, SinkError> {
+        if let Some(dir) = &self.local_staging {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let partial =
+                        name.to_str()
+                            .and_then(|n| n.rsplit_once('#'))
+                            .is_some_and(|(_, n)| {
+                                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                            });
+                    if partial {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
         let listed: Vec<_> = match self.store.list(Some(&self.staging)).try_collect().await {
             Ok(listed) => listed,
             Err(object_store::Error::NotFound { .. }) => Vec::new(),

@@ -102,11 +102,21 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
         rss_at_end < rss_at_start + 64.0,
         "memory grew during the outage: {rss_at_start:.0} → {rss_at_end:.0} MiB"
     );
+    let rows_at_restart = count_rows(&pg.url()).await;
     pg.start_again();
+    let restarted = Instant::now();
 
     wait_rows(&pg.url(), expected.len() as i64, Duration::from_secs(180)).await;
+    let caught_up = restarted.elapsed();
     wait_ready(&addr, 200, "", Duration::from_secs(60)).await;
     let metrics = scrape(&addr).await;
+    println!(
+        "postgres outage: 15 s down at {rows_at_restart} rows; rss {rss_at_start:.0} → {rss_at_end:.0} MiB; \
+         rewinds {}; all {} rows {:.1} s after the restart",
+        metric(&metrics, "cfaudit_pipeline_rewinds_total"),
+        expected.len(),
+        caught_up.as_secs_f64()
+    );
     assert!(
         metric(&metrics, "cfaudit_pipeline_rewinds_total") >= 1.0,
         "the outage caused rewinds"
@@ -148,6 +158,7 @@ async fn the_s3_server_down_for_a_minute_recovers_and_ends_exact() {
     );
     let during = scrape(&addr).await;
     h.s3.as_mut().unwrap().restart();
+    let restarted = Instant::now();
 
     // Everything lands, with no duplicate in Parquet and nothing left in staging.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -164,6 +175,13 @@ async fn the_s3_server_down_for_a_minute_recovers_and_ends_exact() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    println!(
+        "s3 outage: 60 s down; rss {rss_at_start:.0} → {rss_at_end:.0} MiB; rewinds during it {}; \
+         all {} rows in the bucket {:.1} s after the restart",
+        metric(&during, "cfaudit_pipeline_rewinds_total"),
+        expected.len(),
+        restarted.elapsed().as_secs_f64()
+    );
     wait_ready(&addr, 200, "", Duration::from_secs(60)).await;
     signal(&child, "-TERM");
     let stopped = finish(child).await;

@@ -44,6 +44,7 @@ out = {
     "files": len(files),
     "other_objects": len([i for i in listing(path) if not i.path.endswith(".parquet")]),
     "staged_orphans": len(listing(path + ".staging")),
+    "staged_names": [i.path.rsplit("/", 1)[-1] for i in listing(path + ".staging")][:5],
     "bytes": sum(i.size for i in listing(path)),
 }
 want_ids = bool(os.environ.get("PARQUET_CHECK_IDS"))

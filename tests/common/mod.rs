@@ -186,15 +186,15 @@ pub async fn assert_exact(
         expected,
         "postgres holds exactly the emulator's events"
     );
-    let counts = parquet_counts(lake, reader_env, true);
+    let mut counts = parquet_counts(lake, reader_env, true);
+    let parquet_ids: std::collections::BTreeSet<String> =
+        serde_json::from_value(counts["ids"].take()).unwrap();
     assert_eq!(counts["pyarrow_rows"], n, "{counts}");
     assert_eq!(counts["pyarrow_distinct_ids"], n, "{counts}");
     assert_eq!(counts["duckdb_rows"], n, "{counts}");
     assert_eq!(counts["duckdb_distinct_ids"], n, "{counts}");
     assert_eq!(counts["rows_in_wrong_partition"], 0, "{counts}");
     assert_eq!(counts["staged_orphans"], 0, "{counts}");
-    let parquet_ids: std::collections::BTreeSet<String> =
-        serde_json::from_value(counts["ids"].clone()).unwrap();
     assert_eq!(
         &parquet_ids, expected,
         "parquet holds exactly the emulator's events"
