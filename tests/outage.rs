@@ -92,6 +92,7 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
     let pid = child.id().unwrap();
 
     wait_rows(&pg.url(), 3_000, Duration::from_secs(120)).await;
+    let rows_at_stop = count_rows(&pg.url()).await;
     pg.stop();
     wait_ready(&addr, 503, "database unreachable", Duration::from_secs(30)).await;
     let rss_at_start = rss_mib(pid);
@@ -102,7 +103,6 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
         rss_at_end < rss_at_start + 64.0,
         "memory grew during the outage: {rss_at_start:.0} → {rss_at_end:.0} MiB"
     );
-    let rows_at_restart = count_rows(&pg.url()).await;
     pg.start_again();
     let restarted = Instant::now();
 
@@ -111,7 +111,7 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
     wait_ready(&addr, 200, "", Duration::from_secs(60)).await;
     let metrics = scrape(&addr).await;
     println!(
-        "postgres outage: 15 s down at {rows_at_restart} rows; rss {rss_at_start:.0} → {rss_at_end:.0} MiB; \
+        "postgres outage: 15 s down at {rows_at_stop} rows; rss {rss_at_start:.0} → {rss_at_end:.0} MiB; \
          rewinds {}; all {} rows {:.1} s after the restart",
         metric(&metrics, "cfaudit_pipeline_rewinds_total"),
         expected.len(),
