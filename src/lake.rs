@@ -135,10 +135,6 @@ impl ParquetLake {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn final_location(&self, final_path: &str) -> Path {
         Path::from(format!("{}/{final_path}", self.root.as_ref()).trim_start_matches('/'))
     }
