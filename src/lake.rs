@@ -149,6 +149,39 @@ fn encode(rows: &[&AuditRow], props: WriterProperties) -> Result<Vec<u8>, SinkEr
     writer.into_inner().map_err(|e| lake_error("finish", e))
 }
 
+impl ParquetLake {
+    /// Writes, reads back and deletes a small object in the staging area (`cfaudit check`);
+    /// returns where.
+    pub async fn probe(&self) -> Result<String, SinkError> {
+        let location = self
+            .staging
+            .clone()
+            .join(format!("probe-{}", uuid::Uuid::new_v4().simple()).as_str());
+        let payload = b"cfaudit check".to_vec();
+        self.store
+            .put(&location, PutPayload::from(payload.clone()))
+            .await
+            .map_err(|e| lake_error("probe write", e))?;
+        let read = self
+            .store
+            .get(&location)
+            .await
+            .map_err(|e| lake_error("probe read", e))?;
+        let bytes = read
+            .bytes()
+            .await
+            .map_err(|e| lake_error("probe read", e))?;
+        self.store
+            .delete(&location)
+            .await
+            .map_err(|e| lake_error("probe delete", e))?;
+        if bytes.as_ref() != payload.as_slice() {
+            return Err(SinkError::new("probe read back different bytes"));
+        }
+        Ok(format!("{}/", self.staging))
+    }
+}
+
 fn nanos(t: DateTime<Utc>) -> i64 {
     t.timestamp_nanos_opt().unwrap_or(i64::MAX)
 }

@@ -5,6 +5,7 @@
 //! configuration, the HTTP endpoints, the emulator and the CLI.
 
 pub mod app;
+pub mod check;
 pub mod cloudflare;
 pub mod config;
 pub mod emulator;

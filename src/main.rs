@@ -32,6 +32,9 @@ enum Command {
     },
     /// Create the database if missing and apply the migrations.
     Migrate,
+    /// Check configuration, database, object store and API token: one PASS/FAIL line each;
+    /// exit 0 when all pass, 1 otherwise.
+    Check,
     /// Serve the Cloudflare audit-log API emulator (demo and tests).
     Emulator(Box<EmulatorConfig>),
 }
@@ -65,6 +68,18 @@ async fn main() -> ExitCode {
             }
         }),
         Command::Migrate => migrate(&config).await,
+        Command::Check => {
+            let checks = cfaudit::check::run_checks(&config).await;
+            for check in &checks {
+                println!("{check}");
+            }
+            let failed = checks.iter().filter(|c| c.outcome.is_err()).count();
+            if failed > 0 {
+                eprintln!("{failed} of {} checks failed", checks.len());
+                return ExitCode::from(1);
+            }
+            Ok(())
+        }
         Command::Emulator(emulator) => serve_emulator(*emulator).await,
     };
     match result {

@@ -183,3 +183,57 @@ async fn a_config_error_names_the_key_and_exits_2() {
         finished.stderr
     );
 }
+
+#[actix_web::test]
+async fn check_reports_each_dependency_and_names_what_fails() {
+    let mut h = Harness::with_s3(emulator_config(10)).await;
+    assert!(finish(cfaudit(&["migrate"], &h.env)).await.success);
+    let ok = finish(cfaudit(&["check"], &h.env)).await;
+    assert_eq!(ok.code, Some(0), "{}\n{}", ok.stdout, ok.stderr);
+    for name in [
+        "configuration",
+        "database",
+        "object store",
+        "Cloudflare API",
+    ] {
+        assert!(
+            ok.stdout.contains(&format!("PASS  {name}:")),
+            "{}",
+            ok.stdout
+        );
+    }
+
+    // A database nobody listens on, a revoked token, the S3 server down.
+    let mut bad = h.env.clone();
+    let db = format!(
+        "postgres://postgres:pw-secret-1@127.0.0.1:{}/x",
+        free_port()
+    );
+    set(&mut bad, "DATABASE_URL", &db);
+    set(&mut bad, "CLOUDFLARE_API_TOKEN", "revoked-token-77");
+    h.s3.as_mut().unwrap().stop();
+    let failed = finish(cfaudit(&["check"], &bad)).await;
+    assert_eq!(failed.code, Some(1), "{}\n{}", failed.stdout, failed.stderr);
+    let out = &failed.stdout;
+    assert!(out.contains("PASS  configuration:"), "{out}");
+    assert!(
+        out.contains("FAIL  database:") && out.contains("DATABASE_URL"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  object store:") && out.contains("Fix:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  Cloudflare API:") && out.contains("9109"),
+        "{out}"
+    );
+    for secret in ["pw-secret-1", "revoked-token-77", S3_SECRET_KEY] {
+        assert!(
+            !out.contains(secret) && !failed.stderr.contains(secret),
+            "{secret} was printed"
+        );
+    }
+    h.s3.as_mut().unwrap().restart();
+    h.finish().await;
+}

@@ -1,0 +1,125 @@
+//! `cfaudit check`: is everything cfaudit needs reachable and usable? One PASS/FAIL line per
+//! dependency, each failure with its likely fix. Never prints a secret.
+
+use std::sync::Arc;
+
+use cfaudit_actors::{AuditSource, Direction, Metrics, PageRequest, SourceError};
+use chrono::Utc;
+
+use crate::cloudflare::CloudflareClient;
+use crate::config::Config;
+use crate::lake::ParquetLake;
+use crate::postgres::{redacted_url, Postgres, MIGRATOR};
+
+/// One checked dependency.
+pub struct Check {
+    pub name: &'static str,
+    pub outcome: Result<String, String>,
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.outcome {
+            Ok(detail) => write!(f, "PASS  {}: {detail}", self.name),
+            Err(problem) => write!(f, "FAIL  {}: {problem}", self.name),
+        }
+    }
+}
+
+/// Runs every check; all run even when an earlier one fails.
+pub async fn run_checks(config: &Config) -> Vec<Check> {
+    vec![
+        Check {
+            name: "configuration",
+            outcome: check_config(config),
+        },
+        Check {
+            name: "database",
+            outcome: check_database(config).await,
+        },
+        Check {
+            name: "object store",
+            outcome: check_object_store(config).await,
+        },
+        Check {
+            name: "Cloudflare API",
+            outcome: check_api(config).await,
+        },
+    ]
+}
+
+fn check_config(config: &Config) -> Result<String, String> {
+    config.require_source().map_err(|e| e.to_string())?;
+    Ok(format!(
+        "account {}, API {}, Parquet {}",
+        config.cloudflare_account_id.as_deref().unwrap_or_default(),
+        config.cloudflare_api_base_url,
+        config.parquet_url
+    ))
+}
+
+async fn check_database(config: &Config) -> Result<String, String> {
+    let postgres = Postgres::connect(&config.database_url, 1)
+        .await
+        .map_err(|e| format!("{e:#}. Fix: start the database or correct DATABASE_URL"))?;
+    let (version,): (String,) = sqlx::query_as("SHOW server_version")
+        .fetch_one(postgres.pool())
+        .await
+        .map_err(|e| e.to_string())?;
+    let applied: i64 =
+        sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(postgres.pool())
+            .await
+            .map(|r| r.0)
+            .unwrap_or(0);
+    let known = MIGRATOR.iter().count();
+    let timescale = postgres.has_timescaledb().await.unwrap_or(false);
+    let detail = format!(
+        "PostgreSQL {version} at {}; migrations {applied} of {known} applied; TimescaleDB {}",
+        redacted_url(config.database_url.expose()),
+        if timescale { "present" } else { "absent" }
+    );
+    if (applied as usize) < known {
+        return Err(format!(
+            "{detail}. Fix: run `cfaudit migrate` (or start `cfaudit run`, which migrates)"
+        ));
+    }
+    Ok(detail)
+}
+
+async fn check_object_store(config: &Config) -> Result<String, String> {
+    let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)
+        .map_err(|e| format!("{e:#}. Fix: correct PARQUET_URL and the AWS_* settings"))?;
+    lake.probe()
+        .await
+        .map(|where_| format!("wrote, read back and deleted a probe object in {where_}"))
+        .map_err(|e| {
+            format!("{e}. Fix: check the endpoint, the bucket and the credentials' write access")
+        })
+}
+
+async fn check_api(config: &Config) -> Result<String, String> {
+    let client = CloudflareClient::new(config, Metrics::new()).map_err(|e| format!("{e:#}"))?;
+    let client: Arc<dyn AuditSource> = Arc::new(client);
+    let now = Utc::now();
+    let request = PageRequest {
+        account_id: config.cloudflare_account_id.clone().unwrap_or_default(),
+        since: now - chrono::Duration::days(1),
+        before: now,
+        direction: Direction::Desc,
+        page: 1,
+        per_page: 1,
+        hide_user_logs: config.cloudflare_hide_user_logs,
+    };
+    match client.fetch_page(&request).await {
+        Ok(events) => Ok(format!(
+            "the token can read the account's audit logs ({} event(s) in the last day's first page)",
+            events.len()
+        )),
+        Err(SourceError::Auth(reason)) => Err(format!(
+            "{reason}. Fix: use a token with 'Account Settings: Read' for account {}",
+            request.account_id
+        )),
+        Err(other) => Err(format!("{other}. Fix: check CLOUDFLARE_API_BASE_URL and the network")),
+    }
+}
