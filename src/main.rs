@@ -35,6 +35,9 @@ enum Command {
     /// Check configuration, database, object store and API token: one PASS/FAIL line each;
     /// exit 0 when all pass, 1 otherwise.
     Check,
+    /// Probe the running service's /healthz on METRICS_ADDR (for container health checks):
+    /// exit 0 when it answers 200, 1 otherwise.
+    Healthcheck,
     /// Serve the Cloudflare audit-log API emulator (demo and tests).
     Emulator(Box<EmulatorConfig>),
 }
@@ -80,6 +83,7 @@ async fn main() -> ExitCode {
             }
             Ok(())
         }
+        Command::Healthcheck => healthcheck(&config).await,
         Command::Emulator(emulator) => serve_emulator(*emulator).await,
     };
     match result {
@@ -99,6 +103,25 @@ async fn main() -> ExitCode {
             )
         }
     }
+}
+
+async fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    let mut addr = config.metrics_addr;
+    if addr.ip().is_unspecified() {
+        // Listening on all interfaces: ask over loopback.
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}/healthz"))
+        .timeout(std::time::Duration::from_secs(3))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "/healthz answered {}",
+        response.status()
+    );
+    Ok(())
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

@@ -148,9 +148,14 @@ async fn the_service_serves_metrics_and_readiness_and_never_shows_the_token() {
     assert!(value("cfaudit_api_requests_total{status_class=\"2xx\"}") >= 3.0);
     assert!(!metrics.contains(DEMO_TOKEN), "the token is in the metrics");
 
+    // The container health check: 0 against the running service, 1 once it is gone.
+    let probe = finish(cfaudit(&["healthcheck"], &h.env)).await;
+    assert_eq!(probe.code, Some(0), "{}", probe.stderr);
     signal(&child, "-TERM");
     let stopped = finish(child).await;
     assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    let probe = finish(cfaudit(&["healthcheck"], &h.env)).await;
+    assert_eq!(probe.code, Some(1), "{}", probe.stderr);
     assert!(
         stopped.stderr.contains("sweep committed"),
         "logs are JSON lines on stderr"
