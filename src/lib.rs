@@ -12,4 +12,5 @@ pub mod emulator;
 pub mod http;
 pub mod lake;
 pub mod postgres;
+pub mod status;
 pub mod telemetry;

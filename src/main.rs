@@ -32,6 +32,13 @@ enum Command {
     },
     /// Create the database if missing and apply the migrations.
     Migrate,
+    /// Per account: checkpoint and lag, last commit, rows in each sink, dead letters,
+    /// unpublished and staged files.
+    Status {
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check configuration, database, object store and API token: one PASS/FAIL line each;
     /// exit 0 when all pass, 1 otherwise.
     Check,
@@ -71,6 +78,16 @@ async fn main() -> ExitCode {
             }
         }),
         Command::Migrate => migrate(&config).await,
+        Command::Status { json } => cfaudit::status::status(&config).await.map(|status| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("plain data")
+                );
+            } else {
+                println!("{status}");
+            }
+        }),
         Command::Check => {
             let checks = cfaudit::check::run_checks(&config).await;
             for check in &checks {

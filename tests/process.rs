@@ -242,3 +242,41 @@ async fn check_reports_each_dependency_and_names_what_fails() {
     h.s3.as_mut().unwrap().restart();
     h.finish().await;
 }
+
+#[actix_web::test]
+async fn status_reports_what_is_committed_and_fails_clearly_without_a_database() {
+    let mut config = emulator_config(3_000);
+    config.invalid_every = 1000;
+    let h = Harness::with_s3(config).await;
+    let ran = finish(cfaudit(&["run", "--once"], &h.env)).await;
+    assert!(ran.success, "{}", ran.stderr);
+    let status = finish(cfaudit(&["status", "--json"], &h.env)).await;
+    assert!(status.success, "{}", status.stderr);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let account = &status["accounts"][0];
+    let counts = h.parquet_counts(false);
+    assert_eq!(account["postgres_rows"], 2_997);
+    assert_eq!(account["parquet_rows"], 2_997);
+    assert_eq!(account["parquet_files"], counts["files"]);
+    assert_eq!(account["dead_letters"], 3);
+    assert_eq!(account["unpublished_files"], 0);
+    assert_eq!(status["staged_files"], 0);
+    assert!(account["lag_seconds"].as_i64().unwrap() > 0);
+    let text = finish(cfaudit(&["status"], &h.env)).await;
+    assert!(
+        text.stdout.contains("2997 rows in") && text.stdout.contains("checkpoint"),
+        "{}",
+        text.stdout
+    );
+
+    let mut down = h.env.clone();
+    set(
+        &mut down,
+        "DATABASE_URL",
+        &format!("postgres://postgres@127.0.0.1:{}/x", free_port()),
+    );
+    let failed = finish(cfaudit(&["status"], &down)).await;
+    assert_eq!(failed.code, Some(1));
+    assert!(failed.stderr.contains("DATABASE_URL"), "{}", failed.stderr);
+    h.finish().await;
+}
