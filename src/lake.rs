@@ -135,6 +135,15 @@ impl ParquetLake {
         }
     }
 
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The dataset root in the store (every final file is below it).
+    pub fn dataset_root(&self) -> &Path {
+        &self.root
+    }
+
     fn final_location(&self, final_path: &str) -> Path {
         Path::from(format!("{}/{final_path}", self.root.as_ref()).trim_start_matches('/'))
     }

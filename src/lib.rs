@@ -12,5 +12,6 @@ pub mod emulator;
 pub mod http;
 pub mod lake;
 pub mod postgres;
+pub mod replay;
 pub mod status;
 pub mod telemetry;

@@ -39,6 +39,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild audit_logs from the Parquet dataset, exactly once (rows already present are
+    /// skipped); prints a JSON line of counts.
+    Replay,
     /// Check configuration, database, object store and API token: one PASS/FAIL line each;
     /// exit 0 when all pass, 1 otherwise.
     Check,
@@ -87,6 +90,9 @@ async fn main() -> ExitCode {
             } else {
                 println!("{status}");
             }
+        }),
+        Command::Replay => cfaudit::replay::replay(&config).await.map(|summary| {
+            println!("{}", serde_json::to_string(&summary).expect("plain data"));
         }),
         Command::Check => {
             let checks = cfaudit::check::run_checks(&config).await;

@@ -280,3 +280,53 @@ async fn status_reports_what_is_committed_and_fails_clearly_without_a_database()
     assert!(failed.stderr.contains("DATABASE_URL"), "{}", failed.stderr);
     h.finish().await;
 }
+
+#[actix_web::test]
+async fn replay_rebuilds_the_table_from_parquet_exactly_once() {
+    let mut config = emulator_config(4_000);
+    config.invalid_every = 1000;
+    let h = Harness::new(config).await;
+    assert!(finish(cfaudit(&["run", "--once"], &h.env)).await.success);
+    let pool = h.db.pool().await;
+    // A fingerprint of every column of every row.
+    let fingerprint = || async {
+        sqlx::query_as::<_, (Option<String>, i64)>(
+            "SELECT md5(string_agg(t::text, '|' ORDER BY timestamp, event_id)), count(*) FROM audit_logs t",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = fingerprint().await;
+    assert_eq!(before.1, 3_996);
+    sqlx::raw_sql("TRUNCATE audit_logs")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let replayed = finish(cfaudit(&["replay"], &h.env)).await;
+    assert!(replayed.success, "{}", replayed.stderr);
+    let summary: serde_json::Value = serde_json::from_str(replayed.stdout.trim()).unwrap();
+    assert_eq!(
+        (summary["rows_read"].as_i64(), summary["inserted"].as_i64()),
+        (Some(3_996), Some(3_996))
+    );
+    assert_eq!(
+        fingerprint().await,
+        before,
+        "the rebuilt table differs from the original"
+    );
+
+    let again = finish(cfaudit(&["replay"], &h.env)).await;
+    let summary: serde_json::Value = serde_json::from_str(again.stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            summary["inserted"].as_i64(),
+            summary["already_present"].as_i64()
+        ),
+        (Some(0), Some(3_996))
+    );
+    assert_eq!(fingerprint().await, before);
+    pool.close().await;
+    h.finish().await;
+}
