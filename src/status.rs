@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::lake::ParquetLake;
 use crate::postgres::Postgres;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct AccountStatus {
     pub account_id: String,
     pub checkpoint: Option<DateTime<Utc>>,
@@ -33,59 +33,25 @@ pub struct Status {
 
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
     let postgres = Postgres::connect(&config.database_url, 2).await?;
-    type Row = (
-        String,
-        Option<DateTime<Utc>>,
-        DateTime<Utc>,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT c.account_id, c.checkpoint, c.updated_at, c.commit_seq, \
-                (SELECT count(*) FROM audit_logs a WHERE a.account_id = c.account_id), \
-                (SELECT count(*) FROM cfaudit_dead_letters d WHERE d.account_id = c.account_id), \
-                (SELECT count(*) FROM cfaudit_parquet_files f WHERE f.account_id = c.account_id AND f.published_at IS NOT NULL), \
-                (SELECT coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files f WHERE f.account_id = c.account_id AND f.published_at IS NOT NULL), \
-                (SELECT count(*) FROM cfaudit_parquet_files f WHERE f.account_id = c.account_id AND f.published_at IS NULL) \
+    let accounts: Vec<AccountStatus> = sqlx::query_as(
+        "SELECT c.account_id, c.checkpoint, \
+                extract(epoch FROM now() - c.checkpoint)::bigint AS lag_seconds, \
+                c.updated_at AS last_commit, c.commit_seq AS commits, \
+                (SELECT count(*) FROM audit_logs a WHERE a.account_id = c.account_id) AS postgres_rows, \
+                (SELECT count(*) FROM cfaudit_dead_letters d WHERE d.account_id = c.account_id) AS dead_letters, \
+                (SELECT count(*) FROM cfaudit_parquet_files f \
+                  WHERE f.account_id = c.account_id AND f.published_at IS NOT NULL) AS parquet_files, \
+                (SELECT coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files f \
+                  WHERE f.account_id = c.account_id AND f.published_at IS NOT NULL) AS parquet_rows, \
+                (SELECT count(*) FROM cfaudit_parquet_files f \
+                  WHERE f.account_id = c.account_id AND f.published_at IS NULL) AS unpublished_files \
          FROM cfaudit_checkpoints c ORDER BY c.account_id",
     )
     .fetch_all(postgres.pool())
     .await
-    .map_err(|e| anyhow::anyhow!("reading the committed state: {e}. Fix: run `cfaudit migrate`, or check DATABASE_URL"))?;
-    let now = Utc::now();
-    let accounts = rows
-        .into_iter()
-        .map(
-            |(
-                account_id,
-                checkpoint,
-                last_commit,
-                commits,
-                postgres_rows,
-                dead_letters,
-                parquet_files,
-                parquet_rows,
-                unpublished_files,
-            )| {
-                AccountStatus {
-                    lag_seconds: checkpoint.map(|c| (now - c).num_seconds()),
-                    account_id,
-                    checkpoint,
-                    last_commit,
-                    commits,
-                    postgres_rows,
-                    dead_letters,
-                    parquet_files,
-                    parquet_rows,
-                    unpublished_files,
-                }
-            },
-        )
-        .collect();
+    .map_err(|e| {
+        anyhow::anyhow!("reading the committed state: {e}. Fix: run `cfaudit migrate`, or check DATABASE_URL")
+    })?;
     let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)?;
     let staged_files = lake
         .list_staged()
