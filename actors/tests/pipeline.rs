@@ -131,6 +131,11 @@ impl World {
         assert_eq!(self.store.checkpoint(ACCOUNT), last, "checkpoint");
     }
 
+    /// One labelled counter of the pipeline's metrics, e.g. `self.counter(|m| &m.restarts, "poller")`.
+    fn counter(&self, family: impl Fn(&Metrics) -> &prometheus::IntCounterVec, label: &str) -> u64 {
+        family(&self.metrics).with_label_values(&[label]).get()
+    }
+
     fn commits(&self) -> usize {
         self.store.commits.lock().unwrap().len()
     }
@@ -195,11 +200,7 @@ async fn a_second_sweep_over_the_overlap_adds_nothing() {
         overlap < all.last().unwrap().0,
         "the second window overlaps on purpose"
     );
-    let deduplicated = world
-        .metrics
-        .events_deduplicated
-        .with_label_values(&[ACCOUNT])
-        .get();
+    let deduplicated = world.counter(|m| &m.events_deduplicated, ACCOUNT);
     assert!(
         deduplicated > 0,
         "the overlap was fetched again and dropped"
@@ -219,12 +220,7 @@ async fn no_commit_while_one_writer_fails_after_the_other_succeeded() {
     )
     .await;
     until("a rewind", || {
-        world
-            .metrics
-            .pipeline_rewinds
-            .with_label_values(&[ACCOUNT])
-            .get()
-            >= 2
+        world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 2
     })
     .await;
     // Parquet fails batch 2 and every retry; Postgres holds rows past the last commit, yet
@@ -295,14 +291,7 @@ async fn a_panicking_writer_is_restarted_and_the_pipeline_resumes_from_the_check
     world.rows.faults.on_call(4, Fault::Panic);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(
-        world
-            .metrics
-            .restarts
-            .with_label_values(&["pg_writer"])
-            .get(),
-        1
-    );
+    assert_eq!(world.counter(|m| &m.restarts, "pg_writer"), 1);
     // Every sweep start (page 1) asks from the initial checkpoint or from a committed
     // checkpoint minus the lag, and the panic caused at least one such restart.
     let lag = chrono::Duration::seconds(30);
@@ -330,10 +319,7 @@ async fn a_panicking_source_restarts_the_poller_without_loss() {
     world.source.faults.on_call(3, Fault::Panic);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(
-        world.metrics.restarts.with_label_values(&["poller"]).get(),
-        1
-    );
+    assert_eq!(world.counter(|m| &m.restarts, "poller"), 1);
 }
 
 #[actix_rt::test]
@@ -344,22 +330,8 @@ async fn a_failing_commit_rewinds_and_ends_exact() {
     world.store.faults.on_call(5, Fault::Panic);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(
-        world
-            .metrics
-            .restarts
-            .with_label_values(&["checkpointer"])
-            .get(),
-        1
-    );
-    assert!(
-        world
-            .metrics
-            .pipeline_rewinds
-            .with_label_values(&[ACCOUNT])
-            .get()
-            >= 2
-    );
+    assert_eq!(world.counter(|m| &m.restarts, "checkpointer"), 1);
+    assert!(world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 2);
 }
 
 #[actix_rt::test]
@@ -370,14 +342,7 @@ async fn transient_source_errors_are_retried() {
     world.source.faults.on_call(3, Fault::Fail);
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
-    assert_eq!(
-        world
-            .metrics
-            .api_retries
-            .with_label_values(&["transient"])
-            .get(),
-        2
-    );
+    assert_eq!(world.counter(|m| &m.api_retries, "transient"), 2);
 }
 
 #[actix_rt::test]
@@ -462,14 +427,7 @@ async fn the_same_id_twice_in_a_page_or_on_two_pages_lands_once() {
     unique.sort();
     unique.dedup_by(|a, b| a.1 == b.1);
     world.assert_exact_ids(&unique);
-    assert!(
-        world
-            .metrics
-            .events_deduplicated
-            .with_label_values(&[ACCOUNT])
-            .get()
-            >= 2
-    );
+    assert!(world.counter(|m| &m.events_deduplicated, ACCOUNT) >= 2);
 }
 
 /// A source that ignores `page` and returns page 1 for ever (API facts §7 case 29).
