@@ -116,13 +116,14 @@ impl Checkpointer {
             .inc();
         self.consecutive_failures += 1;
         self.failure = Some(reason.to_owned());
-        self.metrics
-            .health
-            .sink_failures
-            .lock()
-            .unwrap()
-            .insert(self.config.account_id.clone(), reason.to_owned());
+        self.report_failure(reason);
         self.begin_recovery(ctx);
+    }
+
+    /// What `/readyz` shows until the next commit clears it.
+    fn report_failure(&self, reason: &str) {
+        let mut failures = self.metrics.health.sink_failures.lock().unwrap();
+        failures.insert(self.config.account_id.clone(), reason.to_owned());
     }
 
     fn begin_recovery(&mut self, ctx: &mut Context<Self>) {
@@ -389,12 +390,7 @@ impl Handler<Recover> for Checkpointer {
                 let delay = act.config.backoff.delay(act.consecutive_failures);
                 error!(account = %act.account(), %error, retry_in = ?delay, "recovery failed");
                 let reason = format!("recovery failed: {error}");
-                act.metrics
-                    .health
-                    .sink_failures
-                    .lock()
-                    .unwrap()
-                    .insert(act.config.account_id.clone(), reason.clone());
+                act.report_failure(&reason);
                 if let Some(poller) = &act.poller {
                     poller.do_send(RecoveryFailed { reason });
                 }
