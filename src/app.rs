@@ -14,6 +14,7 @@ use crate::cloudflare::CloudflareClient;
 use crate::config::Config;
 use crate::lake::ParquetLake;
 use crate::postgres::Postgres;
+use crate::streams::{live_start, Stream};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOptions {
@@ -35,31 +36,115 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
+/// The adapters a pipeline runs on, opened from the configuration.
+pub struct Adapters {
+    pub account_id: String,
+    pub metrics: Arc<Metrics>,
+    pub postgres: Postgres,
+    pub lake: Arc<ParquetLake>,
+    pub source: Arc<CloudflareClient>,
+}
+
+impl Adapters {
+    /// Connects to the database (applying the migrations unless told not to), the object
+    /// store and the API client.
+    pub async fn open(config: &Config, migrate: bool) -> anyhow::Result<Adapters> {
+        config.require_source()?;
+        let metrics = Metrics::new();
+        let postgres =
+            Postgres::connect(&config.database_url, config.database_max_connections).await?;
+        if migrate {
+            postgres.migrate().await?;
+            apply_policies(&postgres, config).await?;
+        }
+        let lake = Arc::new(ParquetLake::open(
+            &config.parquet_url,
+            &config.storage_options,
+        )?);
+        let source = Arc::new(CloudflareClient::new(config, metrics.clone())?);
+        let account_id = config
+            .cloudflare_account_id
+            .clone()
+            .expect("checked by require_source");
+        Ok(Adapters {
+            account_id,
+            metrics,
+            postgres,
+            lake,
+            source,
+        })
+    }
+
+    /// Starts the pipeline on one stream; `once` ends it after one committed sweep.
+    pub fn start_pipeline(&self, config: &Config, stream: &Stream, once: bool) -> Pipeline {
+        Pipeline::start(PipelineParts {
+            poller: PollerConfig {
+                account_id: self.account_id.clone(),
+                per_page: config.cloudflare_per_page,
+                direction: config.cloudflare_direction,
+                safety_lag: config.safety_lag(),
+                poll_interval: config.poll_interval(),
+                start: stream.covers_since,
+                end: stream.covers_until,
+                hide_user_logs: config.cloudflare_hide_user_logs,
+                max_inflight_batches: config.max_inflight_batches,
+                batch_max_events: config.batch_max_events,
+                batch_max_bytes: config.batch_max_bytes,
+                max_pages_per_sweep: config.max_pages_per_sweep,
+                backoff: config.backoff(),
+                default_retry_after: Duration::from_secs(60),
+                auth_recheck: Duration::from_secs(600),
+                once: once.then_some(config.once_max_attempts),
+            },
+            checkpointer: CheckpointerConfig {
+                account_id: self.account_id.clone(),
+                stream: stream.key.clone(),
+                safety_lag: config.safety_lag(),
+                ack_timeout: Duration::from_secs(config.ack_timeout_seconds),
+                backoff: config.backoff(),
+            },
+            source: self.source.clone(),
+            rows: Arc::new(self.postgres.clone()),
+            files: self.lake.clone(),
+            store: Arc::new(self.postgres.clone()),
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// Registers the live stream: it starts at INITIAL_CHECKPOINT (default one poll interval
+/// ago), or after the latest backfill if one ends later; a committed stream keeps its start.
+async fn register_live_stream(adapters: &Adapters, config: &Config) -> anyhow::Result<Stream> {
+    let wanted = config.initial_checkpoint()?.unwrap_or_else(|| {
+        Utc::now() - chrono::Duration::from_std(config.poll_interval()).unwrap_or_default()
+    });
+    let account = adapters.account_id.clone();
+    let stream = adapters
+        .postgres
+        .register_stream(&account, |streams| {
+            let start = live_start(wanted, streams);
+            if start != wanted && !streams.iter().any(|s| s.key == account && s.checkpoint.is_some()) {
+                warn!(account = %account, wanted = %wanted, start = %start,
+                    "the live stream starts where the latest backfill ends; `cfaudit backfill` fills any gap before");
+            }
+            Ok((account.clone(), start, None))
+        })
+        .await?;
+    Ok(stream)
+}
+
 /// Runs the service until a signal (or one sweep with `once`). The counts summary is for
 /// `--once` only: a service stopped by SIGTERM while its database is down still exits cleanly.
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<RunSummary>> {
-    config.require_source()?;
-    let metrics = Metrics::new();
-    let postgres = Postgres::connect(&config.database_url, config.database_max_connections).await?;
-    if !options.skip_migrations {
-        postgres.migrate().await?;
-        apply_policies(&postgres, &config).await?;
-    }
-    let lake = Arc::new(ParquetLake::open(
-        &config.parquet_url,
-        &config.storage_options,
-    )?);
-    let source = Arc::new(CloudflareClient::new(&config, metrics.clone())?);
-    let account_id = config
-        .cloudflare_account_id
-        .clone()
-        .expect("required above");
+    let adapters = Adapters::open(&config, !options.skip_migrations).await?;
+    let stream = register_live_stream(&adapters, &config).await?;
+    let account_id = adapters.account_id.clone();
 
     let http = if options.once {
         None
     } else {
         let state = crate::http::HealthState {
-            metrics: metrics.clone(),
+            metrics: adapters.metrics.clone(),
             database: Postgres::lazy_pool(&config.database_url)?,
             max_sweep_age: config.poll_interval() * 3
                 + Duration::from_secs(config.cloudflare_request_timeout_seconds * 4 + 60),
@@ -72,39 +157,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<R
         Some(handle)
     };
 
-    let mut pipeline = Pipeline::start(PipelineParts {
-        poller: PollerConfig {
-            account_id: account_id.clone(),
-            per_page: config.cloudflare_per_page,
-            direction: config.cloudflare_direction,
-            safety_lag: config.safety_lag(),
-            poll_interval: config.poll_interval(),
-            initial_checkpoint: config.initial_checkpoint()?,
-            hide_user_logs: config.cloudflare_hide_user_logs,
-            max_inflight_batches: config.max_inflight_batches,
-            batch_max_events: config.batch_max_events,
-            batch_max_bytes: config.batch_max_bytes,
-            max_pages_per_sweep: config.max_pages_per_sweep,
-            backoff: config.backoff(),
-            default_retry_after: Duration::from_secs(60),
-            auth_recheck: Duration::from_secs(600),
-            once: options.once.then_some(config.once_max_attempts),
-        },
-        checkpointer: CheckpointerConfig {
-            account_id: account_id.clone(),
-            safety_lag: config.safety_lag(),
-            ack_timeout: Duration::from_secs(config.ack_timeout_seconds),
-            backoff: config.backoff(),
-        },
-        source,
-        rows: Arc::new(postgres.clone()),
-        files: lake,
-        store: Arc::new(postgres.clone()),
-        metrics,
-    });
-    info!(account = %account_id, once = options.once, "pipeline started");
+    let mut pipeline = adapters.start_pipeline(&config, &stream, options.once);
+    info!(account = %account_id, once = options.once, start = ?stream.covers_since, "pipeline started");
 
-    let outcome = drive(&mut pipeline, options).await;
+    let outcome = drive(&mut pipeline, options.once).await;
     let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
     if outcome.as_ref().is_ok_and(|interrupted| *interrupted) {
         info!(
@@ -122,7 +178,9 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<R
     if !options.once {
         return Ok(None);
     }
-    summary(&postgres, &account_id, interrupted).await.map(Some)
+    summary(&adapters.postgres, &account_id, interrupted)
+        .await
+        .map(Some)
 }
 
 /// TimescaleDB's compression and retention policies from the configuration.
@@ -143,8 +201,9 @@ pub async fn apply_policies(postgres: &Postgres, config: &Config) -> anyhow::Res
     Ok(())
 }
 
-/// Waits for the end of the run; `Ok(true)` when a signal cut it short.
-async fn drive(pipeline: &mut Pipeline, options: RunOptions) -> anyhow::Result<bool> {
+/// Waits for the end of the run (with `once`, the first committed sweep); `Ok(true)` when a
+/// signal cut it short.
+pub async fn drive(pipeline: &mut Pipeline, once: bool) -> anyhow::Result<bool> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
@@ -152,7 +211,7 @@ async fn drive(pipeline: &mut Pipeline, options: RunOptions) -> anyhow::Result<b
             event = pipeline.next_event() => match event {
                 Some(PipelineEvent::SweepCompleted { account_id, checkpoint }) => {
                     info!(account = %account_id, ?checkpoint, "sweep committed");
-                    if options.once {
+                    if once {
                         return Ok(false);
                     }
                 }
@@ -166,7 +225,7 @@ async fn drive(pipeline: &mut Pipeline, options: RunOptions) -> anyhow::Result<b
     }
 }
 
-/// Counts of what is committed for the account.
+/// Counts of what is committed for the account, over all its streams (live and backfills).
 pub async fn summary(
     postgres: &Postgres,
     account_id: &str,
@@ -178,7 +237,8 @@ pub async fn summary(
             .fetch_one(postgres.pool())
             .await?;
     let (parquet_files, parquet_rows): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files WHERE account_id = $1 AND published_at IS NOT NULL",
+        "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files \
+         WHERE (account_id = $1 OR account_id LIKE $1 || '.backfill.%') AND published_at IS NOT NULL",
     )
     .bind(account_id)
     .fetch_one(postgres.pool())

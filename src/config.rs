@@ -364,11 +364,8 @@ impl Config {
         let Some(value) = self.initial_checkpoint.as_deref() else {
             return Ok(None);
         };
-        if let Ok(time) = DateTime::parse_from_rfc3339(value) {
-            return Ok(Some(time.with_timezone(&Utc)));
-        }
-        if let Ok(date) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
-            return Ok(Some(date.and_hms_opt(0, 0, 0).expect("midnight").and_utc()));
+        if let Some(time) = parse_time(value) {
+            return Ok(Some(time));
         }
         Err(config_error(
             "initial_checkpoint",
@@ -391,6 +388,16 @@ impl Config {
             max: Duration::from_secs(self.retry_max_seconds.max(1)),
         }
     }
+}
+
+/// A point in time as operators write it: RFC 3339, or a date meaning its midnight UTC.
+pub fn parse_time(value: &str) -> Option<DateTime<Utc>> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(value) {
+        return Some(time.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .ok()
+        .map(|date| date.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
 }
 
 fn fix_for(key: &str) -> String {

@@ -13,7 +13,7 @@ use arrow::array::{ArrayRef, StringArray, TimestampNanosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
-use cfaudit_actors::{AuditRow, CommittedFile, FileSink, SinkError, StagedFile};
+use cfaudit_actors::{staged_prefix, AuditRow, CommittedFile, FileSink, SinkError, StagedFile};
 
 use crate::config::Secret;
 use chrono::{DateTime, Utc};
@@ -238,11 +238,28 @@ pub fn partition_of(timestamp: DateTime<Utc>) -> String {
         .to_string()
 }
 
+impl ParquetLake {
+    /// The names in the staging area starting with `prefix`, without touching anything
+    /// (`cfaudit status` reads them while the service may be writing).
+    pub async fn staged_names(&self, prefix: &str) -> Result<Vec<String>, SinkError> {
+        let listed: Vec<_> = match self.store.list(Some(&self.staging)).try_collect().await {
+            Ok(listed) => listed,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(lake_error("list staging", e)),
+        };
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| meta.location.filename().map(str::to_owned))
+            .filter(|name| name.starts_with(prefix) && name.ends_with(".parquet"))
+            .collect())
+    }
+}
+
 #[async_trait]
 impl FileSink for ParquetLake {
     async fn stage(
         &self,
-        account_id: &str,
+        stream: &str,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<Vec<StagedFile>, SinkError> {
         // Encoding is CPU work: off the actors' thread, onto the blocking pool.
@@ -266,7 +283,11 @@ impl FileSink for ParquetLake {
         .map_err(|e| lake_error("encode task", e))??;
         let mut staged = Vec::with_capacity(encoded.len());
         for (partition, row_count, bytes) in encoded {
-            let name = format!("{account_id}-{}.parquet", uuid::Uuid::new_v4().simple());
+            let name = format!(
+                "{}{}.parquet",
+                staged_prefix(stream),
+                uuid::Uuid::new_v4().simple()
+            );
             let location = self.staging.clone().join(name.as_str());
             let size = bytes.len() as u64;
             self.store
@@ -325,36 +346,28 @@ impl FileSink for ParquetLake {
         Ok(())
     }
 
-    /// Every staged file. On the local filesystem, object_store writes a file as `name#N` and
-    /// renames it, and hides such names from listings: a process killed mid-write leaves one
-    /// behind that no listing shows. Only a dead writer leaves them, so they are removed here,
-    /// during recovery.
-    async fn list_staged(&self) -> Result<Vec<String>, SinkError> {
+    /// The staged files of one stream. On the local filesystem, object_store writes a file as
+    /// `name#N` and renames it, and hides such names from listings: a process killed mid-write
+    /// leaves one behind that no listing shows. Only a dead writer leaves them, so the
+    /// stream's own are removed here, during its recovery.
+    async fn list_staged(&self, prefix: &str) -> Result<Vec<String>, SinkError> {
         if let Some(dir) = &self.local_staging {
             if let Ok(entries) = std::fs::read_dir(dir) {
                 for entry in entries.flatten() {
                     let name = entry.file_name();
-                    let partial =
-                        name.to_str()
-                            .and_then(|n| n.rsplit_once('#'))
-                            .is_some_and(|(_, n)| {
-                                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
-                            });
+                    let partial = name
+                        .to_str()
+                        .filter(|n| n.starts_with(prefix))
+                        .and_then(|n| n.rsplit_once('#'))
+                        .is_some_and(|(_, n)| {
+                            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                        });
                     if partial {
                         let _ = std::fs::remove_file(entry.path());
                     }
                 }
             }
         }
-        let listed: Vec<_> = match self.store.list(Some(&self.staging)).try_collect().await {
-            Ok(listed) => listed,
-            Err(object_store::Error::NotFound { .. }) => Vec::new(),
-            Err(e) => return Err(lake_error("list staging", e)),
-        };
-        Ok(listed
-            .into_iter()
-            .filter_map(|meta| meta.location.filename().map(str::to_owned))
-            .filter(|name| name.ends_with(".parquet"))
-            .collect())
+        self.staged_names(prefix).await
     }
 }

@@ -5,6 +5,7 @@
 //! configuration, the HTTP endpoints, the emulator and the CLI.
 
 pub mod app;
+pub mod backfill;
 pub mod check;
 pub mod cloudflare;
 pub mod config;
@@ -14,4 +15,5 @@ pub mod lake;
 pub mod postgres;
 pub mod replay;
 pub mod status;
+pub mod streams;
 pub mod telemetry;

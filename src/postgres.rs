@@ -138,20 +138,25 @@ impl Postgres {
 #[async_trait]
 impl RowSink for Postgres {
     /// One statement per batch: UNNEST keeps the bind count at 13 whatever the batch size.
+    /// A row already present (left by an attempt that never committed, or replayed) takes
+    /// the new `ingestion_time`: the one the Parquet file of the committing batch carries,
+    /// so both sinks agree column for column. `xmax = 0` tells inserted rows from updated.
     async fn write_rows(&self, rows: &[AuditRow]) -> Result<RowWriteReport, SinkError> {
         let texts = |f: fn(&AuditRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
         let ips: Vec<Option<IpNetwork>> = rows
             .iter()
             .map(|r| r.ip_address.map(IpNetwork::from))
             .collect();
-        let result = sqlx::query(
-            "INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, actor_type, action_type, \
+        let (inserted,): (i64,) = sqlx::query_as(
+            "WITH written AS (INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, actor_type, action_type, \
                                      action_result, resource_type, resource_id, ip_address, metadata, raw_event, ingestion_time) \
              SELECT e, t, a, ae, aty, ty, r, rt, ri, ip, m::jsonb, raw::jsonb, it \
              FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
                          $8::text[], $9::text[], $10::inet[], $11::text[], $12::text[], $13::timestamptz[]) \
                   AS u(e, t, a, ae, aty, ty, r, rt, ri, ip, m, raw, it) \
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (timestamp, event_id) DO UPDATE SET ingestion_time = EXCLUDED.ingestion_time \
+             RETURNING (xmax = 0) AS inserted) \
+             SELECT count(*) FILTER (WHERE inserted) FROM written",
         )
         .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.timestamp).collect::<Vec<_>>())
@@ -166,10 +171,10 @@ impl RowSink for Postgres {
         .bind(texts(|r| r.metadata.as_deref()))
         .bind(rows.iter().map(|r| &*r.raw_event).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.ingestion_time).collect::<Vec<_>>())
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(|e| sink_error("insert into audit_logs", e))?;
-        let inserted = result.rows_affected();
+        let inserted = inserted as u64;
         Ok(RowWriteReport {
             inserted,
             duplicates: rows.len() as u64 - inserted,

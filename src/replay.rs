@@ -1,6 +1,7 @@
 //! `cfaudit replay`: rebuild `audit_logs` from the Parquet dataset. Every row goes through the
-//! same idempotent insert as the pipeline (primary key, ON CONFLICT DO NOTHING), so replaying
-//! into an empty table, a partial one or a full one gives each event exactly once.
+//! same idempotent insert as the pipeline (keyed on the primary key; a row already there only takes
+//! the file's `ingestion_time`), so replaying into an empty table, a partial one or a full one gives
+//! each event exactly once.
 
 use std::sync::Arc;
 

@@ -21,14 +21,18 @@ use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
 use crate::poller::Poller;
 use crate::ports::{
-    final_file_path, CheckpointStore, CommitRecord, CommittedFile, CommittedState, FileSink,
-    RowWriteReport, SinkError, StagedFile,
+    final_file_path, staged_prefix, CheckpointStore, CommitRecord, CommittedFile, CommittedState,
+    FileSink, RowWriteReport, SinkError, StagedFile,
 };
 
 /// Checkpointer settings.
 #[derive(Clone, Debug)]
 pub struct CheckpointerConfig {
     pub account_id: String,
+    /// The key of this stream's checkpoint, in the store and in file names: the account id
+    /// for the live stream, a longer key for each backfill range (see `cfaudit backfill`).
+    /// Staged files are named after it, and recovery deletes only its own.
+    pub stream: String,
     pub safety_lag: Duration,
     /// A batch not acked by both writers within this time fails the epoch.
     pub ack_timeout: Duration,
@@ -237,7 +241,8 @@ impl Checkpointer {
         let files = staged
             .iter()
             .map(|f| {
-                let final_path = final_file_path(&f.partition, state.commit_seq, self.account());
+                let final_path =
+                    final_file_path(&f.partition, state.commit_seq, &self.config.stream);
                 (
                     f.clone(),
                     CommittedFile {
@@ -248,7 +253,7 @@ impl Checkpointer {
             })
             .collect();
         CommitRecord {
-            account_id: self.account().to_owned(),
+            account_id: self.config.stream.clone(),
             previous_commit_seq: self.committed.commit_seq,
             state,
             dead_letters: expect.dead_letters.clone(),
@@ -332,7 +337,7 @@ impl Handler<Recover> for Checkpointer {
     fn handle(&mut self, _: Recover, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let files = self.files.clone();
-        let account = self.config.account_id.clone();
+        let account = self.config.stream.clone();
         let recover = async move {
             let state = store.load(&account).await?;
             let unpublished = store.unpublished(&account).await?;
@@ -348,7 +353,7 @@ impl Handler<Recover> for Checkpointer {
                 store.mark_published(&finals).await?;
             }
             let orphans: Vec<String> = files
-                .list_staged()
+                .list_staged(&staged_prefix(&account))
                 .await?
                 .into_iter()
                 .filter(|path| !unpublished.iter().any(|c| &c.staged_path == path))

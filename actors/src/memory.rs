@@ -182,7 +182,7 @@ impl MemoryFileSink {
 impl FileSink for MemoryFileSink {
     async fn stage(
         &self,
-        _account_id: &str,
+        stream: &str,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<Vec<StagedFile>, SinkError> {
         if let Some(gate) = &self.gate {
@@ -205,7 +205,8 @@ impl FileSink for MemoryFileSink {
             .into_iter()
             .map(|(partition, ids)| {
                 let path = format!(
-                    "staging/{}.parquet",
+                    "{}{}.parquet",
+                    crate::ports::staged_prefix(stream),
                     self.counter.fetch_add(1, Ordering::SeqCst)
                 );
                 let file = StagedFile {
@@ -243,8 +244,13 @@ impl FileSink for MemoryFileSink {
         Ok(())
     }
 
-    async fn list_staged(&self) -> Result<Vec<String>, SinkError> {
-        Ok(self.staged.lock().unwrap().keys().cloned().collect())
+    async fn list_staged(&self, prefix: &str) -> Result<Vec<String>, SinkError> {
+        let staged = self.staged.lock().unwrap();
+        Ok(staged
+            .keys()
+            .filter(|path| path.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 }
 

@@ -59,6 +59,7 @@ impl Pipeline {
         let epoch = Epoch::default();
         let (events_tx, events) = mpsc::unbounded_channel();
 
+        let stream: Arc<str> = Arc::from(checkpointer.stream.as_str());
         let checkpointer_config = Arc::new(checkpointer);
         let checkpointer_addr = {
             let (epoch, metrics, files) = (epoch.clone(), metrics.clone(), files.clone());
@@ -70,7 +71,7 @@ impl Pipeline {
         let checkpointer = Mailbox::new(checkpointer_addr.clone(), metrics.actor("checkpointer"));
 
         let writers = WriterDeps {
-            account: account.clone(),
+            stream,
             checkpointer: checkpointer.clone(),
             epoch: epoch.clone(),
             metrics: metrics.clone(),
@@ -149,7 +150,8 @@ impl Pipeline {
 
 /// What both writers are started with.
 struct WriterDeps {
-    account: Arc<str>,
+    /// The checkpoint stream: names the staged files.
+    stream: Arc<str>,
     checkpointer: Mailbox<Checkpointer>,
     epoch: Epoch,
     metrics: Arc<Metrics>,
@@ -158,8 +160,8 @@ struct WriterDeps {
 
 impl WriterDeps {
     fn start<T: SinkTarget>(&self, target: T) -> Mailbox<Writer<T>> {
-        let (account, checkpointer, epoch, metrics) = (
-            self.account.clone(),
+        let (stream, checkpointer, epoch, metrics) = (
+            self.stream.clone(),
             self.checkpointer.clone(),
             self.epoch.clone(),
             self.metrics.clone(),
@@ -167,7 +169,7 @@ impl WriterDeps {
         let capacity = self.capacity;
         let addr = Supervisor::start(move |ctx: &mut Context<_>| {
             ctx.set_mailbox_capacity(capacity);
-            Writer::new(target, account, checkpointer, epoch, metrics)
+            Writer::new(target, stream, checkpointer, epoch, metrics)
         });
         Mailbox::new(addr, self.metrics.actor(T::ACTOR))
     }

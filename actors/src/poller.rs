@@ -1,6 +1,7 @@
 //! The Poller: sweeps the API window by window (design-notes §2) and sends each page on.
 //!
-//! A sweep covers `[checkpoint − safety lag, now)` with `before` fixed at its start. Pages are
+//! A sweep covers `[checkpoint − safety lag, now)` with `before` fixed at its start (a
+//! backfill: `[max(checkpoint − safety lag, start), end)`). Pages are
 //! fetched one at a time; at most `max_inflight_batches` may be uncommitted at once, which is
 //! the pipeline's backpressure: a slow sink stops the fetching, and memory stays bounded.
 
@@ -30,8 +31,13 @@ pub struct PollerConfig {
     /// Re-read this much before the checkpoint: late events and equal timestamps.
     pub safety_lag: Duration,
     pub poll_interval: Duration,
-    /// Where a fresh account starts; default `now − poll_interval`.
-    pub initial_checkpoint: Option<DateTime<Utc>>,
+    /// Where this stream's coverage begins: the first sweep starts here and no sweep reads
+    /// before it (the safety lag is clamped), so a live stream and the backfills before it
+    /// never fetch the same event. `None`: one poll interval before the first sweep, no floor.
+    pub start: Option<DateTime<Utc>>,
+    /// Where a bounded stream (a backfill) ends, exclusive: its sweeps stop here instead of
+    /// now. `None` for the live stream.
+    pub end: Option<DateTime<Utc>>,
     pub hide_user_logs: bool,
     pub max_inflight_batches: usize,
     /// Pages are coalesced into one batch up to this many events…
@@ -125,15 +131,16 @@ impl Poller {
             return;
         }
         let now = Utc::now();
-        let since = match self.checkpoint {
-            Some(checkpoint) => checkpoint - self.lag(),
-            None => self.config.initial_checkpoint.unwrap_or_else(|| {
+        let since = match (self.checkpoint, self.config.start) {
+            (Some(checkpoint), start) => (checkpoint - self.lag()).max(start.unwrap_or_default()),
+            (None, Some(start)) => start,
+            (None, None) => {
                 now - chrono::Duration::from_std(self.config.poll_interval).unwrap_or_default()
-            }),
+            }
         };
         self.sweep = Some(Sweep {
             since,
-            before: now,
+            before: self.config.end.unwrap_or(now),
             next_page: 1,
             previous_first_id: None,
             previous_len: 0,

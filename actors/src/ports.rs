@@ -114,22 +114,30 @@ pub fn final_file_path(partition: &str, commit_seq: u64, account_id: &str) -> St
     format!("{partition}/part-{commit_seq:010}-{account_id}.parquet")
 }
 
+/// Staged files of a stream start with this; the stream key ends before the `-`, and keys
+/// never contain one, so one stream's prefix never matches another's files.
+pub fn staged_prefix(stream: &str) -> String {
+    format!("{stream}-")
+}
+
 /// The object-storage side: files are staged, then published only after their batch commits
 /// (design-notes §3.2), so a reader never sees a file whose events were not committed.
 #[async_trait]
 pub trait FileSink: Send + Sync + 'static {
-    /// Writes the rows as one file per hour partition into the staging area.
+    /// Writes the rows as one file per hour partition into the staging area, named with
+    /// [`staged_prefix`] of the stream.
     async fn stage(
         &self,
-        account_id: &str,
+        stream: &str,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<Vec<StagedFile>, SinkError>;
     /// Moves committed files to their final names. Idempotent.
     async fn publish(&self, files: &[CommittedFile]) -> Result<(), SinkError>;
     /// Deletes staged files whose batch will never commit.
     async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError>;
-    /// Every file currently in the staging area (for start-up recovery).
-    async fn list_staged(&self) -> Result<Vec<String>, SinkError>;
+    /// The files in the staging area whose name starts with `prefix` (see [`staged_prefix`]):
+    /// a stream's recovery must never touch another stream's files in flight.
+    async fn list_staged(&self, prefix: &str) -> Result<Vec<String>, SinkError>;
 }
 
 /// What is durably committed for one account.

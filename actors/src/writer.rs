@@ -21,9 +21,10 @@ use crate::ports::{FileSink, RowSink, SinkError};
 pub trait SinkTarget: Send + Sync + 'static {
     const SINK: Sink;
     const ACTOR: &'static str;
+    /// `stream` names the staged files (see [`crate::ports::staged_prefix`]).
     async fn write(
         &self,
-        account_id: &str,
+        stream: &str,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<WriteOutcome, SinkError>;
 }
@@ -40,7 +41,7 @@ impl SinkTarget for PgTarget {
     const ACTOR: &'static str = "pg_writer";
     async fn write(
         &self,
-        _account_id: &str,
+        _stream: &str,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<WriteOutcome, SinkError> {
         self.0.write_rows(&rows).await.map(WriteOutcome::Rows)
@@ -53,13 +54,10 @@ impl SinkTarget for ParquetTarget {
     const ACTOR: &'static str = "parquet_writer";
     async fn write(
         &self,
-        account_id: &str,
+        stream: &str,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<WriteOutcome, SinkError> {
-        self.0
-            .stage(account_id, rows)
-            .await
-            .map(WriteOutcome::Staged)
+        self.0.stage(stream, rows).await.map(WriteOutcome::Staged)
     }
 }
 
@@ -68,7 +66,7 @@ pub type ParquetWriter = Writer<ParquetTarget>;
 
 pub struct Writer<T: SinkTarget> {
     target: Arc<T>,
-    account_id: Arc<str>,
+    stream: Arc<str>,
     checkpointer: Mailbox<Checkpointer>,
     epoch: Epoch,
     metrics: Arc<Metrics>,
@@ -78,7 +76,7 @@ pub struct Writer<T: SinkTarget> {
 impl<T: SinkTarget> Writer<T> {
     pub(crate) fn new(
         target: T,
-        account_id: Arc<str>,
+        stream: Arc<str>,
         checkpointer: Mailbox<Checkpointer>,
         epoch: Epoch,
         metrics: Arc<Metrics>,
@@ -86,7 +84,7 @@ impl<T: SinkTarget> Writer<T> {
         Writer {
             actor: metrics.actor(T::ACTOR),
             target: Arc::new(target),
-            account_id,
+            stream,
             checkpointer,
             epoch,
             metrics,
@@ -117,7 +115,7 @@ impl<T: SinkTarget> Handler<WriteBatch> for Writer<T> {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let target = self.target.clone();
-        let account_id = self.account_id.clone();
+        let stream = self.stream.clone();
         let write = async move {
             if msg.rows.is_empty() {
                 return Ok(Ok(match T::SINK {
@@ -127,7 +125,7 @@ impl<T: SinkTarget> Handler<WriteBatch> for Writer<T> {
             }
             // A panic in the sink must not kill the arbiter: it becomes a failed ack and a
             // supervised restart (actix itself does not restart on a panic).
-            AssertUnwindSafe(target.write(&account_id, msg.rows))
+            AssertUnwindSafe(target.write(&stream, msg.rows))
                 .catch_unwind()
                 .await
         };

@@ -62,7 +62,8 @@ impl World {
                 direction,
                 safety_lag: Duration::from_secs(30),
                 poll_interval: Duration::from_millis(50),
-                initial_checkpoint: Some(initial_checkpoint()),
+                start: Some(initial_checkpoint()),
+                end: None,
                 hide_user_logs: false,
                 max_inflight_batches: 4,
                 // One page, one batch: the tests below count commits per page.
@@ -76,6 +77,7 @@ impl World {
             },
             checkpointer: CheckpointerConfig {
                 account_id: ACCOUNT.into(),
+                stream: ACCOUNT.into(),
                 safety_lag: Duration::from_secs(30),
                 ack_timeout: Duration::from_secs(5),
                 backoff,
@@ -90,7 +92,18 @@ impl World {
 
     /// Runs one sweep to completion (`run --once`).
     async fn once(&self, direction: Direction) -> PipelineEvent {
-        let mut pipeline = self.start(direction, Some(1000));
+        self.once_with(direction, |_| {}).await
+    }
+
+    /// As [`World::once`], with the parts changed first.
+    async fn once_with(
+        &self,
+        direction: Direction,
+        change: impl FnOnce(&mut PipelineParts),
+    ) -> PipelineEvent {
+        let mut parts = self.parts(direction, Some(1000));
+        change(&mut parts);
+        let mut pipeline = Pipeline::start(parts);
         let event = wait_for(&mut pipeline, |e| !matches!(e, PipelineEvent::Drained)).await;
         assert!(
             pipeline.shutdown(Duration::from_secs(10)).await,
@@ -515,4 +528,66 @@ async fn the_page_cap_ends_a_sweep_and_the_next_sweep_goes_on() {
         assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     }
     world.assert_exact(&all);
+}
+
+/// A backfill is a bounded stream with its own checkpoint key; the live stream starts where
+/// it ends. Even with a safety lag reaching across the boundary, neither reads the other's
+/// range, so the shared sinks hold every event once.
+#[actix_rt::test]
+async fn a_backfill_and_the_live_stream_share_the_sinks_without_overlap() {
+    let all = events(400);
+    let boundary = all[200].0; // events 200..=203 share this time: the backfill ends before it
+    assert_eq!(all[199].0 + chrono::Duration::seconds(7), boundary);
+    let world = World::new(all.clone());
+    let lag = Duration::from_secs(86_400);
+    let live = |parts: &mut PipelineParts| {
+        parts.poller.start = Some(boundary);
+        parts.poller.safety_lag = lag;
+        parts.checkpointer.safety_lag = lag;
+    };
+    let backfill_key = "acc.backfill.a_b";
+    let backfill = |parts: &mut PipelineParts| {
+        parts.poller.start = Some(initial_checkpoint());
+        parts.poller.end = Some(boundary);
+        parts.poller.safety_lag = lag;
+        parts.checkpointer.safety_lag = lag;
+        parts.checkpointer.stream = backfill_key.into();
+    };
+    completed(&world.once_with(Direction::Asc, live).await);
+    completed(&world.once_with(Direction::Asc, live).await);
+    let live_requests = world.source.requests.lock().unwrap().len();
+    completed(&world.once_with(Direction::Asc, backfill).await);
+    completed(&world.once_with(Direction::Asc, backfill).await);
+    world.assert_exact_ids(&all);
+    let requests = world.source.requests.lock().unwrap();
+    assert!(requests[..live_requests]
+        .iter()
+        .all(|r| r.since >= boundary && r.before > boundary));
+    assert!(requests[live_requests..]
+        .iter()
+        .all(|r| r.since >= initial_checkpoint() && r.before == boundary));
+    assert_eq!(world.store.checkpoint(backfill_key), Some(all[199].0));
+    let names = world.files.published.lock().unwrap();
+    assert!(names
+        .keys()
+        .any(|n| n.ends_with(&format!("-{backfill_key}.parquet"))));
+}
+
+/// Recovery deletes its own stream's staged orphans and never another stream's files in
+/// flight (a backfill may run beside the live service).
+#[actix_rt::test]
+async fn recovery_deletes_only_its_own_staged_orphans() {
+    let all = events(100);
+    let world = World::new(all.clone());
+    {
+        let mut staged = world.files.staged.lock().unwrap();
+        staged.insert("acc-orphan.parquet".into(), vec!["x".into()]);
+        staged.insert("acc.backfill.a_b-inflight.parquet".into(), vec!["y".into()]);
+    }
+    completed(&world.once(Direction::Asc).await);
+    let staged = world.files.staged.lock().unwrap();
+    assert_eq!(
+        staged.keys().collect::<Vec<_>>(),
+        vec!["acc.backfill.a_b-inflight.parquet"]
+    );
 }
