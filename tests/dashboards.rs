@@ -1,0 +1,349 @@
+//! The Grafana dashboards, checked without Grafana (it cannot be installed here): every
+//! panel's SQL runs against a real PostgreSQL holding data written by cfaudit, and every
+//! PromQL expression runs against a real Prometheus (Debian's package) that scraped a running
+//! cfaudit with the project's own scrape config and alert rules. Each must run without error
+//! and return data. Only the Grafana macros and variables substituted below may be used, so
+//! a dashboard cannot depend on something this test does not exercise.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cfaudit::emulator::DEMO_ACCOUNT;
+use common::*;
+use serde_json::Value;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const POSTGRES_UID: &str = "cfaudit-postgres";
+const PROMETHEUS_UID: &str = "cfaudit-prometheus";
+
+fn dashboard(name: &str) -> Value {
+    let path = Path::new(ROOT).join("grafana/dashboards").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let mut all: Vec<(String, Value)> =
+        std::fs::read_dir(Path::new(ROOT).join("grafana/dashboards"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".json"))
+            .map(|n| (n.clone(), dashboard(&n)))
+            .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(all.len(), 2, "pipeline health and audit activity");
+    all
+}
+
+/// `(dashboard, panel title, query)` of every target on a datasource `uid`; panels and
+/// variables alike.
+fn queries(uid: &str) -> Vec<(String, String, String)> {
+    let mut found = Vec::new();
+    for (file, d) in dashboards() {
+        for panel in d["panels"].as_array().unwrap() {
+            let title = panel["title"].as_str().unwrap().to_owned();
+            for target in panel["targets"].as_array().unwrap() {
+                let source = &target["datasource"]["uid"];
+                let source = if source.is_null() {
+                    &panel["datasource"]["uid"]
+                } else {
+                    source
+                };
+                if source == uid {
+                    let query = target["rawSql"].as_str().or(target["expr"].as_str());
+                    found.push((file.clone(), title.clone(), query.unwrap().to_owned()));
+                }
+            }
+        }
+        for variable in d["templating"]["list"].as_array().unwrap() {
+            if variable["datasource"]["uid"] == uid {
+                let query = variable["query"].as_str().unwrap().to_owned();
+                found.push((
+                    file.clone(),
+                    format!("variable {}", variable["name"]),
+                    query,
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_panel_is_well_formed_and_on_a_provisioned_datasource() {
+    let provisioned = std::fs::read_to_string(
+        Path::new(ROOT).join("grafana/provisioning/datasources/datasources.yml"),
+    )
+    .unwrap();
+    let provisioned: Value = serde_yaml_ng::from_str(&provisioned).unwrap();
+    let uids: Vec<&str> = provisioned["datasources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["uid"].as_str().unwrap())
+        .collect();
+    assert_eq!(uids, [POSTGRES_UID, PROMETHEUS_UID]);
+    let provider = std::fs::read_to_string(
+        Path::new(ROOT).join("grafana/provisioning/dashboards/dashboards.yml"),
+    )
+    .unwrap();
+    assert!(provider.contains("path: /var/lib/grafana/dashboards"));
+
+    let mut dashboard_uids = Vec::new();
+    for (file, d) in dashboards() {
+        dashboard_uids.push(d["uid"].as_str().unwrap().to_owned());
+        let mut ids = Vec::new();
+        for panel in d["panels"].as_array().unwrap() {
+            let title = panel["title"].as_str().unwrap_or_default();
+            assert!(!title.is_empty(), "{file}: a panel without a title");
+            assert_ne!(
+                panel["type"], "row",
+                "{file}: rows hide panels from this test"
+            );
+            assert!(panel["gridPos"].is_object(), "{file}: {title}: no gridPos");
+            ids.push(panel["id"].as_u64().unwrap());
+            let uid = panel["datasource"]["uid"].as_str().unwrap();
+            assert!(
+                uids.contains(&uid),
+                "{file}: {title}: unknown datasource {uid}"
+            );
+            let targets = panel["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{file}: {title}: no query");
+            for target in targets {
+                assert!(target["refId"].is_string(), "{file}: {title}");
+                assert!(
+                    target["rawSql"].is_string() || target["expr"].is_string(),
+                    "{file}: {title}: neither rawSql nor expr"
+                );
+            }
+        }
+        let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "{file}: panel ids repeat");
+    }
+    dashboard_uids.sort();
+    assert_eq!(
+        dashboard_uids,
+        ["cfaudit-audit-activity", "cfaudit-pipeline-health"]
+    );
+}
+
+/// Grafana's PostgreSQL macros and the `account` variable, as Grafana expands them for the
+/// last 60 days and "All" (or one account).
+fn expand_sql(sql: &str, account: &str) -> String {
+    let (from, to) = ("now() - interval '60 days'", "now()");
+    let mut out = String::new();
+    let mut rest = sql;
+    while let Some(at) = rest.find("$__timeFilter(") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "$__timeFilter(".len()..];
+        let close = after.find(')').unwrap();
+        out.push_str(&format!("{} BETWEEN {from} AND {to}", &after[..close]));
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    let out = out
+        .replace("$__timeFrom()", from)
+        .replace("$__timeTo()", to)
+        .replace("$account", account);
+    assert!(
+        !out.contains('$'),
+        "a macro or variable this test does not know: {sql}"
+    );
+    out
+}
+
+#[actix_rt::test]
+async fn every_panel_sql_runs_on_real_data_and_returns_rows() {
+    let mut config = emulator_config(3_000);
+    config.invalid_every = 97; // dead letters for their panel
+    let h = Harness::new(config).await;
+    run_once(h.config()).await.unwrap();
+    let pool = h.db.pool().await;
+    let sql = queries(POSTGRES_UID);
+    assert!(sql.len() >= 10, "{sql:?}");
+    let mut report = Vec::new();
+    for account in ["'%'", &format!("'{DEMO_ACCOUNT}'")] {
+        for (file, title, query) in &sql {
+            let expanded = expand_sql(query, account);
+            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(expanded.clone()))
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{file}: {title}: {e}\n{expanded}"));
+            assert!(!rows.is_empty(), "{file}: {title}: no rows\n{expanded}");
+            report.push(format!("{title}: {} rows", rows.len()));
+        }
+    }
+    println!("{}", report.join("\n"));
+    pool.close().await;
+    h.finish().await;
+}
+
+/// A real Prometheus, scraping with the project's config (target and interval changed for
+/// the test) and loading its alert rules.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let project = Path::new(ROOT).join("grafana/prometheus");
+        let config = std::fs::read_to_string(project.join("prometheus.yml")).unwrap();
+        let replace = |text: String, from: &str, to: &str| {
+            assert!(text.contains(from), "prometheus.yml no longer has {from}");
+            text.replace(from, to)
+        };
+        let config = replace(config, "\"cfaudit:9464\"", &format!("\"{target}\""));
+        let config = replace(config, "scrape_interval: 15s", "scrape_interval: 1s");
+        let rules = project.join("alerts.yml");
+        let config = replace(config, "- alerts.yml", &format!("- {}", rules.display()));
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config).unwrap();
+        let port = free_port();
+        let child = std::process::Command::new(prometheus_binary())
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("run prometheus (tests/support/ensure-prometheus.sh installs it)");
+        Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    async fn query(&self, expr: &str) -> Value {
+        let response = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", expr)])
+            .send()
+            .await
+            .unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// The number of series or samples an expression returns; panics on an error.
+    async fn results(&self, expr: &str) -> usize {
+        let answer = self.query(expr).await;
+        assert_eq!(answer["status"], "success", "{expr}: {answer}");
+        answer["data"]["result"].as_array().map_or(0, Vec::len)
+    }
+
+    async fn wait_for(&self, expr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let ready = reqwest::get(format!("{}/-/ready", self.url)).await;
+            if ready.is_ok_and(|r| r.status().is_success()) && self.results(expr).await > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {expr} after 90 s");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn prometheus_binary() -> PathBuf {
+    std::env::var_os("PROMETHEUS_BIN").map_or_else(|| "prometheus".into(), PathBuf::from)
+}
+
+fn expand_promql(expr: &str, account: &str) -> String {
+    let out = expr
+        .replace("$__rate_interval", "1m")
+        .replace("$account", account);
+    assert!(
+        !out.contains('$'),
+        "a variable this test does not know: {expr}"
+    );
+    out
+}
+
+#[actix_rt::test]
+async fn every_panel_promql_runs_against_a_real_prometheus_and_returns_data() {
+    let mut config = emulator_config(3_000);
+    config.invalid_every = 97; // dead letters
+    config.faults.fault_429_every = 13; // 429s and retries
+    config.faults.retry_after_seconds = 1;
+    config.live_per_second = 5.0; // something to do at every sweep
+    let h = Harness::new(config).await;
+    h.emu.emulator.start_live();
+    let mut env = h.env.clone();
+    let port = free_port();
+    set(&mut env, "METRICS_ADDR", &format!("127.0.0.1:{port}"));
+    set(&mut env, "POLL_INTERVAL_SECONDS", "1");
+    set(&mut env, "CLOUDFLARE_PER_PAGE", "200");
+    let service = cfaudit(&["run"], &env);
+    let prometheus = Prometheus::start(&format!("127.0.0.1:{port}"));
+
+    // Long enough for a sweep to commit and for rates over 1 m to have several samples.
+    prometheus
+        .wait_for("cfaudit_last_successful_sweep_timestamp_seconds")
+        .await;
+    prometheus
+        .wait_for("cfaudit_api_rate_limited_total > 0")
+        .await;
+    prometheus
+        .wait_for("cfaudit_events_dead_lettered_total > 0")
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let exprs = queries(PROMETHEUS_UID);
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut report = Vec::new();
+    for account in [".*", DEMO_ACCOUNT] {
+        for (file, title, expr) in &exprs {
+            if title.starts_with("variable") {
+                let expanded = expand_promql(expr, account);
+                let (metric, label) = expanded
+                    .strip_prefix("label_values(")
+                    .and_then(|e| e.strip_suffix(')'))
+                    .and_then(|e| e.split_once(", "))
+                    .unwrap_or_else(|| panic!("{file}: {title}: only label_values(m, l): {expr}"));
+                let values = prometheus
+                    .query(&format!("count by ({label}) ({metric})"))
+                    .await;
+                assert!(
+                    !values["data"]["result"].as_array().unwrap().is_empty(),
+                    "{file}: {title}: {values}"
+                );
+                continue;
+            }
+            let expanded = expand_promql(expr, account);
+            let n = prometheus.results(&expanded).await;
+            assert!(n > 0, "{file}: {title}: no data for {expanded}");
+            report.push(format!("{title}: {n} series"));
+        }
+    }
+    println!("{}", report.join("\n"));
+    // The alert rules loaded in a real Prometheus, not only in promtool.
+    let rules: Value = reqwest::get(format!("{}/api/v1/rules", prometheus.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let loaded = rules["data"]["groups"][0]["rules"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(loaded >= 5, "{rules}");
+    drop(prometheus);
+    signal(&service, "-TERM");
+    assert!(finish(service).await.success);
+    h.finish().await;
+}
