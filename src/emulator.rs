@@ -284,6 +284,8 @@ impl Emulator {
                         .route(web::get().to(user_audit_logs))
                         .default_service(web::to(method_not_allowed)),
                 )
+                // Not part of the Cloudflare API: the container health check of the demo.
+                .route("/healthz", web::get().to(HttpResponse::Ok))
                 .default_service(web::to(no_route))
         })
         .workers(1)
