@@ -101,6 +101,7 @@ pub async fn backfill(
         );
     }
     adapters.postgres.complete_stream(&stream.key).await?;
+    refresh_aggregates(&adapters.postgres, since, until).await;
     let stream = Stream {
         checkpoint: adapters
             .metrics
@@ -114,6 +115,21 @@ pub async fn backfill(
         ..stream
     };
     summarize(&adapters, &stream, false).await
+}
+
+/// Older than the aggregates' refresh window: materialize them (TimescaleDB). A failure
+/// loses nothing (the rows are committed); it is reported with the command that fixes it.
+pub async fn refresh_aggregates(
+    postgres: &crate::postgres::Postgres,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) {
+    match postgres.refresh_aggregates(since, until).await {
+        Ok(true) => info!(%since, %until, "continuous aggregates refreshed over the range"),
+        Ok(false) => {}
+        Err(error) => warn!(%error, %since, %until,
+            "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate('audit_events_hourly', since, until) and the same for audit_actors_hourly"),
+    }
 }
 
 fn check_range(

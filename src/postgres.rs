@@ -7,7 +7,7 @@ use cfaudit_actors::{
     AuditRow, CheckpointStore, CommitRecord, CommittedFile, CommittedState, RowSink,
     RowWriteReport, SeenId, SinkError,
 };
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 use ipnetwork::IpNetwork;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::PgPoolOptions;
@@ -119,6 +119,36 @@ impl Postgres {
                 .await?;
         }
         tx.commit().await?;
+        Ok(true)
+    }
+
+    /// TimescaleDB only: materializes the hourly aggregates over `[since, until)`, widened to
+    /// whole hours. Their refresh policy only looks at the last 3 days, so rows written
+    /// further back (a backfill, a replay) need this. `false` on plain PostgreSQL, whose
+    /// views are always current.
+    pub async fn refresh_aggregates(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> anyhow::Result<bool> {
+        if !self.has_timescaledb().await? {
+            return Ok(false);
+        }
+        let hour = chrono::Duration::hours(1);
+        let since = since.duration_trunc(hour)?;
+        let until = until.duration_trunc(hour)? + hour;
+        for view in ["audit_events_hourly", "audit_actors_hourly"] {
+            // CALL refuses to run in a transaction block: simple protocol, and the bounds are
+            // our own timestamps, not input.
+            let call = format!(
+                "CALL refresh_continuous_aggregate('{view}', '{}'::timestamptz, '{}'::timestamptz)",
+                since.to_rfc3339(),
+                until.to_rfc3339()
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(call))
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(true)
     }
 

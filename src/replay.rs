@@ -31,6 +31,7 @@ pub async fn replay(config: &Config) -> anyhow::Result<ReplaySummary> {
     postgres.migrate().await?;
     let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)?;
     let mut summary = ReplaySummary::default();
+    let mut span: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
     let files: Vec<_> = lake
         .store()
         .list(Some(lake.dataset_root()))
@@ -52,11 +53,19 @@ pub async fn replay(config: &Config) -> anyhow::Result<ReplaySummary> {
                 .write_rows(&rows)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for row in &rows {
+                span = Some(span.map_or((row.timestamp, row.timestamp), |(a, b)| {
+                    (a.min(row.timestamp), b.max(row.timestamp))
+                }));
+            }
             summary.rows_read += rows.len() as u64;
             summary.inserted += report.inserted;
             summary.already_present += report.duplicates;
         }
         summary.files += 1;
+    }
+    if let Some((first, last)) = span {
+        crate::backfill::refresh_aggregates(&postgres, first, last).await;
     }
     Ok(summary)
 }
