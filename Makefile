@@ -25,11 +25,11 @@ lint:
 unit:
 	$(CARGO) test -p cfaudit-actors
 
-## services: start (or install) PostgreSQL on 127.0.0.1:5432, install the S3 test server and promtool, create the Python readers' venv
+## services: start (or install) PostgreSQL on 127.0.0.1:5432, install the S3 test server, Prometheus and systemd-analyze, create the Python readers' venv
 services:
 	tests/support/ensure-postgres.sh
 	tests/support/ensure-s3.sh
-	tests/support/ensure-prometheus.sh
+	tests/support/ensure-tools.sh
 	tests/support/ensure-python.sh $(VENV)
 
 ## bench: 200,000-event backfill with the release build; events/s and peak RSS (BENCH_EVENTS=n)

@@ -42,7 +42,7 @@ pub struct Config {
     /// API token with "Account Settings: Read" (sent as `Authorization: Bearer`).
     /// Also read from the file named by `CLOUDFLARE_API_TOKEN_FILE`.
     pub cloudflare_api_token: Option<Secret>,
-    /// Legacy global API key auth: the account e-mail (`X-Auth-Email`), with `cloudflare_api_key`.
+    /// Legacy global API key auth: the account e-mail (`X-Auth-Email`), with `CLOUDFLARE_API_KEY`.
     pub cloudflare_api_email: Option<String>,
     /// Legacy global API key (`X-Auth-Key`). Also from `CLOUDFLARE_API_KEY_FILE`.
     pub cloudflare_api_key: Option<Secret>,
@@ -79,7 +79,7 @@ pub struct Config {
     /// TimescaleDB only: compress `audit_logs` chunks older than this many days (0: never).
     pub timescale_compress_after_days: u32,
     /// TimescaleDB only: drop `audit_logs` chunks older than this many days (0: keep all).
-    /// On plain PostgreSQL nothing is dropped; see README for pruning by hand.
+    /// On plain PostgreSQL nothing is dropped (README, "TimescaleDB and plain PostgreSQL", shows how to prune).
     pub retention_days: u32,
     /// Parquet dataset root as an object_store URL: `file:///path` or `s3://bucket/prefix`.
     pub parquet_url: String,
@@ -91,7 +91,7 @@ pub struct Config {
     /// up to this many events…
     pub batch_max_events: usize,
     /// …or this many bytes of raw JSON. Memory in flight is bounded by
-    /// `max_inflight_batches × batch_max_bytes`.
+    /// `MAX_INFLIGHT_BATCHES × BATCH_MAX_BYTES`.
     pub batch_max_bytes: usize,
     /// A batch not acknowledged by both writers within this many seconds is retried.
     pub ack_timeout_seconds: u64,
@@ -99,12 +99,14 @@ pub struct Config {
     pub max_pages_per_sweep: u32,
     /// `run --once` gives up after this many failed attempts of one page.
     pub once_max_attempts: u32,
-    /// First retry delay after an API or sink error; doubles up to `retry_max_seconds`.
+    /// First retry delay after an API or sink error; doubles, with jitter…
     pub retry_initial_millis: u64,
+    /// …up to this.
     pub retry_max_seconds: u64,
     /// On SIGTERM/SIGINT, in-flight batches get this long to commit before exit.
     pub shutdown_timeout_seconds: u64,
-    /// `text`, `json`, or `auto` (text on a terminal, JSON otherwise).
+    /// `text`, `json`, or `auto` (text on a terminal, JSON otherwise). The level comes from
+    /// `RUST_LOG` (default `info,sqlx=warn`).
     pub log_format: String,
     /// Object-store options: every `AWS_*` variable of the environment (lower-cased), passed
     /// to object_store as it is (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_ACCESS_KEY_ID`, …).
@@ -533,13 +535,149 @@ mod tests {
 
 #[cfg(test)]
 mod docs {
-    /// The README's configuration table names every setting: the docs cannot drift.
-    #[test]
-    fn readme_lists_every_setting() {
-        let readme = include_str!("../README.md");
-        for key in super::KEYS {
-            let name = format!("`{}`", key.to_uppercase());
-            assert!(readme.contains(&name), "README.md does not document {name}");
+    //! The configuration reference is generated from the struct above: each field's doc
+    //! comment and its default. The README's table, `cfaudit.env` (systemd) and the
+    //! environment-variable list cannot drift from it: this test fails when they differ, and
+    //! `UPDATE_DOCS=1 cargo test -p cfaudit --lib docs` rewrites them.
+
+    use super::*;
+
+    /// `(field, doc)` of every field of `Config`, in order, read from this file.
+    fn fields() -> Vec<(String, String)> {
+        let source = include_str!("config.rs");
+        let start = source.find("pub struct Config {").unwrap();
+        let body = &source[start..source[start..].find("\n}\n").unwrap() + start];
+        let mut fields = Vec::new();
+        let mut doc: Vec<&str> = Vec::new();
+        for line in body.lines().skip(1).map(str::trim) {
+            if let Some(text) = line.strip_prefix("///") {
+                doc.push(text.trim());
+            } else if let Some(field) = line.strip_prefix("pub ") {
+                let name = field.split(':').next().unwrap().to_owned();
+                assert!(!doc.is_empty(), "Config::{name} has no doc comment");
+                fields.push((name, doc.join(" ")));
+                doc.clear();
+            }
         }
+        fields
+    }
+
+    /// The default as an operator writes it; computed defaults are named in words.
+    fn default_of(key: &str) -> String {
+        match key {
+            "initial_checkpoint" => "one poll interval ago".into(),
+            "parquet_url" => "`file://$PWD/data/parquet`".into(),
+            _ => match &serde_json::to_value(Config::default()).unwrap()[key] {
+                serde_json::Value::Null => "—".into(),
+                serde_json::Value::String(s) => format!("`{s}`"),
+                other => format!("`{other}`"),
+            },
+        }
+    }
+
+    fn readme_table() -> String {
+        let mut out = String::from("| environment variable | default | meaning |\n|---|---|---|\n");
+        for (name, doc) in fields() {
+            let env = if name == "storage_options" {
+                "AWS_*".into()
+            } else {
+                name.to_uppercase()
+            };
+            let default = if name == "storage_options" {
+                "—".into()
+            } else {
+                default_of(&name)
+            };
+            out.push_str(&format!(
+                "| `{env}` | {default} | {} |\n",
+                doc.replace('|', "\\|")
+            ));
+        }
+        out
+    }
+
+    /// The systemd environment file: every setting, commented out at its default.
+    fn env_file() -> String {
+        let head = include_str!("../cfaudit.env");
+        let head = &head[..head
+            .find(GENERATED)
+            .expect("cfaudit.env has the generated marker")];
+        let mut out = format!("{head}{GENERATED}\n");
+        for (name, doc) in fields()
+            .into_iter()
+            .filter(|(n, _)| KEYS.contains(&n.as_str()))
+        {
+            let value = match (
+                name.as_str(),
+                &serde_json::to_value(Config::default()).unwrap()[&name],
+            ) {
+                // The default depends on the working directory; this is the unit's.
+                ("parquet_url", _) => "file:///var/lib/cfaudit/parquet".into(),
+                (_, serde_json::Value::Null) => String::new(),
+                (_, serde_json::Value::String(s)) => s.clone(),
+                (_, other) => other.to_string(),
+            };
+            out.push_str(&format!("\n# {doc}\n#{}={value}\n", name.to_uppercase()));
+        }
+        out
+    }
+
+    const GENERATED: &str =
+        "# --- Every setting, at its default (generated from src/config.rs) ---";
+    const START: &str = "<!-- configuration reference: generated from src/config.rs -->\n";
+    const END: &str = "<!-- end of the configuration reference -->";
+
+    fn check(path: &str, current: &str, wanted: &str) {
+        if current == wanted {
+            return;
+        }
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+            std::fs::write(file, wanted).unwrap();
+            return;
+        }
+        panic!("{path} is out of date with src/config.rs: run UPDATE_DOCS=1 cargo test -p cfaudit --lib docs");
+    }
+
+    #[test]
+    fn keys_are_the_fields() {
+        let names: Vec<String> = fields()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n != "storage_options")
+            .collect();
+        assert_eq!(names, KEYS);
+    }
+
+    #[test]
+    fn the_readme_reference_is_generated_from_the_struct() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find(START)
+            .expect("README has the reference start marker")
+            + START.len();
+        let end = readme
+            .find(END)
+            .expect("README has the reference end marker");
+        let wanted = format!("{}{}{}", &readme[..start], readme_table(), &readme[end..]);
+        check("README.md", readme, &wanted);
+    }
+
+    #[test]
+    fn the_systemd_env_file_is_generated_from_the_struct() {
+        let current = include_str!("../cfaudit.env");
+        let wanted = env_file();
+        check("cfaudit.env", current, &wanted);
+        // And, uncommented, it is a valid configuration.
+        let generated = &wanted[wanted.find(GENERATED).unwrap()..];
+        let env: Vec<(String, String)> = generated
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| KEYS.contains(&k.to_lowercase().as_str()))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(env.len(), KEYS.len());
+        Config::load_from(None, env).unwrap();
     }
 }

@@ -214,7 +214,7 @@ impl Prometheus {
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
             .spawn()
-            .expect("run prometheus (tests/support/ensure-prometheus.sh installs it)");
+            .expect("run prometheus (tests/support/ensure-tools.sh installs it)");
         Prometheus {
             child,
             url: format!("http://127.0.0.1:{port}"),

@@ -12,7 +12,7 @@ fn promtool(args: &[&str]) -> String {
         .args(args)
         .current_dir(PROMETHEUS)
         .output()
-        .expect("promtool: run `make test` (tests/support/ensure-prometheus.sh installs it)");
+        .expect("promtool: run `make test` (tests/support/ensure-tools.sh installs it)");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

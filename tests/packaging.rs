@@ -1,6 +1,8 @@
-//! The Dockerfile, checked without a container engine (none runs here): what it copies exists,
-//! what it runs is a real subcommand, its settings are real configuration keys, it does not run
-//! as root, and it exposes the metrics port it configures.
+//! The Dockerfile and the systemd unit, checked without a container engine or a running
+//! systemd (neither runs here). Dockerfile: what it copies exists, what it runs is a real
+//! subcommand, its settings are real configuration keys, it does not run as root, and it
+//! exposes the metrics port it configures. Unit: `systemd-analyze verify` and `security
+//! --offline` accept it, and it agrees with the binary and `cfaudit.env`.
 
 use std::path::Path;
 use std::process::Command;
@@ -95,4 +97,109 @@ fn the_runtime_image_is_not_root() {
         .find(|l| l.starts_with("USER "))
         .expect("USER in the runtime stage");
     assert!(!user.contains("root") && user.trim() != "USER 0", "{user}");
+}
+
+// systemd: cfaudit.service and cfaudit.env, checked by systemd's own offline tools.
+
+fn unit() -> String {
+    std::fs::read_to_string(Path::new(ROOT).join("cfaudit.service")).expect("cfaudit.service")
+}
+
+fn unit_value<'a>(unit: &'a str, key: &str) -> &'a str {
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("cfaudit.service has no {key}="))
+}
+
+/// The unit with ExecStart pointing at the binary just built (verify checks it exists).
+fn unit_for_verify() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cfaudit.service");
+    let text = unit().replace("/usr/local/bin/cfaudit", env!("CARGO_BIN_EXE_cfaudit"));
+    std::fs::write(&file, text).unwrap();
+    (dir, file)
+}
+
+fn systemd_analyze(args: &[&str]) -> std::process::Output {
+    Command::new("systemd-analyze")
+        .args(args)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package) checks the unit")
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let (_dir, file) = unit_for_verify();
+    let file = file.to_str().unwrap();
+    let verify = systemd_analyze(&["verify", file]);
+    let complaints = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.status.success() && complaints.trim().is_empty(),
+        "systemd-analyze verify: {complaints}"
+    );
+    // Exposure 0.0 (locked down) to 10.0 (unsafe); the threshold is ×10. The unit scores 1.2.
+    let security = systemd_analyze(&["security", "--offline=true", "--threshold=20", file]);
+    assert!(
+        security.status.success(),
+        "exposure above 2.0:\n{}",
+        String::from_utf8_lossy(&security.stdout)
+    );
+}
+
+#[test]
+fn the_systemd_unit_matches_the_binary_and_its_configuration() {
+    let unit = unit();
+    assert_eq!(unit_value(&unit, "ExecStart"), "/usr/local/bin/cfaudit run");
+    assert!(subcommands().contains("  run "));
+    assert_eq!(unit_value(&unit, "Restart"), "always");
+    assert_eq!(unit_value(&unit, "User"), "cfaudit");
+    assert_eq!(
+        unit_value(&unit, "EnvironmentFile"),
+        "/etc/cfaudit/cfaudit.env"
+    );
+    // Docker would kill it while draining otherwise; systemd likewise.
+    let stop: u64 = unit_value(&unit, "TimeoutStopSec")
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    let config = cfaudit::config::Config::load_from(None, Vec::new()).unwrap();
+    assert!(stop > config.shutdown_timeout_seconds);
+    // A configuration error exits 2, and restarting cannot fix it.
+    let bad = Command::new(env!("CARGO_BIN_EXE_cfaudit"))
+        .args(["run", "--once"])
+        .env_clear()
+        .env("CLOUDFLARE_PER_PAGE", "5000")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(unit_value(&unit, "RestartPreventExitStatus"), "2");
+    // The env file's Parquet folder is in the unit's state directory, the one place it may write.
+    let env = std::fs::read_to_string(Path::new(ROOT).join("cfaudit.env")).unwrap();
+    let state = format!("/var/lib/{}", unit_value(&unit, "StateDirectory"));
+    let parquet = env
+        .lines()
+        .find_map(|l| l.strip_prefix("PARQUET_URL="))
+        .unwrap();
+    assert!(
+        parquet.starts_with(&format!("file://{state}/")),
+        "{parquet}"
+    );
+    // Its settings, with the two an operator must fill in, make a valid configuration.
+    let mut settings: Vec<(String, String)> = env
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    for (name, _) in &settings {
+        let key = name.to_lowercase();
+        assert!(
+            cfaudit::config::KEYS.contains(&key.as_str()) || name == "RUST_LOG",
+            "{name} is not a setting"
+        );
+    }
+    settings.push(("CLOUDFLARE_API_TOKEN".into(), "t".into()));
+    settings.push(("CLOUDFLARE_ACCOUNT_ID".into(), "0123abcd".into()));
+    let config = cfaudit::config::Config::load_from(None, settings).unwrap();
+    config.require_source().unwrap();
 }
