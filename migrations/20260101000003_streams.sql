@@ -6,6 +6,8 @@ ALTER TABLE cfaudit_checkpoints ADD COLUMN IF NOT EXISTS covers_since TIMESTAMPT
 ALTER TABLE cfaudit_checkpoints ADD COLUMN IF NOT EXISTS covers_until TIMESTAMPTZ;
 -- Set when a bounded stream (a backfill) has committed its whole range.
 ALTER TABLE cfaudit_checkpoints ADD COLUMN IF NOT EXISTS completed_at TIMESTAMPTZ;
+-- When the stream's last sweep finished with everything committed (`cfaudit status`).
+ALTER TABLE cfaudit_checkpoints ADD COLUMN IF NOT EXISTS last_sweep_at TIMESTAMPTZ;
 
 -- Rows written before streams existed: their coverage starts at their oldest event.
 UPDATE cfaudit_checkpoints c

@@ -160,7 +160,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<R
     let mut pipeline = adapters.start_pipeline(&config, &stream, options.once);
     info!(account = %account_id, once = options.once, start = ?stream.covers_since, "pipeline started");
 
-    let outcome = drive(&mut pipeline, options.once).await;
+    let outcome = drive(&mut pipeline, options.once, &adapters.postgres, &stream.key).await;
     let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
     if outcome.as_ref().is_ok_and(|interrupted| *interrupted) {
         info!(
@@ -201,9 +201,14 @@ pub async fn apply_policies(postgres: &Postgres, config: &Config) -> anyhow::Res
     Ok(())
 }
 
-/// Waits for the end of the run (with `once`, the first committed sweep); `Ok(true)` when a
-/// signal cut it short.
-pub async fn drive(pipeline: &mut Pipeline, once: bool) -> anyhow::Result<bool> {
+/// Waits for the end of the run (with `once`, the first committed sweep), recording each
+/// completed sweep of `stream`; `Ok(true)` when a signal cut it short.
+pub async fn drive(
+    pipeline: &mut Pipeline,
+    once: bool,
+    postgres: &Postgres,
+    stream: &str,
+) -> anyhow::Result<bool> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
@@ -211,6 +216,9 @@ pub async fn drive(pipeline: &mut Pipeline, once: bool) -> anyhow::Result<bool> 
             event = pipeline.next_event() => match event {
                 Some(PipelineEvent::SweepCompleted { account_id, checkpoint }) => {
                     info!(account = %account_id, ?checkpoint, "sweep committed");
+                    if let Err(error) = postgres.record_sweep(stream).await {
+                        warn!(%error, "could not record the sweep's time (cfaudit status shows it)");
+                    }
                     if once {
                         return Ok(false);
                     }

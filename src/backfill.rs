@@ -78,7 +78,7 @@ pub async fn backfill(
 
     let mut pipeline = adapters.start_pipeline(&config, &stream, true);
     let progress = Progress::start(adapters.metrics.clone(), account.clone(), since, until);
-    let outcome = drive(&mut pipeline, true).await;
+    let outcome = drive(&mut pipeline, true, &adapters.postgres, &stream.key).await;
     progress.finish();
     let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
     if !pipeline.shutdown(timeout).await {

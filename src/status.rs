@@ -17,6 +17,8 @@ pub struct AccountStatus {
     pub lag_seconds: Option<i64>,
     /// Where the live stream's collection starts.
     pub collecting_since: Option<DateTime<Utc>>,
+    /// When the live stream's last sweep finished with everything committed.
+    pub last_sweep: Option<DateTime<Utc>>,
     /// The last commit of any of the account's streams.
     pub last_commit: DateTime<Utc>,
     pub commits: i64,
@@ -47,6 +49,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
                 max(s.checkpoint) FILTER (WHERE s.account_id = s.account) AS checkpoint, \
                 extract(epoch FROM now() - max(s.checkpoint) FILTER (WHERE s.account_id = s.account))::bigint AS lag_seconds, \
                 max(s.covers_since) FILTER (WHERE s.account_id = s.account) AS collecting_since, \
+                max(s.last_sweep_at) FILTER (WHERE s.account_id = s.account) AS last_sweep, \
                 max(s.updated_at) AS last_commit, sum(s.commit_seq)::bigint AS commits, \
                 (SELECT count(*) FROM audit_logs a WHERE a.account_id = s.account) AS postgres_rows, \
                 (SELECT count(*) FROM cfaudit_dead_letters d WHERE d.account_id = s.account) AS dead_letters, \
@@ -96,6 +99,10 @@ impl std::fmt::Display for Status {
             if let Some(start) = a.collecting_since {
                 writeln!(f, "  collecting since {}", start.to_rfc3339())?;
             }
+            let sweep = a
+                .last_sweep
+                .map_or("none yet".to_owned(), |t| t.to_rfc3339());
+            writeln!(f, "  last sweep      {sweep}")?;
             writeln!(
                 f,
                 "  last commit     {} ({} commits)",

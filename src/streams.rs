@@ -120,6 +120,15 @@ impl Postgres {
         Ok(stream)
     }
 
+    /// Records that a sweep of the stream finished with everything committed.
+    pub async fn record_sweep(&self, key: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE cfaudit_checkpoints SET last_sweep_at = now() WHERE account_id = $1")
+            .bind(key)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// Marks a bounded stream as having committed its whole range.
     pub async fn complete_stream(&self, key: &str) -> anyhow::Result<()> {
         sqlx::query("UPDATE cfaudit_checkpoints SET completed_at = now() WHERE account_id = $1")

@@ -262,9 +262,21 @@ async fn status_reports_what_is_committed_and_fails_clearly_without_a_database()
     assert_eq!(account["unpublished_files"], 0);
     assert_eq!(status["staged_files"], 0);
     assert!(account["lag_seconds"].as_i64().unwrap() > 0);
+    let last_sweep: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(account["last_sweep"].clone()).expect("a recorded sweep");
+    assert!(
+        (chrono::Utc::now() - last_sweep).num_seconds() < 120,
+        "{status}"
+    );
+    assert_eq!(
+        account["collecting_since"], "2000-01-01T00:00:00Z",
+        "{status}"
+    );
     let text = finish(cfaudit(&["status"], &h.env)).await;
     assert!(
-        text.stdout.contains("2997 rows in") && text.stdout.contains("checkpoint"),
+        text.stdout.contains("2997 rows in")
+            && text.stdout.contains("checkpoint")
+            && text.stdout.contains("last sweep      20"),
         "{}",
         text.stdout
     );
