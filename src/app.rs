@@ -123,9 +123,17 @@ async fn register_live_stream(adapters: &Adapters, config: &Config) -> anyhow::R
         .postgres
         .register_stream(&account, |streams| {
             let start = live_start(wanted, streams);
-            if start != wanted && !streams.iter().any(|s| s.key == account && s.checkpoint.is_some()) {
-                warn!(account = %account, wanted = %wanted, start = %start,
-                    "the live stream starts where the latest backfill ends; `cfaudit backfill` fills any gap before");
+            let fresh = !streams.iter().any(|s| s.key == account && s.checkpoint.is_some());
+            let last_backfill = streams.iter().filter_map(|s| s.covers_until).max();
+            match last_backfill {
+                _ if !fresh => {}
+                Some(_) if start != wanted => warn!(account = %account, %wanted, %start,
+                    "INITIAL_CHECKPOINT falls inside a backfilled range: the live stream starts where the latest backfill ends"),
+                Some(end) if end < start => {
+                    let (from, to) = (end.to_rfc3339(), start.to_rfc3339());
+                    warn!(account = %account, "events from {from} to {to} are in no stream (after the latest backfill, before the live stream's start): collect them with `cfaudit backfill --since {from} --until {to}`");
+                }
+                _ => {}
             }
             Ok((account.clone(), start, None))
         })

@@ -112,6 +112,21 @@ async fn a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows() {
         before,
         "replay differs from the backfill"
     );
+
+    // A service started a day after the backfill's end names the gap and how to fill it.
+    let mut env = h.env.clone();
+    set(
+        &mut env,
+        "INITIAL_CHECKPOINT",
+        &(until + Duration::days(1)).to_rfc3339(),
+    );
+    let live = finish(cfaudit(&["run", "--once"], &env)).await;
+    assert!(live.success, "{}", live.stderr);
+    assert!(
+        live.stderr.contains("in no stream") && live.stderr.contains(&until_arg[..19]),
+        "{}",
+        live.stderr
+    );
     pool.close().await;
     h.finish().await;
 }
