@@ -234,7 +234,10 @@ impl Emulator {
         }
         let emulator = self.clone();
         actix_rt::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(emulator.config.seed ^ 0x11fe);
+            // Seeded by the start time too: a restarted emulator (the compose demo) must not
+            // hand out the same ids again with new times, which real Cloudflare never does.
+            let started = Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
+            let mut rng = StdRng::seed_from_u64(emulator.config.seed ^ 0x11fe ^ started);
             let mut owed = 0.0;
             let mut index = emulator.config.events;
             let mut tick = actix_rt::time::interval(Duration::from_secs(1));
