@@ -87,31 +87,25 @@ pub async fn backfill(
             "in-flight batches did not commit in time; the next run fetches them again"
         );
     }
+    let reached = adapters
+        .metrics
+        .health
+        .checkpoints
+        .lock()
+        .unwrap()
+        .get(&account)
+        .copied()
+        .or(stream.checkpoint);
     if outcome? {
         anyhow::bail!(
             "interrupted; what is committed stays. Run the same command again to resume from {}",
-            adapters
-                .metrics
-                .health
-                .checkpoints
-                .lock()
-                .unwrap()
-                .get(&account)
-                .map_or("the start".to_owned(), |c| c.to_rfc3339())
+            reached.map_or("the start".to_owned(), |c| c.to_rfc3339())
         );
     }
     adapters.postgres.complete_stream(&stream.key).await?;
     refresh_aggregates(&adapters.postgres, since, until).await;
     let stream = Stream {
-        checkpoint: adapters
-            .metrics
-            .health
-            .checkpoints
-            .lock()
-            .unwrap()
-            .get(&account)
-            .copied()
-            .or(stream.checkpoint),
+        checkpoint: reached,
         ..stream
     };
     summarize(&adapters, &stream, false).await

@@ -90,14 +90,7 @@ async fn a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows() {
     assert_eq!(h.emu.emulator.requests(), requests, "no request");
 
     // Replay into an empty table gives the same rows, column for column.
-    let fingerprint = || async {
-        sqlx::query_as::<_, (Option<String>, i64)>(
-            "SELECT md5(string_agg(t::text, '|' ORDER BY timestamp, event_id)), count(*) FROM audit_logs t",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    };
+    let fingerprint = || table_fingerprint(&pool);
     let before = fingerprint().await;
     sqlx::raw_sql("TRUNCATE audit_logs")
         .execute(&pool)

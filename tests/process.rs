@@ -301,14 +301,7 @@ async fn replay_rebuilds_the_table_from_parquet_exactly_once() {
     assert!(finish(cfaudit(&["run", "--once"], &h.env)).await.success);
     let pool = h.db.pool().await;
     // A fingerprint of every column of every row.
-    let fingerprint = || async {
-        sqlx::query_as::<_, (Option<String>, i64)>(
-            "SELECT md5(string_agg(t::text, '|' ORDER BY timestamp, event_id)), count(*) FROM audit_logs t",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    };
+    let fingerprint = || table_fingerprint(&pool);
     let before = fingerprint().await;
     assert_eq!(before.1, 3_996);
     sqlx::raw_sql("TRUNCATE audit_logs")

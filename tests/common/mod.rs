@@ -600,3 +600,14 @@ pub fn metric(metrics: &str, series: &str) -> f64 {
     assert!(!samples.is_empty(), "no {series} in\n{metrics}");
     samples.iter().sum()
 }
+
+/// A fingerprint of every column of every row of `audit_logs`, and the row count: equal
+/// fingerprints mean identical tables.
+pub async fn table_fingerprint(pool: &sqlx::PgPool) -> (Option<String>, i64) {
+    sqlx::query_as(
+        "SELECT md5(string_agg(t::text, '|' ORDER BY timestamp, event_id)), count(*) FROM audit_logs t",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
