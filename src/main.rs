@@ -31,12 +31,13 @@ enum Command {
         #[arg(long)]
         no_migrate: bool,
     },
-    /// Collect an explicit range of the past, [--since, --until), then exit. Resumable: the
-    /// same command again continues where it stopped; a finished range is not fetched again.
-    /// It may run beside the service; a range overlapping the service's or another
-    /// backfill's is refused. Progress: a bar on a terminal, log lines otherwise. Prints a
-    /// JSON line of counts. Exit 0 when the range is complete, 1 on failure or interruption,
-    /// 2 for a bad range or configuration.
+    /// Collect an explicit range of the past, [--since, --until), then exit (resumable).
+    ///
+    /// Resumable: the same command again continues where it stopped; a finished range is not
+    /// fetched again. It may run beside the service; a range overlapping the service's or
+    /// another backfill's is refused. Progress: a bar on a terminal, log lines otherwise.
+    /// Prints a JSON line of counts. Exit 0 when the range is complete, 1 on failure or
+    /// interruption, 2 for a bad range or configuration.
     Backfill {
         /// Start of the range, inclusive: RFC 3339 (2026-01-31T06:00:00Z) or a date (midnight UTC).
         #[arg(long, value_parser = time_arg)]
@@ -48,15 +49,21 @@ enum Command {
     },
     /// Create the database if missing and apply the migrations.
     Migrate,
-    /// Per account: checkpoint and lag, last commit, rows in each sink, dead letters,
-    /// unpublished and staged files.
+    /// Per account: checkpoint and lag, last sweep, rows in each sink, pending files, backfills.
+    ///
+    /// Read from the database and the object store, so it works with the service stopped.
+    /// Shows the checkpoint and its lag, where collection starts, the last successful sweep
+    /// and commit, rows in PostgreSQL and Parquet, dead letters, unpublished and staged files,
+    /// and each backfill's range and state. Exit 1 when the database is unreachable.
     Status {
         /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Rebuild audit_logs from the Parquet dataset, exactly once (rows already present are
-    /// skipped); prints a JSON line of counts.
+    /// Rebuild audit_logs from the Parquet dataset, exactly once; prints a JSON line of counts.
+    ///
+    /// Every row goes through the pipeline's idempotent insert: into an empty, partial or full
+    /// table, each event ends up once (a row already there takes the file's ingestion_time).
     Replay,
     /// Check configuration, database, object store and API token: one PASS/FAIL line each;
     /// exit 0 when all pass, 1 otherwise.
