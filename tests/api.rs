@@ -133,19 +133,28 @@ async fn late_events_inside_the_safety_lag_are_not_missed_in_live_mode() {
     h.set("INITIAL_CHECKPOINT", &start.to_rfc3339());
     let child = cfaudit(&["run"], &h.env);
 
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    // Every event the emulator holds now from the stream's start on, late ones included,
-    // must land (the stream never reads before its start).
-    let valid = valid_ids(&h.emu.emulator);
-    let snapshot: std::collections::BTreeSet<String> = h
-        .emu
-        .emulator
-        .events()
-        .into_iter()
-        .filter(|e| e.when >= start && valid.contains(&e.id))
-        .map(|e| e.id)
-        .collect();
-    assert!(snapshot.len() > 100, "{} live events", snapshot.len());
+    // Every event the emulator holds, from the stream's start on, once more than 100 (a few
+    // seconds), late ones included, must land: the stream never reads before its start.
+    let valid = || valid_ids(&h.emu.emulator);
+    let since_start = || -> std::collections::BTreeSet<String> {
+        let valid = valid();
+        h.emu
+            .emulator
+            .events()
+            .into_iter()
+            .filter(|e| e.when >= start && valid.contains(&e.id))
+            .map(|e| e.id)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while since_start().len() <= 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the emulator made too few live events"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let snapshot = since_start();
     let pool = h.db.pool().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !snapshot.is_subset(&pg_ids(&pool).await) {
