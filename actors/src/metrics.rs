@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+
+use crate::messages::Sink;
 use prometheus::GaugeVec;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -197,6 +199,30 @@ impl Metrics {
             health: PipelineHealth::default(),
             registry: r,
         })
+    }
+
+    /// Creates every labelled series of an account at zero, so dashboards and alerts see 0
+    /// rather than nothing before the first rewind, retry or auth failure (a query on a series
+    /// that does not exist yet returns no data, and `increase()` misses its first step).
+    pub fn expose_account(&self, account: &str) {
+        for family in [
+            &self.events_fetched,
+            &self.events_deduplicated,
+            &self.events_dead_lettered,
+            &self.batches_committed,
+            &self.pipeline_rewinds,
+        ] {
+            family.with_label_values(&[account]);
+        }
+        self.auth_failed.with_label_values(&[account]).set(0);
+        for reason in ["rate_limited", "transient", "bad_request"] {
+            self.api_retries.with_label_values(&[reason]);
+        }
+        for sink in [Sink::Postgres, Sink::Parquet] {
+            self.events_written.with_label_values(&[sink.as_str()]);
+            self.events_already_stored
+                .with_label_values(&[sink.as_str()]);
+        }
     }
 
     /// The per-actor handles, labelled once.

@@ -53,6 +53,7 @@ impl Pipeline {
             metrics,
         } = parts;
         let account: Arc<str> = Arc::from(poller.account_id.as_str());
+        metrics.expose_account(&account);
         // Credits (in-flight batches) never exceed the mailbox capacity, so hot-path sends
         // never wait on a full mailbox and batches stay in order.
         let capacity = poller.max_inflight_batches + 16;

@@ -591,3 +591,32 @@ async fn recovery_deletes_only_its_own_staged_orphans() {
         vec!["acc.backfill.a_b-inflight.parquet"]
     );
 }
+
+/// Dashboards and alerts see 0, not "no data", before the first rewind, retry or auth failure.
+#[actix_rt::test]
+async fn labelled_series_exist_at_zero_from_the_start() {
+    let world = World::new(events(10));
+    completed(&world.once(Direction::Asc).await);
+    let families = world.metrics.registry.gather();
+    let series = |name: &str| -> Vec<String> {
+        families
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric())
+            .map(|m| {
+                m.get_label()
+                    .iter()
+                    .map(|l| l.value().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    };
+    assert_eq!(series("cfaudit_pipeline_rewinds_total"), [ACCOUNT]);
+    assert_eq!(series("cfaudit_auth_failed"), [ACCOUNT]);
+    assert_eq!(series("cfaudit_events_dead_lettered_total"), [ACCOUNT]);
+    let mut reasons = series("cfaudit_api_retries_total");
+    reasons.sort();
+    assert_eq!(reasons, ["bad_request", "rate_limited", "transient"]);
+    assert_eq!(world.counter(|m| &m.pipeline_rewinds, ACCOUNT), 0);
+}
