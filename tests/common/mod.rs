@@ -284,12 +284,17 @@ impl Harness {
     }
 }
 
+/// A free port *below* the kernel's ephemeral range (32768 and up on Linux). A server on an
+/// ephemeral port that is stopped and started again (the outage tests) can find its port
+/// taken: a client connecting to a port nobody listens on may be handed that very port as its
+/// source and connect to itself (TCP self-connect), holding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A real S3-compatible server (s3s-fs: signatures checked, conditional writes honoured) with

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: a backfill of BENCH_EVENTS (default 200,000) emulator events with the release
 # build, measured by /usr/bin/time -v: events/s and peak RSS, plus the run's counts.
+# BENCH_S3=1: the dataset in a bucket of a local S3-compatible server instead of a folder.
 set -euo pipefail
 bin=target/release/cfaudit
 events=${BENCH_EVENTS:-200000}
@@ -15,6 +16,19 @@ source "$(dirname "$0")/emulator-env.sh"
 start_emulator "$bin" "$port" "$events" "$out/emulator.log"
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db"
 export PARQUET_URL="file://$PWD/$out/parquet"
+if [ -n "${BENCH_S3:-}" ]; then
+  # The dataset in a bucket of the S3-compatible test server (s3s-fs), on this machine.
+  s3_port=${BENCH_S3_PORT:-18789}
+  rm -rf "$out/s3" && mkdir -p "$out/s3/bench"
+  "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" --host 127.0.0.1 --port "$s3_port" \
+    --access-key bench-access --secret-key bench-secret-0123456789 "$out/s3" >"$out/s3.log" 2>&1 &
+  S3_PID=$!
+  trap 'kill $EMULATOR_PID $S3_PID 2>/dev/null || true' EXIT
+  export PARQUET_URL=s3://bench/lake AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" \
+    AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+    AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-0123456789
+  sleep 1
+fi
 export LOG_FORMAT=json RUST_LOG=warn
 # The pipeline's own speed: without this, the client-side request budget (1,000 requests per
 # 5 minutes plus a burst of 100, kept below Cloudflare's limit) sets the pace after 100 pages.
