@@ -65,18 +65,20 @@ pub fn live_start(wanted: DateTime<Utc>, streams: &[Stream]) -> DateTime<Utc> {
         .unwrap_or(wanted)
 }
 
+/// Every stream of an account: its live stream and its backfills.
+const ACCOUNT_STREAMS: &str =
+    "SELECT account_id, covers_since, covers_until, checkpoint, completed_at \
+     FROM cfaudit_checkpoints \
+     WHERE account_id = $1 OR account_id LIKE $1 || '.backfill.%' \
+     ORDER BY covers_since NULLS FIRST, account_id";
+
 impl Postgres {
     /// Every stream of the account (the live one and its backfills).
     pub async fn streams(&self, account_id: &str) -> anyhow::Result<Vec<Stream>> {
-        Ok(sqlx::query_as(
-            "SELECT account_id, covers_since, covers_until, checkpoint, completed_at \
-             FROM cfaudit_checkpoints \
-             WHERE account_id = $1 OR account_id LIKE $1 || '.backfill.%' \
-             ORDER BY covers_since NULLS FIRST, account_id",
-        )
-        .bind(account_id)
-        .fetch_all(self.pool())
-        .await?)
+        Ok(sqlx::query_as(ACCOUNT_STREAMS)
+            .bind(account_id)
+            .fetch_all(self.pool())
+            .await?)
     }
 
     /// Registers a stream, deciding its range from the account's other streams under a lock,
@@ -93,14 +95,10 @@ impl Postgres {
             .bind(account_id)
             .execute(&mut *tx)
             .await?;
-        let streams: Vec<Stream> = sqlx::query_as(
-            "SELECT account_id, covers_since, covers_until, checkpoint, completed_at \
-             FROM cfaudit_checkpoints \
-             WHERE account_id = $1 OR account_id LIKE $1 || '.backfill.%'",
-        )
-        .bind(account_id)
-        .fetch_all(&mut *tx)
-        .await?;
+        let streams: Vec<Stream> = sqlx::query_as(ACCOUNT_STREAMS)
+            .bind(account_id)
+            .fetch_all(&mut *tx)
+            .await?;
         let (key, since, until) = plan(&streams)?;
         let stream: Stream = sqlx::query_as(
             "INSERT INTO cfaudit_checkpoints (account_id, covers_since, covers_until) \
