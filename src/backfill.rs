@@ -54,7 +54,7 @@ pub async fn backfill(
     let stream = adapters
         .postgres
         .register_stream(&account, |streams| {
-            let live = streams.iter().find(|s| s.is_live() && s.key == account);
+            let live = streams.iter().find(|s| s.key == account);
             let until = until
                 .or_else(|| live.and_then(|l| l.covers_since))
                 .unwrap_or(now);
@@ -103,27 +103,12 @@ pub async fn backfill(
         );
     }
     adapters.postgres.complete_stream(&stream.key).await?;
-    refresh_aggregates(&adapters.postgres, since, until).await;
+    adapters.postgres.refresh_aggregates(since, until).await;
     let stream = Stream {
         checkpoint: reached,
         ..stream
     };
     summarize(&adapters, &stream, false).await
-}
-
-/// Older than the aggregates' refresh window: materialize them (TimescaleDB). A failure
-/// loses nothing (the rows are committed); it is reported with the command that fixes it.
-pub async fn refresh_aggregates(
-    postgres: &crate::postgres::Postgres,
-    since: DateTime<Utc>,
-    until: DateTime<Utc>,
-) {
-    match postgres.refresh_aggregates(since, until).await {
-        Ok(true) => info!(%since, %until, "continuous aggregates refreshed over the range"),
-        Ok(false) => {}
-        Err(error) => warn!(%error, %since, %until,
-            "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate('audit_events_hourly', since, until) and the same for audit_actors_hourly"),
-    }
 }
 
 fn check_range(

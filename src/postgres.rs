@@ -13,6 +13,7 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 use sqlx::PgPool;
+use tracing::{info, warn};
 
 use crate::config::Secret;
 
@@ -124,9 +125,20 @@ impl Postgres {
 
     /// TimescaleDB only: materializes the hourly aggregates over `[since, until)`, widened to
     /// whole hours. Their refresh policy only looks at the last 3 days, so rows written
-    /// further back (a backfill, a replay) need this. `false` on plain PostgreSQL, whose
-    /// views are always current.
-    pub async fn refresh_aggregates(
+    /// further back (a backfill, a replay) need this. Plain PostgreSQL's views are always
+    /// current. A failure loses nothing (the rows are committed): it is logged with the
+    /// command that fixes it.
+    pub async fn refresh_aggregates(&self, since: DateTime<Utc>, until: DateTime<Utc>) {
+        match self.try_refresh_aggregates(since, until).await {
+            Ok(true) => info!(%since, %until, "continuous aggregates refreshed over the range"),
+            Ok(false) => {}
+            Err(error) => warn!(%error, %since, %until,
+                "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate('audit_events_hourly', since, until) and the same for audit_actors_hourly"),
+        }
+    }
+
+    /// `false` on plain PostgreSQL.
+    async fn try_refresh_aggregates(
         &self,
         since: DateTime<Utc>,
         until: DateTime<Utc>,

@@ -65,7 +65,7 @@ pub async fn replay(config: &Config) -> anyhow::Result<ReplaySummary> {
         summary.files += 1;
     }
     if let Some((first, last)) = span {
-        crate::backfill::refresh_aggregates(&postgres, first, last).await;
+        postgres.refresh_aggregates(first, last).await;
     }
     Ok(summary)
 }
