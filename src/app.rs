@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cfaudit_actors::{
-    CheckpointerConfig, Metrics, Pipeline, PipelineEvent, PipelineParts, PollerConfig,
+    CheckpointerConfig, Clock, Metrics, Pipeline, PipelineEvent, PipelineParts, PollerConfig,
 };
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use crate::cloudflare::CloudflareClient;
 use crate::config::Config;
 use crate::lake::ParquetLake;
-use crate::postgres::Postgres;
+use crate::postgres::{Lease, Postgres};
 use crate::streams::{live_start, Stream};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -50,17 +50,39 @@ impl Adapters {
     /// store and the API client.
     pub async fn open(config: &Config, migrate: bool) -> anyhow::Result<Adapters> {
         config.require_source()?;
+        for warning in config.warnings() {
+            warn!("{warning}");
+        }
         let metrics = Metrics::new();
-        let postgres =
-            Postgres::connect(&config.database_url, config.database_max_connections).await?;
         if migrate {
-            postgres.migrate().await?;
-            apply_policies(&postgres, config).await?;
+            // Without the statement timeout: a migration may take longer than one statement
+            // of the pipeline should.
+            let admin = Postgres::connect(&config.database_url, 1, None).await?;
+            admin.migrate().await?;
+            apply_policies(&admin, config).await?;
+            admin.pool().close().await;
+        }
+        let postgres = Postgres::connect(
+            &config.database_url,
+            config.database_max_connections,
+            Some(config.sink_timeout()),
+        )
+        .await?;
+        match postgres.prune_event_index().await {
+            Ok(0) => {}
+            Ok(pruned) => info!(
+                pruned,
+                "forgot indexed events older than the API's retention"
+            ),
+            Err(error) => {
+                warn!(%error, "could not prune the dataset's event index; it is retried at the next start")
+            }
         }
         let lake = Arc::new(ParquetLake::open(
             &config.parquet_url,
             &config.storage_options,
         )?);
+        lake.check_layout()?;
         let source = Arc::new(CloudflareClient::new(config, metrics.clone())?);
         let account_id = config
             .cloudflare_account_id
@@ -75,8 +97,15 @@ impl Adapters {
         })
     }
 
-    /// Starts the pipeline on one stream; `once` ends it after one committed sweep.
-    pub fn start_pipeline(&self, config: &Config, stream: &Stream, once: bool) -> Pipeline {
+    /// Starts the pipeline on one stream under `lease`; `once` ends it after the first sweep
+    /// that reaches the end of its window.
+    pub fn start_pipeline(
+        &self,
+        config: &Config,
+        stream: &Stream,
+        once: bool,
+        lease: u64,
+    ) -> Pipeline {
         Pipeline::start(PipelineParts {
             poller: PollerConfig {
                 account_id: self.account_id.clone(),
@@ -93,14 +122,16 @@ impl Adapters {
                 max_pages_per_sweep: config.max_pages_per_sweep,
                 backoff: config.backoff(),
                 default_retry_after: Duration::from_secs(60),
+                max_server_wait: Duration::from_secs(config.cloudflare_max_retry_after_seconds),
                 auth_recheck: Duration::from_secs(600),
                 once: once.then_some(config.once_max_attempts),
             },
             checkpointer: CheckpointerConfig {
                 account_id: self.account_id.clone(),
                 stream: stream.key.clone(),
-                safety_lag: config.safety_lag(),
+                lease,
                 ack_timeout: Duration::from_secs(config.ack_timeout_seconds),
+                sink_timeout: config.sink_timeout(),
                 backoff: config.backoff(),
             },
             source: self.source.clone(),
@@ -108,8 +139,154 @@ impl Adapters {
             files: self.lake.clone(),
             store: Arc::new(self.postgres.clone()),
             metrics: self.metrics.clone(),
+            clock: Clock::system(),
+            rng_seed: None,
         })
     }
+
+    /// Collects `stream` under its lease until the run ends: with `once`, the first sweep
+    /// that reaches the end of its window; otherwise a signal. A lease lost to another process
+    /// halts the pipeline; the service then waits to take the stream again, `once` fails.
+    /// `Ok(true)` when a signal cut it short.
+    pub async fn collect(
+        &self,
+        config: &Config,
+        stream: &Stream,
+        once: bool,
+    ) -> anyhow::Result<bool> {
+        let holder = holder_name();
+        let mut signals = Signals::new()?;
+        let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
+        loop {
+            let Some(mut lease) = self.lease(stream, &holder, once, &mut signals).await? else {
+                return Ok(true);
+            };
+            info!(stream = %stream.key, lease = lease.token, holder = %holder, "stream leased");
+            let mut pipeline = self.start_pipeline(config, stream, once, lease.token);
+            let end = drive(
+                &mut pipeline,
+                once,
+                &self.postgres,
+                &stream.key,
+                &mut lease,
+                &mut signals,
+            )
+            .await;
+            match end {
+                Ok(RunEnd::Lost(reason)) => {
+                    pipeline.halt();
+                    lease.release().await;
+                    if once {
+                        anyhow::bail!(
+                            "{reason}; run the command again once the other process has finished"
+                        );
+                    }
+                    warn!(stream = %stream.key, %reason, "the stream was taken over; waiting to take it again");
+                    continue;
+                }
+                end => {
+                    if matches!(end, Ok(RunEnd::Signal)) {
+                        info!(
+                            ?timeout,
+                            "signal received: no new pages; committing what is in flight"
+                        );
+                    }
+                    if !pipeline.shutdown(timeout).await {
+                        warn!(?timeout, "in-flight batches did not commit in time; they are abandoned and fetched again next run");
+                    }
+                    lease.release().await;
+                    return end.map(|end| end == RunEnd::Signal);
+                }
+            }
+        }
+    }
+
+    /// The stream's lease. Held by another process: `once` refuses with who holds it, the
+    /// service waits (a rolling update: the old process lets go when it stops). `None` when
+    /// a signal came while waiting.
+    async fn lease(
+        &self,
+        stream: &Stream,
+        holder: &str,
+        once: bool,
+        signals: &mut Signals,
+    ) -> anyhow::Result<Option<Lease>> {
+        let mut told = None;
+        loop {
+            let wait = match self.postgres.try_lease(&stream.key, holder).await {
+                Ok(Ok(lease)) => return Ok(Some(lease)),
+                Ok(Err(busy)) if once => anyhow::bail!(
+                    "stream {} is being collected by {busy}: another cfaudit (a service replica, `run --once` or the same backfill) holds it, and two processes on one stream would interfere. Stop it, or run this again when it has finished",
+                    stream.key
+                ),
+                Ok(Err(busy)) => {
+                    let now = std::time::Instant::now();
+                    if told.is_none_or(|at: std::time::Instant| now - at > Duration::from_secs(60)) {
+                        info!(stream = %stream.key, holder = %busy,
+                            "the stream is held by another process; waiting to take it over when it stops");
+                        told = Some(now);
+                    }
+                    Duration::from_secs(1)
+                }
+                Err(error) if once => return Err(error),
+                Err(error) => {
+                    warn!(%error, stream = %stream.key, "could not take the stream's lease; retrying");
+                    Duration::from_secs(5)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = signals.recv() => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Who this process is, for the leases it holds: host and process id.
+pub fn holder_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// SIGTERM and SIGINT.
+pub struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// How a run of the pipeline ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// `once`: a sweep reached the end of its window.
+    Done,
+    Signal,
+    /// Another process holds the stream now.
+    Lost(String),
 }
 
 /// Registers the live stream: it starts at INITIAL_CHECKPOINT (default one poll interval
@@ -165,20 +342,8 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<R
         Some(handle)
     };
 
-    let mut pipeline = adapters.start_pipeline(&config, &stream, options.once);
-    info!(account = %account_id, once = options.once, start = ?stream.covers_since, "pipeline started");
-
-    let outcome = drive(&mut pipeline, options.once, &adapters.postgres, &stream.key).await;
-    let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
-    if outcome.as_ref().is_ok_and(|interrupted| *interrupted) {
-        info!(
-            ?timeout,
-            "signal received: no new pages; committing what is in flight"
-        );
-    }
-    if !pipeline.shutdown(timeout).await {
-        warn!(?timeout, "in-flight batches did not commit in time; they are abandoned and fetched again next run");
-    }
+    info!(account = %account_id, once = options.once, start = ?stream.covers_since, "collecting");
+    let outcome = adapters.collect(&config, &stream, options.once).await;
     if let Some(handle) = http {
         handle.stop(true).await;
     }
@@ -209,16 +374,16 @@ pub async fn apply_policies(postgres: &Postgres, config: &Config) -> anyhow::Res
     Ok(())
 }
 
-/// Waits for the end of the run (with `once`, the first committed sweep), recording each
-/// completed sweep of `stream`; `Ok(true)` when a signal cut it short.
+/// Waits for the end of the run (with `once`, the first sweep that reaches the end of its
+/// window), recording each completed sweep of `stream`.
 pub async fn drive(
     pipeline: &mut Pipeline,
     once: bool,
     postgres: &Postgres,
     stream: &str,
-) -> anyhow::Result<bool> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    lease: &mut Lease,
+    signals: &mut Signals,
+) -> anyhow::Result<RunEnd> {
     loop {
         tokio::select! {
             event = pipeline.next_event() => match event {
@@ -228,15 +393,16 @@ pub async fn drive(
                         warn!(%error, "could not record the sweep's time (cfaudit status shows it)");
                     }
                     if once {
-                        return Ok(false);
+                        return Ok(RunEnd::Done);
                     }
                 }
                 Some(PipelineEvent::Failed { reason }) => anyhow::bail!("run failed: {reason}"),
+                Some(PipelineEvent::Fenced { reason }) => return Ok(RunEnd::Lost(reason)),
                 Some(PipelineEvent::Drained) => {}
                 None => anyhow::bail!("the pipeline stopped unexpectedly"),
             },
-            _ = terminate.recv() => return Ok(true),
-            _ = interrupt.recv() => return Ok(true),
+            reason = lease.lost() => return Ok(RunEnd::Lost(reason)),
+            _ = signals.recv() => return Ok(RunEnd::Signal),
         }
     }
 }

@@ -10,9 +10,9 @@ use std::time::Duration;
 use cfaudit_actors::Metrics;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::app::{drive, Adapters};
+use crate::app::Adapters;
 use crate::config::{Config, ConfigError};
 use crate::streams::{backfill_key, Stream};
 
@@ -76,17 +76,9 @@ pub async fn backfill(
     }
     info!(stream = %stream.key, %since, %until, resume_from = ?stream.checkpoint, "backfill started");
 
-    let mut pipeline = adapters.start_pipeline(&config, &stream, true);
     let progress = Progress::start(adapters.metrics.clone(), account.clone(), since, until);
-    let outcome = drive(&mut pipeline, true, &adapters.postgres, &stream.key).await;
+    let outcome = adapters.collect(&config, &stream, true).await;
     progress.finish();
-    let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
-    if !pipeline.shutdown(timeout).await {
-        warn!(
-            ?timeout,
-            "in-flight batches did not commit in time; the next run fetches them again"
-        );
-    }
     let reached = adapters
         .metrics
         .health

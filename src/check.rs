@@ -59,7 +59,7 @@ fn check_config(config: &Config) -> Result<String, String> {
 }
 
 async fn check_database(config: &Config) -> Result<String, String> {
-    let postgres = Postgres::connect(&config.database_url, 1)
+    let postgres = Postgres::connect(&config.database_url, 1, None)
         .await
         .map_err(|e| format!("{e:#}. Fix: start the database or correct DATABASE_URL"))?;
     let (version,): (String,) = sqlx::query_as("SHOW server_version")

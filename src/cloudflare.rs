@@ -3,26 +3,33 @@
 //!
 //! It classifies every answer (API facts §4–5) and leaves retry decisions to the Poller. It
 //! never needs `result_info`, accepts `errors: null`, absent `messages` and `result: null`,
-//! and reads `Ratelimit` headers when present.
+//! and reads `Ratelimit` headers when present. It never follows a redirect (the credential
+//! would go with it), reads at most `CLOUDFLARE_MAX_RESPONSE_BYTES` of a body, and a page one
+//! of whose events is not valid JSON still yields the others (the bad one is dead-lettered).
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cfaudit_actors::{AuditSource, Metrics, PageRequest, RawEvent, SourceError};
+use cfaudit_actors::{
+    AuditSource, Metrics, Page, PageRequest, RawEvent, SourceError, UnreadableEvent,
+};
 use chrono::SecondsFormat;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::{Config, Secret};
 
-/// Error codes that mean "this credential cannot read this account" (API facts §4.3).
+/// Error codes that mean "this credential cannot read this account", or that there is no such
+/// account (7000/7003: no route, e.g. a wrong account id): retrying soon cannot help (API
+/// facts §4.3).
 const AUTH_CODES: &[i64] = &[
-    6003, 6100, 6101, 6102, 6103, 6111, 9106, 9107, 9109, 9300, 10000,
+    6003, 6100, 6101, 6102, 6103, 6111, 7000, 7003, 9106, 9107, 9109, 9300, 10000,
 ];
 
 #[derive(Clone)]
@@ -40,6 +47,10 @@ pub struct CloudflareClient {
     budget: DefaultDirectRateLimiter,
     /// Set when a `Ratelimit` header said nothing is left: no request before this instant.
     paused_until: Mutex<Option<Instant>>,
+    /// The longest wait a server may impose through its headers.
+    max_server_wait: Duration,
+    /// Bodies longer than this are not read.
+    max_response_bytes: u64,
 }
 
 impl CloudflareClient {
@@ -63,6 +74,8 @@ impl CloudflareClient {
             ))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cfaudit/", env!("CARGO_PKG_VERSION")))
+            // The API never redirects; following one would send the credential elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let per_request =
             Duration::from_secs(300).div_f64(f64::from(config.cloudflare_requests_per_5_minutes));
@@ -79,6 +92,8 @@ impl CloudflareClient {
             metrics,
             budget: RateLimiter::direct(quota),
             paused_until: Mutex::new(None),
+            max_server_wait: Duration::from_secs(config.cloudflare_max_retry_after_seconds),
+            max_response_bytes: config.cloudflare_max_response_bytes,
         })
     }
 
@@ -133,11 +148,26 @@ impl CloudflareClient {
             .map_err(|e| transport_error("request", e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let limit = self.max_response_bytes;
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit)
+        {
+            return Err(SourceError::TooLarge { limit });
+        }
+        let mut body = bytes::BytesMut::new();
+        let mut response = response;
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| transport_error("response body", e))?;
-        Ok((status, headers, body))
+            .map_err(|e| transport_error("response body", e))?
+        {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(SourceError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((status, headers, body.freeze()))
     }
 
     fn observe(&self, started: Instant, class: &str, headers: Option<&HeaderMap>) {
@@ -148,9 +178,10 @@ impl CloudflareClient {
         if let Some((remaining, reset)) = headers.and_then(ratelimit) {
             self.metrics.api_ratelimit_remaining.set(remaining);
             if remaining <= 0 {
-                // The window is used up: wait for its reset rather than earn a 5-minute block.
-                *self.paused_until.lock().unwrap() =
-                    Some(Instant::now() + Duration::from_secs(reset.max(1)));
+                // The window is used up: wait for its reset rather than earn a 5-minute block
+                // (never longer than a server may impose).
+                let wait = Duration::from_secs(reset.max(1)).min(self.max_server_wait);
+                *self.paused_until.lock().unwrap() = Some(Instant::now() + wait);
             }
         }
     }
@@ -168,7 +199,7 @@ fn transport_error(stage: &str, error: reqwest::Error) -> SourceError {
 
 #[async_trait]
 impl AuditSource for CloudflareClient {
-    async fn fetch_page(&self, request: &PageRequest) -> Result<Vec<RawEvent>, SourceError> {
+    async fn fetch_page(&self, request: &PageRequest) -> Result<Page, SourceError> {
         self.wait_for_budget().await;
         let started = Instant::now();
         let (status, headers, body) = match self.request(request).await {
@@ -197,12 +228,8 @@ struct Envelope {
     result: Option<Vec<RawEvent>>,
 }
 
-/// Turns one HTTP answer into events or a classified error.
-pub fn classify(
-    status: StatusCode,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Vec<RawEvent>, SourceError> {
+/// Turns one HTTP answer into a page or a classified error.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<Page, SourceError> {
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Err(SourceError::RateLimited {
             retry_after: retry_after(headers),
@@ -225,15 +252,32 @@ pub fn classify(
         }
         return Err(SourceError::BadRequest(format!("HTTP {status}: {summary}")));
     }
+    if status.is_redirection() {
+        let target = headers
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .unwrap_or("(no location)");
+        return Err(SourceError::Auth(format!(
+            "HTTP {status}: the API redirects to {target}; cfaudit follows no redirect (the \
+             credential would go along). Set CLOUDFLARE_API_BASE_URL to the API's own address"
+        )));
+    }
     if !status.is_success() {
         return Err(SourceError::Transient(format!("unexpected HTTP {status}")));
     }
-    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
-        SourceError::Transient(format!(
-            "HTTP {status} with a body that is not the audit-log envelope ({} bytes): {e}",
-            body.len()
-        ))
-    })?;
+    let envelope: Envelope = match serde_json::from_slice(body) {
+        Ok(envelope) => envelope,
+        // One bad event must not block the page: a complete envelope whose `result` holds
+        // an element that is not JSON yields the others, and that one as a dead letter.
+        Err(error) => {
+            return salvage(body).ok_or_else(|| {
+                SourceError::Transient(format!(
+                "HTTP {status} with a body that is not the audit-log envelope ({} bytes): {error}",
+                body.len()
+            ))
+            })
+        }
+    };
     if envelope.success == Some(false) {
         let (summary, codes) = errors_of(body);
         if codes.iter().any(|c| AUTH_CODES.contains(c)) {
@@ -244,7 +288,157 @@ pub fn classify(
         )));
     }
     let _ = envelope.errors; // tolerated in any shape, including null
-    Ok(envelope.result.unwrap_or_default())
+    Ok(Page::from(envelope.result.unwrap_or_default()))
+}
+
+/// The page of a body that does not parse as a whole: `None` unless it is a complete JSON
+/// object (not a truncated one) with `"success"` not false and a `result` array, whose
+/// elements are then read one by one.
+fn salvage(body: &[u8]) -> Option<Page> {
+    let shape = EnvelopeShape::scan(body)?;
+    if shape.success == Some(false) {
+        return None;
+    }
+    let mut page = Page::default();
+    for element in shape.result? {
+        let bytes = element.trim_ascii();
+        match serde_json::from_slice::<Box<RawValue>>(bytes) {
+            Ok(event) => page.events.push(event),
+            Err(error) => page.unreadable.push(UnreadableEvent {
+                bytes: bytes.to_vec(),
+                reason: error.to_string(),
+            }),
+        }
+    }
+    Some(page)
+}
+
+/// The top level of a JSON object read byte by byte, without decoding strings (so invalid
+/// UTF-8 or a raw control character inside one does not stop it): the `success` literal and
+/// the elements of the `result` array.
+struct EnvelopeShape<'a> {
+    success: Option<bool>,
+    result: Option<Vec<&'a [u8]>>,
+}
+
+impl<'a> EnvelopeShape<'a> {
+    fn scan(body: &'a [u8]) -> Option<EnvelopeShape<'a>> {
+        let mut shape = EnvelopeShape {
+            success: None,
+            result: None,
+        };
+        let mut at = skip_space(body, 0);
+        if body.get(at) != Some(&b'{') {
+            return None;
+        }
+        at = skip_space(body, at + 1);
+        if body.get(at) == Some(&b'}') {
+            return (skip_space(body, at + 1) == body.len()).then_some(shape);
+        }
+        loop {
+            let key_end = string_end(body, at)?;
+            let key = &body[at + 1..key_end - 1];
+            at = skip_space(body, key_end);
+            if body.get(at) != Some(&b':') {
+                return None;
+            }
+            at = skip_space(body, at + 1);
+            let value_end = value_end(body, at)?;
+            match key {
+                b"success" => shape.success = Some(&body[at..value_end] == b"true"),
+                b"result" if body[at] == b'[' => {
+                    shape.result = Some(elements(&body[at..value_end])?)
+                }
+                _ => {}
+            }
+            at = skip_space(body, value_end);
+            match body.get(at)? {
+                b',' => at = skip_space(body, at + 1),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        (skip_space(body, at + 1) == body.len()).then_some(shape)
+    }
+}
+
+fn skip_space(body: &[u8], mut at: usize) -> usize {
+    while body.get(at).is_some_and(|b| b.is_ascii_whitespace()) {
+        at += 1;
+    }
+    at
+}
+
+/// The end (exclusive) of the string starting at `at`.
+fn string_end(body: &[u8], at: usize) -> Option<usize> {
+    if body.get(at) != Some(&b'"') {
+        return None;
+    }
+    let mut i = at + 1;
+    while i < body.len() {
+        match body[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The end (exclusive) of the value starting at `at`: a string, an object or array with
+/// balanced brackets (strings skipped), or a literal up to the next delimiter.
+fn value_end(body: &[u8], at: usize) -> Option<usize> {
+    match body.get(at)? {
+        b'"' => string_end(body, at),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            while i < body.len() {
+                match body[i] {
+                    b'"' => {
+                        i = string_end(body, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+        _ => {
+            let len = body[at..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+                .unwrap_or(body.len() - at);
+            (len > 0).then_some(at + len)
+        }
+    }
+}
+
+/// The elements of an array (`[` … `]`) as byte slices.
+fn elements(array: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut at = skip_space(array, 1);
+    if array.get(at) == Some(&b']') {
+        return Some(out);
+    }
+    loop {
+        let end = value_end(array, at)?;
+        out.push(&array[at..end]);
+        at = skip_space(array, end);
+        match array.get(at)? {
+            b',' => at = skip_space(array, at + 1),
+            b']' => return (at + 1 == array.len()).then_some(out),
+            _ => return None,
+        }
+    }
 }
 
 /// "code message; code message" of an error envelope, and the codes (chains included).
@@ -305,7 +499,7 @@ mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
-    fn ok(body: &str) -> Result<Vec<RawEvent>, SourceError> {
+    fn ok(body: &str) -> Result<Page, SourceError> {
         classify(StatusCode::OK, &HeaderMap::new(), body.as_bytes())
     }
 
@@ -336,7 +530,7 @@ mod tests {
         );
         let raw = ok(r#"{"success":true,"result":[{"id":"a", "when" : "x"}]}"#).unwrap();
         assert_eq!(
-            raw[0].get(),
+            raw.events[0].get(),
             r#"{"id":"a", "when" : "x"}"#,
             "raw bytes are kept"
         );
@@ -393,6 +587,55 @@ mod tests {
         assert!(matches!(
             classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), past_end),
             Err(SourceError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn one_unreadable_event_leaves_the_rest_of_the_page() {
+        // Invalid UTF-8 and a raw control character inside a string.
+        let bad: [&[u8]; 2] = [
+            b"{\"id\":\"b\",\"actor\":{\"email\":\"\xff\xfe@x\"}}",
+            b"{\"id\":\"c\",\"name\":\"tab\there\"}",
+        ];
+        for bad in bad {
+            let mut body = b"{\"success\":true,\"errors\":[],\"result\":[{\"id\":\"a\"}, ".to_vec();
+            body.extend_from_slice(bad);
+            body.extend_from_slice(b" ,{\"id\":\"d\",\"s\":\"]}\\\"\"}],\"messages\":[]}");
+            let page = classify(StatusCode::OK, &HeaderMap::new(), &body).unwrap();
+            let ids: Vec<&str> = page.events.iter().map(|e| e.get()).collect();
+            assert_eq!(ids, [r#"{"id":"a"}"#, r#"{"id":"d","s":"]}\""}"#]);
+            assert_eq!(page.unreadable.len(), 1);
+            assert_eq!(page.unreadable[0].bytes, bad, "the exact bytes are kept");
+            assert_eq!(page.len(), 3, "a full page stays a full page");
+        }
+        // Truncated bodies are not salvaged: they are retried.
+        let truncated = br#"{"success":true,"result":[{"id":"a"},{"id":"b""#;
+        assert!(matches!(
+            classify(StatusCode::OK, &HeaderMap::new(), truncated),
+            Err(SourceError::Transient(_))
+        ));
+        let cut_after_result = br#"{"success":true,"result":[{"id":"a"}],"messa"#;
+        assert!(matches!(
+            classify(StatusCode::OK, &HeaderMap::new(), cut_after_result),
+            Err(SourceError::Transient(_))
+        ));
+    }
+
+    #[test]
+    fn no_route_and_redirects_stop_instead_of_retrying() {
+        let no_route = br#"{"success":false,"errors":[{"code":7003,"message":"Could not route to /accounts/x/audit_logs, perhaps your object identifier is invalid?"}]}"#;
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), no_route),
+            Err(SourceError::Auth(m)) if m.contains("7003")
+        ));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::LOCATION,
+            HeaderValue::from_static("https://elsewhere.example/x"),
+        );
+        assert!(matches!(
+            classify(StatusCode::MOVED_PERMANENTLY, &headers, b""),
+            Err(SourceError::Auth(m)) if m.contains("elsewhere.example") && m.contains("CLOUDFLARE_API_BASE_URL")
         ));
     }
 

@@ -69,6 +69,12 @@ pub struct Config {
     pub cloudflare_requests_per_5_minutes: u32,
     /// Requests that may go out back to back before the budget's pace applies.
     pub cloudflare_request_burst: u32,
+    /// The longest wait the API may impose through `retry-after` or its `Ratelimit` reset; a
+    /// longer one (a broken proxy) is cut to this.
+    pub cloudflare_max_retry_after_seconds: u64,
+    /// A response body larger than this is not read; the page is asked for again in smaller
+    /// pages.
+    pub cloudflare_max_response_bytes: u64,
     /// Where a fresh account starts: RFC 3339 time or `YYYY-MM-DD`. Default: one poll
     /// interval ago. Ignored once a checkpoint is committed.
     pub initial_checkpoint: Option<String>,
@@ -95,6 +101,9 @@ pub struct Config {
     pub batch_max_bytes: usize,
     /// A batch not acknowledged by both writers within this many seconds is retried.
     pub ack_timeout_seconds: u64,
+    /// Every database statement and every storage call gives up after this many seconds (a
+    /// lock held on `audit_logs`, a stalled request), and the batch is retried.
+    pub sink_timeout_seconds: u64,
     /// A sweep stops after this many pages (protects against an API that repeats pages).
     pub max_pages_per_sweep: u32,
     /// `run --once` gives up after this many failed attempts of one page.
@@ -133,6 +142,8 @@ impl Default for Config {
             cloudflare_request_timeout_seconds: 30,
             cloudflare_requests_per_5_minutes: 1000,
             cloudflare_request_burst: 100,
+            cloudflare_max_retry_after_seconds: 600,
+            cloudflare_max_response_bytes: 128 << 20,
             initial_checkpoint: None,
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/cfaudit"),
             database_max_connections: 8,
@@ -144,6 +155,7 @@ impl Default for Config {
             batch_max_events: 10_000,
             batch_max_bytes: 32 << 20,
             ack_timeout_seconds: 300,
+            sink_timeout_seconds: 120,
             max_pages_per_sweep: 100_000,
             once_max_attempts: 8,
             retry_initial_millis: 500,
@@ -170,6 +182,8 @@ pub const KEYS: &[&str] = &[
     "cloudflare_request_timeout_seconds",
     "cloudflare_requests_per_5_minutes",
     "cloudflare_request_burst",
+    "cloudflare_max_retry_after_seconds",
+    "cloudflare_max_response_bytes",
     "initial_checkpoint",
     "database_url",
     "database_max_connections",
@@ -181,6 +195,7 @@ pub const KEYS: &[&str] = &[
     "batch_max_events",
     "batch_max_bytes",
     "ack_timeout_seconds",
+    "sink_timeout_seconds",
     "max_pages_per_sweep",
     "once_max_attempts",
     "retry_initial_millis",
@@ -188,6 +203,17 @@ pub const KEYS: &[&str] = &[
     "shutdown_timeout_seconds",
     "log_format",
 ];
+
+/// Cloudflare's request limit per token and 5 minutes.
+pub const CLOUDFLARE_REQUESTS_PER_5_MINUTES: u64 = 1200;
+
+/// The default of a setting, as written in a configuration.
+fn default_of(key: &str) -> String {
+    match &serde_json::to_value(Config::default()).expect("plain data")[key] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
 
 /// Secrets that may be given as a path in `<NAME>_FILE` instead.
 const FILE_SECRETS: &[&str] = &["cloudflare_api_token", "cloudflare_api_key", "database_url"];
@@ -293,11 +319,31 @@ impl Config {
                 "use 1 or more (defaults: 1000 per 5 minutes, burst 100: at most 1100 in any window, below Cloudflare's 1200)",
             ));
         }
-        if self.max_inflight_batches == 0 {
+        let at_least_one: [(&str, u64, &str); 6] = [
+            ("max_inflight_batches", self.max_inflight_batches as u64, "0 would never fetch"),
+            ("max_pages_per_sweep", self.max_pages_per_sweep.into(), "0 pages would never sweep"),
+            ("ack_timeout_seconds", self.ack_timeout_seconds, "0 s would fail every batch before its writers could answer"),
+            ("sink_timeout_seconds", self.sink_timeout_seconds, "0 s would fail every write"),
+            ("once_max_attempts", self.once_max_attempts.into(), "0 attempts would never try"),
+            ("cloudflare_max_retry_after_seconds", self.cloudflare_max_retry_after_seconds, "0 s would retry a rate-limited token at once, which prolongs Cloudflare's 5-minute block"),
+        ];
+        for (key, value, problem) in at_least_one {
+            if value == 0 {
+                return Err(config_error(
+                    key,
+                    problem,
+                    format!("use 1 or more (default {})", default_of(key)),
+                ));
+            }
+        }
+        if self.cloudflare_max_response_bytes < 1 << 20 {
             return Err(config_error(
-                "max_inflight_batches",
-                "0 would never fetch",
-                "use 1 or more",
+                "cloudflare_max_response_bytes",
+                format!(
+                    "{} bytes cannot hold a page of events",
+                    self.cloudflare_max_response_bytes
+                ),
+                "use 1048576 (1 MiB) or more (default 134217728)",
             ));
         }
         if self.cloudflare_request_timeout_seconds == 0 {
@@ -330,6 +376,22 @@ impl Config {
         }
         self.initial_checkpoint()?;
         Ok(())
+    }
+
+    /// Settings that work but that an operator should hear about at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let most = u64::from(self.cloudflare_requests_per_5_minutes)
+            + u64::from(self.cloudflare_request_burst);
+        if most > CLOUDFLARE_REQUESTS_PER_5_MINUTES {
+            warnings.push(format!(
+                "CLOUDFLARE_REQUESTS_PER_5_MINUTES={} with CLOUDFLARE_REQUEST_BURST={} allows {most} requests in 5 minutes, \
+                 above Cloudflare's {CLOUDFLARE_REQUESTS_PER_5_MINUTES} per token: past it Cloudflare blocks every call of the \
+                 token for 5 minutes (HTTP 429). Keep it only with a raised limit from Cloudflare, or against an emulator",
+                self.cloudflare_requests_per_5_minutes, self.cloudflare_request_burst
+            ));
+        }
+        warnings
     }
 
     /// Checks what polling needs: credentials and an account id.
@@ -382,6 +444,10 @@ impl Config {
 
     pub fn safety_lag(&self) -> Duration {
         Duration::from_secs(self.cloudflare_since_safety_lag_seconds)
+    }
+
+    pub fn sink_timeout(&self) -> Duration {
+        Duration::from_secs(self.sink_timeout_seconds)
     }
 
     pub fn backoff(&self) -> cfaudit_actors::Backoff {
@@ -501,6 +567,42 @@ mod tests {
             assert_eq!(error.key, key, "{error}");
             assert!(error.to_string().contains("Fix: "), "{error}");
         }
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_by_name() {
+        for name in [
+            "MAX_PAGES_PER_SWEEP",
+            "ACK_TIMEOUT_SECONDS",
+            "SINK_TIMEOUT_SECONDS",
+            "MAX_INFLIGHT_BATCHES",
+            "ONCE_MAX_ATTEMPTS",
+            "CLOUDFLARE_MAX_RETRY_AFTER_SECONDS",
+        ] {
+            let error = Config::load_from(None, env(&[(name, "0")])).unwrap_err();
+            assert_eq!(error.key, name, "{error}");
+            assert!(error.fix.contains("1 or more"), "{error}");
+        }
+        let error =
+            Config::load_from(None, env(&[("CLOUDFLARE_MAX_RESPONSE_BYTES", "100")])).unwrap_err();
+        assert_eq!(error.key, "CLOUDFLARE_MAX_RESPONSE_BYTES");
+    }
+
+    #[test]
+    fn a_budget_above_cloudflares_limit_is_allowed_but_warned_about() {
+        let config = Config::load_from(None, env(&[])).unwrap();
+        assert!(
+            config.warnings().is_empty(),
+            "the defaults stay below the limit"
+        );
+        let config =
+            Config::load_from(None, env(&[("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "5000")])).unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("5 minutes") && warnings[0].contains("1200"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

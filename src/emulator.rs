@@ -124,7 +124,9 @@ impl EmulatorConfig {
 pub struct StoredEvent {
     pub when: DateTime<Utc>,
     pub id: String,
-    pub json: String,
+    /// The bytes served for it: its JSON, or anything a test stores (invalid UTF-8, a raw
+    /// control character, a number PostgreSQL cannot store).
+    pub json: Vec<u8>,
     user_level: bool,
     action_type: Option<String>,
     actor_email: Option<String>,
@@ -155,7 +157,7 @@ impl StoredEvent {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned(),
-            json: value.to_string(),
+            json: value.to_string().into_bytes(),
             user_level: text("resource", "type").as_deref() == Some("user"),
             action_type: text("action", "type"),
             actor_email: text("actor", "email"),
@@ -164,6 +166,30 @@ impl StoredEvent {
         }
     }
 }
+
+impl StoredEvent {
+    /// An event served exactly as `bytes`, at `when`, matching no filter.
+    pub fn raw(when: DateTime<Utc>, id: &str, bytes: Vec<u8>) -> StoredEvent {
+        StoredEvent {
+            when,
+            id: id.to_owned(),
+            json: bytes,
+            user_level: false,
+            action_type: None,
+            actor_email: None,
+            actor_ip: None,
+            zone_name: None,
+        }
+    }
+
+    /// The served bytes as text, when they are UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.json).ok()
+    }
+}
+
+/// Something a test has the emulator do to its store when a request arrives.
+type StoreAction = Box<dyn FnOnce(&mut Vec<StoredEvent>) + Send>;
 
 struct RateWindow {
     started: Instant,
@@ -176,6 +202,8 @@ struct State {
     faults: Faults,
     requests: u64,
     windows: HashMap<String, RateWindow>,
+    /// Actions run when the request with that number arrives, before it is answered.
+    on_request: Vec<(u64, StoreAction)>,
 }
 
 /// The emulator's shared state; clone freely.
@@ -200,6 +228,7 @@ impl Emulator {
                 faults,
                 requests: 0,
                 windows: HashMap::new(),
+                on_request: Vec::new(),
             })),
         }
     }
@@ -211,6 +240,28 @@ impl Emulator {
             .events
             .extend(events.iter().map(|e| StoredEvent::from_json(e, Utc::now())));
         sort(&mut state.events);
+    }
+
+    /// Adds one event served exactly as `bytes` (tests of events the pipeline must isolate).
+    pub fn insert_raw(&self, when: DateTime<Utc>, id: &str, bytes: Vec<u8>) {
+        let mut state = self.state.lock().unwrap();
+        state.events.push(StoredEvent::raw(when, id, bytes));
+        sort(&mut state.events);
+    }
+
+    /// Removes the `n` oldest events, as the API's 18-month retention does; returns them.
+    pub fn expire_oldest(&self, n: usize) -> Vec<StoredEvent> {
+        expire(&mut self.state.lock().unwrap().events, n)
+    }
+
+    /// When request number `n` arrives (1-based, every request counts), before it is
+    /// answered, `action` changes the store: events expiring or arriving mid-sweep.
+    pub fn on_request(&self, n: u64, action: impl FnOnce(&mut Vec<StoredEvent>) + Send + 'static) {
+        self.state
+            .lock()
+            .unwrap()
+            .on_request
+            .push((n, Box::new(action)));
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -287,8 +338,11 @@ impl Emulator {
                         .route(web::get().to(user_audit_logs))
                         .default_service(web::to(method_not_allowed)),
                 )
-                // Not part of the Cloudflare API: the container health check of the demo.
+                // Not part of the Cloudflare API: the container health check of the demo, and
+                // the admin calls that change the store (events arriving, events expiring).
                 .route("/healthz", web::get().to(HttpResponse::Ok))
+                .route("/__admin/events", web::post().to(admin_insert))
+                .route("/__admin/expire", web::post().to(admin_expire))
                 .default_service(web::to(no_route))
         })
         .workers(1)
@@ -301,6 +355,11 @@ impl Emulator {
 
 fn sort(events: &mut [StoredEvent]) {
     events.sort_by(|a, b| (a.when, &a.id).cmp(&(b.when, &b.id)));
+}
+
+/// Removes the `n` oldest of the (sorted) events; returns them.
+pub fn expire(events: &mut Vec<StoredEvent>, n: usize) -> Vec<StoredEvent> {
+    events.drain(..n.min(events.len())).collect()
 }
 
 /// A failure answer: `{"success":false,"errors":[…],"messages":[],"result":null}`.
@@ -336,6 +395,35 @@ impl Failure {
                 json!({"success": false, "errors": self.errors, "messages": [], "result": null})
                     .to_string(),
             )
+    }
+}
+
+/// `POST /__admin/events` with a JSON array of events: adds them.
+async fn admin_insert(body: web::Bytes, emulator: web::Data<Emulator>) -> HttpResponse {
+    match serde_json::from_slice::<Vec<Value>>(&body) {
+        Ok(events) => {
+            emulator.insert(&events);
+            HttpResponse::Ok().json(json!({"inserted": events.len()}))
+        }
+        Err(e) => Failure::bad_request(format!("expected a JSON array of events: {e}")).response(),
+    }
+}
+
+/// `POST /__admin/expire?oldest=N`: removes the N oldest events, as retention does.
+async fn admin_expire(
+    query: web::Query<Vec<(String, String)>>,
+    emulator: web::Data<Emulator>,
+) -> HttpResponse {
+    let oldest = query
+        .iter()
+        .find(|(k, _)| k == "oldest")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    match oldest {
+        Some(n) => {
+            let expired = emulator.expire_oldest(n);
+            HttpResponse::Ok().json(json!({"expired": expired.len()}))
+        }
+        None => Failure::bad_request("give oldest=N".into()).response(),
     }
 }
 
@@ -449,7 +537,19 @@ async fn serve_page(
     let (request_no, faults) = {
         let mut state = emulator.state.lock().unwrap();
         state.requests += 1;
-        (state.requests, state.faults.clone())
+        let request_no = state.requests;
+        let due: Vec<StoreAction> = {
+            let (due, later) = std::mem::take(&mut state.on_request)
+                .into_iter()
+                .partition(|(n, _)| *n <= request_no);
+            state.on_request = later;
+            due.into_iter().map(|(_, action)| action).collect()
+        };
+        for action in due {
+            action(&mut state.events);
+            sort(&mut state.events);
+        }
+        (request_no, state.faults.clone())
     };
     let credential = match authenticate(req, config, account.as_deref()) {
         Ok(credential) => credential,
@@ -517,7 +617,7 @@ async fn serve_page(
             // Half the body, a moment for it to reach the client, then the stream fails and
             // the server drops the connection.
             use futures::StreamExt;
-            let half = actix_web::web::Bytes::from(body.as_bytes()[..body.len() / 2].to_vec());
+            let half = actix_web::web::Bytes::from(body[..body.len() / 2].to_vec());
             let first = futures::stream::once(async move { Ok::<_, std::io::Error>(half) });
             let reset = futures::stream::once(async {
                 actix_rt::time::sleep(Duration::from_millis(50)).await;
@@ -532,7 +632,7 @@ async fn serve_page(
         }
         Ok(body) => {
             let body = if every(faults.fault_truncate_every) {
-                body[..body.len() / 2].to_owned()
+                body[..body.len() / 2].to_vec()
             } else {
                 body
             };
@@ -579,7 +679,7 @@ fn too_many(wait: Duration) -> HttpResponse {
 }
 
 /// The success body for one page, or a 400 failure for a bad parameter.
-fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, Failure> {
+fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<Vec<u8>, Failure> {
     let config = &emulator.config;
     let param = |name: &str| {
         query
@@ -676,23 +776,23 @@ fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<String, 
         }
     }
     let mut body =
-        String::with_capacity(selected.iter().map(|e| e.json.len() + 1).sum::<usize>() + 128);
-    body.push_str("{\"success\":true,\"errors\":");
-    body.push_str(if config.errors_null { "null" } else { "[]" });
-    body.push_str(",\"messages\":[],\"result\":[");
+        Vec::with_capacity(selected.iter().map(|e| e.json.len() + 1).sum::<usize>() + 128);
+    body.extend_from_slice(b"{\"success\":true,\"errors\":");
+    body.extend_from_slice(if config.errors_null { b"null" } else { b"[]" });
+    body.extend_from_slice(b",\"messages\":[],\"result\":[");
     for (i, event) in selected.iter().enumerate() {
         if i > 0 {
-            body.push(',');
+            body.push(b',');
         }
-        body.push_str(&event.json);
+        body.extend_from_slice(&event.json);
     }
-    body.push(']');
+    body.push(b']');
     if config.result_info {
-        body.push_str(&format!(
-            ",\"result_info\":{{\"page\":{page},\"per_page\":{per_page}}}"
-        ));
+        body.extend_from_slice(
+            format!(",\"result_info\":{{\"page\":{page},\"per_page\":{per_page}}}").as_bytes(),
+        );
     }
-    body.push('}');
+    body.push(b'}');
     Ok(body)
 }
 

@@ -13,12 +13,15 @@ use arrow::array::{ArrayRef, StringArray, TimestampNanosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
-use cfaudit_actors::{staged_prefix, AuditRow, CommittedFile, FileSink, SinkError, StagedFile};
+use cfaudit_actors::{
+    partition_of, staged_name, AuditRow, CommittedFile, FileSink, SinkError, StagedFile,
+};
 
 use crate::config::Secret;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, RetryConfig};
 use parquet::arrow::ArrowWriter;
@@ -56,7 +59,7 @@ pub struct ParquetLake {
 }
 
 fn lake_error(what: &str, error: impl std::fmt::Display) -> SinkError {
-    SinkError::new(format!("parquet {what}: {error}"))
+    SinkError::transient(format!("parquet {what}: {error}"))
 }
 
 impl ParquetLake {
@@ -104,6 +107,9 @@ impl ParquetLake {
                 };
                 Arc::new(builder.with_retry(retry).build().map_err(scheme_error)?)
             }
+            // fsync of every written file and of the directories that name it: a file a
+            // commit refers to survives a power cut, staged or published.
+            ObjectStoreScheme::Local => Arc::new(LocalFileSystem::new().with_fsync(true)),
             _ => Arc::from(
                 object_store::parse_url_opts(&parsed, options)
                     .map_err(scheme_error)?
@@ -133,6 +139,43 @@ impl ParquetLake {
             local_staging: None,
             props,
         }
+    }
+
+    /// On the local filesystem, publishing renames a file from the staging folder into the
+    /// dataset, which cannot cross filesystems: both folders are created here and refused
+    /// when they are not on the same one (a volume mounted at the dataset folder itself).
+    pub fn check_layout(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(staging) = &self.local_staging else {
+            return Ok(());
+        };
+        let root = std::path::PathBuf::from("/").join(self.root.as_ref());
+        let device = |dir: &std::path::Path| -> anyhow::Result<u64> {
+            std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::metadata(dir))
+                .map(|m| m.dev())
+                .map_err(|e| anyhow::anyhow!("PARQUET_URL: cannot create {}: {e}", dir.display()))
+        };
+        if device(&root)? != device(staging)? {
+            let parent = root.parent().unwrap_or(&root);
+            return Err(crate::config::ConfigError {
+                key: "PARQUET_URL".into(),
+                problem: format!(
+                    "the dataset folder {} and its staging folder {} are on different filesystems \
+                     (a volume mounted at the dataset folder?); files are published by renaming them \
+                     from one to the other, which cannot cross filesystems",
+                    root.display(),
+                    staging.display()
+                ),
+                fix: format!(
+                    "mount the volume one level up (at {}) so that both folders are on it, or point \
+                     PARQUET_URL at a folder inside the volume",
+                    parent.display()
+                ),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -185,7 +228,7 @@ impl ParquetLake {
             .await
             .map_err(|e| lake_error("probe delete", e))?;
         if bytes.as_ref() != payload.as_slice() {
-            return Err(SinkError::new("probe read back different bytes"));
+            return Err(SinkError::transient("probe read back different bytes"));
         }
         Ok(format!("{}/", self.staging))
     }
@@ -231,13 +274,6 @@ pub fn record_batch(rows: &[&AuditRow]) -> Result<RecordBatch, arrow::error::Arr
     )
 }
 
-/// `year=YYYY/month=MM/day=DD/hour=HH` of the event's UTC hour.
-pub fn partition_of(timestamp: DateTime<Utc>) -> String {
-    timestamp
-        .format("year=%Y/month=%m/day=%d/hour=%H")
-        .to_string()
-}
-
 impl ParquetLake {
     /// The names in the staging area starting with `prefix`, without touching anything
     /// (`cfaudit status` reads them while the service may be writing).
@@ -260,6 +296,7 @@ impl FileSink for ParquetLake {
     async fn stage(
         &self,
         stream: &str,
+        lease: u64,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<Vec<StagedFile>, SinkError> {
         // Encoding is CPU work: off the actors' thread, onto the blocking pool.
@@ -283,11 +320,7 @@ impl FileSink for ParquetLake {
         .map_err(|e| lake_error("encode task", e))??;
         let mut staged = Vec::with_capacity(encoded.len());
         for (partition, row_count, bytes) in encoded {
-            let name = format!(
-                "{}{}.parquet",
-                staged_prefix(stream),
-                uuid::Uuid::new_v4().simple()
-            );
+            let name = staged_name(stream, lease, &uuid::Uuid::new_v4().simple().to_string());
             let location = self.staging.clone().join(name.as_str());
             let size = bytes.len() as u64;
             self.store
@@ -315,17 +348,19 @@ impl FileSink for ParquetLake {
                     let _ = self.store.delete(&from).await;
                 }
                 // Published and cleaned up before: nothing to do if the final file is there.
-                Err(object_store::Error::NotFound { .. }) => {
-                    self.store.head(&to).await.map_err(|e| {
-                        lake_error(
-                            &format!(
-                                "publish {}: staged file and final file are both missing",
-                                file.final_path
+                Err(object_store::Error::NotFound { .. }) => match self.store.head(&to).await {
+                    Ok(_) => {}
+                    Err(object_store::Error::NotFound { .. }) => {
+                        return Err(SinkError::Lost {
+                            final_path: file.final_path.clone(),
+                            message: format!(
+                                "the staged file {} and the final file are both missing",
+                                file.staged_path
                             ),
-                            e,
-                        )
-                    })?;
-                }
+                        })
+                    }
+                    Err(e) => return Err(lake_error("publish", e)),
+                },
                 Err(e) => return Err(lake_error("publish", e)),
             }
         }

@@ -183,7 +183,7 @@ async fn healthcheck(config: &Config) -> anyhow::Result<()> {
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {
     Postgres::create_database_if_missing(&config.database_url).await?;
-    let postgres = Postgres::connect(&config.database_url, 1).await?;
+    let postgres = Postgres::connect(&config.database_url, 1, None).await?;
     postgres.migrate().await?;
     cfaudit::app::apply_policies(&postgres, config).await?;
     tracing::info!("migrations applied");

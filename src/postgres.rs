@@ -1,18 +1,22 @@
-//! PostgreSQL: the row sink (`audit_logs`) and the checkpoint store, one pool.
+//! PostgreSQL: the row sink (`audit_logs`), the checkpoint store (with the dataset's event
+//! index) and the stream leases, on one pool.
 
+use std::collections::HashSet;
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cfaudit_actors::{
-    AuditRow, CheckpointStore, CommitRecord, CommittedFile, CommittedState, RowSink,
-    RowWriteReport, SeenId, SinkError,
+    partition_start, AuditRow, CheckpointStore, CommitRecord, CommittedFile, CommittedState, Fence,
+    RowSink, RowWriteReport, SinkError, UnfinishedSweep,
 };
 use chrono::{DateTime, DurationRound, Utc};
 use ipnetwork::IpNetwork;
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::config::Secret;
@@ -20,17 +24,40 @@ use crate::config::Secret;
 /// Embedded at compile time: the binary carries its schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// How far back the API can return events (18 months) plus a margin: the dataset's event
+/// index forgets events older than this, which no sweep can fetch again.
+const INDEX_HORIZON_DAYS: i32 = 550;
+
 #[derive(Clone)]
 pub struct Postgres {
     pool: PgPool,
+    options: PgConnectOptions,
 }
 
-/// The URL without its password, for messages.
+/// The URL without its password (in the user info or a `password` parameter), for messages.
 pub fn redacted_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
+            }
+            let secret = |key: &str| {
+                let key = key.to_ascii_lowercase();
+                key.contains("password") || key == "sslkey" || key == "passfile"
+            };
+            if parsed.query_pairs().any(|(k, _)| secret(&k)) {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret(&k) {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
             }
             parsed.to_string()
         }
@@ -38,24 +65,53 @@ pub fn redacted_url(url: &str) -> String {
     }
 }
 
+/// A failed statement, by what the pipeline must do about it: a value PostgreSQL cannot store
+/// (data exceptions, class 22, and program limits, class 54) is [`SinkError::Rejected`] and
+/// gets isolated; anything else is transient.
 fn sink_error(what: &str, error: sqlx::Error) -> SinkError {
-    SinkError::new(format!("postgres {what}: {error}"))
+    let rejected = match &error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("54")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    };
+    let message = format!("postgres {what}: {error}");
+    if rejected {
+        SinkError::Rejected(message)
+    } else {
+        SinkError::Transient(message)
+    }
+}
+
+fn connect_error(url: &Secret, error: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot connect to DATABASE_URL {}: {error}",
+        redacted_url(url.expose())
+    )
 }
 
 impl Postgres {
-    pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<Postgres> {
+    /// A pool of `max_connections`; every statement of its connections gives up after
+    /// `statement_timeout` (a lock held on a table, a server that stopped answering).
+    pub async fn connect(
+        url: &Secret,
+        max_connections: u32,
+        statement_timeout: Option<Duration>,
+    ) -> anyhow::Result<Postgres> {
+        let mut options =
+            PgConnectOptions::from_str(url.expose()).map_err(|e| connect_error(url, e))?;
+        if let Some(timeout) = statement_timeout {
+            let millis = timeout.as_millis().to_string();
+            options = options.options([("statement_timeout", millis.as_str())]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url.expose())
+            .connect_with(options.clone())
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot connect to DATABASE_URL {}: {e}",
-                    redacted_url(url.expose())
-                )
-            })?;
-        Ok(Postgres { pool })
+            .map_err(|e| connect_error(url, e))?;
+        Ok(Postgres { pool, options })
     }
 
     /// Creates the database named in the URL if it does not exist (demo and tests).
@@ -77,6 +133,18 @@ impl Postgres {
     pub async fn migrate(&self) -> anyhow::Result<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Forgets the indexed events older than the API's retention: no sweep can fetch them
+    /// again.
+    pub async fn prune_event_index(&self) -> anyhow::Result<u64> {
+        let pruned = sqlx::query(
+            "DELETE FROM cfaudit_lake_events WHERE event_time < now() - make_interval(days => $1)",
+        )
+        .bind(INDEX_HORIZON_DAYS)
+        .execute(&self.pool)
+        .await?;
+        Ok(pruned.rows_affected())
     }
 
     /// Whether the TimescaleDB extension is installed in this database.
@@ -179,26 +247,35 @@ impl Postgres {
 
 #[async_trait]
 impl RowSink for Postgres {
-    /// One statement per batch: UNNEST keeps the bind count at 13 whatever the batch size.
+    /// One statement per batch: UNNEST keeps the bind count fixed whatever the batch size.
     /// A row already present (left by an attempt that never committed, or replayed) takes
     /// the new `ingestion_time`: the one the Parquet file of the committing batch carries,
     /// so both sinks agree column for column. `xmax = 0` tells inserted rows from updated.
-    async fn write_rows(&self, rows: &[AuditRow]) -> Result<RowWriteReport, SinkError> {
+    /// With a fence, nothing is written unless the fence's lease is the stream's: a process
+    /// that lost its stream cannot overwrite the rows of the one that holds it now.
+    async fn write_rows(
+        &self,
+        fence: Option<&Fence>,
+        rows: &[AuditRow],
+    ) -> Result<RowWriteReport, SinkError> {
         let texts = |f: fn(&AuditRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
         let ips: Vec<Option<IpNetwork>> = rows
             .iter()
             .map(|r| r.ip_address.map(IpNetwork::from))
             .collect();
-        let (inserted,): (i64,) = sqlx::query_as(
-            "WITH written AS (INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, actor_type, action_type, \
+        let (fenced_in, inserted): (bool, i64) = sqlx::query_as(
+            "WITH fence AS (SELECT $14::text IS NULL \
+                                   OR EXISTS (SELECT 1 FROM cfaudit_checkpoints WHERE account_id = $14 AND lease_token = $15) AS ok), \
+             written AS (INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, actor_type, action_type, \
                                      action_result, resource_type, resource_id, ip_address, metadata, raw_event, ingestion_time) \
              SELECT e, t, a, ae, aty, ty, r, rt, ri, ip, m::jsonb, raw::jsonb, it \
              FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
                          $8::text[], $9::text[], $10::inet[], $11::text[], $12::text[], $13::timestamptz[]) \
                   AS u(e, t, a, ae, aty, ty, r, rt, ri, ip, m, raw, it) \
+             WHERE (SELECT ok FROM fence) \
              ON CONFLICT (timestamp, event_id) DO UPDATE SET ingestion_time = EXCLUDED.ingestion_time \
              RETURNING (xmax = 0) AS inserted) \
-             SELECT count(*) FILTER (WHERE inserted) FROM written",
+             SELECT (SELECT ok FROM fence), count(*) FILTER (WHERE inserted) FROM written",
         )
         .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.timestamp).collect::<Vec<_>>())
@@ -213,76 +290,145 @@ impl RowSink for Postgres {
         .bind(texts(|r| r.metadata.as_deref()))
         .bind(rows.iter().map(|r| &*r.raw_event).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.ingestion_time).collect::<Vec<_>>())
+        .bind(fence.map(|f| f.stream.as_str()))
+        .bind(fence.map_or(0, |f| f.lease as i64))
         .fetch_one(&self.pool)
         .await
         .map_err(|e| sink_error("insert into audit_logs", e))?;
+        if !fenced_in {
+            let fence = fence.expect("only a fence can refuse");
+            return Err(SinkError::Fenced(format!(
+                "stream {} is no longer leased to this process (lease {}): another cfaudit holds it",
+                fence.stream, fence.lease
+            )));
+        }
         let inserted = inserted as u64;
         Ok(RowWriteReport {
             inserted,
             duplicates: rows.len() as u64 - inserted,
+            rejected: Vec::new(),
         })
     }
 }
 
+/// Text for a column that cannot hold NUL or invalid UTF-8: the exact bytes go next to it.
+fn readable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
+}
+
 #[async_trait]
 impl CheckpointStore for Postgres {
-    async fn load(&self, account_id: &str) -> Result<CommittedState, SinkError> {
-        let row: Option<(Option<DateTime<Utc>>, Json<Vec<SeenId>>, i64)> = sqlx::query_as(
-            "SELECT checkpoint, overlap_ids, commit_seq FROM cfaudit_checkpoints WHERE account_id = $1",
+    async fn load(&self, stream: &str) -> Result<CommittedState, SinkError> {
+        type Row = (
+            Option<DateTime<Utc>>,
+            Option<Json<UnfinishedSweep>>,
+            Option<DateTime<Utc>>,
+            i64,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT checkpoint, unfinished_sweep, swept_until, commit_seq FROM cfaudit_checkpoints WHERE account_id = $1",
         )
-        .bind(account_id)
+        .bind(stream)
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| sink_error("load checkpoint", e))?;
         Ok(match row {
-            Some((checkpoint, Json(overlap_ids), commit_seq)) => CommittedState {
+            Some((checkpoint, unfinished, swept_until, commit_seq)) => CommittedState {
                 checkpoint,
-                overlap_ids,
+                unfinished: unfinished.map(|Json(u)| u),
+                swept_until,
                 commit_seq: commit_seq as u64,
             },
             None => CommittedState::default(),
         })
     }
 
+    async fn committed_ids(&self, ids: &[String]) -> Result<HashSet<String>, SinkError> {
+        let found: Vec<(String,)> =
+            sqlx::query_as("SELECT event_id FROM cfaudit_lake_events WHERE event_id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| sink_error("read the dataset's event index", e))?;
+        Ok(found.into_iter().map(|(id,)| id).collect())
+    }
+
     async fn commit(&self, record: &CommitRecord) -> Result<(), SinkError> {
+        let stream = &record.fence.stream;
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(|e| sink_error("begin", e))?;
-        // Fenced on commit_seq: a second instance on the same account cannot interleave.
+        // Fenced on the lease (a process that lost the stream) and on commit_seq.
         let updated = sqlx::query(
-            "INSERT INTO cfaudit_checkpoints (account_id, checkpoint, overlap_ids, commit_seq, updated_at) \
-             VALUES ($1, $2, $3, $4, NOW()) \
-             ON CONFLICT (account_id) DO UPDATE \
-               SET checkpoint = EXCLUDED.checkpoint, overlap_ids = EXCLUDED.overlap_ids, \
-                   commit_seq = EXCLUDED.commit_seq, updated_at = NOW() \
-             WHERE cfaudit_checkpoints.commit_seq = $5",
+            "UPDATE cfaudit_checkpoints \
+               SET checkpoint = $2, unfinished_sweep = $3, swept_until = $4, commit_seq = $5, updated_at = NOW() \
+             WHERE account_id = $1 AND commit_seq = $6 AND lease_token = $7",
         )
-        .bind(&record.account_id)
+        .bind(stream)
         .bind(record.state.checkpoint)
-        .bind(Json(&record.state.overlap_ids))
+        .bind(record.state.unfinished.as_ref().map(Json))
+        .bind(record.state.swept_until)
         .bind(record.state.commit_seq as i64)
         .bind(record.previous_commit_seq as i64)
+        .bind(record.fence.lease as i64)
         .execute(&mut *tx)
         .await
         .map_err(|e| sink_error("write checkpoint", e))?;
         if updated.rows_affected() != 1 {
-            return Err(SinkError::new(format!(
-                "checkpoint of account {} moved under us (expected commit {}): is another cfaudit running on it?",
-                record.account_id, record.previous_commit_seq
-            )));
+            let current: Option<(i64, i64)> = sqlx::query_as(
+                "SELECT lease_token, commit_seq FROM cfaudit_checkpoints WHERE account_id = $1",
+            )
+            .bind(stream)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| sink_error("read checkpoint", e))?;
+            return Err(match current {
+                Some((lease, _)) if lease as u64 != record.fence.lease => SinkError::Fenced(format!(
+                    "stream {stream} is leased to another process now (lease {lease}, this process holds {})",
+                    record.fence.lease
+                )),
+                Some((_, seq)) => SinkError::transient(format!(
+                    "the checkpoint of stream {stream} moved under us (commit {seq}, expected {})",
+                    record.previous_commit_seq
+                )),
+                None => SinkError::transient(format!("stream {stream} is not registered")),
+            });
+        }
+        if !record.events.is_empty() {
+            let e = &record.events;
+            let indexed = sqlx::query(
+                "INSERT INTO cfaudit_lake_events (event_id, event_time, stream, commit_seq) \
+                 SELECT u.id, u.t, $3, $4 FROM UNNEST($1::text[], $2::timestamptz[]) AS u(id, t) \
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.iter().map(|x| x.id.as_str()).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.when).collect::<Vec<_>>())
+            .bind(stream)
+            .bind(record.state.commit_seq as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| sink_error("index the batch's events", e))?;
+            if indexed.rows_affected() != e.len() as u64 {
+                return Err(SinkError::Conflict(format!(
+                    "{} of the batch's {} events are in the dataset already (committed by another stream or process)",
+                    e.len() as u64 - indexed.rows_affected(),
+                    e.len()
+                )));
+            }
         }
         if !record.dead_letters.is_empty() {
             let d = &record.dead_letters;
             sqlx::query(
-                "INSERT INTO cfaudit_dead_letters (account_id, reason, raw_event, first_seen) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[]) \
-                 ON CONFLICT (account_id, raw_md5) DO NOTHING",
+                "INSERT INTO cfaudit_dead_letters (account_id, reason, raw_event, raw_bytes, first_seen) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::timestamptz[]) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(d.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
-            .bind(d.iter().map(|x| x.reason.as_str()).collect::<Vec<_>>())
-            .bind(d.iter().map(|x| x.raw_event.as_str()).collect::<Vec<_>>())
+            .bind(d.iter().map(|x| readable(x.reason.as_bytes())).collect::<Vec<_>>())
+            .bind(d.iter().map(|x| readable(&x.raw_event)).collect::<Vec<_>>())
+            .bind(d.iter().map(|x| x.raw_event.as_slice()).collect::<Vec<_>>())
             .bind(d.iter().map(|x| x.first_seen).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await
@@ -297,7 +443,7 @@ impl CheckpointStore for Postgres {
                       AS u(final_path, staged_path, partition, rows, bytes)",
             )
             .bind(f.iter().map(|(_, c)| c.final_path.as_str()).collect::<Vec<_>>())
-            .bind(&record.account_id)
+            .bind(stream)
             .bind(record.state.commit_seq as i64)
             .bind(f.iter().map(|(s, _)| s.staged_path.as_str()).collect::<Vec<_>>())
             .bind(f.iter().map(|(s, _)| s.partition.as_str()).collect::<Vec<_>>())
@@ -310,12 +456,12 @@ impl CheckpointStore for Postgres {
         tx.commit().await.map_err(|e| sink_error("commit", e))
     }
 
-    async fn unpublished(&self, account_id: &str) -> Result<Vec<CommittedFile>, SinkError> {
+    async fn unpublished(&self, stream: &str) -> Result<Vec<CommittedFile>, SinkError> {
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT staged_path, final_path FROM cfaudit_parquet_files \
              WHERE account_id = $1 AND published_at IS NULL ORDER BY commit_seq, final_path",
         )
-        .bind(account_id)
+        .bind(stream)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| sink_error("list unpublished files", e))?;
@@ -335,5 +481,324 @@ impl CheckpointStore for Postgres {
             .await
             .map_err(|e| sink_error("mark files published", e))?;
         Ok(())
+    }
+
+    async fn forget_lost_file(&self, fence: &Fence, final_path: &str) -> Result<u64, SinkError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| sink_error("begin", e))?;
+        let lease: Option<(i64,)> = sqlx::query_as(
+            "SELECT lease_token FROM cfaudit_checkpoints WHERE account_id = $1 FOR UPDATE",
+        )
+        .bind(&fence.stream)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| sink_error("read the lease", e))?;
+        if lease.map(|(l,)| l as u64) != Some(fence.lease) {
+            return Err(SinkError::Fenced(format!(
+                "stream {} is leased to another process now",
+                fence.stream
+            )));
+        }
+        let file: Option<(i64, String)> = sqlx::query_as(
+            "DELETE FROM cfaudit_parquet_files WHERE final_path = $1 AND account_id = $2 \
+             RETURNING commit_seq, partition",
+        )
+        .bind(final_path)
+        .bind(&fence.stream)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| sink_error("forget the lost file", e))?;
+        let Some((commit_seq, partition)) = file else {
+            return Ok(0);
+        };
+        let hour = partition_start(&partition).ok_or_else(|| {
+            SinkError::transient(format!("{final_path}: unreadable partition {partition:?}"))
+        })?;
+        let (events, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "WITH gone AS (DELETE FROM cfaudit_lake_events \
+                           WHERE stream = $1 AND commit_seq = $2 AND event_time >= $3 AND event_time < $4 \
+                           RETURNING event_time) \
+             SELECT count(*), min(event_time) FROM gone",
+        )
+        .bind(&fence.stream)
+        .bind(commit_seq)
+        .bind(hour)
+        .bind(hour + chrono::Duration::hours(1))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| sink_error("forget the lost file's events", e))?;
+        // Back before them: the stream collects them again; a finished backfill is reopened.
+        sqlx::query(
+            "UPDATE cfaudit_checkpoints \
+               SET checkpoint = CASE WHEN $2::timestamptz IS NULL THEN checkpoint ELSE least(checkpoint, $2) END, \
+                   swept_until = CASE WHEN $2::timestamptz IS NULL THEN swept_until ELSE least(swept_until, $2) END, \
+                   unfinished_sweep = NULL, completed_at = NULL, commit_seq = commit_seq + 1, updated_at = NOW() \
+             WHERE account_id = $1",
+        )
+        .bind(&fence.stream)
+        .bind(oldest)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| sink_error("move the checkpoint back", e))?;
+        tx.commit().await.map_err(|e| sink_error("commit", e))?;
+        Ok(events as u64)
+    }
+}
+
+/// Who holds a stream's lease, as far as the database knows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseHolder {
+    pub holder: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.holder, self.since) {
+            (Some(holder), Some(since)) => write!(f, "{holder} (since {})", since.to_rfc3339()),
+            (Some(holder), None) => write!(f, "{holder}"),
+            _ => write!(f, "another process"),
+        }
+    }
+}
+
+/// A stream's lease held by this process: a PostgreSQL advisory lock on a connection of its
+/// own (released by the server the moment that connection dies: a killed process frees its
+/// streams at once), and the token every write and commit is fenced on. A task keeps the
+/// connection alive; if it breaks, the task takes the lock again, unless another process
+/// took the stream meanwhile: then [`Lease::lost`] fires.
+pub struct Lease {
+    pub token: u64,
+    lost: watch::Receiver<Option<String>>,
+    release: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<()>>,
+}
+
+impl Lease {
+    /// Resolves when the lease is gone to another process, with why.
+    pub async fn lost(&mut self) -> String {
+        loop {
+            if let Some(reason) = self.lost.borrow().clone() {
+                return reason;
+            }
+            if self.lost.changed().await.is_err() {
+                return "the lease keeper stopped".into();
+            }
+        }
+    }
+
+    /// Unlocks and closes the lease's connection.
+    pub async fn release(mut self) {
+        if let Some(release) = self.release.take() {
+            let _ = release.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+        }
+    }
+}
+
+/// How often the lease's connection is checked.
+const LEASE_CHECK: Duration = Duration::from_secs(2);
+
+fn lease_key_sql() -> &'static str {
+    "hashtextextended('cfaudit.stream.' || $1, 0)"
+}
+
+impl Postgres {
+    /// A connection for a lease: the server probes it every few seconds, so the lock of a
+    /// process cut off by the network is released within half a minute.
+    async fn lease_connection(&self) -> Result<PgConnection, sqlx::Error> {
+        let mut conn = PgConnection::connect_with(&self.options).await?;
+        sqlx::raw_sql(
+            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
+        )
+        .execute(&mut conn)
+        .await?;
+        Ok(conn)
+    }
+
+    /// Takes the stream's lease if no other process holds it; otherwise says who does.
+    pub async fn try_lease(
+        &self,
+        stream: &str,
+        holder: &str,
+    ) -> anyhow::Result<Result<Lease, LeaseHolder>> {
+        let mut conn = self.lease_connection().await?;
+        let (locked,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT pg_try_advisory_lock({})",
+            lease_key_sql()
+        )))
+        .bind(stream)
+        .fetch_one(&mut conn)
+        .await?;
+        if !locked {
+            let held: Option<(Option<String>, Option<DateTime<Utc>>)> = sqlx::query_as(
+                "SELECT lease_holder, leased_at FROM cfaudit_checkpoints WHERE account_id = $1",
+            )
+            .bind(stream)
+            .fetch_optional(&mut conn)
+            .await?;
+            let _ = conn.close().await;
+            let (holder, since) = held.unwrap_or_default();
+            return Ok(Err(LeaseHolder { holder, since }));
+        }
+        sqlx::query(
+            "INSERT INTO cfaudit_checkpoints (account_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        )
+        .bind(stream)
+        .execute(&mut conn)
+        .await?;
+        let (token,): (i64,) = sqlx::query_as(
+            "UPDATE cfaudit_checkpoints SET lease_token = lease_token + 1, lease_holder = $2, leased_at = NOW() \
+             WHERE account_id = $1 RETURNING lease_token",
+        )
+        .bind(stream)
+        .bind(holder)
+        .fetch_one(&mut conn)
+        .await?;
+        let token = token as u64;
+        let (lost_tx, lost) = watch::channel(None);
+        let (release, released) = oneshot::channel();
+        let (done_tx, done) = oneshot::channel();
+        let keeper = LeaseKeeper {
+            postgres: self.clone(),
+            stream: stream.to_owned(),
+            holder: holder.to_owned(),
+            token,
+        };
+        actix_rt::spawn(async move {
+            keeper.keep(conn, released, lost_tx).await;
+            let _ = done_tx.send(());
+        });
+        Ok(Ok(Lease {
+            token,
+            lost,
+            release: Some(release),
+            done: Some(done),
+        }))
+    }
+
+    /// Who holds (or last held) each stream's lease: `(stream, holder)`.
+    pub async fn lease_holders(&self) -> anyhow::Result<Vec<(String, LeaseHolder)>> {
+        let rows: Vec<(String, Option<String>, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT account_id, lease_holder, leased_at FROM cfaudit_checkpoints ORDER BY account_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(stream, holder, since)| (stream, LeaseHolder { holder, since }))
+            .collect())
+    }
+}
+
+struct LeaseKeeper {
+    postgres: Postgres,
+    stream: String,
+    holder: String,
+    token: u64,
+}
+
+impl LeaseKeeper {
+    async fn keep(
+        &self,
+        mut conn: PgConnection,
+        mut released: oneshot::Receiver<()>,
+        lost: watch::Sender<Option<String>>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = &mut released => {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT pg_advisory_unlock({})", lease_key_sql())))
+                        .bind(&self.stream)
+                        .execute(&mut conn)
+                        .await;
+                    let _ = conn.close().await;
+                    return;
+                }
+                _ = tokio::time::sleep(LEASE_CHECK) => {}
+            }
+            if conn.ping().await.is_ok() {
+                continue;
+            }
+            // The connection broke, and the lock went with it: take it again, unless another
+            // process took the stream meanwhile.
+            warn!(stream = %self.stream, "the lease's database connection broke; taking the lease again");
+            loop {
+                match self.retake().await {
+                    Ok(Some(fresh)) => {
+                        info!(stream = %self.stream, "lease taken again");
+                        conn = fresh;
+                        break;
+                    }
+                    Ok(None) => {
+                        let _ = lost.send(Some(format!(
+                            "stream {} was taken over by another process while this one's database connection was down",
+                            self.stream
+                        )));
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            _ = &mut released => return,
+                            _ = tokio::time::sleep(LEASE_CHECK) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Some(connection)` with the lock taken again and the token unchanged; `None` when
+    /// another process holds the lock or has held it (the token moved).
+    async fn retake(&self) -> Result<Option<PgConnection>, sqlx::Error> {
+        let mut conn = self.postgres.lease_connection().await?;
+        let (locked,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT pg_try_advisory_lock({})",
+            lease_key_sql()
+        )))
+        .bind(&self.stream)
+        .fetch_one(&mut conn)
+        .await?;
+        if !locked {
+            return Ok(None);
+        }
+        let kept = sqlx::query(
+            "UPDATE cfaudit_checkpoints SET lease_holder = $2, leased_at = NOW() \
+             WHERE account_id = $1 AND lease_token = $3",
+        )
+        .bind(&self.stream)
+        .bind(&self.holder)
+        .bind(self.token as i64)
+        .execute(&mut conn)
+        .await?;
+        if kept.rows_affected() == 1 {
+            Ok(Some(conn))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redacted_url("postgres://u:s3cret@db:5432/cfaudit"),
+            "postgres://u:***@db:5432/cfaudit"
+        );
+        let shown = redacted_url("postgres://u@db/cfaudit?sslmode=require&password=s3cret");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("sslmode=require"), "{shown}");
+        let shown = redacted_url("postgres://u@db/cfaudit?PassWord=s3cret");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 }

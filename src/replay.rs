@@ -27,7 +27,7 @@ pub struct ReplaySummary {
 }
 
 pub async fn replay(config: &Config) -> anyhow::Result<ReplaySummary> {
-    let postgres = Postgres::connect(&config.database_url, 2).await?;
+    let postgres = Postgres::connect(&config.database_url, 2, None).await?;
     postgres.migrate().await?;
     let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)?;
     let mut summary = ReplaySummary::default();
@@ -50,7 +50,7 @@ pub async fn replay(config: &Config) -> anyhow::Result<ReplaySummary> {
             let rows = rows_of(&batch.map_err(|e| anyhow::anyhow!("{}: {e}", file.location))?)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.location))?;
             let report = postgres
-                .write_rows(&rows)
+                .write_rows(None, &rows)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             for row in &rows {

@@ -41,7 +41,7 @@ pub struct Status {
 }
 
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
-    let postgres = Postgres::connect(&config.database_url, 2).await?;
+    let postgres = Postgres::connect(&config.database_url, 2, None).await?;
     let mut accounts: Vec<AccountStatus> = sqlx::query_as(
         "WITH s AS (SELECT split_part(account_id, '.', 1) AS account, * FROM cfaudit_checkpoints), \
               f AS (SELECT split_part(account_id, '.', 1) AS account, * FROM cfaudit_parquet_files) \

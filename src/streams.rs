@@ -127,12 +127,20 @@ impl Postgres {
         Ok(())
     }
 
-    /// Marks a bounded stream as having committed its whole range.
+    /// Marks a bounded stream as having committed its whole range; refused unless a sweep
+    /// of it reached the range's end (`swept_until`), whatever ended the run.
     pub async fn complete_stream(&self, key: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE cfaudit_checkpoints SET completed_at = now() WHERE account_id = $1")
-            .bind(key)
-            .execute(self.pool())
-            .await?;
+        let completed = sqlx::query(
+            "UPDATE cfaudit_checkpoints SET completed_at = now() \
+             WHERE account_id = $1 AND covers_until IS NOT NULL AND swept_until >= covers_until",
+        )
+        .bind(key)
+        .execute(self.pool())
+        .await?;
+        anyhow::ensure!(
+            completed.rows_affected() == 1,
+            "stream {key} is not collected to its end yet; run the same command again to continue"
+        );
         Ok(())
     }
 }

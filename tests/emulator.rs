@@ -172,7 +172,7 @@ async fn filters_work_as_documented() {
     let events = emu.emulator.events();
     let parsed: Vec<Value> = events
         .iter()
-        .map(|e| serde_json::from_str(&e.json).unwrap())
+        .map(|e| serde_json::from_slice(&e.json).unwrap())
         .collect();
     let count = |f: &dyn Fn(&Value) -> bool| parsed.iter().filter(|e| f(e)).count();
     let all = [("per_page", "1000"), ("direction", "asc")];

@@ -13,7 +13,7 @@ pub struct Backoff {
 impl Backoff {
     /// The wait before attempt `attempt + 1`: `initial · 2^(attempt−1)`, capped at `max`, minus
     /// up to 25 % jitter so that restarted instances do not retry in lockstep.
-    pub fn delay(&self, attempt: u32) -> Duration {
+    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
         if attempt == 0 {
             return Duration::ZERO;
         }
@@ -21,7 +21,7 @@ impl Backoff {
             .initial
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
         let capped = exp.min(self.max);
-        capped.mul_f64(rand::rng().random_range(0.75..=1.0))
+        capped.mul_f64(rng.random_range(0.75..=1.0))
     }
 }
 
@@ -35,11 +35,12 @@ mod tests {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
         };
-        assert_eq!(b.delay(0), Duration::ZERO);
-        let d1 = b.delay(1);
+        let rng = &mut rand::rng();
+        assert_eq!(b.delay(0, rng), Duration::ZERO);
+        let d1 = b.delay(1, rng);
         assert!(d1 >= Duration::from_millis(75) && d1 <= Duration::from_millis(100));
-        let d3 = b.delay(3);
+        let d3 = b.delay(3, rng);
         assert!(d3 >= Duration::from_millis(300) && d3 <= Duration::from_millis(400));
-        assert!(b.delay(30) <= Duration::from_secs(1));
+        assert!(b.delay(30, rng) <= Duration::from_secs(1));
     }
 }

@@ -1,17 +1,21 @@
 //! The Checkpointer: the only actor that makes anything durable or visible.
 //!
 //! It commits batches strictly in sequence order, each only once BOTH writers acked it: one
-//! transaction holds the new checkpoint, the overlap ids, the dead letters and the staged
-//! files with their final names; the files are published after it. Any failure — a nack, a
-//! missing ack, a failed commit, a restarted actor — abandons everything after the last commit:
-//! the epoch advances, stale messages are ignored and the Poller resumes from the checkpoint.
+//! transaction holds the new state, the batch's events in the dataset's event index, its dead
+//! letters and its staged files with their final names; the files are published after it. Any
+//! failure — a nack, a missing ack, a failed commit, a restarted actor — abandons everything
+//! after the last commit: the epoch advances, stale messages are ignored and the Poller resumes
+//! from the checkpoint. A commit refused because the stream's lease moved on halts the
+//! pipeline instead: another process owns the stream now.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use futures::FutureExt;
+use rand::rngs::StdRng;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
@@ -21,8 +25,8 @@ use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
 use crate::poller::Poller;
 use crate::ports::{
-    final_file_path, staged_prefix, CheckpointStore, CommitRecord, CommittedFile, CommittedState,
-    FileSink, RowWriteReport, SinkError, StagedFile,
+    final_file_path, staged_lease, staged_prefix, CheckpointStore, CommitRecord, CommittedFile,
+    CommittedState, Direction, Fence, FileSink, RowWriteReport, SinkError, StagedFile,
 };
 
 /// Checkpointer settings.
@@ -31,14 +35,30 @@ pub struct CheckpointerConfig {
     pub account_id: String,
     /// The key of this stream's checkpoint, in the store and in file names: the account id
     /// for the live stream, a longer key for each backfill range (see `cfaudit backfill`).
-    /// Staged files are named after it, and recovery deletes only its own.
     pub stream: String,
-    pub safety_lag: Duration,
+    /// The stream's lease held by this process: staged files carry it and every write and
+    /// commit is fenced on it.
+    pub lease: u64,
     /// A batch not acked by both writers within this time fails the epoch.
     pub ack_timeout: Duration,
+    /// Every store and file-sink call gives up after this long.
+    pub sink_timeout: Duration,
     /// Back-off between recoveries after consecutive failures.
     pub backoff: Backoff,
 }
+
+impl CheckpointerConfig {
+    pub fn fence(&self) -> Fence {
+        Fence {
+            stream: self.stream.clone(),
+            lease: self.lease,
+        }
+    }
+}
+
+/// Events refused by the row sink are remembered (and dead-lettered when they come back) up
+/// to this many; past it the memory is cleared, which costs a rewind per refused event.
+const MAX_QUARANTINE: usize = 10_000;
 
 #[derive(Default)]
 struct Pending {
@@ -62,45 +82,74 @@ pub struct Connect(pub Mailbox<Poller>);
 #[rtype(result = "()")]
 struct Recover;
 
+/// Why the pipeline rewinds, for the Poller and `/readyz`.
+struct Failure {
+    reason: String,
+    /// Counts as a failed attempt (not a rewind that only set refused events aside).
+    failed: bool,
+}
+
 pub struct Checkpointer {
     config: Arc<CheckpointerConfig>,
     store: Arc<dyn CheckpointStore>,
     files: Arc<dyn FileSink>,
     epoch: Epoch,
     poller: Option<Mailbox<Poller>>,
+    events: EventSender,
     metrics: Arc<Metrics>,
     actor: ActorMetrics,
+    rng: StdRng,
     committed: CommittedState,
     pending: BTreeMap<u64, Pending>,
     next_seq: u64,
     recovering: bool,
     consecutive_failures: u32,
-    /// The failure that started the current recovery, passed on to the Poller.
-    failure: Option<String>,
+    failure: Option<Failure>,
+    quarantine: BTreeMap<String, String>,
+}
+
+/// What a Checkpointer is started with besides its configuration.
+pub(crate) struct CheckpointerDeps {
+    pub store: Arc<dyn CheckpointStore>,
+    pub files: Arc<dyn FileSink>,
+    pub epoch: Epoch,
+    pub events: EventSender,
+    pub metrics: Arc<Metrics>,
+    pub rng: StdRng,
+}
+
+/// Runs a store or file-sink call with a deadline: a hung call fails like any other.
+async fn timed<T>(
+    limit: Duration,
+    what: &str,
+    call: impl Future<Output = Result<T, SinkError>>,
+) -> Result<T, SinkError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(SinkError::transient(format!(
+            "{what} did not answer within {limit:?}"
+        )))
+    })
 }
 
 impl Checkpointer {
-    pub(crate) fn new(
-        config: Arc<CheckpointerConfig>,
-        store: Arc<dyn CheckpointStore>,
-        files: Arc<dyn FileSink>,
-        epoch: Epoch,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(crate) fn new(config: Arc<CheckpointerConfig>, deps: CheckpointerDeps) -> Self {
         Checkpointer {
-            actor: metrics.actor("checkpointer"),
+            actor: deps.metrics.actor("checkpointer"),
             config,
-            store,
-            files,
-            epoch,
+            store: deps.store,
+            files: deps.files,
+            epoch: deps.epoch,
             poller: None,
-            metrics,
+            events: deps.events,
+            metrics: deps.metrics,
+            rng: deps.rng,
             committed: CommittedState::default(),
             pending: BTreeMap::new(),
             next_seq: 0,
             recovering: false,
             consecutive_failures: 0,
             failure: None,
+            quarantine: BTreeMap::new(),
         }
     }
 
@@ -108,20 +157,41 @@ impl Checkpointer {
         &self.config.account_id
     }
 
-    /// Abandons everything after the last commit and recovers.
-    fn fail_epoch(&mut self, reason: &str, ctx: &mut Context<Self>) {
-        if self.recovering {
+    /// Abandons everything after the last commit and recovers. `failed`: whether this counts
+    /// as a failure (back-off, `--once` attempts).
+    fn fail_epoch(&mut self, reason: &str, failed: bool, ctx: &mut Context<Self>) {
+        if self.recovering || self.epoch.halted() {
             return;
         }
-        warn!(account = %self.account(), reason, "rewinding to the committed checkpoint");
+        warn!(account = %self.account(), stream = %self.config.stream, reason, "rewinding to the committed checkpoint");
         self.metrics
             .pipeline_rewinds
             .with_label_values(&[self.account()])
             .inc();
-        self.consecutive_failures += 1;
-        self.failure = Some(reason.to_owned());
-        self.report_failure(reason);
+        if failed {
+            self.consecutive_failures += 1;
+            self.report_failure(reason);
+        }
+        self.failure = Some(Failure {
+            reason: reason.to_owned(),
+            failed,
+        });
         self.begin_recovery(ctx);
+    }
+
+    /// Another process holds the stream: stop everything, for good.
+    fn halt(&mut self, reason: &str, ctx: &mut Context<Self>) {
+        if self.epoch.halted() {
+            return;
+        }
+        error!(account = %self.account(), stream = %self.config.stream, reason,
+            "the stream's lease has moved to another process: this pipeline stops");
+        self.epoch.halt();
+        self.discard_pending(ctx);
+        self.report_failure(reason);
+        let _ = self.events.send(PipelineEvent::Fenced {
+            reason: reason.to_owned(),
+        });
     }
 
     /// What `/readyz` shows until the next commit clears it.
@@ -131,15 +201,23 @@ impl Checkpointer {
     }
 
     fn begin_recovery(&mut self, ctx: &mut Context<Self>) {
+        if self.epoch.halted() {
+            return;
+        }
         self.recovering = true;
         self.epoch.advance();
+        self.discard_pending(ctx);
+        ctx.notify(Recover);
+    }
+
+    /// Forgets the pending batches and deletes their staged files.
+    fn discard_pending(&mut self, ctx: &mut Context<Self>) {
         let staged: Vec<String> = std::mem::take(&mut self.pending)
             .into_values()
             .flat_map(|p| p.files.unwrap_or_default())
             .map(|f| f.staged_path)
             .collect();
         self.discard(staged, ctx);
-        ctx.notify(Recover);
     }
 
     fn discard(&self, staged: Vec<String>, ctx: &mut Context<Self>) {
@@ -147,10 +225,11 @@ impl Checkpointer {
             return;
         }
         let files = self.files.clone();
+        let limit = self.config.sink_timeout;
         ctx.spawn(
             async move {
-                if let Err(error) = files.discard(&staged).await {
-                    warn!(%error, "could not delete abandoned staged files; start-up recovery will");
+                if let Err(error) = timed(limit, "discard", files.discard(&staged)).await {
+                    warn!(%error, "could not delete abandoned staged files; a recovery will");
                 }
             }
             .into_actor(self),
@@ -158,7 +237,7 @@ impl Checkpointer {
     }
 
     fn try_commit(&mut self, ctx: &mut Context<Self>) {
-        if self.recovering {
+        if self.recovering || self.epoch.halted() {
             return;
         }
         let Some(pending) = self.pending.get(&self.next_seq) else {
@@ -170,26 +249,31 @@ impl Checkpointer {
         let pending = self.pending.remove(&self.next_seq).expect("present");
         let expect = pending.expect.expect("complete");
         let staged = pending.files.expect("complete");
-        let record = self.commit_record(&expect, &staged);
-        let epoch = expect.batch.epoch;
         let batch = expect.batch;
+        let permit = expect.permit.clone();
+        let record = self.commit_record(expect, &staged);
         let store = self.store.clone();
         let files = self.files.clone();
-        let changed = record.state != self.committed || !record.dead_letters.is_empty();
+        let limit = self.config.sink_timeout;
+        let changed = record.state != self.committed
+            || !record.events.is_empty()
+            || !record.dead_letters.is_empty()
+            || !record.files.is_empty();
         let commit = async move {
+            let _permit = permit;
             let committed: Vec<CommittedFile> =
                 record.files.iter().map(|(_, c)| c.clone()).collect();
             if !committed.is_empty() {
                 crash_point(failpoints::STAGED_NOT_COMMITTED);
             }
             if changed {
-                store.commit(&record).await?;
+                timed(limit, "the commit", store.commit(&record)).await?;
             }
             if !committed.is_empty() {
                 crash_point(failpoints::COMMITTED_NOT_PUBLISHED);
-                files.publish(&committed).await?;
+                timed(limit, "publishing", files.publish(&committed)).await?;
                 let finals: Vec<String> = committed.iter().map(|c| c.final_path.clone()).collect();
-                store.mark_published(&finals).await?;
+                timed(limit, "marking published", store.mark_published(&finals)).await?;
             }
             Ok::<_, SinkError>(record)
         };
@@ -199,7 +283,7 @@ impl Checkpointer {
             guarded(commit)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    if act.epoch.current() != epoch {
+                    if act.epoch.current() != batch.epoch {
                         return; // recovery reloads from the store whatever this commit did
                     }
                     match result {
@@ -210,9 +294,10 @@ impl Checkpointer {
                             act.next_seq += 1;
                             act.try_commit(ctx);
                         }
+                        Some(Err(SinkError::Fenced(reason))) => act.halt(&reason, ctx),
                         Some(Err(error)) => {
                             error!(account = %act.account(), %error, "commit failed");
-                            act.fail_epoch(&format!("commit failed: {error}"), ctx);
+                            act.fail_epoch(&format!("commit failed: {error}"), true, ctx);
                         }
                     }
                 }),
@@ -220,29 +305,34 @@ impl Checkpointer {
     }
 
     /// The state after `expect` commits, and its files with their final names.
-    fn commit_record(&self, expect: &ExpectBatch, staged: &[StagedFile]) -> CommitRecord {
+    fn commit_record(&self, expect: ExpectBatch, staged: &[StagedFile]) -> CommitRecord {
         let mut state = self.committed.clone();
-        state.overlap_ids.extend(expect.seen.iter().cloned());
-        if expect.advances_checkpoint {
-            // Over the whole overlap set, not only this batch: with `desc` the ids of a
-            // sweep's earlier batches are there too.
-            let highest = state.overlap_ids.iter().map(|s| s.when).max();
-            state.checkpoint = state.checkpoint.max(highest);
+        // Oldest first, the checkpoint moves with every batch; newest first, only when the
+        // sweep is complete (its oldest events come last).
+        state.checkpoint = state.checkpoint.max(expect.progress.reached);
+        state.unfinished = Some(expect.progress.position.clone());
+        if let Some(end) = expect.completes {
+            if let Some(done) = state.unfinished.take() {
+                if done.direction == Direction::Desc {
+                    state.checkpoint = state.checkpoint.max(done.newest);
+                }
+            }
+            state.swept_until = state.swept_until.max(Some(end));
         }
-        if let Some(checkpoint) = state.checkpoint {
-            let horizon =
-                checkpoint - chrono::Duration::from_std(self.config.safety_lag).unwrap_or_default();
-            state.overlap_ids.retain(|s| s.when >= horizon);
-        }
-        let has_content = !expect.seen.is_empty() || !expect.dead_letters.is_empty();
-        if has_content || state.checkpoint != self.committed.checkpoint {
+        let has_content =
+            !expect.events.is_empty() || !expect.dead_letters.is_empty() || !staged.is_empty();
+        if has_content || state != self.committed {
             state.commit_seq += 1;
         }
         let files = staged
             .iter()
             .map(|f| {
-                let final_path =
-                    final_file_path(&f.partition, state.commit_seq, &self.config.stream);
+                let final_path = final_file_path(
+                    &f.partition,
+                    state.commit_seq,
+                    &self.config.stream,
+                    &f.staged_path,
+                );
                 (
                     f.clone(),
                     CommittedFile {
@@ -253,10 +343,12 @@ impl Checkpointer {
             })
             .collect();
         CommitRecord {
-            account_id: self.config.stream.clone(),
+            fence: self.config.fence(),
             previous_commit_seq: self.committed.commit_seq,
             state,
-            dead_letters: expect.dead_letters.clone(),
+            ingestion_time: (!expect.events.is_empty()).then_some(expect.ingestion_time),
+            events: expect.events,
+            dead_letters: expect.dead_letters,
             files,
         }
     }
@@ -287,10 +379,35 @@ impl Checkpointer {
             });
         }
     }
+
+    /// The row sink refused some events: remember them (the Mapper turns them into dead
+    /// letters when they come back) and rewind, without counting it as a failure.
+    fn set_aside(&mut self, report: &RowWriteReport, ctx: &mut Context<Self>) {
+        if self.quarantine.len() + report.rejected.len() > MAX_QUARANTINE {
+            warn!(
+                account = %self.account(),
+                "more than {MAX_QUARANTINE} refused events remembered; forgetting them"
+            );
+            self.quarantine.clear();
+        }
+        for rejected in &report.rejected {
+            warn!(account = %self.account(), event = %rejected.event_id, reason = %rejected.reason,
+                "PostgreSQL refused the event; it becomes a dead letter");
+            self.quarantine.insert(
+                rejected.event_id.clone(),
+                format!("PostgreSQL refused the event: {}", rejected.reason),
+            );
+        }
+        let reason = format!(
+            "{} events PostgreSQL cannot store are set aside as dead letters",
+            report.rejected.len()
+        );
+        self.fail_epoch(&reason, false, ctx);
+    }
 }
 
 /// Runs a future, turning a panic into `None`: actix would drop the actor, not restart it.
-async fn guarded<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
+async fn guarded<T>(fut: impl Future<Output = T>) -> Option<T> {
     std::panic::AssertUnwindSafe(fut).catch_unwind().await.ok()
 }
 
@@ -306,7 +423,8 @@ impl Actor for Checkpointer {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         if self.poller.is_some() {
-            self.fail_epoch("the Checkpointer restarted", ctx); // a supervised restart
+            // A supervised restart.
+            self.fail_epoch("the Checkpointer restarted", true, ctx);
         }
     }
 }
@@ -332,39 +450,85 @@ impl Handler<Connect> for Checkpointer {
 impl Handler<Recover> for Checkpointer {
     type Result = ();
 
-    /// Loads the committed state, publishes what was committed but not published, deletes
-    /// staged files no commit refers to, then tells the Poller where to resume.
+    /// Loads the committed state, publishes what was committed but not published (a file
+    /// lost for good is forgotten and its events collected again), deletes staged files no
+    /// commit refers to, then tells the Poller where to resume.
     fn handle(&mut self, _: Recover, ctx: &mut Context<Self>) {
+        if self.epoch.halted() {
+            return;
+        }
         let store = self.store.clone();
         let files = self.files.clone();
-        let account = self.config.stream.clone();
+        let fence = self.config.fence();
+        let limit = self.config.sink_timeout;
         let recover = async move {
-            let state = store.load(&account).await?;
-            let unpublished = store.unpublished(&account).await?;
-            if !unpublished.is_empty() {
-                info!(
-                    account,
-                    files = unpublished.len(),
-                    "publishing files committed before a crash"
-                );
-                files.publish(&unpublished).await?;
-                let finals: Vec<String> =
-                    unpublished.iter().map(|c| c.final_path.clone()).collect();
-                store.mark_published(&finals).await?;
+            let stream = &fence.stream;
+            let mut state = timed(limit, "loading the checkpoint", store.load(stream)).await?;
+            let unpublished = timed(
+                limit,
+                "listing unpublished files",
+                store.unpublished(stream),
+            )
+            .await?;
+            let mut published = Vec::new();
+            let mut forgotten = false;
+            for file in &unpublished {
+                match timed(
+                    limit,
+                    "publishing",
+                    files.publish(std::slice::from_ref(file)),
+                )
+                .await
+                {
+                    Ok(()) => published.push(file.final_path.clone()),
+                    Err(SinkError::Lost {
+                        final_path,
+                        message,
+                    }) => {
+                        let events = timed(
+                            limit,
+                            "forgetting a lost file",
+                            store.forget_lost_file(&fence, &final_path),
+                        )
+                        .await?;
+                        error!(stream, file = %final_path, events, %message,
+                            "a committed Parquet file is gone (its staged and final copies are both missing); \
+                             its events are collected again from the API");
+                        forgotten = true;
+                    }
+                    Err(error) => return Err(error),
+                }
             }
-            let orphans: Vec<String> = files
-                .list_staged(&staged_prefix(&account))
-                .await?
-                .into_iter()
-                .filter(|path| !unpublished.iter().any(|c| &c.staged_path == path))
-                .collect();
+            if !published.is_empty() {
+                info!(
+                    stream,
+                    files = published.len(),
+                    "published files committed before a crash"
+                );
+                timed(limit, "marking published", store.mark_published(&published)).await?;
+            }
+            if forgotten {
+                state = timed(limit, "loading the checkpoint", store.load(stream)).await?;
+            }
+            // Only files of this stream written under this lease or an older one: a newer
+            // holder's files in flight are never touched.
+            let orphans: Vec<String> = timed(
+                limit,
+                "listing the staging area",
+                files.list_staged(&staged_prefix(stream)),
+            )
+            .await?
+            .into_iter()
+            .filter(|name| staged_lease(stream, name).is_some_and(|lease| lease <= fence.lease))
+            .filter(|name| !unpublished.iter().any(|c| &c.staged_path == name))
+            .collect();
             if !orphans.is_empty() {
                 info!(
-                    account,
+                    stream,
                     files = orphans.len(),
                     "deleting staged files of uncommitted batches"
                 );
-                files.discard(&orphans).await?;
+                timed(limit, "deleting staged files", files.discard(&orphans)).await?;
             }
             Ok::<_, SinkError>(state)
         };
@@ -378,11 +542,14 @@ impl Handler<Recover> for Checkpointer {
                 act.pending.clear();
                 act.next_seq = 0;
                 act.recovering = false;
+                let failure = act.failure.take();
                 let resume = Resume {
                     epoch: act.epoch.current(),
                     state,
-                    delay: act.config.backoff.delay(act.consecutive_failures),
-                    reason: act.failure.take(),
+                    delay: act.config.backoff.delay(act.consecutive_failures, &mut act.rng),
+                    failed: failure.as_ref().is_some_and(|f| f.failed),
+                    reason: failure.map(|f| f.reason),
+                    quarantine: Arc::new(act.quarantine.clone()),
                 };
                 info!(account = %act.account(), epoch = resume.epoch, checkpoint = ?resume.state.checkpoint,
                     "resuming from the committed checkpoint");
@@ -390,9 +557,10 @@ impl Handler<Recover> for Checkpointer {
                     poller.do_send(resume);
                 }
             }
+            Some(Err(SinkError::Fenced(reason))) => act.halt(&reason, ctx),
             Some(Err(error)) => {
                 act.consecutive_failures += 1;
-                let delay = act.config.backoff.delay(act.consecutive_failures);
+                let delay = act.config.backoff.delay(act.consecutive_failures, &mut act.rng);
                 error!(account = %act.account(), %error, retry_in = ?delay, "recovery failed");
                 let reason = format!("recovery failed: {error}");
                 act.report_failure(&reason);
@@ -419,10 +587,22 @@ impl Handler<ExpectBatch> for Checkpointer {
             let unacked = act.epoch.current() == batch.epoch
                 && act.pending.get(&batch.seq).is_some_and(|p| !p.complete());
             if unacked {
-                act.fail_epoch("a writer did not ack within the ack timeout", ctx);
+                act.fail_epoch("a writer did not ack within the ack timeout", true, ctx);
             }
         });
         self.try_commit(ctx);
+    }
+}
+
+impl Handler<BatchFailed> for Checkpointer {
+    type Result = ();
+
+    fn handle(&mut self, msg: BatchFailed, ctx: &mut Context<Self>) {
+        let _timer = self.actor.handling();
+        if self.recovering || msg.batch.epoch != self.epoch.current() {
+            return;
+        }
+        self.fail_epoch(&msg.reason, true, ctx);
     }
 }
 
@@ -438,15 +618,23 @@ impl Handler<WriterAck> for Checkpointer {
             return;
         }
         match msg.result {
+            Ok(WriteOutcome::Rows(report)) if !report.rejected.is_empty() => {
+                self.set_aside(&report, ctx);
+                return;
+            }
             Ok(WriteOutcome::Rows(report)) => {
                 self.pending.entry(msg.batch.seq).or_default().rows = Some(report);
             }
             Ok(WriteOutcome::Staged(files)) => {
                 self.pending.entry(msg.batch.seq).or_default().files = Some(files);
             }
+            Err(SinkError::Fenced(reason)) => {
+                self.halt(&reason, ctx);
+                return;
+            }
             Err(error) => {
                 let reason = format!("{} write failed: {error}", msg.sink.as_str());
-                self.fail_epoch(&reason, ctx);
+                self.fail_epoch(&reason, true, ctx);
                 return;
             }
         }
@@ -459,7 +647,7 @@ impl Handler<ActorRestarted> for Checkpointer {
 
     fn handle(&mut self, msg: ActorRestarted, ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        self.fail_epoch(&format!("{} restarted", msg.actor), ctx);
+        self.fail_epoch(&format!("{} restarted", msg.actor), true, ctx);
     }
 }
 

@@ -32,13 +32,14 @@ pub struct AuditRow {
     pub ingestion_time: DateTime<Utc>,
 }
 
-/// An event that cannot become a row. It is stored with the reason, counted, and the
-/// checkpoint moves past it: a bad event never blocks the pipeline.
+/// An event that cannot become a row. It is stored with the reason and its exact bytes (even
+/// when they are not valid UTF-8), counted, and the checkpoint moves past it: a bad event
+/// never blocks the pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetter {
     pub account_id: String,
     pub reason: String,
-    pub raw_event: String,
+    pub raw_event: Vec<u8>,
     pub first_seen: DateTime<Utc>,
 }
 

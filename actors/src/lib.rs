@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod checkpointer;
+pub mod clock;
 pub mod event;
 pub mod failpoints;
 pub mod mailbox;
@@ -21,6 +22,7 @@ pub mod writer;
 
 pub use backoff::Backoff;
 pub use checkpointer::CheckpointerConfig;
+pub use clock::Clock;
 pub use event::{AuditRow, DeadLetter, RawEvent, SeenId};
 pub use messages::PipelineEvent;
 pub use metrics::Metrics;

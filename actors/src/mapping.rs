@@ -1,6 +1,7 @@
 //! v1 event → [`AuditRow`] (design-notes §1). Pure and total: every input yields a row or a
 //! dead-letter reason, never a panic.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -18,12 +19,10 @@ pub fn map_v1(
     account_id: &str,
     ingestion_time: DateTime<Utc>,
 ) -> Result<AuditRow, Rejection> {
-    // PostgreSQL can store neither a NUL character in TEXT nor the \u0000 escape in JSONB.
-    if raw.contains("\\u0000") {
-        return Err(
-            "event contains a NUL character (\\u0000), which PostgreSQL cannot store".into(),
-        );
-    }
+    // PostgreSQL can store a NUL character neither in TEXT nor in JSONB: it is kept as the
+    // six characters `\u0000`, never dropped (an audit event must not vanish for its text).
+    let raw = escape_nul(raw);
+    let raw = raw.as_ref();
     let event: Value =
         serde_json::from_str(raw).map_err(|e| format!("event is not valid JSON: {e}"))?;
     let Value::Object(_) = &event else {
@@ -61,6 +60,38 @@ pub fn map_v1(
     })
 }
 
+/// The event with every real NUL (the JSON escape `\u0000`, not the text `\\u0000`) written
+/// as the text `\u0000`; unchanged (and not copied) when it has none.
+pub fn escape_nul(raw: &str) -> Cow<'_, str> {
+    let is_nul = |at: usize| {
+        // The `\` at `at` starts an escape only after an even number of backslashes.
+        raw.as_bytes()[..at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count()
+            % 2
+            == 0
+    };
+    let nuls: Vec<usize> = raw
+        .match_indices("\\u0000")
+        .map(|(at, _)| at)
+        .filter(|&at| is_nul(at))
+        .collect();
+    if nuls.is_empty() {
+        return Cow::Borrowed(raw);
+    }
+    let mut escaped = String::with_capacity(raw.len() + nuls.len());
+    let mut copied = 0;
+    for at in nuls {
+        escaped.push_str(&raw[copied..at]);
+        escaped.push('\\');
+        copied = at;
+    }
+    escaped.push_str(&raw[copied..]);
+    Cow::Owned(escaped)
+}
+
 /// Maps one event, turning a rejection into a [`DeadLetter`].
 pub fn map_or_dead_letter(
     raw: &str,
@@ -70,7 +101,7 @@ pub fn map_or_dead_letter(
     map_v1(raw, account_id, now).map_err(|reason| DeadLetter {
         account_id: account_id.to_owned(),
         reason,
-        raw_event: raw.to_owned(),
+        raw_event: raw.as_bytes().to_vec(),
         first_seen: now,
     })
 }

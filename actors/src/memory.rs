@@ -1,5 +1,6 @@
-//! In-memory implementations of the ports, for deterministic tests of the pipeline rules.
-//! Each can be told to fail or panic on chosen calls.
+//! In-memory implementations of the ports, for deterministic tests of the pipeline rules and
+//! for the simulation. Each can be told to fail, hang, panic or lose its answer on chosen
+//! calls.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +16,17 @@ use crate::ports::*;
 /// What an injected fault does to one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
+    /// Fails before doing anything.
     Fail,
     Panic,
+    /// Never answers (a lock, a stalled request).
+    Hang,
+    /// Does its work, then fails: the connection was lost before the answer came back.
+    FailAfter,
 }
+
+/// Decides the fault of a call from its kind and number; the simulation's seeded plan.
+pub type FaultPlan = Arc<dyn Fn(&'static str, u64) -> Option<Fault> + Send + Sync>;
 
 /// Faults keyed by call number (1-based), shared with the test.
 #[derive(Clone, Default)]
@@ -26,9 +35,17 @@ pub struct Faults {
     planned: Arc<Mutex<HashMap<u64, Fault>>>,
     /// Every call from this one on fails (0: none).
     failing_from: Arc<AtomicU64>,
+    plan: Arc<Mutex<Option<FaultPlan>>>,
+    /// Only calls of this kind are counted and faulted (all when `None`).
+    only: Arc<Mutex<Option<&'static str>>>,
 }
 
 impl Faults {
+    /// Counts and faults only the calls of kind `what` (e.g. `"commit"`).
+    pub fn only(&self, what: &'static str) {
+        *self.only.lock().unwrap() = Some(what);
+    }
+
     pub fn on_call(&self, call: u64, fault: Fault) {
         self.planned.lock().unwrap().insert(call, fault);
     }
@@ -38,29 +55,54 @@ impl Faults {
         self.failing_from.store(call, Ordering::SeqCst);
     }
 
+    /// Asks `plan` for the fault of every call, until [`Faults::heal`].
+    pub fn plan(&self, plan: FaultPlan) {
+        *self.plan.lock().unwrap() = Some(plan);
+    }
+
     pub fn heal(&self) {
         self.failing_from.store(0, Ordering::SeqCst);
+        *self.plan.lock().unwrap() = None;
     }
 
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
     }
 
-    fn next(&self, what: &str) -> Result<(), SinkError> {
+    /// The fault of the next call of kind `what`.
+    pub fn next(&self, what: &'static str) -> Option<Fault> {
+        if self.only.lock().unwrap().is_some_and(|only| only != what) {
+            return None;
+        }
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let from = self.failing_from.load(Ordering::SeqCst);
         if from != 0 && call >= from {
-            return Err(SinkError::new(format!(
-                "injected failure of {what} call {call}"
-            )));
+            return Some(Fault::Fail);
         }
-        let planned = self.planned.lock().unwrap().remove(&call);
-        match planned {
-            Some(Fault::Fail) => Err(SinkError::new(format!(
-                "injected failure of {what} call {call}"
-            ))),
-            Some(Fault::Panic) => panic!("injected panic in {what} call {call}"),
-            None => Ok(()),
+        if let Some(fault) = self.planned.lock().unwrap().remove(&call) {
+            return Some(fault);
+        }
+        let plan = self.plan.lock().unwrap().clone();
+        plan.and_then(|plan| plan(what, call))
+    }
+
+    /// Applies the fault of the next call around `effect` (which runs unless the call fails
+    /// first): the result the caller sees.
+    pub async fn around<T>(
+        &self,
+        what: &'static str,
+        effect: impl FnOnce() -> Result<T, SinkError>,
+    ) -> Result<T, SinkError> {
+        let failure = || SinkError::transient(format!("injected failure of {what}"));
+        match self.next(what) {
+            None => effect(),
+            Some(Fault::Fail) => Err(failure()),
+            Some(Fault::Panic) => panic!("injected panic in {what}"),
+            Some(Fault::Hang) => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            Some(Fault::FailAfter) => effect().and_then(|_| Err(failure())),
         }
     }
 }
@@ -68,8 +110,8 @@ impl Faults {
 /// An event of [`MemorySource`]: its time and id.
 pub type TimedId = (DateTime<Utc>, String);
 
-/// A v1-like source over a fixed list of `(when, id)` events: `since` inclusive, `before`
-/// exclusive, ordered by `when` then `id`, page-number pagination.
+/// A v1-like source over a list of `(when, id)` events: `since` inclusive, `before`
+/// exclusive, ordered by `when` then `id`, page-number pagination over the current list.
 #[derive(Clone, Default)]
 pub struct MemorySource {
     events: Arc<Mutex<Vec<TimedId>>>,
@@ -89,30 +131,57 @@ impl MemorySource {
         all.extend(events);
         all.sort();
     }
+
+    /// Removes the `n` oldest events, as the API's retention does.
+    pub fn expire_oldest(&self, n: usize) {
+        let mut all = self.events.lock().unwrap();
+        let n = n.min(all.len());
+        all.drain(..n);
+    }
+
+    /// The events as they are now.
+    pub fn events(&self) -> Vec<TimedId> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+/// One page of `events` (sorted by `when`, then id) for a v1 request.
+pub fn v1_page<'a, T>(
+    events: &'a [T],
+    time: impl Fn(&T) -> DateTime<Utc>,
+    request: &PageRequest,
+) -> Vec<&'a T> {
+    let start = events.partition_point(|e| time(e) < request.since);
+    let end = events.partition_point(|e| time(e) < request.before);
+    let window = &events[start..end.max(start)];
+    let offset = (request.page.max(1) as usize - 1) * request.per_page as usize;
+    let take = request.per_page as usize;
+    match request.direction {
+        Direction::Asc => window.iter().skip(offset).take(take).collect(),
+        Direction::Desc => window.iter().rev().skip(offset).take(take).collect(),
+    }
 }
 
 #[async_trait]
 impl AuditSource for MemorySource {
-    async fn fetch_page(&self, request: &PageRequest) -> Result<Vec<RawEvent>, SourceError> {
+    async fn fetch_page(&self, request: &PageRequest) -> Result<Page, SourceError> {
         self.requests.lock().unwrap().push(request.clone());
-        self.faults
-            .next("source")
-            .map_err(|e| SourceError::Transient(e.to_string()))?;
-        let events = self.events.lock().unwrap();
-        let mut window: Vec<_> = events
-            .iter()
-            .filter(|(when, _)| *when >= request.since && *when < request.before)
-            .collect();
-        if request.direction == Direction::Desc {
-            window.reverse();
+        match self.faults.next("source") {
+            None => {}
+            Some(Fault::Panic) => panic!("injected panic in the source"),
+            Some(Fault::Hang) => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            Some(_) => return Err(SourceError::Transient("injected source failure".into())),
         }
-        let start = (request.page as usize - 1) * request.per_page as usize;
-        Ok(window
-            .into_iter()
-            .skip(start)
-            .take(request.per_page as usize)
-            .map(|(when, id)| raw_event(id, *when))
-            .collect())
+        let events = self.events.lock().unwrap();
+        Ok(Page::from(
+            v1_page(&events, |e| e.0, request)
+                .into_iter()
+                .map(|(when, id)| raw_event(id, *when))
+                .collect::<Vec<_>>(),
+        ))
     }
 }
 
@@ -127,38 +196,119 @@ pub fn raw_event(id: &str, when: DateTime<Utc>) -> RawEvent {
     RawValue::from_string(json.to_string()).expect("valid JSON")
 }
 
-/// Rows keyed like the primary key; counts every attempted row too.
+/// The stream leases of a [`MemoryCheckpointStore`]: a stream without an entry is at lease 0.
+#[derive(Clone, Default)]
+pub struct Leases(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Leases {
+    pub fn current(&self, stream: &str) -> u64 {
+        self.0.lock().unwrap().get(stream).copied().unwrap_or(0)
+    }
+
+    /// A new lease on the stream: writes and commits under any older one are fenced.
+    pub fn acquire(&self, stream: &str) -> u64 {
+        let mut leases = self.0.lock().unwrap();
+        let lease = leases.entry(stream.to_owned()).or_insert(0);
+        *lease += 1;
+        *lease
+    }
+
+    pub fn check(&self, fence: &Fence) -> Result<(), SinkError> {
+        let current = self.current(&fence.stream);
+        if current == fence.lease {
+            Ok(())
+        } else {
+            Err(SinkError::Fenced(format!(
+                "stream {} is leased to {current}, not {}",
+                fence.stream, fence.lease
+            )))
+        }
+    }
+}
+
+/// The rows of `audit_logs`, keyed like its primary key.
+pub type Rows = Arc<Mutex<BTreeMap<TimedId, AuditRow>>>;
+
+/// The dataset's event index of a [`MemoryCheckpointStore`].
+pub type EventIndex = Arc<Mutex<HashMap<String, IndexedEvent>>>;
+
+/// Rows keyed like the primary key. Rows whose id is in `refused` are refused as a database
+/// refuses a value it cannot store.
 #[derive(Clone, Default)]
 pub struct MemoryRowSink {
-    pub rows: Arc<Mutex<BTreeMap<TimedId, AuditRow>>>,
+    pub rows: Rows,
     pub faults: Faults,
+    pub refused: Arc<Mutex<HashSet<String>>>,
+    /// The store's leases: writes are fenced on them.
+    pub leases: Leases,
+    /// The store's event index: the row of a committed event is never changed.
+    pub index: EventIndex,
+}
+
+impl MemoryRowSink {
+    /// A row sink and a checkpoint store over one database: shared leases, index and rows.
+    pub fn with_store() -> (MemoryRowSink, MemoryCheckpointStore) {
+        let rows = MemoryRowSink::default();
+        let store = MemoryCheckpointStore {
+            leases: rows.leases.clone(),
+            index: rows.index.clone(),
+            rows: rows.rows.clone(),
+            ..MemoryCheckpointStore::default()
+        };
+        (rows, store)
+    }
 }
 
 #[async_trait]
 impl RowSink for MemoryRowSink {
-    async fn write_rows(&self, rows: &[AuditRow]) -> Result<RowWriteReport, SinkError> {
-        self.faults.next("row sink")?;
-        let mut stored = self.rows.lock().unwrap();
-        let mut report = RowWriteReport::default();
-        for row in rows {
-            let key = (row.timestamp, row.event_id.clone());
-            match stored.entry(key) {
-                std::collections::btree_map::Entry::Occupied(_) => report.duplicates += 1,
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(row.clone());
-                    report.inserted += 1;
+    async fn write_rows(
+        &self,
+        fence: Option<&Fence>,
+        rows: &[AuditRow],
+    ) -> Result<RowWriteReport, SinkError> {
+        self.faults
+            .around("row sink", || {
+                if let Some(fence) = fence {
+                    self.leases.check(fence)?;
                 }
-            }
-        }
-        Ok(report)
+                let refused = self.refused.lock().unwrap();
+                if let Some(row) = rows.iter().find(|r| refused.contains(&r.event_id)) {
+                    return Err(SinkError::Rejected(format!(
+                        "invalid input syntax in event {}",
+                        row.event_id
+                    )));
+                }
+                let mut stored = self.rows.lock().unwrap();
+                let index = self.index.lock().unwrap();
+                let mut report = RowWriteReport::default();
+                for row in rows {
+                    let key = (row.timestamp, row.event_id.clone());
+                    match stored.entry(key) {
+                        std::collections::btree_map::Entry::Occupied(mut slot) => {
+                            // The insert's ON CONFLICT: the retry's ingestion time wins, unless
+                            // the event is committed (its time is the one in the dataset).
+                            if !index.contains_key(&row.event_id) {
+                                slot.get_mut().ingestion_time = row.ingestion_time;
+                            }
+                            report.duplicates += 1;
+                        }
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            slot.insert(row.clone());
+                            report.inserted += 1;
+                        }
+                    }
+                }
+                Ok(report)
+            })
+            .await
     }
 }
 
-/// Staging and dataset as two maps of path → event ids.
+/// Staging and dataset as two maps of path → rows.
 #[derive(Clone, Default)]
 pub struct MemoryFileSink {
-    pub staged: Arc<Mutex<HashMap<String, Vec<String>>>>,
-    pub published: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+    pub staged: Arc<Mutex<BTreeMap<String, Vec<AuditRow>>>>,
+    pub published: Arc<Mutex<BTreeMap<String, Vec<AuditRow>>>>,
     pub faults: Faults,
     /// When set, `stage` waits for a permit: a test holds the writer back.
     pub gate: Option<Arc<tokio::sync::Semaphore>>,
@@ -173,8 +323,47 @@ impl MemoryFileSink {
             .unwrap()
             .values()
             .flatten()
-            .cloned()
+            .map(|row| row.event_id.clone())
             .collect()
+    }
+
+    /// Copies a staged file to its final name unless a file is there; `false` when the staged
+    /// file is gone. Half of a publish: the other half deletes the staged copy.
+    pub fn copy_to_final(&self, file: &CommittedFile) -> bool {
+        let staged = self.staged.lock().unwrap();
+        let Some(rows) = staged.get(&file.staged_path) else {
+            return false;
+        };
+        self.published
+            .lock()
+            .unwrap()
+            .entry(file.final_path.clone())
+            .or_insert_with(|| rows.clone());
+        true
+    }
+
+    /// Publishes one file as a rename that never overwrites does; [`SinkError::Lost`] when
+    /// the staged and final copies are both gone.
+    pub fn publish_one(&self, file: &CommittedFile) -> Result<(), SinkError> {
+        if self.copy_to_final(file) {
+            self.staged.lock().unwrap().remove(&file.staged_path);
+            return Ok(());
+        }
+        if self
+            .published
+            .lock()
+            .unwrap()
+            .contains_key(&file.final_path)
+        {
+            return Ok(());
+        }
+        Err(SinkError::Lost {
+            final_path: file.final_path.clone(),
+            message: format!(
+                "staged file {} and final file are both missing",
+                file.staged_path
+            ),
+        })
     }
 }
 
@@ -183,82 +372,103 @@ impl FileSink for MemoryFileSink {
     async fn stage(
         &self,
         stream: &str,
+        lease: u64,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<Vec<StagedFile>, SinkError> {
         if let Some(gate) = &self.gate {
             gate.acquire().await.expect("gate open").forget();
         }
-        self.faults.next("file sink")?;
-        let mut by_hour: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for row in rows.iter() {
-            by_hour
-                .entry(
-                    row.timestamp
-                        .format("year=%Y/month=%m/day=%d/hour=%H")
-                        .to_string(),
-                )
-                .or_default()
-                .push(row.event_id.clone());
-        }
-        let mut staged = self.staged.lock().unwrap();
-        Ok(by_hour
-            .into_iter()
-            .map(|(partition, ids)| {
-                let path = format!(
-                    "{}{}.parquet",
-                    crate::ports::staged_prefix(stream),
-                    self.counter.fetch_add(1, Ordering::SeqCst)
-                );
-                let file = StagedFile {
-                    staged_path: path.clone(),
-                    partition,
-                    rows: ids.len() as u64,
-                    bytes: 0,
-                };
-                staged.insert(path, ids);
-                file
+        self.faults
+            .around("file sink", || {
+                let mut by_hour: BTreeMap<String, Vec<AuditRow>> = BTreeMap::new();
+                for row in rows.iter() {
+                    by_hour
+                        .entry(partition_of(row.timestamp))
+                        .or_default()
+                        .push(row.clone());
+                }
+                let mut staged = self.staged.lock().unwrap();
+                Ok(by_hour
+                    .into_iter()
+                    .map(|(partition, rows)| {
+                        let unique = self.counter.fetch_add(1, Ordering::SeqCst).to_string();
+                        let path = staged_name(stream, lease, &unique);
+                        let file = StagedFile {
+                            staged_path: path.clone(),
+                            partition,
+                            rows: rows.len() as u64,
+                            bytes: 0,
+                        };
+                        staged.insert(path, rows);
+                        file
+                    })
+                    .collect())
             })
-            .collect())
+            .await
     }
 
     async fn publish(&self, files: &[CommittedFile]) -> Result<(), SinkError> {
-        let mut staged = self.staged.lock().unwrap();
-        let mut published = self.published.lock().unwrap();
-        for file in files {
-            match staged.remove(&file.staged_path) {
-                Some(ids) => {
-                    published.entry(file.final_path.clone()).or_insert(ids);
-                }
-                None if published.contains_key(&file.final_path) => {}
-                None => return Err(SinkError::new(format!("{} is lost", file.staged_path))),
-            }
-        }
-        Ok(())
+        self.faults
+            .around("publish", || {
+                files.iter().try_for_each(|file| self.publish_one(file))
+            })
+            .await
     }
 
     async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError> {
-        let mut staged = self.staged.lock().unwrap();
-        for path in staged_paths {
-            staged.remove(path);
-        }
-        Ok(())
+        self.faults
+            .around("discard", || {
+                let mut staged = self.staged.lock().unwrap();
+                for path in staged_paths {
+                    staged.remove(path);
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn list_staged(&self, prefix: &str) -> Result<Vec<String>, SinkError> {
-        let staged = self.staged.lock().unwrap();
-        Ok(staged
-            .keys()
-            .filter(|path| path.starts_with(prefix))
-            .cloned()
-            .collect())
+        self.faults
+            .around("list staged", || {
+                let staged = self.staged.lock().unwrap();
+                Ok(staged
+                    .keys()
+                    .filter(|path| path.starts_with(prefix))
+                    .cloned()
+                    .collect())
+            })
+            .await
     }
 }
 
-/// The committed state, the files table and the dead letters, each commit atomic.
+/// An entry of the dataset's event index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexedEvent {
+    pub when: DateTime<Utc>,
+    pub stream: String,
+    pub commit_seq: u64,
+}
+
+/// A committed file and whether it is published.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileRecord {
+    pub file: CommittedFile,
+    pub stream: String,
+    pub commit_seq: u64,
+    pub partition: String,
+    pub published: bool,
+}
+
+/// The committed state, the leases, the event index, the files table and the dead letters;
+/// each commit atomic.
 #[derive(Clone, Default)]
 pub struct MemoryCheckpointStore {
     pub state: Arc<Mutex<HashMap<String, CommittedState>>>,
-    pub files: Arc<Mutex<Vec<(CommittedFile, bool)>>>,
+    pub leases: Leases,
+    pub index: EventIndex,
+    /// The row sink's rows: a commit sets its events' ingestion time on them.
+    pub rows: Rows,
+    pub files: Arc<Mutex<Vec<FileRecord>>>,
     pub dead_letters: Arc<Mutex<Vec<DeadLetter>>>,
     /// Every committed record, in order.
     pub commits: Arc<Mutex<Vec<CommitRecord>>>,
@@ -266,67 +476,173 @@ pub struct MemoryCheckpointStore {
 }
 
 impl MemoryCheckpointStore {
-    pub fn checkpoint(&self, account: &str) -> Option<DateTime<Utc>> {
+    pub fn checkpoint(&self, stream: &str) -> Option<DateTime<Utc>> {
         self.state
             .lock()
             .unwrap()
-            .get(account)
+            .get(stream)
             .and_then(|s| s.checkpoint)
+    }
+
+    pub fn committed_state(&self, stream: &str) -> CommittedState {
+        self.state
+            .lock()
+            .unwrap()
+            .get(stream)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn apply(&self, record: &CommitRecord) -> Result<(), SinkError> {
+        self.leases.check(&record.fence)?;
+        let stream = &record.fence.stream;
+        let mut states = self.state.lock().unwrap();
+        let current = states.entry(stream.clone()).or_default();
+        if current.commit_seq != record.previous_commit_seq {
+            return Err(SinkError::transient(format!(
+                "commit_seq of {stream} moved: another writer committed"
+            )));
+        }
+        let mut index = self.index.lock().unwrap();
+        if let Some(seen) = record.events.iter().find(|e| index.contains_key(&e.id)) {
+            return Err(SinkError::Conflict(format!(
+                "event {} is already in the dataset",
+                seen.id
+            )));
+        }
+        *current = record.state.clone();
+        let commit_seq = record.state.commit_seq;
+        if let Some(ingestion_time) = record.ingestion_time {
+            let mut rows = self.rows.lock().unwrap();
+            for event in &record.events {
+                if let Some(row) = rows.get_mut(&(event.when, event.id.clone())) {
+                    row.ingestion_time = ingestion_time;
+                }
+            }
+        }
+        for event in &record.events {
+            index.insert(
+                event.id.clone(),
+                IndexedEvent {
+                    when: event.when,
+                    stream: stream.clone(),
+                    commit_seq,
+                },
+            );
+        }
+        self.files
+            .lock()
+            .unwrap()
+            .extend(record.files.iter().map(|(staged, file)| FileRecord {
+                file: file.clone(),
+                stream: stream.clone(),
+                commit_seq,
+                partition: staged.partition.clone(),
+                published: false,
+            }));
+        let mut dead = self.dead_letters.lock().unwrap();
+        for letter in &record.dead_letters {
+            let known = dead
+                .iter()
+                .any(|d| d.account_id == letter.account_id && d.raw_event == letter.raw_event);
+            if !known {
+                dead.push(letter.clone());
+            }
+        }
+        self.commits.lock().unwrap().push(record.clone());
+        Ok(())
     }
 }
 
 #[async_trait]
 impl CheckpointStore for MemoryCheckpointStore {
-    async fn load(&self, account_id: &str) -> Result<CommittedState, SinkError> {
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .get(account_id)
-            .cloned()
-            .unwrap_or_default())
+    async fn load(&self, stream: &str) -> Result<CommittedState, SinkError> {
+        self.faults
+            .around("load", || Ok(self.committed_state(stream)))
+            .await
+    }
+
+    async fn committed_ids(&self, ids: &[String]) -> Result<HashSet<String>, SinkError> {
+        self.faults
+            .around("committed ids", || {
+                let index = self.index.lock().unwrap();
+                Ok(ids
+                    .iter()
+                    .filter(|id| index.contains_key(*id))
+                    .cloned()
+                    .collect())
+            })
+            .await
     }
 
     async fn commit(&self, record: &CommitRecord) -> Result<(), SinkError> {
-        self.faults.next("checkpoint store")?;
-        let mut states = self.state.lock().unwrap();
-        let current = states.entry(record.account_id.clone()).or_default();
-        if current.commit_seq != record.previous_commit_seq {
-            return Err(SinkError::new("commit_seq moved: another writer committed"));
-        }
-        *current = record.state.clone();
-        let mut files = self.files.lock().unwrap();
-        files.extend(record.files.iter().map(|(_, c)| (c.clone(), false)));
-        let mut dead = self.dead_letters.lock().unwrap();
-        let known: HashSet<_> = dead.iter().map(|d| d.raw_event.clone()).collect();
-        dead.extend(
-            record
-                .dead_letters
-                .iter()
-                .filter(|d| !known.contains(&d.raw_event))
-                .cloned(),
-        );
-        self.commits.lock().unwrap().push(record.clone());
-        Ok(())
+        self.faults.around("commit", || self.apply(record)).await
     }
 
-    async fn unpublished(&self, _account_id: &str) -> Result<Vec<CommittedFile>, SinkError> {
-        Ok(self
-            .files
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, published)| !published)
-            .map(|(c, _)| c.clone())
-            .collect())
+    async fn unpublished(&self, stream: &str) -> Result<Vec<CommittedFile>, SinkError> {
+        self.faults
+            .around("unpublished", || {
+                Ok(self
+                    .files
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|f| f.stream == stream && !f.published)
+                    .map(|f| f.file.clone())
+                    .collect())
+            })
+            .await
     }
 
     async fn mark_published(&self, final_paths: &[String]) -> Result<(), SinkError> {
-        for (file, published) in self.files.lock().unwrap().iter_mut() {
-            if final_paths.contains(&file.final_path) {
-                *published = true;
-            }
-        }
-        Ok(())
+        self.faults
+            .around("mark published", || {
+                for record in self.files.lock().unwrap().iter_mut() {
+                    if final_paths.contains(&record.file.final_path) {
+                        record.published = true;
+                    }
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn forget_lost_file(&self, fence: &Fence, final_path: &str) -> Result<u64, SinkError> {
+        self.faults
+            .around("forget lost file", || {
+                self.leases.check(fence)?;
+                let mut files = self.files.lock().unwrap();
+                let Some(at) = files
+                    .iter()
+                    .position(|f| f.file.final_path == final_path && f.stream == fence.stream)
+                else {
+                    return Ok(0);
+                };
+                let lost = files.remove(at);
+                let mut index = self.index.lock().unwrap();
+                let forgotten: Vec<String> = index
+                    .iter()
+                    .filter(|(_, e)| {
+                        e.stream == lost.stream
+                            && e.commit_seq == lost.commit_seq
+                            && partition_of(e.when) == lost.partition
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let oldest = forgotten.iter().map(|id| index[id].when).min();
+                for id in &forgotten {
+                    index.remove(id);
+                }
+                let mut states = self.state.lock().unwrap();
+                let state = states.entry(fence.stream.clone()).or_default();
+                if let Some(oldest) = oldest {
+                    state.checkpoint = state.checkpoint.map(|c| c.min(oldest));
+                    state.swept_until = state.swept_until.map(|s| s.min(oldest));
+                }
+                state.unfinished = None;
+                state.commit_seq += 1;
+                Ok(forgotten.len() as u64)
+            })
+            .await
     }
 }

@@ -1,7 +1,8 @@
 //! Typed messages between the actors. Every batch message carries a [`BatchId`]: the pipeline
 //! epoch and a sequence number within it. A message from an older epoch is ignored.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,20 +10,36 @@ use actix::Message;
 use chrono::{DateTime, Utc};
 
 use crate::event::{AuditRow, DeadLetter, RawEvent, SeenId};
-use crate::ports::{CommittedState, RowWriteReport, StagedFile};
+use crate::ports::{
+    CommittedState, RowWriteReport, SinkError, StagedFile, UnfinishedSweep, UnreadableEvent,
+};
 
 /// The pipeline epoch, shared by all actors. Only the Checkpointer advances it: on any failure
 /// everything after the last commit is abandoned and the pipeline resumes from the checkpoint.
+/// A halted pipeline (its lease is gone, or its runner stopped it) does nothing any more.
 #[derive(Clone, Default, Debug)]
-pub struct Epoch(Arc<AtomicU64>);
+pub struct Epoch {
+    current: Arc<AtomicU64>,
+    halted: Arc<AtomicBool>,
+}
 
 impl Epoch {
     pub fn current(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.current.load(Ordering::SeqCst)
     }
 
     pub(crate) fn advance(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::SeqCst) + 1
+        self.current.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Stops the pipeline for good: every message in flight becomes stale.
+    pub(crate) fn halt(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+        self.advance();
+    }
+
+    pub fn halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
     }
 }
 
@@ -33,26 +50,52 @@ pub struct BatchId {
     pub seq: u64,
 }
 
-/// Poller → Mapper: one API page.
+/// A slot of the in-flight budget (`max_inflight_batches`). A batch's data holds it wherever
+/// the data is (the Mapper, both writers, the Checkpointer's pending entry), and the slot comes
+/// back when the last holder drops it. A batch abandoned by a rewind keeps its slot until a
+/// hung sink lets go of it, so rewinds never raise the memory in flight.
+#[derive(Clone, Debug)]
+pub struct BatchPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+impl BatchPermit {
+    pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        BatchPermit(Arc::new(permit))
+    }
+}
+
+/// Where a sweep stands after a batch, which is what committing the batch lets the committed
+/// state say.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepProgress {
+    /// Oldest first: every event before this is in this batch or an earlier one (events at it
+    /// may continue in the next): the checkpoint it allows. `None` newest first, or before the
+    /// first event.
+    pub reached: Option<DateTime<Utc>>,
+    /// Where the sweep resumes.
+    pub position: UnfinishedSweep,
+}
+
+/// Poller → Mapper: one batch of pages.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct FetchedPage {
     pub batch: BatchId,
     pub events: Vec<RawEvent>,
-    /// Whether committing this batch may move the checkpoint: every batch with `asc`, only the
-    /// last batch of a sweep with `desc` (newest events come first).
-    pub advances_checkpoint: bool,
-    pub sweep_end: bool,
-    /// Ids older than this can no longer come back in a window: the Mapper forgets them.
-    pub forget_before: Option<DateTime<Utc>>,
+    pub unreadable: Vec<UnreadableEvent>,
+    /// Where the sweep stands after this batch.
+    pub progress: SweepProgress,
+    /// On the last batch of a sweep that reached the end of its window: that end.
+    pub completes: Option<DateTime<Utc>>,
+    pub permit: BatchPermit,
 }
 
-/// Poller → Mapper, before the first page of an epoch: the committed overlap ids.
+/// Poller → Mapper, before the first page of an epoch.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ResetDedup {
     pub epoch: u64,
-    pub seen: Vec<SeenId>,
+    /// Events the row sink refused (id → reason): dead letters from now on.
+    pub quarantine: Arc<BTreeMap<String, String>>,
 }
 
 /// Mapper → Checkpointer: what the batch holds, sent before the writers get it.
@@ -60,10 +103,23 @@ pub struct ResetDedup {
 #[rtype(result = "()")]
 pub struct ExpectBatch {
     pub batch: BatchId,
-    pub seen: Vec<SeenId>,
+    /// The events the batch writes (not yet in the dataset), and the `ingestion_time` their
+    /// rows carry.
+    pub events: Vec<SeenId>,
+    pub ingestion_time: DateTime<Utc>,
     pub dead_letters: Vec<DeadLetter>,
-    pub advances_checkpoint: bool,
-    pub sweep_end: bool,
+    pub progress: SweepProgress,
+    pub completes: Option<DateTime<Utc>>,
+    pub permit: BatchPermit,
+}
+
+/// Mapper → Checkpointer: the batch could not be prepared (the dataset's event index could
+/// not be read); the epoch fails.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct BatchFailed {
+    pub batch: BatchId,
+    pub reason: String,
 }
 
 /// Mapper → PgWriter and ParquetWriter.
@@ -72,6 +128,7 @@ pub struct ExpectBatch {
 pub struct WriteBatch {
     pub batch: BatchId,
     pub rows: Arc<Vec<AuditRow>>,
+    pub permit: BatchPermit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,7 +158,7 @@ pub enum WriteOutcome {
 pub struct WriterAck {
     pub batch: BatchId,
     pub sink: Sink,
-    pub result: Result<WriteOutcome, String>,
+    pub result: Result<WriteOutcome, SinkError>,
 }
 
 /// Checkpointer → Poller: start (again) from this committed state.
@@ -114,6 +171,10 @@ pub struct Resume {
     pub delay: Duration,
     /// Why the pipeline rewound; `None` at start-up.
     pub reason: Option<String>,
+    /// Whether the rewind counts as a failed attempt (`run --once` gives up after some): a
+    /// rewind that only sets refused events aside is progress, not a failure.
+    pub failed: bool,
+    pub quarantine: Arc<BTreeMap<String, String>>,
 }
 
 /// Checkpointer → Poller: recovery (reload, publish, clean staging) failed; it is retried
@@ -124,8 +185,9 @@ pub struct RecoveryFailed {
     pub reason: String,
 }
 
-/// Checkpointer → Poller: the batch and all before it are durable in both sinks.
-#[derive(Message, Debug)]
+/// Checkpointer → Poller, and Poller → Mapper: the batch and all before it are durable in
+/// both sinks.
+#[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct BatchCommitted {
     pub batch: BatchId,
@@ -153,15 +215,17 @@ pub struct Flush;
 /// What the pipeline tells whoever runs it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PipelineEvent {
-    /// A sweep ended and everything it fetched is committed.
+    /// A sweep reached the end of its window and everything it fetched is committed.
     SweepCompleted {
         account_id: String,
         checkpoint: Option<DateTime<Utc>>,
     },
     /// After [`Drain`]: no batch is in flight any more.
     Drained,
-    /// `--once` cannot finish (authentication error, retries exhausted).
+    /// `--once` cannot finish (authentication error, retries exhausted, no progress).
     Failed { reason: String },
+    /// Another process holds the stream now; this pipeline has halted.
+    Fenced { reason: String },
 }
 
 pub type EventSender = tokio::sync::mpsc::UnboundedSender<PipelineEvent>;

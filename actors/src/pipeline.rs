@@ -11,13 +11,14 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::mpsc;
 
-use crate::checkpointer::{Checkpointer, CheckpointerConfig, Connect};
+use crate::checkpointer::{Checkpointer, CheckpointerConfig, CheckpointerDeps, Connect};
+use crate::clock::{jitter_rng, Clock};
 use crate::mailbox::Mailbox;
-use crate::mapper::Mapper;
+use crate::mapper::{Mapper, MapperDeps};
 use crate::messages::{Drain, Epoch, Flush, PipelineEvent};
 use crate::metrics::Metrics;
-use crate::poller::{Poller, PollerConfig};
-use crate::ports::{AuditSource, CheckpointStore, FileSink, RowSink};
+use crate::poller::{Poller, PollerConfig, PollerDeps};
+use crate::ports::{AuditSource, CheckpointStore, Fence, FileSink, RowSink};
 use crate::writer::{ParquetTarget, ParquetWriter, PgTarget, PgWriter, SinkTarget, Writer};
 
 /// Everything one account's pipeline is given.
@@ -29,6 +30,10 @@ pub struct PipelineParts {
     pub files: Arc<dyn FileSink>,
     pub store: Arc<dyn CheckpointStore>,
     pub metrics: Arc<Metrics>,
+    /// The wall clock (the simulation's own in its tests).
+    pub clock: Clock,
+    /// Seeds the back-off jitter; `None`: from the OS.
+    pub rng_seed: Option<u64>,
 }
 
 /// A running pipeline; [`Pipeline::shutdown`] stops it.
@@ -37,6 +42,7 @@ pub struct Pipeline {
     pg: Addr<PgWriter>,
     parquet: Addr<ParquetWriter>,
     checkpointer: Addr<Checkpointer>,
+    epoch: Epoch,
     pub events: mpsc::UnboundedReceiver<PipelineEvent>,
 }
 
@@ -51,28 +57,40 @@ impl Pipeline {
             files,
             store,
             metrics,
+            clock,
+            rng_seed,
         } = parts;
         let account: Arc<str> = Arc::from(poller.account_id.as_str());
         metrics.expose_account(&account);
         // Credits (in-flight batches) never exceed the mailbox capacity, so hot-path sends
         // never wait on a full mailbox and batches stay in order.
         let capacity = poller.max_inflight_batches + 16;
+        let budget = Arc::new(tokio::sync::Semaphore::new(poller.max_inflight_batches));
         let epoch = Epoch::default();
         let (events_tx, events) = mpsc::unbounded_channel();
+        let sink_timeout = checkpointer.sink_timeout;
+        let fence = Arc::new(checkpointer.fence());
 
-        let stream: Arc<str> = Arc::from(checkpointer.stream.as_str());
         let checkpointer_config = Arc::new(checkpointer);
         let checkpointer_addr = {
-            let (epoch, metrics, files) = (epoch.clone(), metrics.clone(), files.clone());
+            let deps = CheckpointerDeps {
+                store: store.clone(),
+                files: files.clone(),
+                epoch: epoch.clone(),
+                events: events_tx.clone(),
+                metrics: metrics.clone(),
+                rng: jitter_rng(rng_seed, 0xc4ec),
+            };
             Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
-                Checkpointer::new(checkpointer_config, store, files, epoch, metrics)
+                Checkpointer::new(checkpointer_config, deps)
             })
         };
         let checkpointer = Mailbox::new(checkpointer_addr.clone(), metrics.actor("checkpointer"));
 
         let writers = WriterDeps {
-            stream,
+            fence,
+            timeout: sink_timeout,
             checkpointer: checkpointer.clone(),
             epoch: epoch.clone(),
             metrics: metrics.clone(),
@@ -83,24 +101,39 @@ impl Pipeline {
         let parquet = writers.start(ParquetTarget(files.clone()));
         let parquet_addr = parquet.addr().clone();
         let mapper = {
-            let (account, checkpointer, epoch, m) = (
-                account.clone(),
-                checkpointer.clone(),
-                epoch.clone(),
-                metrics.clone(),
-            );
+            let deps = MapperDeps {
+                account_id: account.clone(),
+                checkpointer: checkpointer.clone(),
+                pg,
+                parquet,
+                store,
+                epoch: epoch.clone(),
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+                lookup_timeout: sink_timeout,
+            };
             let addr = Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
-                Mapper::new(account, checkpointer, pg, parquet, epoch, m)
+                Mapper::new(deps)
             });
             Mailbox::new(addr, metrics.actor("mapper"))
         };
         let poller_addr = {
-            let (checkpointer, metrics) = (checkpointer.clone(), metrics.clone());
+            let deps = PollerDeps {
+                source,
+                mapper,
+                checkpointer: checkpointer.clone(),
+                metrics: metrics.clone(),
+                events: events_tx,
+                clock,
+                rng: jitter_rng(rng_seed, 0x9011),
+                stop: epoch.clone(),
+                budget,
+            };
             let config = Arc::new(poller);
             Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
-                Poller::new(config, source, mapper, checkpointer, metrics, events_tx)
+                Poller::new(config, deps)
             })
         };
         checkpointer_addr.do_send(Connect(Mailbox::new(
@@ -112,8 +145,15 @@ impl Pipeline {
             pg: pg_addr,
             parquet: parquet_addr,
             checkpointer: checkpointer_addr,
+            epoch,
             events,
         }
+    }
+
+    /// Stops the pipeline at once and for good: nothing in flight is committed (it is
+    /// fetched again by whoever holds the stream next). For a lease lost to another process.
+    pub fn halt(&self) {
+        self.epoch.halt();
     }
 
     /// Stops fetching; [`PipelineEvent::Drained`] follows once in-flight batches are done.
@@ -151,8 +191,9 @@ impl Pipeline {
 
 /// What both writers are started with.
 struct WriterDeps {
-    /// The checkpoint stream: names the staged files.
-    stream: Arc<str>,
+    /// The stream and lease the writes are made under.
+    fence: Arc<Fence>,
+    timeout: Duration,
     checkpointer: Mailbox<Checkpointer>,
     epoch: Epoch,
     metrics: Arc<Metrics>,
@@ -161,16 +202,16 @@ struct WriterDeps {
 
 impl WriterDeps {
     fn start<T: SinkTarget>(&self, target: T) -> Mailbox<Writer<T>> {
-        let (stream, checkpointer, epoch, metrics) = (
-            self.stream.clone(),
+        let (fence, checkpointer, epoch, metrics) = (
+            self.fence.clone(),
             self.checkpointer.clone(),
             self.epoch.clone(),
             self.metrics.clone(),
         );
-        let capacity = self.capacity;
+        let (capacity, timeout) = (self.capacity, self.timeout);
         let addr = Supervisor::start(move |ctx: &mut Context<_>| {
             ctx.set_mailbox_capacity(capacity);
-            Writer::new(target, stream, checkpointer, epoch, metrics)
+            Writer::new(target, fence, timeout, checkpointer, epoch, metrics)
         });
         Mailbox::new(addr, self.metrics.actor(T::ACTOR))
     }

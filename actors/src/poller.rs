@@ -1,9 +1,16 @@
-//! The Poller: sweeps the API window by window (design-notes §2) and sends each page on.
+//! The Poller: sweeps the API window by window and sends the pages on in batches.
 //!
 //! A sweep covers `[checkpoint − safety lag, now)` with `before` fixed at its start (a
-//! backfill: `[max(checkpoint − safety lag, start), end)`). Pages are
-//! fetched one at a time; at most `max_inflight_batches` may be uncommitted at once, which is
-//! the pipeline's backpressure: a slow sink stops the fetching, and memory stays bounded.
+//! backfill: `[max(checkpoint − safety lag, start), end)`). Inside a sweep it pages by
+//! *keyset*: each request starts from the `when` of the last event it holds (`since` oldest
+//! first, `before` newest first), and the page number only counts pages within one such bound
+//! (a run of events sharing one `when` that is longer than a page). Events expiring at the head
+//! of the window or arriving behind the current position cannot shift what is still to come,
+//! so nothing that exists is skipped; the events at the bound come back and are deduplicated.
+//!
+//! At most `max_inflight_batches` batches hold data at once (a [`BatchPermit`] each), which is
+//! the pipeline's backpressure: a slow or hung sink stops the fetching, and memory stays
+//! bounded, across rewinds too.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -12,15 +19,21 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
+use rand::rngs::StdRng;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::checkpointer::Checkpointer;
+use crate::clock::Clock;
+use crate::event::RawEvent;
 use crate::mailbox::Mailbox;
 use crate::mapper::Mapper;
+use crate::mapping::parse_when;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
-use crate::ports::{AuditSource, Direction, PageRequest, SourceError};
+use crate::ports::{
+    AuditSource, Direction, Page, PageRequest, SourceError, UnfinishedSweep, UnreadableEvent,
+};
 
 /// How the Poller sweeps. Built by the service from its configuration.
 #[derive(Clone, Debug)]
@@ -32,8 +45,7 @@ pub struct PollerConfig {
     pub safety_lag: Duration,
     pub poll_interval: Duration,
     /// Where this stream's coverage begins: the first sweep starts here and no sweep reads
-    /// before it (the safety lag is clamped), so a live stream and the backfills before it
-    /// never fetch the same event. `None`: one poll interval before the first sweep, no floor.
+    /// before it (the safety lag is clamped). `None`: one poll interval before the first sweep.
     pub start: Option<DateTime<Utc>>,
     /// Where a bounded stream (a backfill) ends, exclusive: its sweeps stop here instead of
     /// now. `None` for the live stream.
@@ -45,26 +57,251 @@ pub struct PollerConfig {
     /// …or this many bytes of raw JSON, whichever comes first; the last page of a sweep
     /// always closes its batch. Fewer, larger batches mean fewer commits and Parquet files.
     pub batch_max_bytes: usize,
-    /// A sweep never fetches more pages than this (a misbehaving API cannot loop for ever).
+    /// A sweep never fetches more pages than this (a misbehaving API cannot loop for ever);
+    /// the next sweep continues from what is committed.
     pub max_pages_per_sweep: u32,
     pub backoff: Backoff,
     /// Wait used on a 429 without `retry-after`.
     pub default_retry_after: Duration,
+    /// The longest wait a server may ask for (`retry-after`): a broken proxy cannot stall the
+    /// stream for a day.
+    pub max_server_wait: Duration,
     /// How often a stopped (authentication-failed) account is tried again.
     pub auth_recheck: Duration,
-    /// `run --once`: one sweep, then report; give up after this many failed attempts in a row.
+    /// `run --once`: sweep until one reaches the end of its window, then report; give up
+    /// after this many failed attempts in a row.
     pub once: Option<u32>,
 }
 
+/// A page answered with the same first event as the page before it is asked again this many
+/// times before the sweep gives up on the API.
+const REPEATED_PAGE_RETRIES: u32 = 3;
+
+/// The smallest step of `when` (the pipeline keeps microseconds).
+fn tick() -> chrono::Duration {
+    chrono::Duration::microseconds(1)
+}
+
+/// How a sweep ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SweepEnd {
+    /// It reached the end of its window.
+    Complete,
+    /// Cut short (page cap, an API that repeats a page): the next sweep continues.
+    CutShort,
+}
+
 struct Sweep {
+    direction: Direction,
+    /// The window: `[since, before)`, fixed for the sweep.
     since: DateTime<Utc>,
     before: DateTime<Utc>,
-    next_page: u32,
-    previous_first_id: Option<String>,
-    previous_len: usize,
-    /// Sequence number of the sweep's last batch, once sent.
+    /// Oldest first: the next request's `since`; newest first: its `before`.
+    anchor: DateTime<Utc>,
+    /// The page within the anchor…
+    page: u32,
+    /// …counted among the events at exactly this instant, a run of equal `when` longer than
+    /// a page (see [`Sweep::in_run`]).
+    run: Option<DateTime<Utc>>,
+    /// Where the sweep started, to tell whether a sweep cut short made progress.
+    first: (DateTime<Utc>, u32),
+    per_page: u32,
+    /// Pages answered in this sweep (the cap).
+    pages: u32,
+    /// Oldest first: the `when` of the last event read (the checkpoint it allows).
+    reached: Option<DateTime<Utc>>,
+    /// Newest first: the newest event read, this sweep or the unfinished one it resumes.
+    newest: Option<DateTime<Utc>>,
+    /// The fingerprint of the page before `page` within the bound.
+    previous_page: Option<u64>,
+    previous_full: bool,
+    /// A short answer asks for a second one before it ends the window (or a run of equal
+    /// `when`): a short, unmoved answer to exactly this request is that confirmation.
+    confirm: Option<PageRequest>,
+    repeats: u32,
+    /// Sequence number of the sweep's last batch and how the sweep ended, once sent.
     last_seq: Option<u64>,
+    end: Option<SweepEnd>,
     failed_attempts: u32,
+    /// A fresh sweep commits its window before it fetches anything (so before anything it
+    /// fetches can reach a sink): whatever stops it, the next run finishes it, and re-reads
+    /// what it wrote and did not commit. `Some(seq)` while that commit is on its way.
+    announce: bool,
+    announcing: Option<u64>,
+}
+
+impl Sweep {
+    fn resume(at: &UnfinishedSweep, per_page: u32) -> Sweep {
+        // Inside a run of equal `when`, page numbers only mean something with the page size
+        // they were counted in.
+        let per_page = if at.page > 1 { at.per_page } else { per_page };
+        Sweep {
+            direction: at.direction,
+            since: at.since,
+            before: at.before,
+            anchor: at.anchor,
+            page: at.page,
+            run: at.run,
+            first: (at.anchor, at.page),
+            per_page,
+            pages: 0,
+            reached: None,
+            newest: at.newest,
+            previous_page: at.previous_page,
+            previous_full: false,
+            confirm: None,
+            repeats: 0,
+            last_seq: None,
+            end: None,
+            failed_attempts: 0,
+            announce: false,
+            announcing: None,
+        }
+    }
+
+    /// Paging inside a run of events sharing one `when` (more than a page of them): the window
+    /// is that instant alone, so an event expiring or arriving anywhere else cannot shift the
+    /// page offsets.
+    fn in_run(&self) -> bool {
+        self.run.is_some()
+    }
+
+    /// The request for the sweep's position. `before` is sent as the exclusive bound it is,
+    /// or one microsecond less to an API found to treat it as inclusive.
+    fn request(&self, config: &PollerConfig, before_inclusive: bool) -> PageRequest {
+        let (since, before) = match (self.run, self.direction) {
+            (Some(at), _) => (at, at + tick()),
+            (None, Direction::Asc) => (self.anchor, self.before),
+            (None, Direction::Desc) => (self.since, self.anchor),
+        };
+        let before = if before_inclusive {
+            before - tick()
+        } else {
+            before
+        };
+        PageRequest {
+            account_id: config.account_id.clone(),
+            since,
+            before,
+            direction: self.direction,
+            page: self.page,
+            per_page: self.per_page,
+            hide_user_logs: config.hide_user_logs,
+        }
+    }
+
+    /// Whether a page cannot be the answer to `request`: it holds an event on the far side of
+    /// the bound the sweep has moved (a stale or repeated page). Read as the answer, it would
+    /// move the page number past a page never seen.
+    fn stale(&self, request: &PageRequest, events: &[RawEvent]) -> bool {
+        events
+            .iter()
+            .filter_map(|e| event_time(e.get()))
+            .any(|when| match self.direction {
+                Direction::Asc => when < request.since,
+                Direction::Desc => when > request.before,
+            })
+    }
+
+    /// Whether the page holds an event at exactly the request's `before`: the API treats it
+    /// as inclusive.
+    fn includes_before(request: &PageRequest, events: &[RawEvent]) -> bool {
+        events
+            .iter()
+            .filter_map(|e| event_time(e.get()))
+            .any(|when| when == request.before)
+    }
+
+    /// The `when` of a page's last event with a usable one, within the window: a `when` at or
+    /// after `before` (an API that ignores it) never moves anything past it.
+    fn boundary(&self, events: &[RawEvent]) -> Option<DateTime<Utc>> {
+        events
+            .iter()
+            .rev()
+            .find_map(|e| event_time(e.get()))
+            .map(|t| t.clamp(self.since, self.before))
+    }
+
+    /// Moves the keyset bound to the last event of a page; `true` when it moved (the page held
+    /// events past the previous bound).
+    fn advance(&mut self, events: &[RawEvent]) -> bool {
+        let clamp = |t: DateTime<Utc>| t.clamp(self.since, self.before);
+        let boundary = self.boundary(events);
+        let next = match self.direction {
+            Direction::Asc => {
+                self.reached = self.reached.max(boundary);
+                boundary.filter(|&b| b > self.anchor)
+            }
+            Direction::Desc => {
+                let first = events.iter().find_map(|e| event_time(e.get())).map(clamp);
+                self.newest = self.newest.max(first);
+                boundary
+                    .map(|b| b + tick())
+                    .filter(|&next| next < self.anchor)
+            }
+        };
+        match next {
+            Some(anchor) => {
+                self.move_anchor(anchor);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn move_anchor(&mut self, anchor: DateTime<Utc>) {
+        self.anchor = anchor;
+        self.page = 1;
+        self.run = None;
+        self.previous_page = None;
+    }
+
+    /// Every event of the run of equal `when` at the bound is read (a short page of the run, or
+    /// the API's 400 for the page after an exactly full one): the sweep moves just past it.
+    fn skip_run(&mut self) {
+        let Some(at) = self.run else { return };
+        let next = match self.direction {
+            Direction::Asc => at + tick(),
+            Direction::Desc => at,
+        };
+        self.move_anchor(next);
+    }
+
+    fn progress(&self) -> SweepProgress {
+        // Page offsets in the whole window (after pages with no usable `when`) shift when
+        // events expire or arrive before them: a resumed sweep starts such pages again from the
+        // bound. Offsets within a run of equal `when` are safe to resume from.
+        let (page, previous_page) = if self.in_run() {
+            (self.page, self.previous_page)
+        } else {
+            (1, None)
+        };
+        SweepProgress {
+            reached: self.reached,
+            position: UnfinishedSweep {
+                direction: self.direction,
+                since: self.since,
+                before: self.before,
+                anchor: self.anchor,
+                page,
+                per_page: self.per_page,
+                run: self.run,
+                previous_page,
+                newest: self.newest,
+            },
+        }
+    }
+
+    /// Whether the position can be committed as it is (see [`Sweep::progress`]).
+    fn resumable(&self) -> bool {
+        self.in_run() || self.page == 1
+    }
+
+    /// Whether the sweep moved what the next sweep resumes from.
+    fn progressed(&self) -> bool {
+        let at = self.progress().position;
+        (at.anchor, at.page) != self.first
+    }
 }
 
 pub struct Poller {
@@ -75,49 +312,78 @@ pub struct Poller {
     metrics: Arc<Metrics>,
     actor: ActorMetrics,
     events: EventSender,
+    clock: Clock,
+    rng: StdRng,
+    stop: Epoch,
+    /// The in-flight budget: one permit per batch holding data.
+    budget: Arc<tokio::sync::Semaphore>,
+    /// The permit of the batch being filled.
+    permit: Option<BatchPermit>,
+    waiting_for_permit: bool,
     /// `None` until the Checkpointer's first [`Resume`].
     epoch: Option<u64>,
     checkpoint: Option<DateTime<Utc>>,
+    /// The committed unfinished newest-first sweep, resumed by the next one.
+    unfinished: Option<UnfinishedSweep>,
     sweep: Option<Sweep>,
     /// Pages fetched and not yet sent: the batch being filled.
-    pending: Vec<crate::event::RawEvent>,
+    pending: Vec<RawEvent>,
+    pending_unreadable: Vec<UnreadableEvent>,
     pending_bytes: usize,
     next_seq: u64,
+    /// Batches of this epoch sent and not yet committed.
     inflight: usize,
     fetching: bool,
     draining: bool,
     auth_failed: bool,
+    /// Learned from the API's answers: it returns events at exactly `before`.
+    before_inclusive: bool,
     /// Rewinds since the last commit (`--once` gives up after `once` of them).
     rewinds_without_commit: u32,
 }
 
+/// What a Poller is started with besides its configuration.
+pub(crate) struct PollerDeps {
+    pub source: Arc<dyn AuditSource>,
+    pub mapper: Mailbox<Mapper>,
+    pub checkpointer: Mailbox<Checkpointer>,
+    pub metrics: Arc<Metrics>,
+    pub events: EventSender,
+    pub clock: Clock,
+    pub rng: StdRng,
+    pub stop: Epoch,
+    pub budget: Arc<tokio::sync::Semaphore>,
+}
+
 impl Poller {
-    pub(crate) fn new(
-        config: Arc<PollerConfig>,
-        source: Arc<dyn AuditSource>,
-        mapper: Mailbox<Mapper>,
-        checkpointer: Mailbox<Checkpointer>,
-        metrics: Arc<Metrics>,
-        events: EventSender,
-    ) -> Self {
+    pub(crate) fn new(config: Arc<PollerConfig>, deps: PollerDeps) -> Self {
         Poller {
-            actor: metrics.actor("poller"),
+            actor: deps.metrics.actor("poller"),
             config,
-            source,
-            mapper,
-            checkpointer,
-            metrics,
-            events,
+            source: deps.source,
+            mapper: deps.mapper,
+            checkpointer: deps.checkpointer,
+            metrics: deps.metrics,
+            events: deps.events,
+            clock: deps.clock,
+            rng: deps.rng,
+            stop: deps.stop,
+            budget: deps.budget,
+            permit: None,
+            waiting_for_permit: false,
             epoch: None,
             checkpoint: None,
+            unfinished: None,
             sweep: None,
             pending: Vec::new(),
+            pending_unreadable: Vec::new(),
             pending_bytes: 0,
             next_seq: 0,
             inflight: 0,
             fetching: false,
             draining: false,
             auth_failed: false,
+            before_inclusive: false,
             rewinds_without_commit: 0,
         }
     }
@@ -126,27 +392,60 @@ impl Poller {
         chrono::Duration::from_std(self.config.safety_lag).unwrap_or(chrono::Duration::zero())
     }
 
+    /// End-of-window answers are checked with one more request where a wrong "end" would
+    /// lose events: newest first (the checkpoint jumps to the newest event) and in a bounded
+    /// stream (a backfill is complete once).
+    fn verifies_end(&self, direction: Direction) -> bool {
+        direction == Direction::Desc || self.config.end.is_some()
+    }
+
     fn start_sweep(&mut self, epoch: u64, ctx: &mut Context<Self>) {
-        if self.epoch != Some(epoch) || self.sweep.is_some() || self.draining {
+        if self.epoch != Some(epoch) || self.sweep.is_some() || self.draining || self.stop.halted()
+        {
             return;
         }
-        let now = Utc::now();
-        let since = match (self.checkpoint, self.config.start) {
-            (Some(checkpoint), start) => (checkpoint - self.lag()).max(start.unwrap_or_default()),
-            (None, Some(start)) => start,
-            (None, None) => {
-                now - chrono::Duration::from_std(self.config.poll_interval).unwrap_or_default()
+        let now = self.clock.now();
+        let direction = self.config.direction;
+        let sweep = match &self.unfinished {
+            // The sweep before was cut short or interrupted: go on from where it stopped, in its
+            // own direction (a changed CLOUDFLARE_DIRECTION applies from the next sweep), so
+            // whatever it fetched and did not commit is fetched again.
+            Some(u) => Sweep::resume(u, self.config.per_page),
+            _ => {
+                let since = match (self.checkpoint, self.config.start) {
+                    (Some(checkpoint), start) => {
+                        (checkpoint - self.lag()).max(start.unwrap_or(DateTime::<Utc>::MIN_UTC))
+                    }
+                    (None, Some(start)) => start,
+                    (None, None) => {
+                        now - chrono::Duration::from_std(self.config.poll_interval)
+                            .unwrap_or_default()
+                    }
+                };
+                let before = self.config.end.unwrap_or(now);
+                let anchor = match direction {
+                    Direction::Asc => since,
+                    Direction::Desc => before,
+                };
+                let mut sweep = Sweep::resume(
+                    &UnfinishedSweep {
+                        direction,
+                        since,
+                        before,
+                        anchor,
+                        page: 1,
+                        per_page: self.config.per_page,
+                        run: None,
+                        previous_page: None,
+                        newest: None,
+                    },
+                    self.config.per_page,
+                );
+                sweep.announce = true;
+                sweep
             }
         };
-        self.sweep = Some(Sweep {
-            since,
-            before: self.config.end.unwrap_or(now),
-            next_page: 1,
-            previous_first_id: None,
-            previous_len: 0,
-            last_seq: None,
-            failed_attempts: 0,
-        });
+        self.sweep = Some(sweep);
         self.fetch_next(ctx);
     }
 
@@ -156,20 +455,30 @@ impl Poller {
         if self.fetching
             || self.draining
             || sweep.last_seq.is_some()
-            || self.inflight >= self.config.max_inflight_batches
+            || sweep.announcing.is_some()
+            || self.stop.halted()
         {
             return;
         }
+        if self.permit.is_none() {
+            match self.budget.clone().try_acquire_owned() {
+                Ok(permit) => self.permit = Some(BatchPermit::new(permit)),
+                Err(_) => {
+                    self.wait_for_permit(ctx);
+                    return;
+                }
+            }
+        }
+        if sweep.announce {
+            let seq = self.next_seq;
+            let sweep = self.sweep.as_mut().expect("checked above");
+            sweep.announce = false;
+            sweep.announcing = Some(seq);
+            self.send_batch(None, ctx);
+            return;
+        }
+        let request = sweep.request(&self.config, self.before_inclusive);
         self.fetching = true;
-        let request = PageRequest {
-            account_id: self.config.account_id.clone(),
-            since: sweep.since,
-            before: sweep.before,
-            direction: self.config.direction,
-            page: sweep.next_page,
-            per_page: self.config.per_page,
-            hide_user_logs: self.config.hide_user_logs,
-        };
         let source = self.source.clone();
         let fetch = async move {
             let result = AssertUnwindSafe(source.fetch_page(&request))
@@ -193,11 +502,34 @@ impl Poller {
         );
     }
 
+    /// Every slot of the in-flight budget is taken (batches not committed yet, or abandoned
+    /// ones a hung sink still holds): fetch again once one comes back.
+    fn wait_for_permit(&mut self, ctx: &mut Context<Self>) {
+        if self.waiting_for_permit {
+            return;
+        }
+        self.waiting_for_permit = true;
+        let budget = self.budget.clone();
+        ctx.spawn(
+            async move { budget.acquire_owned().await }
+                .into_actor(self)
+                .map(|permit, act, ctx| {
+                    act.waiting_for_permit = false;
+                    if let Ok(permit) = permit {
+                        if act.permit.is_none() {
+                            act.permit = Some(BatchPermit::new(permit));
+                        }
+                        act.fetch_next(ctx);
+                    }
+                }),
+        );
+    }
+
     fn on_page(
         &mut self,
         epoch: u64,
         request: PageRequest,
-        result: Result<Vec<crate::event::RawEvent>, SourceError>,
+        result: Result<Page, SourceError>,
         ctx: &mut Context<Self>,
     ) {
         self.fetching = false;
@@ -206,57 +538,41 @@ impl Poller {
             self.report_drained();
             return;
         }
+        if self.epoch != Some(epoch) || self.stop.halted() {
+            return;
+        }
         let Some(sweep) = self.sweep.as_mut() else {
             return;
         };
-        if self.epoch != Some(epoch)
-            || sweep.next_page != request.page
-            || sweep.since != request.since
+        if sweep.last_seq.is_some() || sweep.request(&self.config, self.before_inclusive) != request
         {
-            return; // a rewind happened while the request was out
+            return; // a rewind or a new sweep happened while the request was out
         }
-        let per_page = self.config.per_page as usize;
         match result {
-            Ok(events) => {
-                sweep.failed_attempts = 0;
-                if self.auth_failed {
-                    self.auth_failed = false;
-                    self.set_auth_failure(None);
-                    info!(account = %self.config.account_id, "API access works again; polling resumes");
+            Ok(page) => self.on_answer(epoch, request, page, ctx),
+            Err(SourceError::BadRequest(_)) if request.page > 1 && sweep.previous_full => {
+                // The PostHog case: a 400 on the page after an exactly full one means "no such
+                // page": the run of equal `when` is read entirely, or the window is.
+                if sweep.in_run() {
+                    sweep.skip_run();
+                    self.fetch_next(ctx);
+                } else {
+                    self.on_answer(epoch, request, Page::default(), ctx);
                 }
-                self.metrics
-                    .events_fetched
-                    .with_label_values(&[&self.config.account_id])
-                    .inc_by(events.len() as u64);
-                let first_id = events.first().map(|e| first_id(e.get()));
-                let sweep = self.sweep.as_mut().expect("checked above");
-                if request.page > 1 && first_id.is_some() && first_id == sweep.previous_first_id {
-                    warn!(account = %self.config.account_id, page = request.page,
-                        "the API returned the same page again; ending the sweep here");
-                    self.push_page(Vec::new(), true, ctx);
-                    return;
-                }
-                let short = events.len() < per_page;
-                let capped = request.page >= self.config.max_pages_per_sweep;
-                if capped && !short {
-                    warn!(account = %self.config.account_id, pages = request.page,
-                        "page cap reached; the rest of the window is left for the next sweep");
-                }
-                sweep.previous_first_id = first_id;
-                sweep.previous_len = events.len();
-                sweep.next_page += 1;
-                self.push_page(events, short || capped, ctx);
             }
-            Err(SourceError::BadRequest(_))
-                if request.page > 1 && sweep.previous_len == per_page =>
-            {
-                // The PostHog case: a 400 on the page after an exactly full one is the end.
-                self.push_page(Vec::new(), true, ctx);
+            Err(SourceError::TooLarge { limit }) if sweep.per_page > 1 => {
+                // Smaller pages; the page number is rescaled so the offset stays the same.
+                let offset = (sweep.page - 1) * sweep.per_page;
+                sweep.per_page /= 2;
+                sweep.page = offset / sweep.per_page + 1;
+                warn!(account = %self.config.account_id, limit, per_page = sweep.per_page,
+                    "a page was larger than the response size limit; asking for smaller pages");
+                self.fetch_next(ctx);
             }
             Err(SourceError::Auth(reason)) => {
                 if !self.auth_failed {
                     error!(account = %self.config.account_id, %reason,
-                        "Cloudflare refused the credential: check that CLOUDFLARE_API_TOKEN is valid and has \
+                        "Cloudflare refused the credential (or the account): check that CLOUDFLARE_API_TOKEN is valid and has \
                          'Account Settings: Read', and that CLOUDFLARE_ACCOUNT_ID is right. Polling of this \
                          account is stopped and retried every {:?}.", self.config.auth_recheck);
                     self.auth_failed = true;
@@ -276,24 +592,23 @@ impl Poller {
                 let (reason, delay) = match &error {
                     SourceError::RateLimited { retry_after } => {
                         self.metrics.api_rate_limited.inc();
-                        (
-                            "rate_limited",
-                            retry_after.unwrap_or(self.config.default_retry_after),
-                        )
+                        let asked = retry_after.unwrap_or(self.config.default_retry_after);
+                        ("rate_limited", asked.min(self.config.max_server_wait))
                     }
-                    SourceError::BadRequest(_) => {
-                        ("bad_request", self.config.backoff.delay(attempts))
-                    }
-                    _ => ("transient", self.config.backoff.delay(attempts)),
+                    SourceError::BadRequest(_) => (
+                        "bad_request",
+                        self.config.backoff.delay(attempts, &mut self.rng),
+                    ),
+                    _ => (
+                        "transient",
+                        self.config.backoff.delay(attempts, &mut self.rng),
+                    ),
                 };
                 self.metrics.api_retries.with_label_values(&[reason]).inc();
                 if let Some(max_attempts) = self.config.once {
                     if attempts >= max_attempts {
                         let _ = self.events.send(PipelineEvent::Failed {
-                            reason: format!(
-                                "page {} failed {attempts} times: {error}",
-                                request.page
-                            ),
+                            reason: format!("a page request failed {attempts} times: {error}"),
                         });
                         return;
                     }
@@ -303,6 +618,100 @@ impl Poller {
                 self.retry_later(epoch, delay, ctx);
             }
         }
+    }
+
+    fn on_answer(&mut self, epoch: u64, request: PageRequest, page: Page, ctx: &mut Context<Self>) {
+        if self.auth_failed {
+            self.auth_failed = false;
+            self.set_auth_failure(None);
+            info!(account = %self.config.account_id, "API access works again; polling resumes");
+        }
+        self.metrics
+            .events_fetched
+            .with_label_values(&[&self.config.account_id])
+            .inc_by(page.len() as u64);
+        let max_pages = self.config.max_pages_per_sweep;
+        let direction = self.sweep.as_ref().expect("checked by on_page").direction;
+        let verifies_end = self.verifies_end(direction);
+        if !self.before_inclusive && Sweep::includes_before(&request, &page.events) {
+            // `before` is inclusive for this API: ask again for one microsecond less, as from
+            // now on, so no bound counts twice.
+            info!(account = %self.config.account_id,
+                "the API returns events at exactly `before`: it is inclusive; asking for one microsecond less");
+            self.before_inclusive = true;
+            self.fetch_next(ctx);
+            return;
+        }
+        let sweep = self.sweep.as_mut().expect("checked by on_page");
+        sweep.failed_attempts = 0;
+        let fingerprint = page.fingerprint();
+        // The next page answered like the page before it: the API repeated a page.
+        let repeated =
+            request.page > 1 && fingerprint.is_some() && fingerprint == sweep.previous_page;
+        if repeated || sweep.stale(&request, &page.events) {
+            sweep.repeats += 1;
+            if sweep.repeats <= REPEATED_PAGE_RETRIES {
+                let delay = self.config.backoff.delay(sweep.repeats, &mut self.rng);
+                warn!(account = %self.config.account_id, page = request.page, retry_in = ?delay,
+                    "the API answered with a page seen before (or out of the requested range); asking again");
+                self.retry_later(epoch, delay, ctx);
+            } else {
+                warn!(account = %self.config.account_id, page = request.page,
+                    "the API keeps answering with a page seen before; the sweep ends here and the next one goes on from it");
+                self.push_page(Page::default(), Some(SweepEnd::CutShort), ctx);
+            }
+            return;
+        }
+        sweep.repeats = 0;
+        sweep.pages += 1;
+        let full = page.len() >= sweep.per_page as usize;
+        let moved = sweep.advance(&page.events);
+        sweep.previous_full = full;
+        let confirmed = sweep.confirm.take().is_some_and(|c| c == request);
+        let end = if sweep.in_run() && !moved && !full {
+            // The run is read to its end, once a second short answer confirms it.
+            if confirmed {
+                sweep.skip_run();
+            } else {
+                sweep.confirm = Some(request);
+            }
+            None
+        } else if full {
+            if !moved {
+                // A run of equal `when` longer than a page, or (no event with a usable `when`)
+                // simply the next page of the window.
+                if sweep.run.is_none() {
+                    sweep.run = sweep.boundary(&page.events);
+                }
+                sweep.page += 1;
+                sweep.previous_page = fingerprint;
+            }
+            // The cap ends a sweep where the next one can resume exactly.
+            (sweep.pages >= max_pages && sweep.resumable()).then(|| {
+                warn!(account = %self.config.account_id, pages = sweep.pages,
+                    "page cap reached; the next sweep goes on from here");
+                SweepEnd::CutShort
+            })
+        } else if !moved {
+            // Nothing past the bound: the end of the window, once a second answer to the same
+            // request confirms it (an empty page can be a glitch).
+            if confirmed {
+                Some(SweepEnd::Complete)
+            } else {
+                sweep.confirm = Some(request);
+                None
+            }
+        } else if !verifies_end {
+            // A short page past the bound: the end. Were it wrong, the next sweep's overlap
+            // would read the rest.
+            Some(SweepEnd::Complete)
+        } else {
+            // Newest first or in a backfill a wrong end would lose events: the next request,
+            // from the new bound, must confirm it.
+            sweep.confirm = Some(sweep.request(&self.config, self.before_inclusive));
+            None
+        };
+        self.push_page(page, end, ctx);
     }
 
     fn retry_later(&mut self, epoch: u64, delay: Duration, ctx: &mut Context<Self>) {
@@ -334,33 +743,29 @@ impl Poller {
         }
     }
 
-    /// Adds a page to the batch being filled; sends the batch when it is full or `last`.
-    fn push_page(
-        &mut self,
-        events: Vec<crate::event::RawEvent>,
-        last: bool,
-        ctx: &mut Context<Self>,
-    ) {
-        self.pending_bytes += events.iter().map(|e| e.get().len()).sum::<usize>();
-        self.pending.extend(events);
-        let full = self.pending.len() >= self.config.batch_max_events
+    /// Adds a page to the batch being filled; sends the batch when it is full or the sweep
+    /// ends.
+    fn push_page(&mut self, page: Page, end: Option<SweepEnd>, ctx: &mut Context<Self>) {
+        self.pending_bytes += page.events.iter().map(|e| e.get().len()).sum::<usize>()
+            + page.unreadable.iter().map(|e| e.bytes.len()).sum::<usize>();
+        self.pending.extend(page.events);
+        self.pending_unreadable.extend(page.unreadable);
+        let full = self.pending.len() + self.pending_unreadable.len()
+            >= self.config.batch_max_events
             || self.pending_bytes >= self.config.batch_max_bytes;
-        if last || full {
-            let batch = std::mem::take(&mut self.pending);
-            self.pending_bytes = 0;
-            self.send_batch(batch, last, ctx);
+        if end.is_some() || full {
+            self.send_batch(end, ctx);
         } else {
             self.fetch_next(ctx);
         }
     }
 
-    fn send_batch(
-        &mut self,
-        events: Vec<crate::event::RawEvent>,
-        last: bool,
-        ctx: &mut Context<Self>,
-    ) {
+    fn send_batch(&mut self, end: Option<SweepEnd>, ctx: &mut Context<Self>) {
         let (Some(epoch), Some(sweep)) = (self.epoch, self.sweep.as_mut()) else {
+            return;
+        };
+        let Some(permit) = self.permit.take() else {
+            error!("a batch without an in-flight slot; this is a bug");
             return;
         };
         let batch = BatchId {
@@ -369,16 +774,19 @@ impl Poller {
         };
         self.next_seq += 1;
         self.inflight += 1;
-        if last {
+        if end.is_some() {
             sweep.last_seq = Some(batch.seq);
+            sweep.end = end;
         }
         let page = FetchedPage {
             batch,
-            events,
-            advances_checkpoint: self.config.direction == Direction::Asc || last,
-            sweep_end: last,
-            forget_before: self.checkpoint.map(|c| c - self.lag()),
+            events: std::mem::take(&mut self.pending),
+            unreadable: std::mem::take(&mut self.pending_unreadable),
+            progress: sweep.progress(),
+            completes: (end == Some(SweepEnd::Complete)).then_some(sweep.before),
+            permit,
         };
+        self.pending_bytes = 0;
         // The mailbox is never full here (credits ≤ capacity), so this enqueues at once and
         // batches stay in order; the spawned future only waits for the Mapper's reply.
         ctx.spawn(
@@ -400,18 +808,71 @@ impl Poller {
             let _ = self.events.send(PipelineEvent::Drained);
         }
     }
+
+    /// The sweep's last batch is committed: report, and plan the next sweep.
+    fn sweep_done(&mut self, epoch: u64, ctx: &mut Context<Self>) {
+        let Some(sweep) = self.sweep.take() else {
+            return;
+        };
+        let account = self.config.account_id.clone();
+        match sweep.end {
+            Some(SweepEnd::Complete) => {
+                self.unfinished = None;
+                let now = self.clock.now();
+                self.metrics
+                    .last_successful_sweep
+                    .with_label_values(&[&account])
+                    .set(now.timestamp_millis() as f64 / 1e3);
+                self.metrics
+                    .health
+                    .last_successful_sweep
+                    .lock()
+                    .unwrap()
+                    .insert(account.clone(), now);
+                let _ = self.events.send(PipelineEvent::SweepCompleted {
+                    account_id: account,
+                    checkpoint: self.checkpoint,
+                });
+                if self.config.once.is_none() && !self.draining {
+                    ctx.run_later(self.config.poll_interval, move |act, ctx| {
+                        act.start_sweep(epoch, ctx)
+                    });
+                }
+            }
+            _ => {
+                self.unfinished = Some(sweep.progress().position);
+                if sweep.progressed() {
+                    ctx.run_later(Duration::ZERO, move |act, ctx| act.start_sweep(epoch, ctx));
+                } else if self.config.once.is_some() {
+                    let _ = self.events.send(PipelineEvent::Failed {
+                        reason: format!(
+                            "the sweep cannot get past {}: the API answered {} pages without a newer event (a run of events sharing one time longer than MAX_PAGES_PER_SWEEP pages, or an API that ignores the page number)",
+                            sweep.anchor.to_rfc3339(),
+                            sweep.pages
+                        ),
+                    });
+                } else if !self.draining {
+                    warn!(account = %account, at = %sweep.anchor.to_rfc3339(),
+                        "the sweep made no progress; trying again after the poll interval");
+                    ctx.run_later(self.config.poll_interval, move |act, ctx| {
+                        act.start_sweep(epoch, ctx)
+                    });
+                }
+            }
+        }
+    }
 }
 
-fn first_id(raw: &str) -> String {
+/// The `when` of a raw event, if it has a usable one.
+fn event_time(raw: &str) -> Option<DateTime<Utc>> {
     #[derive(serde::Deserialize)]
-    struct IdOnly {
-        id: Option<serde_json::Value>,
+    struct When {
+        when: Option<serde_json::Value>,
     }
-    serde_json::from_str::<IdOnly>(raw)
-        .ok()
-        .and_then(|e| e.id)
-        .map(|id| id.to_string())
-        .unwrap_or_else(|| raw.to_owned())
+    match serde_json::from_str::<When>(raw).ok()?.when? {
+        serde_json::Value::String(when) => parse_when(&when).ok(),
+        _ => None,
+    }
 }
 
 impl Actor for Poller {
@@ -425,7 +886,10 @@ impl Supervised for Poller {
         self.epoch = None;
         self.sweep = None;
         self.pending.clear();
+        self.pending_unreadable.clear();
         self.pending_bytes = 0;
+        self.permit = None;
+        self.waiting_for_permit = false;
         self.inflight = 0;
         self.fetching = false;
         self.checkpointer
@@ -440,18 +904,20 @@ impl Handler<Resume> for Poller {
         let _timer = self.actor.handling();
         self.epoch = Some(msg.epoch);
         self.checkpoint = msg.state.checkpoint;
+        self.unfinished = msg.state.unfinished;
         self.sweep = None;
         self.pending.clear();
+        self.pending_unreadable.clear();
         self.pending_bytes = 0;
         self.next_seq = 0;
         self.inflight = 0;
         self.fetching = false;
         self.mapper.do_send(ResetDedup {
             epoch: msg.epoch,
-            seen: msg.state.overlap_ids,
+            quarantine: msg.quarantine,
         });
         if let Some(reason) = msg.reason {
-            if self.count_failure(&reason) {
+            if msg.failed && self.count_failure(&reason) {
                 return;
             }
         }
@@ -501,37 +967,22 @@ impl Handler<BatchCommitted> for Poller {
         if self.epoch != Some(msg.batch.epoch) {
             return;
         }
+        // The Mapper forgets the committed events: the store's index holds them now.
+        self.mapper.do_send(msg.clone());
         self.inflight = self.inflight.saturating_sub(1);
         self.rewinds_without_commit = 0;
         self.checkpoint = msg.checkpoint.or(self.checkpoint);
-        let sweep_done = self
+        if let Some(sweep) = self.sweep.as_mut() {
+            if sweep.announcing == Some(msg.batch.seq) {
+                sweep.announcing = None;
+            }
+        }
+        let last = self
             .sweep
             .as_ref()
             .is_some_and(|s| s.last_seq == Some(msg.batch.seq));
-        if sweep_done {
-            self.sweep = None;
-            let now = Utc::now();
-            let account = &self.config.account_id;
-            self.metrics
-                .last_successful_sweep
-                .with_label_values(&[account])
-                .set(now.timestamp_millis() as f64 / 1e3);
-            self.metrics
-                .health
-                .last_successful_sweep
-                .lock()
-                .unwrap()
-                .insert(account.clone(), now);
-            let _ = self.events.send(PipelineEvent::SweepCompleted {
-                account_id: account.clone(),
-                checkpoint: self.checkpoint,
-            });
-            if self.config.once.is_none() && !self.draining {
-                let epoch = msg.batch.epoch;
-                ctx.run_later(self.config.poll_interval, move |act, ctx| {
-                    act.start_sweep(epoch, ctx)
-                });
-            }
+        if last {
+            self.sweep_done(msg.batch.epoch, ctx);
         } else {
             self.fetch_next(ctx);
         }

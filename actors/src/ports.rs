@@ -2,7 +2,7 @@
 //! store. The adapters (HTTP, SQL, object storage) live in the `cfaudit` crate; the tests of this
 //! crate use the in-memory versions in [`crate::memory`].
 
-use std::fmt;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,18 +28,73 @@ impl Direction {
     }
 }
 
-/// One page request of the v1 endpoint.
+/// One page request of the v1 endpoint. The Poller pages by keyset: `since` (oldest first) or
+/// `before` (newest first) follows the last event it holds, and `page` only counts pages
+/// within one such bound (a run of events sharing one `when` longer than a page).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PageRequest {
     pub account_id: String,
     /// Inclusive lower bound.
     pub since: DateTime<Utc>,
-    /// Upper bound, fixed for the whole sweep so page numbers stay meaningful.
+    /// Exclusive upper bound.
     pub before: DateTime<Utc>,
     pub direction: Direction,
     pub page: u32,
     pub per_page: u32,
     pub hide_user_logs: bool,
+}
+
+/// An element of a page's `result` that is not a JSON value (invalid UTF-8, a raw control
+/// character, nesting too deep). It is kept as bytes and dead-lettered, so one bad event never
+/// blocks the page around it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableEvent {
+    pub bytes: Vec<u8>,
+    pub reason: String,
+}
+
+/// One page of the source, in the API's order.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub events: Vec<RawEvent>,
+    pub unreadable: Vec<UnreadableEvent>,
+}
+
+impl Page {
+    /// A fingerprint of the page's content, readable or not (`None` when empty): a page
+    /// answered again tells itself by it.
+    pub fn fingerprint(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        if self.is_empty() {
+            return None;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for event in &self.events {
+            event.get().hash(&mut hasher);
+        }
+        for event in &self.unreadable {
+            event.bytes.hash(&mut hasher);
+        }
+        Some(hasher.finish())
+    }
+
+    /// Elements on the page, readable or not: what tells a full page from a short one.
+    pub fn len(&self) -> usize {
+        self.events.len() + self.unreadable.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<RawEvent>> for Page {
+    fn from(events: Vec<RawEvent>) -> Page {
+        Page {
+            events,
+            unreadable: Vec::new(),
+        }
+    }
 }
 
 /// How a page request failed; the Poller decides what each kind means for the sweep.
@@ -51,48 +106,93 @@ pub enum SourceError {
     /// 5xx, timeout, reset, truncated or non-JSON body, `success:false` with HTTP 200.
     #[error("transient API failure: {0}")]
     Transient(String),
-    /// The credential is invalid or lacks access: retrying soon cannot help.
+    /// The credential is invalid or lacks access, or the account does not exist: retrying
+    /// soon cannot help.
     #[error("authentication failed: {0}")]
     Auth(String),
     /// Any other 400. After an exactly full page this means "no more pages".
     #[error("the API rejected the request: {0}")]
     BadRequest(String),
+    /// The response body passed the size limit: the Poller asks for smaller pages.
+    #[error("the response is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
 }
 
 #[async_trait]
 pub trait AuditSource: Send + Sync + 'static {
-    async fn fetch_page(&self, request: &PageRequest) -> Result<Vec<RawEvent>, SourceError>;
+    async fn fetch_page(&self, request: &PageRequest) -> Result<Page, SourceError>;
 }
 
-/// A sink failure. Always answered the same way: nothing after the last commit counts.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkError(pub String);
+/// A sink or store failure, by what the pipeline must do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Network, timeout, server down: nothing after the last commit counts; retry after a
+    /// back-off.
+    #[error("{0}")]
+    Transient(String),
+    /// The data itself cannot be stored, whatever the retries (a value PostgreSQL refuses):
+    /// the writer isolates the events responsible.
+    #[error("{0}")]
+    Rejected(String),
+    /// Another process holds the stream now: this pipeline must stop, not retry.
+    #[error("{0}")]
+    Fenced(String),
+    /// An event of the batch was committed meanwhile by someone else: rewind, and the next
+    /// attempt leaves it out.
+    #[error("{0}")]
+    Conflict(String),
+    /// A committed file's staged and final copies are both gone.
+    #[error("{final_path}: {message}")]
+    Lost { final_path: String, message: String },
+}
 
 impl SinkError {
-    pub fn new(message: impl fmt::Display) -> Self {
-        SinkError(message.to_string())
+    pub fn transient(message: impl std::fmt::Display) -> Self {
+        SinkError::Transient(message.to_string())
     }
 }
 
+/// A row the sink refused, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RejectedRow {
+    pub event_id: String,
+    pub reason: String,
+}
+
 /// What a row insert did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RowWriteReport {
     pub inserted: u64,
-    /// Rows the primary key already held (overlap or retry).
+    /// Rows the primary key already held (left by an attempt that never committed).
     pub duplicates: u64,
+    /// Rows the sink cannot store (see [`SinkError::Rejected`]); everything else is written.
+    pub rejected: Vec<RejectedRow>,
+}
+
+/// Who may write for a stream: its key and the lease the writing process holds. A write or a
+/// commit under a lease that is no longer the stream's fails with [`SinkError::Fenced`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub stream: String,
+    pub lease: u64,
 }
 
 /// The PostgreSQL side: idempotent inserts keyed by `(timestamp, event_id)`.
 #[async_trait]
 pub trait RowSink: Send + Sync + 'static {
-    async fn write_rows(&self, rows: &[AuditRow]) -> Result<RowWriteReport, SinkError>;
+    /// Writes the rows; with a fence, only while the fence's lease is the stream's. A row of an
+    /// event already committed to the dataset is left as it is.
+    async fn write_rows(
+        &self,
+        fence: Option<&Fence>,
+        rows: &[AuditRow],
+    ) -> Result<RowWriteReport, SinkError>;
 }
 
 /// A Parquet file written to the staging area, not yet visible in the dataset.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StagedFile {
-    /// Path in the staging area.
+    /// Name in the staging area (see [`staged_name`]).
     pub staged_path: String,
     /// Hive partition, `year=YYYY/month=MM/day=DD/hour=HH`.
     pub partition: String,
@@ -108,66 +208,193 @@ pub struct CommittedFile {
     pub final_path: String,
 }
 
-/// The final name of a file: decided in the commit, so publishing again is idempotent. The
-/// account keeps names unique when several accounts share one dataset.
-pub fn final_file_path(partition: &str, commit_seq: u64, account_id: &str) -> String {
-    format!("{partition}/part-{commit_seq:010}-{account_id}.parquet")
+/// The hive partition of an event time: `year=YYYY/month=MM/day=DD/hour=HH` of its UTC hour.
+pub fn partition_of(timestamp: DateTime<Utc>) -> String {
+    timestamp
+        .format("year=%Y/month=%m/day=%d/hour=%H")
+        .to_string()
 }
 
-/// Staged files of a stream start with this; the stream key ends before the `-`, and keys
-/// never contain one, so one stream's prefix never matches another's files.
+/// The first instant of a partition made by [`partition_of`].
+pub fn partition_start(partition: &str) -> Option<DateTime<Utc>> {
+    chrono::NaiveDateTime::parse_from_str(
+        &format!("{partition}:00"),
+        "year=%Y/month=%m/day=%d/hour=%H:%M",
+    )
+    .ok()
+    .map(|t| t.and_utc())
+}
+
+/// The name of a staged file: `<stream>-<lease>-<unique>.parquet`. The stream key never
+/// contains a `-`, so one stream's prefix never matches another's files; the lease tells a
+/// recovery which files an earlier holder of the stream left (it deletes those, never the
+/// files of a newer holder in flight).
+pub fn staged_name(stream: &str, lease: u64, unique: &str) -> String {
+    format!("{stream}-{lease:010}-{unique}.parquet")
+}
+
+/// The prefix of a stream's staged files.
 pub fn staged_prefix(stream: &str) -> String {
     format!("{stream}-")
 }
 
-/// The object-storage side: files are staged, then published only after their batch commits
-/// (design-notes §3.2), so a reader never sees a file whose events were not committed.
+/// The lease a staged file of `stream` was written under; names of the format before leases
+/// (`<stream>-<unique>.parquet`) count as lease 0.
+pub fn staged_lease(stream: &str, name: &str) -> Option<u64> {
+    let rest = name.strip_prefix(&staged_prefix(stream))?;
+    Some(
+        rest.split_once('-')
+            .and_then(|(lease, _)| lease.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+/// The final name of a file, `<partition>/part-<commit>-<account>-<unique>.parquet`: decided in
+/// the commit and unique to its content (a piece of the staged file's unique name is in it),
+/// so publishing again is idempotent, and a restored database, whose commit numbers go back,
+/// never has a new file mistaken for one already published. The account tells the accounts
+/// sharing a dataset apart.
+pub fn final_file_path(
+    partition: &str,
+    commit_seq: u64,
+    stream: &str,
+    staged_path: &str,
+) -> String {
+    let account = stream.split('.').next().unwrap_or(stream);
+    let stem = staged_path.strip_suffix(".parquet").unwrap_or(staged_path);
+    let unique = stem.rsplit('-').next().unwrap_or(stem);
+    let unique = &unique[..unique.len().min(8)];
+    format!("{partition}/part-{commit_seq:010}-{account}-{unique}.parquet")
+}
+
+/// The object-storage side: files are staged, then published only after their batch commits,
+/// so a reader never sees a file whose events were not committed.
 #[async_trait]
 pub trait FileSink: Send + Sync + 'static {
     /// Writes the rows as one file per hour partition into the staging area, named with
-    /// [`staged_prefix`] of the stream.
+    /// [`staged_name`], durably: a crash after it returns loses none of them.
     async fn stage(
         &self,
         stream: &str,
+        lease: u64,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<Vec<StagedFile>, SinkError>;
-    /// Moves committed files to their final names. Idempotent.
+    /// Moves committed files to their final names, durably. Idempotent. A file whose staged
+    /// and final copies are both gone fails with [`SinkError::Lost`].
     async fn publish(&self, files: &[CommittedFile]) -> Result<(), SinkError>;
     /// Deletes staged files whose batch will never commit.
     async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError>;
-    /// The files in the staging area whose name starts with `prefix` (see [`staged_prefix`]):
-    /// a stream's recovery must never touch another stream's files in flight.
+    /// The files in the staging area whose name starts with `prefix` (see [`staged_prefix`]).
     async fn list_staged(&self, prefix: &str) -> Result<Vec<String>, SinkError>;
 }
 
-/// What is durably committed for one account.
+/// A sweep that has not reached the end of its window yet (cut short by the page cap or by
+/// an API that repeats a page, or interrupted): the next sweep in the same direction resumes
+/// it where it stopped, so no sweep repeats the work of the one before it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnfinishedSweep {
+    pub direction: Direction,
+    /// The window, `[since, before)`.
+    pub since: DateTime<Utc>,
+    pub before: DateTime<Utc>,
+    /// Where the next request starts: its `since` oldest first, its `before` newest first…
+    pub anchor: DateTime<Utc>,
+    /// …and the page within that bound, of pages of `per_page` events…
+    pub page: u32,
+    pub per_page: u32,
+    /// …counted among the events at exactly this instant (a run of equal `when` longer than a
+    /// page), or, when `None`, in the whole window (pages whose events had no usable `when`).
+    #[serde(default)]
+    pub run: Option<DateTime<Utc>>,
+    /// A fingerprint of the page before `page` within the bound: an API repeating a page is
+    /// recognised after a restart too.
+    #[serde(default)]
+    pub previous_page: Option<u64>,
+    /// Newest first: the newest event read, the checkpoint once the sweep is complete.
+    pub newest: Option<DateTime<Utc>>,
+}
+
+/// What is durably committed for one stream.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CommittedState {
-    /// The largest committed `when`; `None` before the first commit.
+    /// Every event up to here (ties at it excepted) is committed: the largest committed
+    /// `when`, never beyond a sweep's `before`. `None` before the first commit.
     pub checkpoint: Option<DateTime<Utc>>,
-    /// Ids committed at or after `checkpoint − safety lag`: the overlap of the next window.
-    pub overlap_ids: Vec<SeenId>,
+    /// The sweep in progress, if any: the next sweep in its direction resumes it.
+    pub unfinished: Option<UnfinishedSweep>,
+    /// The end of the last sweep that reached the end of its window: the stream's range is
+    /// collected up to here.
+    pub swept_until: Option<DateTime<Utc>>,
     /// Number of commits so far; fences concurrent writers and names files.
     pub commit_seq: u64,
 }
 
-/// One atomic commit: checkpoint, overlap ids, dead letters and the staged files with their
-/// final names, in one transaction.
+/// One atomic commit: the new state, the batch's events in the lake's event index, its dead
+/// letters and its staged files with their final names.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CommitRecord {
-    pub account_id: String,
+    pub fence: Fence,
     /// The `commit_seq` this commit builds on; the store refuses the commit if it moved.
     pub previous_commit_seq: u64,
     pub state: CommittedState,
+    /// The events the batch writes to the dataset. The store refuses the commit with
+    /// [`SinkError::Conflict`] if any of them is already committed: the dataset, which has no
+    /// primary key, holds each event once.
+    pub events: Vec<SeenId>,
+    /// The `ingestion_time` the batch's rows carry (in its Parquet files): the commit sets it
+    /// on the batch's rows in PostgreSQL too, whoever wrote them last, so the sinks agree.
+    pub ingestion_time: Option<DateTime<Utc>>,
     pub dead_letters: Vec<DeadLetter>,
     pub files: Vec<(StagedFile, CommittedFile)>,
 }
 
 #[async_trait]
 pub trait CheckpointStore: Send + Sync + 'static {
-    async fn load(&self, account_id: &str) -> Result<CommittedState, SinkError>;
+    async fn load(&self, stream: &str) -> Result<CommittedState, SinkError>;
+    /// Which of these event ids are committed to the dataset, by any stream.
+    async fn committed_ids(&self, ids: &[String]) -> Result<HashSet<String>, SinkError>;
     async fn commit(&self, record: &CommitRecord) -> Result<(), SinkError>;
     /// Files committed but not yet marked published (a crash between commit and publish).
-    async fn unpublished(&self, account_id: &str) -> Result<Vec<CommittedFile>, SinkError>;
+    async fn unpublished(&self, stream: &str) -> Result<Vec<CommittedFile>, SinkError>;
     async fn mark_published(&self, final_paths: &[String]) -> Result<(), SinkError>;
+    /// A committed file is gone for good (its staged and final copies both missing): forget
+    /// it and its events, and move the stream's checkpoint back before them, so the stream
+    /// collects them again from the source. Returns how many events that is.
+    async fn forget_lost_file(&self, fence: &Fence, final_path: &str) -> Result<u64, SinkError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_round_trip() {
+        let t = DateTime::parse_from_rfc3339("2026-03-04T05:06:07.123Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let partition = partition_of(t);
+        assert_eq!(partition, "year=2026/month=03/day=04/hour=05");
+        assert_eq!(
+            partition_start(&partition).unwrap().to_rfc3339(),
+            "2026-03-04T05:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn staged_names_carry_stream_and_lease() {
+        let name = staged_name("acc", 7, "abc");
+        assert_eq!(name, "acc-0000000007-abc.parquet");
+        assert_eq!(staged_lease("acc", &name), Some(7));
+        assert_eq!(staged_lease("acc", "acc-0123abcdef.parquet"), Some(0));
+        assert_eq!(staged_lease("acc.backfill.x_y", &name), None);
+        assert_eq!(
+            final_file_path("year=2026/month=01/day=01/hour=00", 3, "acc", &name),
+            "year=2026/month=01/day=01/hour=00/part-0000000003-acc-abc.parquet"
+        );
+        let long = staged_name("acc.backfill.x_y", 2, "0123456789abcdef");
+        assert_eq!(
+            final_file_path("p", 4, "acc.backfill.x_y", &long),
+            "p/part-0000000004-acc-01234567.parquet"
+        );
+    }
 }

@@ -1,8 +1,12 @@
 //! The two writers. Each takes batches in order, writes them to its sink and acks the
 //! Checkpointer. The ack/failure rules are shared; only the sink call differs.
+//!
+//! Every sink call has a deadline (`sink_timeout`): a sink that hangs (a lock on the table, a
+//! stalled request) fails the batch instead of holding it, and its memory, for ever.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use async_trait::async_trait;
@@ -14,17 +18,17 @@ use crate::event::AuditRow;
 use crate::mailbox::Mailbox;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
-use crate::ports::{FileSink, RowSink, SinkError};
+use crate::ports::{Fence, FileSink, RejectedRow, RowSink, RowWriteReport, SinkError};
 
 /// What distinguishes the PgWriter from the ParquetWriter: the sink and how it is called.
 #[async_trait]
 pub trait SinkTarget: Send + Sync + 'static {
     const SINK: Sink;
     const ACTOR: &'static str;
-    /// `stream` names the staged files (see [`crate::ports::staged_prefix`]).
+    /// `fence` names the stream and the lease it is written under.
     async fn write(
         &self,
-        stream: &str,
+        fence: &Fence,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<WriteOutcome, SinkError>;
 }
@@ -41,11 +45,53 @@ impl SinkTarget for PgTarget {
     const ACTOR: &'static str = "pg_writer";
     async fn write(
         &self,
-        _stream: &str,
+        fence: &Fence,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<WriteOutcome, SinkError> {
-        self.0.write_rows(&rows).await.map(WriteOutcome::Rows)
+        match self.0.write_rows(Some(fence), &rows).await {
+            Err(SinkError::Rejected(_)) => isolate_rejected(&*self.0, fence, &rows).await,
+            other => other,
+        }
+        .map(WriteOutcome::Rows)
     }
+}
+
+/// The sink refused the batch for its data: splits it in halves, again and again, until the
+/// rows it refuses are found one by one. Everything else is written; the refused rows are
+/// reported (they become dead letters, see the Checkpointer).
+pub async fn isolate_rejected(
+    sink: &dyn RowSink,
+    fence: &Fence,
+    rows: &[AuditRow],
+) -> Result<RowWriteReport, SinkError> {
+    let mut report = RowWriteReport::default();
+    let mid = rows.len() / 2;
+    let mut parts = vec![(mid, rows.len()), (0, mid)];
+    while let Some((start, end)) = parts.pop() {
+        if start == end {
+            continue;
+        }
+        match sink.write_rows(Some(fence), &rows[start..end]).await {
+            Ok(written) => {
+                report.inserted += written.inserted;
+                report.duplicates += written.duplicates;
+                report.rejected.extend(written.rejected);
+            }
+            Err(SinkError::Rejected(reason)) if end - start == 1 => {
+                report.rejected.push(RejectedRow {
+                    event_id: rows[start].event_id.clone(),
+                    reason,
+                });
+            }
+            Err(SinkError::Rejected(_)) => {
+                let mid = (start + end) / 2;
+                parts.push((mid, end));
+                parts.push((start, mid));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(report)
 }
 
 #[async_trait]
@@ -54,10 +100,13 @@ impl SinkTarget for ParquetTarget {
     const ACTOR: &'static str = "parquet_writer";
     async fn write(
         &self,
-        stream: &str,
+        fence: &Fence,
         rows: Arc<Vec<AuditRow>>,
     ) -> Result<WriteOutcome, SinkError> {
-        self.0.stage(stream, rows).await.map(WriteOutcome::Staged)
+        self.0
+            .stage(&fence.stream, fence.lease, rows)
+            .await
+            .map(WriteOutcome::Staged)
     }
 }
 
@@ -66,7 +115,8 @@ pub type ParquetWriter = Writer<ParquetTarget>;
 
 pub struct Writer<T: SinkTarget> {
     target: Arc<T>,
-    stream: Arc<str>,
+    fence: Arc<Fence>,
+    timeout: Duration,
     checkpointer: Mailbox<Checkpointer>,
     epoch: Epoch,
     metrics: Arc<Metrics>,
@@ -76,7 +126,8 @@ pub struct Writer<T: SinkTarget> {
 impl<T: SinkTarget> Writer<T> {
     pub(crate) fn new(
         target: T,
-        stream: Arc<str>,
+        fence: Arc<Fence>,
+        timeout: Duration,
         checkpointer: Mailbox<Checkpointer>,
         epoch: Epoch,
         metrics: Arc<Metrics>,
@@ -84,7 +135,8 @@ impl<T: SinkTarget> Writer<T> {
         Writer {
             actor: metrics.actor(T::ACTOR),
             target: Arc::new(target),
-            stream,
+            fence,
+            timeout,
             checkpointer,
             epoch,
             metrics,
@@ -115,40 +167,49 @@ impl<T: SinkTarget> Handler<WriteBatch> for Writer<T> {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let target = self.target.clone();
-        let stream = self.stream.clone();
+        let fence = self.fence.clone();
+        let timeout = self.timeout;
         let write = async move {
+            // Held until the write is done: the slot of the in-flight budget comes back then.
+            let _permit = msg.permit;
             if msg.rows.is_empty() {
-                return Ok(Ok(match T::SINK {
+                return Some(Ok(match T::SINK {
                     Sink::Postgres => WriteOutcome::Rows(Default::default()),
                     Sink::Parquet => WriteOutcome::Staged(Vec::new()),
                 }));
             }
             // A panic in the sink must not kill the arbiter: it becomes a failed ack and a
             // supervised restart (actix itself does not restart on a panic).
-            AssertUnwindSafe(target.write(&stream, msg.rows))
-                .catch_unwind()
-                .await
+            let call = AssertUnwindSafe(target.write(&fence, msg.rows)).catch_unwind();
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(result)) => Some(result),
+                Ok(Err(_)) => None,
+                Err(_) => Some(Err(SinkError::transient(format!(
+                    "{} did not answer within {timeout:?}",
+                    T::SINK.as_str()
+                )))),
+            }
         };
         AtomicResponse::new(Box::pin(write.into_actor(self).map(
             move |result, act, ctx| {
                 drop(timer);
                 let result = match result {
-                    Ok(Ok(outcome)) => {
+                    Some(Ok(outcome)) => {
                         act.count(&outcome);
                         Ok(outcome)
                     }
-                    Ok(Err(error)) => {
+                    Some(Err(error)) => {
                         warn!(actor = T::ACTOR, ?batch, %error, "write failed");
-                        Err(error.to_string())
+                        Err(error)
                     }
-                    Err(_) => {
+                    None => {
                         error!(
                             actor = T::ACTOR,
                             ?batch,
                             "the writer panicked; restarting it"
                         );
                         ctx.stop();
-                        Err(format!("{} panicked", T::ACTOR))
+                        Err(SinkError::transient(format!("{} panicked", T::ACTOR)))
                     }
                 };
                 act.checkpointer.do_send(WriterAck {

@@ -1,6 +1,6 @@
 //! The v1 mapping against every event shape of the API facts §7 (cases 1–16).
 
-use cfaudit_actors::mapping::{map_v1, parse_when};
+use cfaudit_actors::mapping::{escape_nul, map_v1, parse_when};
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Value};
 
@@ -279,10 +279,49 @@ fn unusable_events_are_rejected_with_a_reason() {
         (event(|e| e["id"] = json!(7)), "`id` is a number"),
         ("[1,2]".to_owned(), "not a JSON object"),
         ("{\"id\":".to_owned(), "not valid JSON"),
-        (event(|e| e["actor"]["email"] = json!("a\u{0}b")), "NUL"),
+        (
+            event(|e| e["metadata"] = json!("x"))
+                .replace("\"x\"", &format!("{}1{}", "[".repeat(200), "]".repeat(200))),
+            "recursion limit",
+        ),
     ];
     for (raw, expected) in cases {
         let reason = map_v1(&raw, ACCOUNT, now()).unwrap_err();
         assert!(reason.contains(expected), "{raw}: {reason}");
     }
+}
+
+/// The text `\u0000` (six characters a member can type into a token name) is ordinary text;
+/// only a real NUL is special, and even then the event is stored, with the NUL written as that
+/// text, never dead-lettered.
+#[test]
+fn nul_text_is_text_and_a_real_nul_is_kept_as_text() {
+    let text = event(|e| e["metadata"] = json!({"token_name": "prod\\u0000hidden"}));
+    assert!(text.contains(r#""prod\\u0000hidden""#), "{text}");
+    let row = map(&text);
+    assert_eq!(
+        row.raw_event.as_ref(),
+        text,
+        "nothing to escape: the raw event as received"
+    );
+    assert_eq!(
+        row.metadata.as_deref(),
+        Some(r#"{"token_name":"prod\\u0000hidden"}"#)
+    );
+
+    let real = event(|e| e["actor"]["email"] = json!("a\u{0}b"));
+    assert!(real.contains(r#""a\u0000b""#), "{real}");
+    let row = map(&real);
+    assert_eq!(row.actor_email.as_deref(), Some(r"a\u0000b"));
+    assert!(!row.raw_event.contains('\0'));
+    assert!(
+        row.raw_event.contains(r#""a\\u0000b""#),
+        "{}",
+        row.raw_event
+    );
+
+    // Backslashes before it count: an escaped backslash then a real NUL, and two escaped
+    // backslashes then the text `u0000`.
+    assert_eq!(escape_nul(r#""\\\u0000""#), r#""\\\\u0000""#);
+    assert_eq!(escape_nul(r#""\\\\u0000""#), r#""\\\\u0000""#);
 }
