@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cfaudit_actors::Metrics;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
 use tracing::info;
 
@@ -50,7 +50,8 @@ pub async fn backfill(
 ) -> anyhow::Result<BackfillSummary> {
     let adapters = Adapters::open(&config, true).await?;
     let account = adapters.account_id.clone();
-    let now = Utc::now();
+    // Whole seconds: the default --until (now) must pass the range check itself.
+    let now = Utc::now().trunc_subsecs(0);
     let stream = adapters
         .postgres
         .register_stream(&account, |streams| {

@@ -102,6 +102,10 @@ pub struct Faults {
     /// Added latency of every request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// Every Nth request for a page after the first is answered with the page before it (an
+    /// API that mis-counts pages).
+    #[arg(long, default_value_t = 0)]
+    pub fault_repeat_every: u64,
 }
 
 impl EmulatorConfig {
@@ -612,6 +616,20 @@ async fn serve_page(
     if every(faults.fault_success_false_every) {
         return Failure::new(StatusCode::OK, 10001, "Temporary failure, please retry").response();
     }
+    let page_asked = query
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "page")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .unwrap_or(1);
+    let query = if page_asked > 1 && every(faults.fault_repeat_every) {
+        let mut earlier: Vec<(String, String)> =
+            query.into_iter().filter(|(k, _)| k != "page").collect();
+        earlier.push(("page".into(), (page_asked - 1).to_string()));
+        earlier
+    } else {
+        query
+    };
     let mut response = match page_body(&query, emulator) {
         Ok(body) if every(faults.fault_reset_every) => {
             // Half the body, a moment for it to reach the client, then the stream fails and

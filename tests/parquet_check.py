@@ -4,13 +4,16 @@ compare the sinks by counting.
 
 usage: parquet_check.py ROOT
   ROOT is a folder, or s3://bucket/prefix with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
-  AWS_ENDPOINT_URL in the environment.
+  AWS_ENDPOINT_URL in the environment. PARQUET_CHECK_IDS=1 adds the sorted ids;
+  PARQUET_CHECK_ROWS=1 adds every row, column by column, keyed by event id (timestamps as
+  RFC 3339 with microseconds), for a comparison with the ground truth.
 
 Local folders are read by pyarrow and, separately, by DuckDB (read_parquet, hive
 partitioning). On S3, pyarrow lists and reads the bucket with its own S3 client; DuckDB's S3
 support is an extension it downloads at run time, which this machine cannot fetch, so DuckDB
 counts over the table pyarrow read. Staged files are looked for beside the root (ROOT.staging).
 """
+import datetime
 import json
 import os
 import sys
@@ -74,6 +77,29 @@ if files:
     out["duckdb_distinct_ids"] = distinct
     out["rows_in_wrong_partition"] = misplaced
     out["ids"] = sorted(set(ids)) if want_ids else None
+    if os.environ.get("PARQUET_CHECK_ROWS"):
+        import pyarrow as pa
+
+        def stamp(nanos):
+            # Microseconds, and any nanoseconds beyond them spelled out (a mismatch shows).
+            if nanos is None:
+                return None
+            seconds, rest = divmod(nanos, 1_000_000_000)
+            text = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            return f"{text}.{rest // 1000:06d}" + (f"{rest % 1000:03d}" if rest % 1000 else "") + "Z"
+
+        columns = [f.name for f in table.schema if f.name not in ("year", "month", "day", "hour")]
+        values = {}
+        for c in columns:
+            column = table.column(c)
+            if pa.types.is_timestamp(column.type):
+                values[c] = [stamp(v) for v in column.cast(pa.int64()).to_pylist()]
+            else:
+                values[c] = column.to_pylist()
+        out["rows"] = {
+            values["event_id"][i]: {c: values[c][i] for c in columns}
+            for i in range(table.num_rows)
+        }
     out["compression"] = sorted({
         fragment.metadata.row_group(0).column(0).compression
         for fragment in list(dataset.get_fragments())[:5]

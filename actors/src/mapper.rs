@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use chrono::SubsecRound;
 use futures::FutureExt;
 use tracing::{error, warn};
 
@@ -92,7 +93,8 @@ impl Mapper {
     }
 
     fn map_batch(&mut self, page: &mut FetchedPage) -> MappedBatch {
-        let now = self.clock.now();
+        // Microseconds, as PostgreSQL keeps them: both sinks hold the same value.
+        let now = self.clock.now().trunc_subsecs(6);
         let mut mapped = MappedBatch {
             ingestion_time: now,
             rows: Vec::with_capacity(page.events.len()),

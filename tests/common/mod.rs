@@ -2,6 +2,7 @@
 //! and the independent Parquet reader.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -153,6 +154,143 @@ fn python() -> PathBuf {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     assert!(venv.exists(), "no Python with pyarrow and duckdb: run `make test` (it creates .venv) or set CFAUDIT_PYTHON");
     venv
+}
+
+/// Every row of the dataset, column by column, keyed by event id, from the independent reader.
+pub fn parquet_rows(root: &str, env: &[(String, String)]) -> Value {
+    let mut env = env.to_vec();
+    env.push(("PARQUET_CHECK_ROWS".into(), "1".into()));
+    let mut counts = parquet_counts(root, &env, false);
+    counts["rows"].take()
+}
+
+/// The row an API event must become, derived here from the API facts and the design notes'
+/// mapping, not by the mapper under test: every column as text (timestamps in RFC 3339 with
+/// microseconds, JSON columns as parsed values).
+pub fn expected_row(raw: &[u8]) -> Option<BTreeMap<&'static str, Value>> {
+    let event: Value = serde_json::from_slice(raw).ok()?;
+    let id = event
+        .get("id")?
+        .as_str()
+        .filter(|id| !id.trim().is_empty())?;
+    let when = chrono::DateTime::parse_from_rfc3339(event.get("when")?.as_str()?.trim()).ok()?;
+    let micros = when.with_timezone(&chrono::Utc).timestamp_micros();
+    let stamp = |micros: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string()
+    };
+    // PostgreSQL cannot hold a NUL: the design stores it as the text `\u0000`.
+    fn without_nul(value: &Value) -> Value {
+        match value {
+            Value::String(s) => Value::String(s.replace('\0', "\\u0000")),
+            Value::Array(items) => Value::Array(items.iter().map(without_nul).collect()),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.replace('\0', "\\u0000"), without_nul(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    let event = without_nul(&event);
+    let text = |object: &str, field: &str| match event.get(object).and_then(|o| o.get(field)) {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::String(s)) => Value::String(s.clone()),
+        Some(other) => Value::String(other.to_string()),
+    };
+    let ip = match text("actor", "ip") {
+        Value::String(ip) => ip
+            .trim()
+            .parse::<std::net::IpAddr>()
+            .map_or(Value::Null, |ip| Value::String(ip.to_string())),
+        _ => Value::Null,
+    };
+    Some(BTreeMap::from([
+        ("event_id", Value::String(id.replace('\0', "\\u0000"))),
+        ("timestamp", Value::String(stamp(micros))),
+        ("account_id", Value::String(DEMO_ACCOUNT.to_owned())),
+        ("actor_email", text("actor", "email")),
+        ("actor_type", text("actor", "type")),
+        ("action_type", text("action", "type")),
+        ("action_result", text("action", "result")),
+        ("resource_type", text("resource", "type")),
+        ("resource_id", text("resource", "id")),
+        ("ip_address", ip),
+        (
+            "metadata",
+            match event.get("metadata") {
+                None | Some(Value::Null) => Value::Null,
+                Some(value) => value.clone(),
+            },
+        ),
+        ("raw_event", event.clone()),
+    ]))
+}
+
+/// Every column of every row in both sinks equals the ground truth of the API's events
+/// (those in `ids`), and `ingestion_time` is the same in both: read by the independent
+/// reader on the Parquet side and in SQL on the PostgreSQL side.
+pub async fn assert_columns_match_ground_truth(
+    pool: &sqlx::PgPool,
+    lake: &str,
+    reader_env: &[(String, String)],
+    events: &[cfaudit::emulator::StoredEvent],
+    ids: &std::collections::BTreeSet<String>,
+) {
+    let truth: BTreeMap<String, BTreeMap<&'static str, Value>> = events
+        .iter()
+        .filter_map(|e| expected_row(&e.json))
+        .map(|row| (row["event_id"].as_str().unwrap().to_owned(), row))
+        .filter(|(id, _)| ids.contains(id))
+        .collect();
+    assert_eq!(
+        truth.len(),
+        ids.len(),
+        "every expected id has a ground truth"
+    );
+    let parquet = parquet_rows(lake, reader_env);
+    let pg: Vec<(Value,)> = sqlx::query_as(
+        "SELECT json_build_object('event_id', event_id, \
+            'timestamp', to_char(timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+            'account_id', account_id, 'actor_email', actor_email, 'actor_type', actor_type, \
+            'action_type', action_type, 'action_result', action_result, 'resource_type', resource_type, \
+            'resource_id', resource_id, 'ip_address', host(ip_address), 'metadata', metadata, \
+            'raw_event', raw_event, \
+            'ingestion_time', to_char(ingestion_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) \
+         FROM audit_logs",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let pg: BTreeMap<String, Value> = pg
+        .into_iter()
+        .map(|(row,)| (row["event_id"].as_str().unwrap().to_owned(), row))
+        .collect();
+    for (id, want) in &truth {
+        let in_pg = pg
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} is not in audit_logs"));
+        let in_parquet = &parquet[id.as_str()];
+        assert!(!in_parquet.is_null(), "{id} is not in the dataset");
+        for (column, expected) in want {
+            let from_pg = &in_pg[*column];
+            let from_parquet = match (&in_parquet[*column], *column) {
+                // JSON columns are JSON text in Parquet.
+                (Value::String(text), "metadata" | "raw_event") => {
+                    serde_json::from_str(text).unwrap_or_else(|e| panic!("{id}: {column}: {e}"))
+                }
+                (other, _) => other.clone(),
+            };
+            assert_eq!(from_pg, expected, "{id}: audit_logs.{column}");
+            assert_eq!(&from_parquet, expected, "{id}: Parquet {column}");
+        }
+        assert_eq!(
+            in_pg["ingestion_time"], in_parquet["ingestion_time"],
+            "{id}: ingestion_time differs between the sinks"
+        );
+    }
 }
 
 /// Counts from the independent reader (pyarrow and DuckDB, hive partitioning). `root` is a
@@ -515,8 +653,14 @@ impl Drop for PrivatePostgres {
 
 // The real binary, as an operator runs it.
 
+/// The binary under test: this build's, or `CFAUDIT_BIN` (to show that a test fails with an
+/// older build).
+pub fn cfaudit_bin() -> String {
+    std::env::var("CFAUDIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cfaudit").to_owned())
+}
+
 pub fn cfaudit(args: &[&str], env: &[(String, String)]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cfaudit"))
+    tokio::process::Command::new(cfaudit_bin())
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -1,0 +1,410 @@
+//! The six ways exactly-once broke with ordinary inputs, each end to end: the real binary,
+//! PostgreSQL, the emulator, and the Parquet dataset read back by pyarrow and DuckDB. Every
+//! test counts both sinks against the emulator's events, and compares every column with a
+//! ground truth derived from the API facts, not by the mapper under test.
+//!
+//! `CFAUDIT_BIN=<an older build>` runs them against another binary (each failed before its
+//! fix).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cfaudit::emulator::expire;
+use chrono::{DateTime, SecondsFormat, Utc};
+use common::*;
+
+fn stamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Both sinks hold exactly `expected`, once, column for column (the ground truth: the
+/// emulator's events now, or `before` for events that expired since).
+async fn assert_exact_columns(h: &Harness, expected: &BTreeSet<String>) {
+    assert_exact_columns_of(h, expected, &h.emu.emulator.events()).await;
+}
+
+async fn assert_exact_columns_of(
+    h: &Harness,
+    expected: &BTreeSet<String>,
+    events: &[cfaudit::emulator::StoredEvent],
+) {
+    let pool = h.db.pool().await;
+    assert_exact(&pool, &h.lake, &h.reader_env, expected).await;
+    assert_columns_match_ground_truth(&pool, &h.lake, &h.reader_env, events, expected).await;
+    pool.close().await;
+}
+
+async fn dead_letters(h: &Harness) -> Vec<(String, Vec<u8>)> {
+    let pool = h.db.pool().await;
+    let rows = sqlx::query_as("SELECT reason, raw_bytes FROM cfaudit_dead_letters ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows
+}
+
+async fn run_once(h: &Harness) -> Finished {
+    let run = finish(cfaudit(&["run", "--once"], &h.env)).await;
+    assert!(run.success, "run --once failed: {}", run.stderr);
+    run
+}
+
+/// 1. A backfill near the API's 18-month edge sees the oldest events expire while it pages.
+/// With page numbers as offsets every expired event shifted the later pages, and as many
+/// surviving events were skipped for good (1,425 of 20,000, exit 0). Keyset paging continues
+/// from the last `when` it holds.
+#[actix_web::test]
+async fn events_expiring_at_the_head_during_an_oldest_first_sweep_skip_nothing() {
+    let mut h = Harness::new(emulator_config(20_000)).await;
+    h.set("CLOUDFLARE_PER_PAGE", "100");
+    // Everything exists when the sweep starts: the events read before they expire are in
+    // the sinks too.
+    let expected = valid_ids(&h.emu.emulator);
+    let before = h.emu.emulator.events();
+    // After twenty pages, the 1,500 oldest events (all read by then) expire.
+    h.emu.emulator.on_request(21, |events| {
+        expire(events, 1_500);
+    });
+    run_once(&h).await;
+    assert!(h.emu.emulator.events().len() < 20_000, "the events expired");
+    assert_exact_columns_of(&h, &expected, &before).await;
+    h.finish().await;
+}
+
+/// 2. One event PostgreSQL cannot store (a number beyond `numeric`, an id beyond the primary
+/// key index's row size) made the whole batch fail, rewind and fail again: `run --once`
+/// exited 1 with nothing stored. A page with one unreadable element (invalid UTF-8, a raw
+/// control character) was retried for ever. Now each is a dead letter with its reason and
+/// its exact bytes, and the rest lands.
+#[actix_web::test]
+async fn events_postgresql_cannot_store_become_dead_letters_and_the_rest_lands() {
+    let h = Harness::new(emulator_config(3_000)).await;
+    let events = h.emu.emulator.events();
+    let when = |i: usize| stamp(events[i].when);
+    let tiny = format!(
+        r#"{{"id":"tiny-number","when":"{}","action":{{"type":"login","result":true}},"metadata":{{"x":1e-99999}}}}"#,
+        when(100)
+    );
+    let long_id: String = (0..600)
+        .map(|i| {
+            format!(
+                "{:032x}",
+                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+            )
+        })
+        .collect();
+    let long = format!(r#"{{"id":"{long_id}","when":"{}"}}"#, when(900));
+    let mut invalid_utf8 = format!(
+        r#"{{"id":"bad-utf8","when":"{}","actor":{{"email":""#,
+        when(1_500)
+    )
+    .into_bytes();
+    invalid_utf8.extend_from_slice(b"\xff\xfe@example.com\"}}");
+    let raw_tab = format!(
+        "{{\"id\":\"raw-tab\",\"when\":\"{}\",\"metadata\":{{\"name\":\"a\tb\"}}}}",
+        when(2_500)
+    )
+    .into_bytes();
+    let poison: Vec<Vec<u8>> = vec![tiny.into_bytes(), long.into_bytes(), invalid_utf8, raw_tab];
+    for (event, at) in poison.iter().zip([100, 900, 1_500, 2_500]) {
+        h.emu
+            .emulator
+            .insert_raw(events[at].when, "poison", event.clone());
+    }
+    let mut expected = valid_ids(&h.emu.emulator);
+    expected.remove("tiny-number");
+    expected.remove(&long_id);
+    assert_eq!(expected.len(), 3_000);
+
+    run_once(&h).await;
+    assert_exact_columns(&h, &expected).await;
+    let letters = dead_letters(&h).await;
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    for bytes in &poison {
+        let (reason, _) = letters
+            .iter()
+            .find(|(_, raw)| raw == bytes)
+            .unwrap_or_else(|| panic!("no dead letter holds {}", String::from_utf8_lossy(bytes)));
+        assert!(!reason.is_empty());
+    }
+    let reasons: Vec<&str> = letters.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("PostgreSQL refused"))
+            .count(),
+        2,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("not readable JSON"))
+            .count(),
+        2,
+        "{reasons:?}"
+    );
+
+    // A second run over the same events stores nothing twice.
+    run_once(&h).await;
+    assert_eq!(dead_letters(&h).await.len(), 4);
+    assert_exact_columns(&h, &expected).await;
+    h.finish().await;
+}
+
+/// 3. A member-chosen name holding the six characters `\u0000` was dead-lettered: the event
+/// was missing from `audit_logs` and the dataset. Only a real NUL is special, and even that
+/// event is stored, its NUL kept as that text.
+#[actix_web::test]
+async fn a_name_holding_the_text_u0000_is_stored_and_so_is_a_real_nul() {
+    let h = Harness::new(emulator_config(200)).await;
+    let events = h.emu.emulator.events();
+    let text = format!(
+        r#"{{"id":"nul-text","when":"{}","action":{{"type":"token_create","result":true}},"actor":{{"email":"member@example.com"}},"metadata":{{"token_name":"prod\\u0000hidden"}}}}"#,
+        stamp(events[50].when)
+    );
+    let real = format!(
+        r#"{{"id":"nul-real","when":"{}","action":{{"type":"token_create","result":true}},"actor":{{"email":"mem\u0000ber@example.com"}},"metadata":{{"token_name":"prod\u0000hidden"}}}}"#,
+        stamp(events[60].when)
+    );
+    h.emu
+        .emulator
+        .insert_raw(events[50].when, "nul-text", text.into_bytes());
+    h.emu
+        .emulator
+        .insert_raw(events[60].when, "nul-real", real.into_bytes());
+    let expected = valid_ids(&h.emu.emulator);
+    assert!(expected.contains("nul-text") && expected.contains("nul-real"));
+
+    run_once(&h).await;
+    assert_exact_columns(&h, &expected).await;
+    assert!(dead_letters(&h).await.is_empty());
+    let pool = h.db.pool().await;
+    let names: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT event_id, metadata->>'token_name', actor_email FROM audit_logs \
+         WHERE event_id IN ('nul-text', 'nul-real') ORDER BY event_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        names,
+        [
+            (
+                "nul-real".to_owned(),
+                Some(r"prod\u0000hidden".to_owned()),
+                Some(r"mem\u0000ber@example.com".to_owned())
+            ),
+            (
+                "nul-text".to_owned(),
+                Some(r"prod\u0000hidden".to_owned()),
+                Some("member@example.com".to_owned())
+            ),
+        ]
+    );
+    pool.close().await;
+    h.finish().await;
+}
+
+/// 4. Raising CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS between runs wrote the events of the wider
+/// window to Parquet again (2,741 duplicates): the overlap ids only reached as far back as the
+/// old lag. The dataset's event index knows every committed event, whatever the lag was.
+#[actix_web::test]
+async fn raising_the_safety_lag_between_runs_writes_nothing_twice() {
+    let mut config = emulator_config(20_000);
+    config.days = 2.0;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "10");
+    let expected = valid_ids(&h.emu.emulator);
+    run_once(&h).await;
+    h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "86400");
+    let wide = run_once(&h).await;
+    assert!(
+        wide.stdout.contains("\"rows_in_postgres\""),
+        "{}",
+        wide.stdout
+    );
+    assert_exact_columns(&h, &expected).await;
+    h.finish().await;
+}
+
+/// 5. Newest first, a sweep cut short (at most 5 pages per sweep) moved the checkpoint to the
+/// newest event: 50 of 500 events were stored after 12 sweeps and the rest never would be. The
+/// same for any early end: a 400 after a full page, a repeated page. A sweep cut short now
+/// leaves its position committed, and the next one goes on from it.
+#[actix_web::test]
+async fn newest_first_sweeps_cut_short_lose_nothing() {
+    let mut config = emulator_config(500);
+    config.past_end_400 = true;
+    config.faults.fault_repeat_every = 7;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_DIRECTION", "desc");
+    h.set("CLOUDFLARE_PER_PAGE", "10");
+    h.set("MAX_PAGES_PER_SWEEP", "5");
+    let expected = valid_ids(&h.emu.emulator);
+    run_once(&h).await;
+    assert_exact_columns(&h, &expected).await;
+    // The sweeps of five pages really were cut short, and went on.
+    assert!(
+        h.emu.emulator.requests() > 500 / 10,
+        "{} requests",
+        h.emu.emulator.requests()
+    );
+    h.finish().await;
+}
+
+/// 6. Two processes on one stream (`run --once` beside the service): the start-up recovery of
+/// one deleted the other's staged files in flight, that one committed a batch whose files
+/// were gone, Parquet missed 20,000 of 40,000 events for good and every later start failed on
+/// "staged file and final file are both missing". Now a stream is leased to one process:
+/// `run --once` refuses clearly while the service holds it.
+#[actix_web::test]
+async fn a_second_process_on_a_stream_is_refused_and_the_first_ends_exact() {
+    let mut config = emulator_config(40_000);
+    config.faults.latency_ms = 30;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_PER_PAGE", "500");
+    h.set("BATCH_MAX_EVENTS", "2000");
+    h.set("METRICS_ADDR", &format!("127.0.0.1:{}", free_port()));
+    let expected = valid_ids(&h.emu.emulator);
+    let pool = h.db.pool().await;
+    let service = cfaudit(&["run"], &h.env);
+    wait_for_rows(&pool, 2_000).await;
+    let second = finish(cfaudit(&["run", "--once"], &h.env)).await;
+    assert_eq!(second.code, Some(1), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("is being collected by") && second.stderr.contains(":"),
+        "the refusal names the holder: {}",
+        second.stderr
+    );
+    wait_for_rows(&pool, expected.len() as i64).await;
+    signal(&service, "-TERM");
+    let stopped = finish(service).await;
+    assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    pool.close().await;
+    assert_exact_columns(&h, &expected).await;
+    h.finish().await;
+}
+
+/// 6, a rolling update with surge: the new service waits for the old one's lease and takes
+/// the stream over when it stops; nothing is lost or doubled.
+#[actix_web::test]
+async fn a_rolling_update_hands_the_stream_over() {
+    let mut config = emulator_config(30_000);
+    config.faults.latency_ms = 30;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_PER_PAGE", "500");
+    h.set("BATCH_MAX_EVENTS", "2000");
+    let expected = valid_ids(&h.emu.emulator);
+    let pool = h.db.pool().await;
+    let mut old_env = h.env.clone();
+    set(
+        &mut old_env,
+        "METRICS_ADDR",
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    let mut new_env = h.env.clone();
+    set(
+        &mut new_env,
+        "METRICS_ADDR",
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    let old = cfaudit(&["run"], &old_env);
+    wait_for_rows(&pool, 3_000).await;
+    let new = cfaudit(&["run"], &new_env);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&old, "-TERM");
+    let old = finish(old).await;
+    assert_eq!(old.code, Some(0), "{}", old.stderr);
+    wait_for_rows(&pool, expected.len() as i64).await;
+    // The new one collects on: wait until its commits reach the end of the events.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let counts = h.parquet_counts(false);
+        if counts["pyarrow_rows"].as_i64() == Some(expected.len() as i64) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{counts}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    signal(&new, "-TERM");
+    let new = finish(new).await;
+    assert_eq!(new.code, Some(0), "{}", new.stderr);
+    assert!(
+        new.stderr.contains("held by another process"),
+        "the new process said it waited: {}",
+        new.stderr
+    );
+    pool.close().await;
+    assert_exact_columns(&h, &expected).await;
+    h.finish().await;
+}
+
+/// 6, the same backfill started twice: the second refuses clearly, the first ends exact.
+#[actix_web::test]
+async fn the_same_backfill_started_twice_is_refused() {
+    let mut config = emulator_config(20_000);
+    config.faults.latency_ms = 30;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_PER_PAGE", "500");
+    let expected = valid_ids(&h.emu.emulator);
+    let until = Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let range = ["backfill", "--since", "2000-01-01", "--until", &until];
+    let first = cfaudit(&range, &h.env);
+    let pool = h.db.pool().await;
+    wait_for_rows(&pool, 1_000).await;
+    let second = finish(cfaudit(&range, &h.env)).await;
+    assert_eq!(second.code, Some(1), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("is being collected by"),
+        "{}",
+        second.stderr
+    );
+    let first = finish(first).await;
+    assert!(first.success, "{}", first.stderr);
+    pool.close().await;
+    assert_exact_columns(&h, &expected).await;
+    h.finish().await;
+}
+
+/// 6, a committed batch whose files are gone (the staging area lost between the commit and
+/// the publish) no longer wedges the stream: the files are forgotten and their events are
+/// collected again from the API.
+#[actix_web::test]
+async fn committed_files_lost_before_publishing_are_collected_again() {
+    let mut h = Harness::new(emulator_config(5_000)).await;
+    h.set("CLOUDFLARE_PER_PAGE", "500");
+    h.set("BATCH_MAX_EVENTS", "500");
+    let expected = valid_ids(&h.emu.emulator);
+    let mut crashing = h.env.clone();
+    set(
+        &mut crashing,
+        "FAILPOINTS",
+        "cfaudit::committed_not_published=2*off->return",
+    );
+    let crashed = finish(cfaudit(&["run", "--once"], &crashing)).await;
+    assert!(!crashed.success, "{}", crashed.stderr);
+    let staging = std::path::PathBuf::from(format!("{}.staging", h.lake));
+    let lost = std::fs::read_dir(&staging).unwrap().count();
+    assert!(lost > 0, "the crash left committed files unpublished");
+    std::fs::remove_dir_all(&staging).unwrap();
+    let run = run_once(&h).await;
+    assert!(
+        run.stderr.contains("collected again"),
+        "the lost files were named: {}",
+        run.stderr
+    );
+    assert_exact_columns(&h, &expected).await;
+    let pool = h.db.pool().await;
+    let (unpublished,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unpublished, 0);
+    pool.close().await;
+    h.finish().await;
+}
