@@ -6,7 +6,7 @@
 //! shapes of API facts §7. Fault knobs cover 429 with `retry-after`, 5xx, `success:false` with
 //! HTTP 200, truncated JSON and latency.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +34,10 @@ pub struct EmulatorConfig {
     /// The one valid API token.
     #[arg(long, default_value = DEMO_TOKEN)]
     pub token: String,
+    /// The one valid legacy credential, `EMAIL:KEY` (`X-Auth-Email`, `X-Auth-Key`); none by
+    /// default.
+    #[arg(long, value_parser = parse_key_credential)]
+    pub key_credential: Option<(String, String)>,
     /// Number of synthetic events.
     #[arg(long, default_value_t = 10_000)]
     pub events: usize,
@@ -102,8 +106,8 @@ pub struct Faults {
     /// Added latency of every request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
-    /// Every Nth request for a page after the first is answered with the page before it (an
-    /// API that mis-counts pages).
+    /// Every Nth request is answered with the page the request before it got (an API or a
+    /// cache that serves a stale page).
     #[arg(long, default_value_t = 0)]
     pub fault_repeat_every: u64,
 }
@@ -201,10 +205,42 @@ struct RateWindow {
     blocked_until: Option<Instant>,
 }
 
+/// Requests kept in the log.
+const REQUEST_LOG_CAP: usize = 100_000;
+
+/// What a request asked for and how it was answered (tests check what the client sends).
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub arrived: Instant,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    /// The request's authentication headers, by lowercase name.
+    pub auth_headers: Vec<(String, String)>,
+    pub status: u16,
+    /// The `Retry-After` of the answer, in seconds.
+    pub retry_after: Option<u64>,
+}
+
+impl RequestRecord {
+    /// The last value of a query parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 struct State {
     events: Vec<StoredEvent>,
     faults: Faults,
     requests: u64,
+    log: Vec<RequestRecord>,
+    /// How often each fault was injected, by its flag's name.
+    injected: BTreeMap<&'static str, u64>,
+    /// The last page served (the repeat fault serves it again).
+    previous_page: Option<Vec<u8>>,
     windows: HashMap<String, RateWindow>,
     /// Actions run when the request with that number arrives, before it is answered.
     on_request: Vec<(u64, StoreAction)>,
@@ -231,6 +267,9 @@ impl Emulator {
                 events,
                 faults,
                 requests: 0,
+                log: Vec::new(),
+                injected: BTreeMap::new(),
+                previous_page: None,
                 windows: HashMap::new(),
                 on_request: Vec::new(),
             })),
@@ -274,6 +313,30 @@ impl Emulator {
 
     pub fn requests(&self) -> u64 {
         self.state.lock().unwrap().requests
+    }
+
+    /// How often each enabled fault was injected so far, by its flag's name (a test shows
+    /// that the faults it enables were hit).
+    pub fn faults_injected(&self) -> BTreeMap<&'static str, u64> {
+        let state = self.state.lock().unwrap();
+        let f = &state.faults;
+        [
+            ("fault_429_every", f.fault_429_every),
+            ("fault_5xx_every", f.fault_5xx_every),
+            ("fault_success_false_every", f.fault_success_false_every),
+            ("fault_truncate_every", f.fault_truncate_every),
+            ("fault_reset_every", f.fault_reset_every),
+            ("fault_repeat_every", f.fault_repeat_every),
+        ]
+        .into_iter()
+        .filter(|(_, every)| *every > 0)
+        .map(|(name, _)| (name, state.injected.get(name).copied().unwrap_or(0)))
+        .collect()
+    }
+
+    /// Every audit-log request so far, in order of arrival.
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        self.state.lock().unwrap().log.clone()
     }
 
     /// Every stored event (tests compare the sinks against this).
@@ -450,7 +513,7 @@ async fn account_audit_logs(
     query: web::Query<Vec<(String, String)>>,
     emulator: web::Data<Emulator>,
 ) -> HttpResponse {
-    serve_page(&req, Some(path.into_inner()), query.into_inner(), &emulator).await
+    logged(&req, Some(path.into_inner()), query.into_inner(), &emulator).await
 }
 
 async fn user_audit_logs(
@@ -458,7 +521,43 @@ async fn user_audit_logs(
     query: web::Query<Vec<(String, String)>>,
     emulator: web::Data<Emulator>,
 ) -> HttpResponse {
-    serve_page(&req, None, query.into_inner(), &emulator).await
+    logged(&req, None, query.into_inner(), &emulator).await
+}
+
+/// Serves the page and notes the request in the log.
+async fn logged(
+    req: &HttpRequest,
+    account: Option<String>,
+    query: Vec<(String, String)>,
+    emulator: &Emulator,
+) -> HttpResponse {
+    let arrived = Instant::now();
+    let auth_headers = ["authorization", "x-auth-email", "x-auth-key"]
+        .iter()
+        .filter_map(|name| {
+            let value = req.headers().get(*name)?.to_str().ok()?;
+            Some((name.to_string(), value.to_owned()))
+        })
+        .collect();
+    let response = serve_page(req, account, query.clone(), emulator).await;
+    let retry_after = response
+        .headers()
+        .get(actix_web::http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let mut state = emulator.state.lock().unwrap();
+    if state.log.len() >= REQUEST_LOG_CAP {
+        // A long-running emulator (the demo) keeps the recent half.
+        state.log.drain(..REQUEST_LOG_CAP / 2);
+    }
+    state.log.push(RequestRecord {
+        arrived,
+        path: req.path().to_owned(),
+        query,
+        auth_headers,
+        status: response.status().as_u16(),
+        retry_after,
+    });
+    response
 }
 
 /// Who is asking: the credential key for rate limiting, or the failure to answer.
@@ -499,11 +598,14 @@ fn authenticate(
                 "Invalid format for X-Auth-Key header",
             ));
         }
-        return Err(Failure::new(
-            StatusCode::FORBIDDEN,
-            9103,
-            "Unknown X-Auth-Key or X-Auth-Email",
-        ));
+        if config.key_credential.as_ref() != Some(&(email.to_owned(), key.to_owned())) {
+            return Err(Failure::new(
+                StatusCode::FORBIDDEN,
+                9103,
+                "Unknown X-Auth-Key or X-Auth-Email",
+            ));
+        }
+        email.to_owned()
     } else {
         return Err(Failure::bad_headers(
             6111,
@@ -518,6 +620,14 @@ fn authenticate(
         ));
     }
     Ok(credential)
+}
+
+/// `EMAIL:KEY` of `--key-credential`.
+fn parse_key_credential(value: &str) -> Result<(String, String), String> {
+    value
+        .split_once(':')
+        .map(|(email, key)| (email.to_owned(), key.to_owned()))
+        .ok_or_else(|| "expected EMAIL:KEY".to_owned())
 }
 
 /// `YYYY-MM-DD` (UTC midnight) or RFC 3339 with any precision and offset.
@@ -602,10 +712,21 @@ async fn serve_page(
         )
     };
     let every = |n: u64| n > 0 && request_no % n == 0;
+    let injected = |name: &'static str| {
+        *emulator
+            .state
+            .lock()
+            .unwrap()
+            .injected
+            .entry(name)
+            .or_insert(0) += 1;
+    };
     if every(faults.fault_429_every) {
+        injected("fault_429_every");
         return too_many(Duration::from_secs(faults.retry_after_seconds));
     }
     if every(faults.fault_5xx_every) {
+        injected("fault_5xx_every");
         let status = [
             StatusCode::INTERNAL_SERVER_ERROR,
             StatusCode::BAD_GATEWAY,
@@ -614,24 +735,23 @@ async fn serve_page(
         return Failure::new(status, 10001, "Internal server error").response();
     }
     if every(faults.fault_success_false_every) {
+        injected("fault_success_false_every");
         return Failure::new(StatusCode::OK, 10001, "Temporary failure, please retry").response();
     }
-    let page_asked = query
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "page")
-        .and_then(|(_, v)| v.parse::<u64>().ok())
-        .unwrap_or(1);
-    let query = if page_asked > 1 && every(faults.fault_repeat_every) {
-        let mut earlier: Vec<(String, String)> =
-            query.into_iter().filter(|(k, _)| k != "page").collect();
-        earlier.push(("page".into(), (page_asked - 1).to_string()));
-        earlier
-    } else {
-        query
+    let previous = emulator.state.lock().unwrap().previous_page.clone();
+    let body = match previous {
+        Some(previous) if every(faults.fault_repeat_every) => {
+            injected("fault_repeat_every");
+            Ok(previous)
+        }
+        _ => page_body(&query, emulator),
     };
-    let mut response = match page_body(&query, emulator) {
+    if let Ok(body) = &body {
+        emulator.state.lock().unwrap().previous_page = Some(body.clone());
+    }
+    let mut response = match body {
         Ok(body) if every(faults.fault_reset_every) => {
+            injected("fault_reset_every");
             // Half the body, a moment for it to reach the client, then the stream fails and
             // the server drops the connection.
             use futures::StreamExt;
@@ -650,6 +770,7 @@ async fn serve_page(
         }
         Ok(body) => {
             let body = if every(faults.fault_truncate_every) {
+                injected("fault_truncate_every");
                 body[..body.len() / 2].to_vec()
             } else {
                 body

@@ -248,9 +248,11 @@ impl Postgres {
 #[async_trait]
 impl RowSink for Postgres {
     /// One statement per batch: UNNEST keeps the bind count fixed whatever the batch size.
-    /// A row already present (left by an attempt that never committed, or replayed) takes
-    /// the new `ingestion_time`: the one the Parquet file of the committing batch carries,
-    /// so both sinks agree column for column. `xmax = 0` tells inserted rows from updated.
+    /// A row already present (left by an attempt that never committed) takes the new
+    /// `ingestion_time`: the one the Parquet file of the committing batch carries, so both
+    /// sinks agree column for column; a committed row keeps the one of the dataset, except
+    /// in a replay (no fence), which copies the dataset's. `xmax = 0` tells inserted rows
+    /// from updated.
     /// With a fence, nothing is written unless the fence's lease is the stream's: a process
     /// that lost its stream cannot overwrite the rows of the one that holds it now.
     async fn write_rows(
@@ -274,6 +276,8 @@ impl RowSink for Postgres {
                   AS u(e, t, a, ae, aty, ty, r, rt, ri, ip, m, raw, it) \
              WHERE (SELECT ok FROM fence) \
              ON CONFLICT (timestamp, event_id) DO UPDATE SET ingestion_time = EXCLUDED.ingestion_time \
+                WHERE $14::text IS NULL \
+                   OR NOT EXISTS (SELECT 1 FROM cfaudit_lake_events l WHERE l.event_id = audit_logs.event_id) \
              RETURNING (xmax = 0) AS inserted) \
              SELECT (SELECT ok FROM fence), count(*) FILTER (WHERE inserted) FROM written",
         )
@@ -416,6 +420,21 @@ impl CheckpointStore for Postgres {
                     e.len() as u64 - indexed.rows_affected(),
                     e.len()
                 )));
+            }
+            if let Some(ingestion_time) = record.ingestion_time {
+                // Normally a no-op (the rows carry it already); it matters when another
+                // attempt rewrote a row after this batch's write.
+                sqlx::query(
+                    "UPDATE audit_logs a SET ingestion_time = $3 \
+                     FROM UNNEST($1::text[], $2::timestamptz[]) AS u(id, t) \
+                     WHERE a.timestamp = u.t AND a.event_id = u.id AND a.ingestion_time IS DISTINCT FROM $3",
+                )
+                .bind(e.iter().map(|x| x.id.as_str()).collect::<Vec<_>>())
+                .bind(e.iter().map(|x| x.when).collect::<Vec<_>>())
+                .bind(ingestion_time)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| sink_error("set the batch's ingestion_time", e))?;
             }
         }
         if !record.dead_letters.is_empty() {

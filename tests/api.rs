@@ -5,42 +5,48 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use cfaudit::emulator::{EmulatorConfig, RequestRecord, DEMO_ACCOUNT, DEMO_TOKEN};
 use common::*;
 
 /// 1,000 events in pages of 100: ten full pages and an empty one.
 const PAGES: u64 = 11;
 
-async fn timed_run(h: &Harness) -> Duration {
-    let started = Instant::now();
-    run_once(h.config()).await.unwrap();
-    started.elapsed()
+/// 1,000 events, pages of 100.
+async fn harness(config: EmulatorConfig) -> Harness {
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_PER_PAGE", "100");
+    h
+}
+
+/// Time from the first request to each request, as the emulator saw them arrive.
+fn arrivals(log: &[RequestRecord]) -> Vec<Duration> {
+    log.iter()
+        .map(|r| r.arrived.duration_since(log[0].arrived))
+        .collect()
 }
 
 #[actix_web::test]
 async fn the_request_budget_paces_requests() {
-    let mut h = Harness::new(emulator_config(1_000)).await;
-    h.set("CLOUDFLARE_PER_PAGE", "100");
-    // Control: no effective budget, the run is fast.
-    let unpaced = timed_run(&h).await;
-    // 600 per 5 minutes = 2 per second, 2 back to back: 11 requests need ≥ 4.5 s.
-    let mut paced = Harness::new(emulator_config(1_000)).await;
-    paced.set("CLOUDFLARE_PER_PAGE", "100");
-    paced.set("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "600");
-    paced.set("CLOUDFLARE_REQUEST_BURST", "2");
-    let elapsed = timed_run(&paced).await;
-    assert!(
-        unpaced < Duration::from_secs(3),
-        "control run took {unpaced:?}"
-    );
-    assert!(
-        elapsed >= Duration::from_millis(4_400),
-        "the budget did not pace: {elapsed:?}"
-    );
-    assert_eq!(paced.emu.emulator.requests(), PAGES);
-    paced.assert_exact().await;
+    // 600 per 5 minutes = one every 0.5 s, 2 back to back: request k (from 0) is not sent
+    // before (k - 1) × 0.5 s. Lower bounds only: a slow machine cannot fail them.
+    let mut h = harness(emulator_config(1_000)).await;
+    h.set("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "600");
+    h.set("CLOUDFLARE_REQUEST_BURST", "2");
+    run_once(h.config()).await.unwrap();
+    let log = h.emu.emulator.request_log();
+    assert_eq!(log.len() as u64, PAGES);
+    for (k, at) in arrivals(&log).into_iter().enumerate().skip(2) {
+        // The emulator notes arrival a little after the client's limiter let it go.
+        let earliest = Duration::from_millis(500 * (k as u64 - 1)).saturating_sub(TIMER_SLACK);
+        assert!(at >= earliest, "request {k} came {at:?} after the first");
+    }
+    h.assert_exact().await;
     h.finish().await;
-    paced.finish().await;
 }
+
+/// How much earlier than its timer a request may reach the emulator (the client's clock read
+/// before the limiter's is not the emulator's).
+const TIMER_SLACK: Duration = Duration::from_millis(20);
 
 #[actix_web::test]
 async fn an_exhausted_ratelimit_header_waits_for_the_reset_instead_of_earning_a_lockout() {
@@ -49,17 +55,153 @@ async fn an_exhausted_ratelimit_header_waits_for_the_reset_instead_of_earning_a_
     config.rate_limit = 6;
     config.rate_window_seconds = 2;
     config.lockout_seconds = 30;
-    let mut h = Harness::new(config).await;
-    h.set("CLOUDFLARE_PER_PAGE", "100");
-    let elapsed = timed_run(&h).await;
+    let h = harness(config).await;
+    run_once(h.config()).await.unwrap();
+    let log = h.emu.emulator.request_log();
     // No 429 (it would have cost a retry and 30 s): the client paused when `r=0`.
-    assert_eq!(h.emu.emulator.requests(), PAGES, "a request hit the limit");
+    assert_eq!(log.len() as u64, PAGES, "a request hit the limit");
+    assert!(log.iter().all(|r| r.status == 200), "{log:?}");
+    let at = arrivals(&log);
     assert!(
-        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(20),
-        "{elapsed:?}"
+        at[6] - at[5] >= Duration::from_secs(1),
+        "the client did not wait after `r=0`: {at:?}"
     );
     h.assert_exact().await;
     h.finish().await;
+}
+
+#[actix_web::test]
+async fn a_429_is_never_retried_before_its_retry_after_and_a_long_one_is_capped() {
+    for (asked, cap, waited) in [(2, None, 2), (600, Some("1"), 1)] {
+        let mut config = emulator_config(1_000);
+        config.faults.fault_429_every = 4;
+        config.faults.retry_after_seconds = asked;
+        let mut h = harness(config).await;
+        if let Some(cap) = cap {
+            h.set("CLOUDFLARE_MAX_RETRY_AFTER_SECONDS", cap);
+        }
+        run_once(h.config()).await.unwrap();
+        let log = h.emu.emulator.request_log();
+        let at = arrivals(&log);
+        let refused: Vec<usize> = (0..log.len()).filter(|&i| log[i].status == 429).collect();
+        assert!(refused.len() >= 2, "the fault was hit: {log:?}");
+        for i in refused {
+            assert_eq!(log[i].retry_after, Some(asked));
+            let gap = at[i + 1] - at[i];
+            // Measured from the 429's arrival: the client's wait starts later still.
+            assert!(
+                gap >= Duration::from_secs(waited),
+                "retried {gap:?} after a 429 asking for {asked} s (cap {cap:?})"
+            );
+            if cap.is_some() {
+                assert!(
+                    gap < Duration::from_secs(asked),
+                    "the wait was not capped: {gap:?}"
+                );
+            }
+        }
+        h.assert_exact().await;
+        h.finish().await;
+    }
+}
+
+#[actix_web::test]
+async fn the_request_settings_change_what_is_sent() {
+    // Defaults: oldest first, user logs included, bearer token.
+    let h = harness(emulator_config(300)).await;
+    run_once(h.config()).await.unwrap();
+    let log = h.emu.emulator.request_log();
+    assert!(!log.is_empty());
+    for r in &log {
+        assert_eq!(
+            r.path,
+            format!("/client/v4/accounts/{DEMO_ACCOUNT}/audit_logs")
+        );
+        assert_eq!(
+            (
+                r.param("direction"),
+                r.param("per_page"),
+                r.param("hide_user_logs")
+            ),
+            (Some("asc"), Some("100"), None),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.auth_headers,
+            vec![("authorization".to_owned(), format!("Bearer {DEMO_TOKEN}"))]
+        );
+    }
+    h.assert_exact().await;
+    let default_commits = commits(&h).await;
+    h.finish().await;
+
+    // Newest first, user logs hidden, the legacy key, one page per batch.
+    let email = "secops@example.com";
+    let key = "0123456789abcdef0123456789abcdef01234";
+    let mut config = emulator_config(300);
+    config.key_credential = Some((email.to_owned(), key.to_owned()));
+    let mut h = harness(config).await;
+    h.env.retain(|(k, _)| k != "CLOUDFLARE_API_TOKEN");
+    h.set("CLOUDFLARE_API_EMAIL", email);
+    h.set("CLOUDFLARE_API_KEY", key);
+    h.set("CLOUDFLARE_DIRECTION", "desc");
+    h.set("CLOUDFLARE_HIDE_USER_LOGS", "true");
+    h.set("BATCH_MAX_BYTES", "1");
+    run_once(h.config()).await.unwrap();
+    let log = h.emu.emulator.request_log();
+    assert!(!log.is_empty());
+    for r in &log {
+        assert_eq!(
+            (r.param("direction"), r.param("hide_user_logs")),
+            (Some("desc"), Some("true")),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.auth_headers,
+            vec![
+                ("x-auth-email".to_owned(), email.to_owned()),
+                ("x-auth-key".to_owned(), key.to_owned())
+            ]
+        );
+    }
+    // Exactly the account-level events: the user-level ones (the emulator's rule:
+    // `resource.type` is "user") stay hidden.
+    let user_level: std::collections::BTreeSet<String> = h
+        .emu
+        .emulator
+        .events()
+        .into_iter()
+        .filter(|e| {
+            serde_json::from_slice::<serde_json::Value>(&e.json)
+                .is_ok_and(|event| event["resource"]["type"] == "user")
+        })
+        .map(|e| e.id)
+        .collect();
+    assert!(!user_level.is_empty());
+    let expected = &valid_ids(&h.emu.emulator) - &user_level;
+    let pool = h.db.pool().await;
+    assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
+    pool.close().await;
+    // Three pages of events, each its own batch and commit; by default they share one.
+    let small_batch_commits = commits(&h).await;
+    assert!(
+        small_batch_commits >= default_commits + 2,
+        "BATCH_MAX_BYTES=1: {small_batch_commits} commits, default: {default_commits}"
+    );
+    h.finish().await;
+}
+
+/// The live stream's commit count.
+async fn commits(h: &Harness) -> i64 {
+    let pool = h.db.pool().await;
+    let (seq,): (i64,) =
+        sqlx::query_as("SELECT commit_seq FROM cfaudit_checkpoints WHERE account_id = $1")
+            .bind(DEMO_ACCOUNT)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    seq
 }
 
 #[actix_web::test]

@@ -71,6 +71,7 @@ async fn a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows() {
 
     let done = backfill(&h, &range).await;
     assert!(done.success, "{}", done.stderr);
+    assert_faults_hit(&h.emu.emulator);
     let summary = json(&done.stdout);
     assert_eq!(summary["already_complete"], false);
     assert_eq!(summary["rows_in_postgres"], expected.len());

@@ -77,6 +77,7 @@ async fn repeated_sigkills_during_a_faulty_backfill_end_exact() {
     let killed = recoveries.len();
     let last = finish(cfaudit(&["run", "--once"], &h.env)).await;
     assert!(last.success, "{}", last.stderr);
+    let faults = assert_faults_hit(&h.emu.emulator);
 
     // Count, then assert: the figures are printed either way.
     let (pg_rows, pg_keys, _) = pg_counts(&pool).await;
@@ -92,7 +93,7 @@ async fn repeated_sigkills_during_a_faulty_backfill_end_exact() {
     let recover_ms: Vec<u128> = recoveries.iter().map(|d| d.as_millis()).collect();
     println!(
         "chaos: seed={seed} kills={killed} events={} expected_rows={} missing_pg={missing_pg} missing_parquet={missing_parquet} \
-         duplicated_pg={doubled_pg} duplicated_parquet={doubled_parquet} staged_orphans={} total_s={:.1} \
+         duplicated_pg={doubled_pg} duplicated_parquet={doubled_parquet} staged_orphans={} faults={faults:?} total_s={:.1} \
          recover_ms(min/median/max)={}/{}/{} recover_ms={recover_ms:?}",
         events,
         expected.len(),

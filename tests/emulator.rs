@@ -443,3 +443,22 @@ async fn a_reset_cuts_the_body_in_the_middle() {
     assert_eq!(response.status(), 200, "the status line and headers arrive");
     assert!(response.text().await.is_err(), "the body must break off");
 }
+
+#[actix_web::test]
+async fn the_repeat_fault_serves_the_previous_answer_again_and_is_counted() {
+    let mut config = emulator_config(10);
+    config.faults.fault_repeat_every = 2;
+    let (api, emu) = Api::new(config);
+    let (_, first) = api.logs(&[("per_page", "3")]).await;
+    let (_, repeated) = api.logs(&[("per_page", "3"), ("page", "2")]).await;
+    let (_, second) = api.logs(&[("per_page", "3"), ("page", "2")]).await;
+    assert_eq!(repeated, first);
+    assert_ne!(second, first);
+    assert_eq!(second["result"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        emu.emulator.faults_injected()["fault_repeat_every"],
+        1,
+        "{:?}",
+        emu.emulator.faults_injected()
+    );
+}

@@ -113,6 +113,7 @@ async fn api_faults_are_retried_and_the_result_is_still_exact_429_5xx_truncated_
     let mut h = Harness::new(config).await;
     h.set("CLOUDFLARE_PER_PAGE", "250");
     run_once(h.config()).await.unwrap();
+    assert_eq!(assert_faults_hit(&h.emu.emulator).len(), 5);
     h.assert_exact().await;
     h.finish().await;
 }

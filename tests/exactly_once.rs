@@ -246,6 +246,7 @@ async fn newest_first_sweeps_cut_short_lose_nothing() {
     h.set("MAX_PAGES_PER_SWEEP", "5");
     let expected = valid_ids(&h.emu.emulator);
     run_once(&h).await;
+    assert_faults_hit(&h.emu.emulator);
     assert_exact_columns(&h, &expected).await;
     // The sweeps of five pages really were cut short, and went on.
     assert!(
@@ -407,4 +408,80 @@ async fn committed_files_lost_before_publishing_are_collected_again() {
     assert_eq!(unpublished, 0);
     pool.close().await;
     h.finish().await;
+}
+
+/// The PostgreSQL adapter keeps `ingestion_time` equal to the dataset's, whatever order the
+/// attempts of a batch wrote in: a rewound attempt's write after the commit leaves a committed
+/// row alone, and the commit sets its own time on rows another attempt rewrote.
+#[actix_web::test]
+async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last() {
+    use cfaudit_actors::ports::{CheckpointStore, CommitRecord, CommittedState, Fence, RowSink};
+    let db = TestDb::new().await;
+    let pg = cfaudit::postgres::Postgres::connect(&secret(&db.url), 2, None)
+        .await
+        .unwrap();
+    pg.migrate().await.unwrap();
+    let stream = "acct-ingestion";
+    let lease = pg.try_lease(stream, "test").await.unwrap().unwrap();
+    let fence = Fence {
+        stream: stream.into(),
+        lease: lease.token,
+    };
+    let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+    let (committed_time, rewound_time) = (at("2026-06-01T00:00:00Z"), at("2026-06-01T00:05:00Z"));
+    let rows_at = |ids: &[&str], ingestion_time| {
+        ids.iter()
+            .map(|id| {
+                let raw = format!(r#"{{"id":"{id}","when":"2026-05-01T00:00:00Z"}}"#);
+                cfaudit_actors::mapping::map_v1(&raw, stream, ingestion_time).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let commit = |seq: u64, ids: &[&str], ingestion_time| CommitRecord {
+        fence: fence.clone(),
+        previous_commit_seq: seq - 1,
+        state: CommittedState {
+            checkpoint: Some(at("2026-05-01T00:00:00Z")),
+            commit_seq: seq,
+            ..CommittedState::default()
+        },
+        events: rows_at(ids, ingestion_time)
+            .iter()
+            .map(|r| cfaudit_actors::SeenId {
+                id: r.event_id.clone(),
+                when: r.timestamp,
+            })
+            .collect(),
+        ingestion_time: Some(ingestion_time),
+        dead_letters: vec![],
+        files: vec![],
+    };
+    // a: committed, then an attempt that lagged behind writes it again.
+    pg.write_rows(Some(&fence), &rows_at(&["a"], committed_time))
+        .await
+        .unwrap();
+    pg.commit(&commit(1, &["a"], committed_time)).await.unwrap();
+    pg.write_rows(Some(&fence), &rows_at(&["a"], rewound_time))
+        .await
+        .unwrap();
+    // b: written by the committing attempt, rewritten by another, then committed.
+    pg.write_rows(Some(&fence), &rows_at(&["b"], committed_time))
+        .await
+        .unwrap();
+    pg.write_rows(Some(&fence), &rows_at(&["b"], rewound_time))
+        .await
+        .unwrap();
+    pg.commit(&commit(2, &["b"], committed_time)).await.unwrap();
+    let times: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT event_id, ingestion_time FROM audit_logs ORDER BY event_id")
+            .fetch_all(pg.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        times,
+        vec![("a".into(), committed_time), ("b".into(), committed_time)]
+    );
+    lease.release().await;
+    pg.pool().close().await;
+    db.drop_db().await;
 }

@@ -131,6 +131,17 @@ pub fn valid_ids(emulator: &Emulator) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// Every fault the emulator has enabled was injected at least once (a test's faults are real,
+/// not switched on and never reached); returns the counts.
+pub fn assert_faults_hit(emulator: &Emulator) -> BTreeMap<&'static str, u64> {
+    let injected = emulator.faults_injected();
+    assert!(
+        injected.values().all(|&n| n > 0),
+        "faults enabled but never injected: {injected:?}"
+    );
+    injected
+}
+
 /// Rows, distinct keys and distinct ids in `audit_logs`.
 pub async fn pg_counts(pool: &sqlx::PgPool) -> (i64, i64, i64) {
     sqlx::query_as("SELECT count(*), count(DISTINCT (timestamp, event_id)), count(DISTINCT event_id) FROM audit_logs")
