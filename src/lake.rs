@@ -13,6 +13,7 @@ use arrow::array::{ArrayRef, StringArray, TimestampNanosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
+use cfaudit_actors::failpoints::{self, crash_point};
 use cfaudit_actors::{
     partition_of, staged_name, AuditRow, CommittedFile, FileSink, SinkError, StagedFile,
 };
@@ -289,6 +290,14 @@ impl ParquetLake {
             .filter(|name| name.starts_with(prefix) && name.ends_with(".parquet"))
             .collect())
     }
+
+    /// Deletes a staged file; one already gone is fine.
+    async fn discard_one(&self, location: &Path) -> Result<(), SinkError> {
+        match self.store.delete(location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(lake_error("delete a staged file", e)),
+        }
+    }
 }
 
 #[async_trait]
@@ -337,16 +346,23 @@ impl FileSink for ParquetLake {
         Ok(staged)
     }
 
+    /// A copy that refuses to overwrite, then the staged copy's deletion: what
+    /// `rename_if_not_exists` does on S3 and on the local filesystem, in two steps so the
+    /// crash tests can stop between them.
     async fn publish(&self, files: &[CommittedFile]) -> Result<(), SinkError> {
-        for file in files {
+        for (i, file) in files.iter().enumerate() {
+            if i > 0 {
+                crash_point(failpoints::BETWEEN_PUBLISHED_FILES);
+            }
             let from = self.staging.clone().join(file.staged_path.as_str());
             let to = self.final_location(&file.final_path);
-            match self.store.rename_if_not_exists(&from, &to).await {
-                Ok(()) => {}
-                // Published before a crash, staged copy left behind: drop it.
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    let _ = self.store.delete(&from).await;
+            match self.store.copy_if_not_exists(&from, &to).await {
+                Ok(()) => {
+                    crash_point(failpoints::COPIED_NOT_DELETED);
+                    self.discard_one(&from).await?;
                 }
+                // Published before a crash, staged copy left behind: drop it.
+                Err(object_store::Error::AlreadyExists { .. }) => self.discard_one(&from).await?,
                 // Published and cleaned up before: nothing to do if the final file is there.
                 Err(object_store::Error::NotFound { .. }) => match self.store.head(&to).await {
                     Ok(_) => {}
@@ -368,15 +384,12 @@ impl FileSink for ParquetLake {
     }
 
     async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError> {
-        for path in staged_paths {
-            match self
-                .store
-                .delete(&self.staging.clone().join(path.as_str()))
-                .await
-            {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(lake_error("discard", e)),
+        for (i, path) in staged_paths.iter().enumerate() {
+            if i > 0 {
+                crash_point(failpoints::BETWEEN_DISCARDED_FILES);
             }
+            self.discard_one(&self.staging.clone().join(path.as_str()))
+                .await?;
         }
         Ok(())
     }

@@ -2,8 +2,9 @@
 //! backfill with API faults on (429, 5xx, truncated bodies, connection resets), then one run to
 //! the end, then counting: nothing missing, nothing doubled, in PostgreSQL and in Parquet.
 //!
-//! Sized for CI by default; `make chaos` runs at least 20 kills over 200,000 events
-//! (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED, CHAOS_S3=1 for the S3 backend).
+//! Twice: oldest first on the local filesystem, and newest first on S3 with stale pages too.
+//! Sized for CI by default; `make chaos` runs at least 20 kills over 200,000 events each
+//! (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED).
 
 mod common;
 
@@ -19,8 +20,23 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Lake {
+    Local,
+    S3,
+}
+
 #[actix_web::test]
 async fn repeated_sigkills_during_a_faulty_backfill_end_exact() {
+    chaos(Lake::Local, "asc").await;
+}
+
+#[actix_web::test]
+async fn repeated_sigkills_during_a_faulty_newest_first_backfill_on_s3_end_exact() {
+    chaos(Lake::S3, "desc").await;
+}
+
+async fn chaos(lake: Lake, direction: &str) {
     let kills: usize = env_or("CHAOS_KILLS", 6);
     let events: usize = env_or("CHAOS_EVENTS", 40_000);
     let seed: u64 = env_or("CHAOS_SEED", rand::random());
@@ -32,11 +48,15 @@ async fn repeated_sigkills_during_a_faulty_backfill_end_exact() {
     config.faults.fault_reset_every = 23;
     config.faults.latency_ms = 15;
     config.invalid_every = 997;
-    let mut h = if env_or("CHAOS_S3", 0) == 1 {
-        Harness::with_s3(config).await
-    } else {
-        Harness::new(config).await
+    if direction == "desc" {
+        // Stale pages: with newest first, a page from before the last one.
+        config.faults.fault_repeat_every = 31;
+    }
+    let mut h = match lake {
+        Lake::S3 => Harness::with_s3(config).await,
+        Lake::Local => Harness::new(config).await,
     };
+    h.set("CLOUDFLARE_DIRECTION", direction);
     h.set("CLOUDFLARE_PER_PAGE", "500");
     h.set("BATCH_MAX_EVENTS", "1000");
     let expected = valid_ids(&h.emu.emulator);
@@ -92,7 +112,7 @@ async fn repeated_sigkills_during_a_faulty_backfill_end_exact() {
         - parquet["pyarrow_distinct_ids"].as_i64().unwrap();
     let recover_ms: Vec<u128> = recoveries.iter().map(|d| d.as_millis()).collect();
     println!(
-        "chaos: seed={seed} kills={killed} events={} expected_rows={} missing_pg={missing_pg} missing_parquet={missing_parquet} \
+        "chaos: lake={lake:?} direction={direction} seed={seed} kills={killed} events={} expected_rows={} missing_pg={missing_pg} missing_parquet={missing_parquet} \
          duplicated_pg={doubled_pg} duplicated_parquet={doubled_parquet} staged_orphans={} faults={faults:?} total_s={:.1} \
          recover_ms(min/median/max)={}/{}/{} recover_ms={recover_ms:?}",
         events,

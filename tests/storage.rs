@@ -1,10 +1,15 @@
 //! Exactly once on real object storage: a real S3-compatible server (s3s-fs, signatures
-//! checked) and the local filesystem, with the process aborted between "staged" and
-//! "committed" and between "committed" and "published" (failpoints), then restarted.
+//! checked) and the local filesystem, with the process aborted at every crash point of the
+//! commit protocol (failpoints): between "staged" and "committed", "committed" and
+//! "published", "published" and "marked", between two files of a publish, between the copy
+//! and the delete of a file, and during start-up recovery; then restarted.
 
 mod common;
 
-use cfaudit_actors::failpoints::{COMMITTED_NOT_PUBLISHED, STAGED_NOT_COMMITTED};
+use cfaudit_actors::failpoints::{
+    BETWEEN_DISCARDED_FILES, BETWEEN_PUBLISHED_FILES, COMMITTED_NOT_PUBLISHED, COPIED_NOT_DELETED,
+    PUBLISHED_NOT_MARKED, RECOVERED_NOT_MARKED, STAGED_NOT_COMMITTED,
+};
 use common::*;
 
 #[actix_web::test]
@@ -169,4 +174,97 @@ async fn local_crash_between_committed_and_published() {
         COMMITTED_NOT_PUBLISHED,
     )
     .await;
+}
+
+/// Runs `run --once` once per `(failpoint, spec)`, each of which must abort the process at that
+/// point; after every crash the dataset shows committed files only. Then runs without
+/// failpoints and counts: exact, no staged file left, every committed file published.
+async fn crash_in_turn_then_recover(mut h: Harness, crashes: &[(&str, &str)]) {
+    h.set("CLOUDFLARE_PER_PAGE", "500");
+    h.set("BATCH_MAX_EVENTS", "500");
+    assert!(finish(cfaudit(&["migrate"], &h.env)).await.success);
+    let pool = h.db.pool().await;
+    let committed_files = || async {
+        let (files,): (i64,) = sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        files
+    };
+    for (failpoint, spec) in crashes {
+        let mut crashing = h.env.clone();
+        set(&mut crashing, "FAILPOINTS", &format!("{failpoint}={spec}"));
+        let crashed = finish(cfaudit(&["run", "--once"], &crashing)).await;
+        assert!(
+            !crashed.success && crashed.stderr.contains(&format!("failpoint {failpoint}")),
+            "the run did not abort at {failpoint} ({spec}); stderr: {}",
+            crashed.stderr
+        );
+        let counts = h.parquet_counts(false);
+        assert!(
+            counts["files"].as_i64().unwrap() <= committed_files().await,
+            "after a crash at {failpoint}, a file no commit names is visible: {counts}"
+        );
+    }
+    let clean = finish(cfaudit(&["run", "--once"], &h.env)).await;
+    assert!(clean.success, "{}", clean.stderr);
+    let counts = h.assert_exact().await;
+    assert_eq!(counts["staged_orphans"], 0, "{counts}");
+    assert_eq!(counts["files"].as_i64().unwrap(), committed_files().await);
+    let (unpublished,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unpublished, 0);
+    pool.close().await;
+    h.finish().await;
+}
+
+/// Every crash point after the commit, in a commit and in the start-up recovery that
+/// follows one: each batch of 500 events spans several days, so each commit has several files.
+async fn every_later_crash_point(
+    lake: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Harness>>>,
+) {
+    let third = "2*off->return";
+    crash_in_turn_then_recover(lake().await, &[(PUBLISHED_NOT_MARKED, third)]).await;
+    crash_in_turn_then_recover(lake().await, &[(BETWEEN_PUBLISHED_FILES, third)]).await;
+    crash_in_turn_then_recover(lake().await, &[(COPIED_NOT_DELETED, third)]).await;
+    // Recovery publishes what the first crash left, and crashes before it marks them.
+    crash_in_turn_then_recover(
+        lake().await,
+        &[
+            (COMMITTED_NOT_PUBLISHED, third),
+            (RECOVERED_NOT_MARKED, "return"),
+        ],
+    )
+    .await;
+    // Recovery crashes between the copy and the delete of a file it publishes.
+    crash_in_turn_then_recover(
+        lake().await,
+        &[
+            (COMMITTED_NOT_PUBLISHED, third),
+            (COPIED_NOT_DELETED, "return"),
+        ],
+    )
+    .await;
+    // Recovery crashes part-way through deleting the staged files of an uncommitted batch.
+    crash_in_turn_then_recover(
+        lake().await,
+        &[
+            (STAGED_NOT_COMMITTED, third),
+            (BETWEEN_DISCARDED_FILES, "return"),
+        ],
+    )
+    .await;
+}
+
+#[actix_web::test]
+async fn s3_crashes_at_every_later_crash_point_and_in_recovery_end_exact() {
+    every_later_crash_point(|| Box::pin(Harness::with_s3(emulator_config(6_000)))).await;
+}
+
+#[actix_web::test]
+async fn local_crashes_at_every_later_crash_point_and_in_recovery_end_exact() {
+    every_later_crash_point(|| Box::pin(Harness::new(emulator_config(6_000)))).await;
 }

@@ -272,6 +272,7 @@ impl Checkpointer {
             if !committed.is_empty() {
                 crash_point(failpoints::COMMITTED_NOT_PUBLISHED);
                 timed(limit, "publishing", files.publish(&committed)).await?;
+                crash_point(failpoints::PUBLISHED_NOT_MARKED);
                 let finals: Vec<String> = committed.iter().map(|c| c.final_path.clone()).collect();
                 timed(limit, "marking published", store.mark_published(&finals)).await?;
             }
@@ -505,6 +506,7 @@ impl Handler<Recover> for Checkpointer {
                     files = published.len(),
                     "published files committed before a crash"
                 );
+                crash_point(failpoints::RECOVERED_NOT_MARKED);
                 timed(limit, "marking published", store.mark_published(&published)).await?;
             }
             if forgotten {
