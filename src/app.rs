@@ -45,6 +45,20 @@ pub struct Adapters {
     pub source: Arc<CloudflareClient>,
 }
 
+/// Forgets the indexed events the API no longer has; a failure only delays that.
+async fn prune_event_index(postgres: &Postgres) {
+    match postgres.prune_event_index().await {
+        Ok(0) => {}
+        Ok(pruned) => info!(
+            pruned,
+            "forgot indexed events older than the API's retention"
+        ),
+        Err(error) => {
+            warn!(%error, "could not prune the dataset's event index; it is retried at the next start")
+        }
+    }
+}
+
 impl Adapters {
     /// Connects to the database (applying the migrations unless told not to), the object
     /// store and the API client.
@@ -60,6 +74,7 @@ impl Adapters {
             let admin = Postgres::connect(&config.database_url, 1, None).await?;
             admin.migrate().await?;
             apply_policies(&admin, config).await?;
+            prune_event_index(&admin).await;
             admin.pool().close().await;
         }
         let postgres = Postgres::connect(
@@ -68,15 +83,10 @@ impl Adapters {
             Some(config.sink_timeout()),
         )
         .await?;
-        match postgres.prune_event_index().await {
-            Ok(0) => {}
-            Ok(pruned) => info!(
-                pruned,
-                "forgot indexed events older than the API's retention"
-            ),
-            Err(error) => {
-                warn!(%error, "could not prune the dataset's event index; it is retried at the next start")
-            }
+        if !migrate {
+            // In the background, where no connection is open already for it.
+            let pruning = postgres.clone();
+            tokio::spawn(async move { prune_event_index(&pruning).await });
         }
         let lake = Arc::new(ParquetLake::open(
             &config.parquet_url,

@@ -19,7 +19,7 @@ use cfaudit_actors::{
 };
 
 use crate::config::Secret;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
@@ -311,16 +311,19 @@ impl FileSink for ParquetLake {
         // Encoding is CPU work: off the actors' thread, onto the blocking pool.
         let props = self.props.clone();
         let encoded = tokio::task::spawn_blocking(move || {
-            let mut by_hour: BTreeMap<String, Vec<&AuditRow>> = BTreeMap::new();
+            // Keyed by the hour, named once per file.
+            let mut by_hour: BTreeMap<DateTime<Utc>, Vec<&AuditRow>> = BTreeMap::new();
             for row in rows.iter() {
-                by_hour
-                    .entry(partition_of(row.timestamp))
-                    .or_default()
-                    .push(row);
+                let hour = row
+                    .timestamp
+                    .duration_trunc(TimeDelta::hours(1))
+                    .unwrap_or(row.timestamp);
+                by_hour.entry(hour).or_default().push(row);
             }
             by_hour
                 .into_iter()
-                .map(|(partition, rows)| {
+                .map(|(hour, rows)| {
+                    let partition = partition_of(hour);
                     Ok((partition, rows.len() as u64, encode(&rows, props.clone())?))
                 })
                 .collect::<Result<Vec<_>, SinkError>>()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cfaudit_actors::{
     partition_start, AuditRow, CheckpointStore, CommitRecord, CommittedFile, CommittedState, Fence,
-    RowSink, RowWriteReport, SinkError, UnfinishedSweep,
+    RowSink, RowWriteReport, SeenId, SinkError, UnfinishedSweep,
 };
 use chrono::{DateTime, DurationRound, Utc};
 use ipnetwork::IpNetwork;
@@ -140,6 +140,13 @@ impl Postgres {
     pub async fn prune_event_index(&self) -> anyhow::Result<u64> {
         let pruned = sqlx::query(
             "DELETE FROM cfaudit_lake_events WHERE event_time < now() - make_interval(days => $1)",
+        )
+        .bind(INDEX_HORIZON_DAYS)
+        .execute(&self.pool)
+        .await?;
+        // Rows rewritten by a batch that never committed; the API no longer has them.
+        sqlx::query(
+            "DELETE FROM cfaudit_rewritten_rows WHERE event_time < now() - make_interval(days => $1)",
         )
         .bind(INDEX_HORIZON_DAYS)
         .execute(&self.pool)
@@ -277,8 +284,12 @@ impl RowSink for Postgres {
              WHERE (SELECT ok FROM fence) \
              ON CONFLICT (timestamp, event_id) DO UPDATE SET ingestion_time = EXCLUDED.ingestion_time \
                 WHERE $14::text IS NULL \
-                   OR NOT EXISTS (SELECT 1 FROM cfaudit_lake_events l WHERE l.event_id = audit_logs.event_id) \
-             RETURNING (xmax = 0) AS inserted) \
+                   OR NOT EXISTS (SELECT 1 FROM cfaudit_lake_events l \
+                                  WHERE l.event_time = audit_logs.timestamp AND l.event_id = audit_logs.event_id) \
+             RETURNING (xmax = 0) AS inserted, timestamp, event_id), \
+             rewritten AS (INSERT INTO cfaudit_rewritten_rows (event_time, event_id) \
+                           SELECT timestamp, event_id FROM written WHERE NOT inserted AND $14::text IS NOT NULL \
+                           ON CONFLICT DO NOTHING) \
              SELECT (SELECT ok FROM fence), count(*) FILTER (WHERE inserted) FROM written",
         )
         .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
@@ -347,13 +358,27 @@ impl CheckpointStore for Postgres {
         })
     }
 
-    async fn committed_ids(&self, ids: &[String]) -> Result<HashSet<String>, SinkError> {
-        let found: Vec<(String,)> =
-            sqlx::query_as("SELECT event_id FROM cfaudit_lake_events WHERE event_id = ANY($1)")
-                .bind(ids)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| sink_error("read the dataset's event index", e))?;
+    async fn committed_ids(&self, events: &[SeenId]) -> Result<HashSet<String>, SinkError> {
+        let (Some(oldest), Some(newest)) = (
+            events.iter().map(|e| e.when).min(),
+            events.iter().map(|e| e.when).max(),
+        ) else {
+            return Ok(HashSet::new());
+        };
+        // A batch of events the index holds nothing near (a backfill, new events) costs one
+        // probe of the key's time range instead of one per event.
+        let found: Vec<(String,)> = sqlx::query_as(
+            "SELECT l.event_id FROM UNNEST($1::timestamptz[], $2::text[]) AS u(t, id) \
+             JOIN cfaudit_lake_events l ON l.event_time = u.t AND l.event_id = u.id \
+             WHERE EXISTS (SELECT 1 FROM cfaudit_lake_events WHERE event_time BETWEEN $3 AND $4)",
+        )
+        .bind(events.iter().map(|e| e.when).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+        .bind(oldest)
+        .bind(newest)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| sink_error("read the dataset's event index", e))?;
         Ok(found.into_iter().map(|(id,)| id).collect())
     }
 
@@ -402,10 +427,11 @@ impl CheckpointStore for Postgres {
         }
         if !record.events.is_empty() {
             let e = &record.events;
-            let indexed = sqlx::query(
+            // A plain insert (no ON CONFLICT, which costs a second write per row): an event
+            // indexed already fails it, and the whole commit with it.
+            sqlx::query(
                 "INSERT INTO cfaudit_lake_events (event_id, event_time, stream, commit_seq) \
-                 SELECT u.id, u.t, $3, $4 FROM UNNEST($1::text[], $2::timestamptz[]) AS u(id, t) \
-                 ON CONFLICT (event_id) DO NOTHING",
+                 SELECT u.id, u.t, $3, $4 FROM UNNEST($1::text[], $2::timestamptz[]) AS u(id, t)",
             )
             .bind(e.iter().map(|x| x.id.as_str()).collect::<Vec<_>>())
             .bind(e.iter().map(|x| x.when).collect::<Vec<_>>())
@@ -413,21 +439,31 @@ impl CheckpointStore for Postgres {
             .bind(record.state.commit_seq as i64)
             .execute(&mut *tx)
             .await
-            .map_err(|e| sink_error("index the batch's events", e))?;
-            if indexed.rows_affected() != e.len() as u64 {
-                return Err(SinkError::Conflict(format!(
-                    "{} of the batch's {} events are in the dataset already (committed by another stream or process)",
-                    e.len() as u64 - indexed.rows_affected(),
-                    e.len()
-                )));
-            }
+            .map_err(|error| match &error {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                    SinkError::Conflict(format!(
+                        "an event of the batch is in the dataset already (committed by another \
+                         stream or process): {}",
+                        db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                            .and_then(|pg| pg.detail())
+                            .unwrap_or_else(|| db.message())
+                    ))
+                }
+                _ => sink_error("index the batch's events", error),
+            })?;
             if let Some(ingestion_time) = record.ingestion_time {
-                // Normally a no-op (the rows carry it already); it matters when another
-                // attempt rewrote a row after this batch's write.
+                // The rows carry the batch's time already, unless another attempt wrote one
+                // again after this batch did: such rows are listed by the write that changed
+                // them, and only those are set back (a check of an empty list otherwise).
                 sqlx::query(
-                    "UPDATE audit_logs a SET ingestion_time = $3 \
-                     FROM UNNEST($1::text[], $2::timestamptz[]) AS u(id, t) \
-                     WHERE a.timestamp = u.t AND a.event_id = u.id AND a.ingestion_time IS DISTINCT FROM $3",
+                    "WITH fixed AS (DELETE FROM cfaudit_rewritten_rows r \
+                                    USING UNNEST($1::text[], $2::timestamptz[]) AS u(id, t) \
+                                    WHERE r.event_time = u.t AND r.event_id = u.id \
+                                      AND EXISTS (SELECT 1 FROM cfaudit_rewritten_rows) \
+                                    RETURNING r.event_time, r.event_id) \
+                     UPDATE audit_logs a SET ingestion_time = $3 FROM fixed f \
+                     WHERE a.timestamp = f.event_time AND a.event_id = f.event_id \
+                       AND a.ingestion_time IS DISTINCT FROM $3",
                 )
                 .bind(e.iter().map(|x| x.id.as_str()).collect::<Vec<_>>())
                 .bind(e.iter().map(|x| x.when).collect::<Vec<_>>())

@@ -260,7 +260,14 @@ impl Handler<FetchedPage> for Mapper {
                 return done();
             }
         };
-        let ids: Vec<String> = mapped.rows.iter().map(|r| r.event_id.clone()).collect();
+        let ids: Vec<SeenId> = mapped
+            .rows
+            .iter()
+            .map(|row| SeenId {
+                id: row.event_id.clone(),
+                when: row.timestamp,
+            })
+            .collect();
         let store = self.store.clone();
         let timeout = self.lookup_timeout;
         let lookup = async move {

@@ -73,9 +73,10 @@ pub fn escape_nul(raw: &str) -> Cow<'_, str> {
             % 2
             == 0
     };
-    let nuls: Vec<usize> = raw
-        .match_indices("\\u0000")
-        .map(|(at, _)| at)
+    static NUL_ESCAPE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\\u0000"));
+    let nuls: Vec<usize> = NUL_ESCAPE
+        .find_iter(raw.as_bytes())
         .filter(|&at| is_nul(at))
         .collect();
     if nuls.is_empty() {

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use crate::event::{AuditRow, DeadLetter, RawEvent};
+use crate::event::{AuditRow, DeadLetter, RawEvent, SeenId};
 use crate::ports::*;
 
 /// What an injected fault does to one call.
@@ -229,8 +229,8 @@ impl Leases {
 /// The rows of `audit_logs`, keyed like its primary key.
 pub type Rows = Arc<Mutex<BTreeMap<TimedId, AuditRow>>>;
 
-/// The dataset's event index of a [`MemoryCheckpointStore`].
-pub type EventIndex = Arc<Mutex<HashMap<String, IndexedEvent>>>;
+/// The dataset's event index of a [`MemoryCheckpointStore`], keyed like `audit_logs`.
+pub type EventIndex = Arc<Mutex<HashMap<TimedId, IndexedEvent>>>;
 
 /// Rows keyed like the primary key. Rows whose id is in `refused` are refused as a database
 /// refuses a value it cannot store.
@@ -283,11 +283,12 @@ impl RowSink for MemoryRowSink {
                 let mut report = RowWriteReport::default();
                 for row in rows {
                     let key = (row.timestamp, row.event_id.clone());
+                    let committed = index.contains_key(&key);
                     match stored.entry(key) {
                         std::collections::btree_map::Entry::Occupied(mut slot) => {
                             // The insert's ON CONFLICT: the retry's ingestion time wins, unless
                             // the event is committed (its time is the one in the dataset).
-                            if !index.contains_key(&row.event_id) {
+                            if !committed {
                                 slot.get_mut().ingestion_time = row.ingestion_time;
                             }
                             report.duplicates += 1;
@@ -444,7 +445,6 @@ impl FileSink for MemoryFileSink {
 /// An entry of the dataset's event index.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IndexedEvent {
-    pub when: DateTime<Utc>,
     pub stream: String,
     pub commit_seq: u64,
 }
@@ -504,7 +504,11 @@ impl MemoryCheckpointStore {
             )));
         }
         let mut index = self.index.lock().unwrap();
-        if let Some(seen) = record.events.iter().find(|e| index.contains_key(&e.id)) {
+        if let Some(seen) = record
+            .events
+            .iter()
+            .find(|e| index.contains_key(&(e.when, e.id.clone())))
+        {
             return Err(SinkError::Conflict(format!(
                 "event {} is already in the dataset",
                 seen.id
@@ -522,9 +526,8 @@ impl MemoryCheckpointStore {
         }
         for event in &record.events {
             index.insert(
-                event.id.clone(),
+                (event.when, event.id.clone()),
                 IndexedEvent {
-                    when: event.when,
                     stream: stream.clone(),
                     commit_seq,
                 },
@@ -562,14 +565,14 @@ impl CheckpointStore for MemoryCheckpointStore {
             .await
     }
 
-    async fn committed_ids(&self, ids: &[String]) -> Result<HashSet<String>, SinkError> {
+    async fn committed_ids(&self, events: &[SeenId]) -> Result<HashSet<String>, SinkError> {
         self.faults
             .around("committed ids", || {
                 let index = self.index.lock().unwrap();
-                Ok(ids
+                Ok(events
                     .iter()
-                    .filter(|id| index.contains_key(*id))
-                    .cloned()
+                    .filter(|e| index.contains_key(&(e.when, e.id.clone())))
+                    .map(|e| e.id.clone())
                     .collect())
             })
             .await
@@ -620,18 +623,18 @@ impl CheckpointStore for MemoryCheckpointStore {
                 };
                 let lost = files.remove(at);
                 let mut index = self.index.lock().unwrap();
-                let forgotten: Vec<String> = index
+                let forgotten: Vec<TimedId> = index
                     .iter()
-                    .filter(|(_, e)| {
+                    .filter(|((when, _), e)| {
                         e.stream == lost.stream
                             && e.commit_seq == lost.commit_seq
-                            && partition_of(e.when) == lost.partition
+                            && partition_of(*when) == lost.partition
                     })
-                    .map(|(id, _)| id.clone())
+                    .map(|(key, _)| key.clone())
                     .collect();
-                let oldest = forgotten.iter().map(|id| index[id].when).min();
-                for id in &forgotten {
-                    index.remove(id);
+                let oldest = forgotten.iter().map(|(when, _)| *when).min();
+                for key in &forgotten {
+                    index.remove(key);
                 }
                 let mut states = self.state.lock().unwrap();
                 let state = states.entry(fence.stream.clone()).or_default();

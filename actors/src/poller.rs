@@ -193,47 +193,41 @@ impl Sweep {
     /// Whether a page cannot be the answer to `request`: it holds an event on the far side of
     /// the bound the sweep has moved (a stale or repeated page). Read as the answer, it would
     /// move the page number past a page never seen.
-    fn stale(&self, request: &PageRequest, events: &[RawEvent]) -> bool {
-        events
-            .iter()
-            .filter_map(|e| event_time(e.get()))
-            .any(|when| match self.direction {
-                Direction::Asc => when < request.since,
-                Direction::Desc => when > request.before,
-            })
+    fn stale(&self, request: &PageRequest, whens: &[Option<DateTime<Utc>>]) -> bool {
+        whens.iter().flatten().any(|&when| match self.direction {
+            Direction::Asc => when < request.since,
+            Direction::Desc => when > request.before,
+        })
     }
 
     /// Whether the page holds an event at exactly the request's `before`: the API treats it
     /// as inclusive.
-    fn includes_before(request: &PageRequest, events: &[RawEvent]) -> bool {
-        events
-            .iter()
-            .filter_map(|e| event_time(e.get()))
-            .any(|when| when == request.before)
+    fn includes_before(request: &PageRequest, whens: &[Option<DateTime<Utc>>]) -> bool {
+        whens.iter().flatten().any(|&when| when == request.before)
     }
 
     /// The `when` of a page's last event with a usable one, within the window: a `when` at or
     /// after `before` (an API that ignores it) never moves anything past it.
-    fn boundary(&self, events: &[RawEvent]) -> Option<DateTime<Utc>> {
-        events
+    fn boundary(&self, whens: &[Option<DateTime<Utc>>]) -> Option<DateTime<Utc>> {
+        whens
             .iter()
             .rev()
-            .find_map(|e| event_time(e.get()))
+            .find_map(|&when| when)
             .map(|t| t.clamp(self.since, self.before))
     }
 
     /// Moves the keyset bound to the last event of a page; `true` when it moved (the page held
     /// events past the previous bound).
-    fn advance(&mut self, events: &[RawEvent]) -> bool {
+    fn advance(&mut self, whens: &[Option<DateTime<Utc>>]) -> bool {
         let clamp = |t: DateTime<Utc>| t.clamp(self.since, self.before);
-        let boundary = self.boundary(events);
+        let boundary = self.boundary(whens);
         let next = match self.direction {
             Direction::Asc => {
                 self.reached = self.reached.max(boundary);
                 boundary.filter(|&b| b > self.anchor)
             }
             Direction::Desc => {
-                let first = events.iter().find_map(|e| event_time(e.get())).map(clamp);
+                let first = whens.iter().find_map(|&when| when).map(clamp);
                 self.newest = self.newest.max(first);
                 boundary
                     .map(|b| b + tick())
@@ -633,7 +627,9 @@ impl Poller {
         let max_pages = self.config.max_pages_per_sweep;
         let direction = self.sweep.as_ref().expect("checked by on_page").direction;
         let verifies_end = self.verifies_end(direction);
-        if !self.before_inclusive && Sweep::includes_before(&request, &page.events) {
+        // Each event's `when`, read once: every decision below is made on them.
+        let whens: Vec<_> = page.events.iter().map(|e| event_time(e.get())).collect();
+        if !self.before_inclusive && Sweep::includes_before(&request, &whens) {
             // `before` is inclusive for this API: ask again for one microsecond less, as from
             // now on, so no bound counts twice.
             info!(account = %self.config.account_id,
@@ -648,7 +644,7 @@ impl Poller {
         // The next page answered like the page before it: the API repeated a page.
         let repeated =
             request.page > 1 && fingerprint.is_some() && fingerprint == sweep.previous_page;
-        if repeated || sweep.stale(&request, &page.events) {
+        if repeated || sweep.stale(&request, &whens) {
             sweep.repeats += 1;
             if sweep.repeats <= REPEATED_PAGE_RETRIES {
                 let delay = self.config.backoff.delay(sweep.repeats, &mut self.rng);
@@ -665,7 +661,7 @@ impl Poller {
         sweep.repeats = 0;
         sweep.pages += 1;
         let full = page.len() >= sweep.per_page as usize;
-        let moved = sweep.advance(&page.events);
+        let moved = sweep.advance(&whens);
         sweep.previous_full = full;
         let confirmed = sweep.confirm.take().is_some_and(|c| c == request);
         let end = if sweep.in_run() && !moved && !full {
@@ -681,7 +677,7 @@ impl Poller {
                 // A run of equal `when` longer than a page, or (no event with a usable `when`)
                 // simply the next page of the window.
                 if sweep.run.is_none() {
-                    sweep.run = sweep.boundary(&page.events);
+                    sweep.run = sweep.boundary(&whens);
                 }
                 sweep.page += 1;
                 sweep.previous_page = fingerprint;
@@ -869,10 +865,34 @@ fn event_time(raw: &str) -> Option<DateTime<Utc>> {
     struct When {
         when: Option<serde_json::Value>,
     }
+    if let Some(when) = trailing_when(raw) {
+        return parse_when(when).ok();
+    }
     match serde_json::from_str::<When>(raw).ok()?.when? {
         serde_json::Value::String(when) => parse_when(&when).ok(),
         _ => None,
     }
+}
+
+/// The `when` of an event whose last member it is, as the API writes events, found without
+/// reading the whole event (every event of every page is asked); `None` when the event is
+/// not written so. `raw` is valid JSON, so a `"when":"` after `{` or `,` is a key; a value
+/// followed by nothing but the closing brace of the text belongs to the outermost object.
+fn trailing_when(raw: &str) -> Option<&str> {
+    const KEY: &[u8] = b"\"when\":\"";
+    let body = raw
+        .trim_end()
+        .strip_suffix('}')?
+        .trim_end()
+        .strip_suffix('"')?;
+    let at = memchr::memmem::rfind(body.as_bytes(), KEY)?;
+    let is_key = body.as_bytes()[..at]
+        .iter()
+        .rev()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{' || b == b',');
+    let value = &body[at + KEY.len()..];
+    (is_key && !value.contains(['"', '\\'])).then_some(value)
 }
 
 impl Actor for Poller {
@@ -997,5 +1017,34 @@ impl Handler<Drain> for Poller {
         info!(account = %self.config.account_id, inflight = self.inflight, "draining: no new pages");
         self.draining = true;
         self.report_drained();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shortcut answers only where it must agree with reading the whole event.
+    #[test]
+    fn a_trailing_when_is_read_like_the_whole_event() {
+        let t = "2026-05-01T00:00:00Z";
+        let cases = [
+            (format!(r#"{{"id":"a","when":"{t}"}}"#), Some(t)),
+            (format!("{{\"id\":\"a\" ,\n \"when\":\"{t}\" }}\n"), Some(t)),
+            (format!(r#"{{"when":"{t}"}}"#), Some(t)),
+            // not the event's own `when`, or not written last: read in full
+            (format!(r#"{{"id":"a","x":{{"when":"{t}"}}}}"#), None),
+            (format!(r#"{{"when":"{t}","id":"a"}}"#), None),
+            (format!(r#"{{"id":"a","x\"when":"{t}"}}"#), None),
+            (format!(r#"{{"id":"a","meta":"\"when\":\"{t}"}}"#), None),
+            (format!(r#"{{"id":"a","when":"{t}\u0041"}}"#), None),
+            (format!(r#"{{"id":"a","when": "{t}"}}"#), None),
+        ];
+        for (raw, expected) in &cases {
+            assert_eq!(trailing_when(raw), *expected, "{raw}");
+            let full: serde_json::Value = serde_json::from_str(raw).unwrap();
+            let by_parse = full["when"].as_str().and_then(|w| parse_when(w).ok());
+            assert_eq!(event_time(raw), by_parse, "{raw}");
+        }
     }
 }

@@ -68,7 +68,7 @@ impl Page {
         if self.is_empty() {
             return None;
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut hasher = twox_hash::XxHash64::with_seed(0);
         for event in &self.events {
             event.get().hash(&mut hasher);
         }
@@ -351,8 +351,9 @@ pub struct CommitRecord {
 #[async_trait]
 pub trait CheckpointStore: Send + Sync + 'static {
     async fn load(&self, stream: &str) -> Result<CommittedState, SinkError>;
-    /// Which of these event ids are committed to the dataset, by any stream.
-    async fn committed_ids(&self, ids: &[String]) -> Result<HashSet<String>, SinkError>;
+    /// Which of these events (an id at its `when`, the key of `audit_logs`) are committed to
+    /// the dataset, by any stream; their ids.
+    async fn committed_ids(&self, events: &[SeenId]) -> Result<HashSet<String>, SinkError>;
     async fn commit(&self, record: &CommitRecord) -> Result<(), SinkError>;
     /// Files committed but not yet marked published (a crash between commit and publish).
     async fn unpublished(&self, stream: &str) -> Result<Vec<CommittedFile>, SinkError>;

@@ -657,9 +657,10 @@ impl CheckpointStore for Process {
         self.call(self.world.store.load(stream)).await
     }
 
-    async fn committed_ids(&self, ids: &[String]) -> Result<HashSet<String>, SinkError> {
-        let found = self.call(self.world.store.committed_ids(ids)).await;
+    async fn committed_ids(&self, events: &[SeenId]) -> Result<HashSet<String>, SinkError> {
+        let found = self.call(self.world.store.committed_ids(events)).await;
         if self.world.verbose {
+            let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
             self.world
                 .trace(format!("p{} lookup {ids:?} -> {found:?}", self.id));
         }
