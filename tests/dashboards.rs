@@ -180,6 +180,126 @@ async fn every_panel_sql_runs_on_real_data_and_returns_rows() {
     h.finish().await;
 }
 
+/// The rows a panel's query returns over the test's range, each column as text.
+async fn panel_rows(pool: &sqlx::PgPool, title: &str) -> Vec<Vec<String>> {
+    use sqlx::Row;
+    let (_, _, query) = queries(POSTGRES_UID)
+        .into_iter()
+        .find(|(_, t, _)| t == title)
+        .unwrap_or_else(|| panic!("no panel {title:?}"));
+    let expanded = expand_sql(&query, &format!("'{DEMO_ACCOUNT}'"));
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(expanded.clone()))
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{title}: {e}\n{expanded}"));
+    rows.iter()
+        .map(|row| {
+            (0..row.columns().len())
+                .map(|i| {
+                    row.try_get::<i64, _>(i)
+                        .map(|v| v.to_string())
+                        .or_else(|_| row.try_get::<String, _>(i))
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The panels show what the test data holds, counted here from the emulator's events by the
+/// API facts (not through cfaudit's mapping): totals, failures, distinct actors and IPs, the
+/// breakdown by action type, and the dead letters.
+#[actix_rt::test]
+async fn panels_show_the_counts_of_the_test_data() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut config = emulator_config(3_000);
+    config.invalid_every = 97;
+    let h = Harness::new(config).await;
+    run_once(h.config()).await.unwrap();
+    let events = h.emu.emulator.events();
+    let oldest = events.iter().map(|e| e.when).min().unwrap();
+    assert!(
+        oldest > chrono::Utc::now() - chrono::Duration::days(59),
+        "the panels' range of 60 days must hold every event"
+    );
+    let truth: Vec<_> = events
+        .iter()
+        .filter_map(|e| expected_row(&e.json))
+        .collect();
+    let unreadable = events.len() - truth.len();
+    assert!(unreadable > 0 && truth.len() > 2_000, "{unreadable}");
+    let text = |row: &BTreeMap<&str, Value>, column: &str| row[column].as_str().map(str::to_owned);
+    let failed = truth
+        .iter()
+        .filter(|r| {
+            matches!(
+                text(r, "action_result").as_deref(),
+                Some("false" | "failure")
+            )
+        })
+        .count();
+    let actors: BTreeSet<String> = truth
+        .iter()
+        .map(|r| {
+            text(r, "actor_email").unwrap_or_else(|| {
+                format!(
+                    "({})",
+                    text(r, "actor_type").unwrap_or_else(|| "unknown".into())
+                )
+            })
+        })
+        .collect();
+    let ips: BTreeSet<String> = truth.iter().filter_map(|r| text(r, "ip_address")).collect();
+    let mut by_action: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &truth {
+        *by_action
+            .entry(text(r, "action_type").unwrap_or_else(|| "(none)".into()))
+            .or_default() += 1;
+    }
+    assert!(failed > 0 && actors.len() > 1 && ips.len() > 1 && by_action.len() > 1);
+    assert!(by_action.len() <= 20, "the panel shows 20 action types");
+
+    let pool = h.db.pool().await;
+    let one = |rows: Vec<Vec<String>>| rows[0][0].clone();
+    assert_eq!(
+        one(panel_rows(&pool, "Events").await),
+        truth.len().to_string()
+    );
+    assert_eq!(
+        one(panel_rows(&pool, "Failed events").await),
+        failed.to_string()
+    );
+    assert_eq!(
+        one(panel_rows(&pool, "Distinct actors").await),
+        actors.len().to_string()
+    );
+    assert_eq!(
+        one(panel_rows(&pool, "Distinct IP addresses").await),
+        ips.len().to_string()
+    );
+    let shown: BTreeMap<String, u64> = panel_rows(&pool, "Activity by action type")
+        .await
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().unwrap()))
+        .collect();
+    assert_eq!(shown, by_action);
+    assert_eq!(
+        panel_rows(&pool, "Latest dead letters (PostgreSQL)")
+            .await
+            .len(),
+        unreadable.min(50)
+    );
+    println!(
+        "panels: {} events, {failed} failed, {} actors, {} IPs, {} action types, {unreadable} dead letters",
+        truth.len(),
+        actors.len(),
+        ips.len(),
+        by_action.len()
+    );
+    pool.close().await;
+    h.finish().await;
+}
+
 /// A real Prometheus, scraping with the project's config (target and interval changed for
 /// the test) and loading its alert rules.
 struct Prometheus {
