@@ -189,6 +189,45 @@ async fn a_config_error_names_the_key_and_exits_2() {
     );
 }
 
+/// Files are published by renaming them from the staging folder: a dataset folder that is a
+/// mount point of its own (here /dev/shm, a tmpfs, whose staging folder falls in /dev) is
+/// refused at start, naming the setting and the fix, before anything is written.
+#[actix_web::test]
+async fn a_dataset_on_another_filesystem_than_its_staging_is_refused_at_start() {
+    use std::os::unix::fs::MetadataExt;
+    let (dataset, staging) = ("/dev/shm", "/dev/shm.staging");
+    let device = |path: &str| std::fs::metadata(path).unwrap().dev();
+    assert_ne!(
+        device("/dev"),
+        device(dataset),
+        "this test needs /dev/shm mounted on its own"
+    );
+    let existed = std::path::Path::new(staging).exists();
+    let h = Harness::new(emulator_config(10)).await;
+    let mut env = h.env.clone();
+    set(&mut env, "PARQUET_URL", &format!("file://{dataset}"));
+    let refused = finish(cfaudit(&["run", "--once"], &env)).await;
+    if !existed {
+        let _ = std::fs::remove_dir(staging);
+    }
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    for needle in ["PARQUET_URL", "different filesystems", "Fix:"] {
+        assert!(
+            refused.stderr.contains(needle),
+            "{needle}: {}",
+            refused.stderr
+        );
+    }
+    let pool = h.db.pool().await;
+    assert_eq!(
+        rows(&pool).await,
+        0,
+        "nothing is written before the refusal"
+    );
+    pool.close().await;
+    h.finish().await;
+}
+
 #[actix_web::test]
 async fn check_reports_each_dependency_and_names_what_fails() {
     let mut h = Harness::with_s3(emulator_config(10)).await;
