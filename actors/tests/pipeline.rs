@@ -376,6 +376,29 @@ async fn a_failing_commit_rewinds_and_ends_exact() {
     assert!(world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 2);
 }
 
+/// A write that never answers holds its writer until the sink timeout; the ack timeout,
+/// shorter here, gives up on the batch first and the sweep ends exact.
+#[actix_rt::test]
+async fn a_batch_not_acked_within_the_ack_timeout_is_rewound_and_ends_exact() {
+    let all = events(100);
+    let world = World::new(all.clone());
+    world.rows.faults.only("row sink");
+    world.rows.faults.on_call(2, Fault::Hang);
+    let mut parts = world.parts(Direction::Asc, Some(1000));
+    parts.checkpointer.ack_timeout = Duration::from_millis(200);
+    parts.checkpointer.sink_timeout = Duration::from_secs(3);
+    let mut pipeline = Pipeline::start(parts);
+    until("a rewind for the ack timeout", || {
+        let failures = world.metrics.health.sink_failures.lock().unwrap();
+        failures.values().any(|r| r.contains("ack timeout"))
+    })
+    .await;
+    completed(&wait_for(&mut pipeline, |e| !matches!(e, PipelineEvent::Drained)).await);
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    world.assert_exact(&all);
+    assert!(world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 1);
+}
+
 #[actix_rt::test]
 async fn transient_source_errors_are_retried() {
     let all = events(300);
