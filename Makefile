@@ -12,9 +12,10 @@ demo: services build
 	@mkdir -p data
 	tests/support/demo.sh
 
-## test: lint, then every test against real PostgreSQL, local Parquet (read back by pyarrow and DuckDB) and the emulator
+## test: lint, then every test against real PostgreSQL (plain, and TimescaleDB where ../shared/tools/timescaledb exists), local Parquet (read back by pyarrow and DuckDB) and the emulator
 test: services lint
-	$(CARGO) test --workspace --all-targets --features failpoints
+	url=$$(tests/support/ensure-timescaledb.sh) && \
+	  CFAUDIT_TEST_TIMESCALE_URL=$$url $(CARGO) test --workspace --all-targets --features failpoints
 
 ## lint: formatting and clippy, warnings are errors
 lint:

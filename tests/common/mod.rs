@@ -16,27 +16,59 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// The TimescaleDB cluster's admin URL (`make test` starts it from `../shared/tools/timescaledb`
+/// and sets `CFAUDIT_TEST_TIMESCALE_URL`). Without it a test says loudly that TimescaleDB was
+/// not tested and returns `None`; where `CFAUDIT_REQUIRE_TIMESCALEDB=1` (CI) it fails instead.
+pub fn timescale_admin_url(test: &str) -> Option<String> {
+    if let Some(url) = std::env::var("CFAUDIT_TEST_TIMESCALE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+    {
+        return Some(url);
+    }
+    let required = std::env::var("CFAUDIT_REQUIRE_TIMESCALEDB").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{test}: TimescaleDB is required here but CFAUDIT_TEST_TIMESCALE_URL is not set \
+         (make test starts the cluster from ../shared/tools/timescaledb)"
+    );
+    eprintln!(
+        "WARNING: {test}: TimescaleDB NOT TESTED: CFAUDIT_TEST_TIMESCALE_URL is not set \
+         (make test sets it where ../shared/tools/timescaledb exists)"
+    );
+    None
+}
+
 /// A database of its own, dropped by [`TestDb::drop_db`].
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// The cluster's maintenance database, where this one is created and dropped.
+    pub admin: String,
 }
 
 impl TestDb {
+    /// On the plain PostgreSQL cluster.
     pub async fn new() -> TestDb {
+        TestDb::on(&admin_url()).await
+    }
+
+    /// On the cluster of `admin` (a URL of its maintenance database).
+    pub async fn on(admin: &str) -> TestDb {
         let name = format!("cfaudit_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url())
-            .await
-            .expect("PostgreSQL must run on 127.0.0.1:5432 (make test starts it); set CFAUDIT_TEST_ADMIN_URL otherwise");
+        let mut connection = PgConnection::connect(admin).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL must answer at {admin} (make test starts it; CFAUDIT_TEST_ADMIN_URL changes it): {e}")
+        });
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
+            .execute(&mut connection)
             .await
             .unwrap();
-        let mut url = url::Url::parse(&admin_url()).unwrap();
+        let mut url = url::Url::parse(admin).unwrap();
         url.set_path(&name);
         TestDb {
             name,
             url: url.to_string(),
+            admin: admin.to_owned(),
         }
     }
 
@@ -45,7 +77,7 @@ impl TestDb {
     }
 
     pub async fn drop_db(self) {
-        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        let mut admin = PgConnection::connect(&self.admin).await.unwrap();
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.name
@@ -376,7 +408,17 @@ pub struct Harness {
 
 impl Harness {
     pub async fn new(config: EmulatorConfig) -> Harness {
-        let db = TestDb::new().await;
+        Harness::on(TestDb::new().await, config)
+    }
+
+    /// As [`Harness::new`], with the database on the TimescaleDB cluster; `None` (said loudly)
+    /// where that cluster is not available.
+    pub async fn on_timescale(test: &str, config: EmulatorConfig) -> Option<Harness> {
+        let admin = timescale_admin_url(test)?;
+        Some(Harness::on(TestDb::on(&admin).await, config))
+    }
+
+    fn on(db: TestDb, config: EmulatorConfig) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let parquet = dir.path().join("parquet");
         let emu = spawn_emulator(config);
