@@ -81,3 +81,94 @@ async fn a_backfill_lands_exactly_once_on_timescaledb_column_for_column() {
     pool.close().await;
     h.finish().await;
 }
+
+/// The hypertable's policy jobs: (policy, its interval), sorted.
+async fn policies(pool: &sqlx::PgPool) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT proc_name::text, coalesce(config->>'compress_after', config->>'drop_after') \
+         FROM timescaledb_information.jobs WHERE hypertable_name = 'audit_logs' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[actix_rt::test]
+async fn policies_follow_the_configuration_at_every_start_and_zero_removes_them() {
+    let test = "policies_follow_the_configuration_at_every_start_and_zero_removes_them";
+    let Some(mut h) = Harness::on_timescale(test, emulator_config(100)).await else {
+        return;
+    };
+    let pool = h.db.pool().await;
+    let expect = |compress: &str, retention: &str| {
+        vec![
+            ("policy_compression".to_owned(), compress.to_owned()),
+            ("policy_retention".to_owned(), retention.to_owned()),
+        ]
+    };
+    run_once(h.config()).await.unwrap();
+    assert_eq!(
+        policies(&pool).await,
+        expect("30 days", "90 days"),
+        "the defaults"
+    );
+    h.set("TIMESCALE_COMPRESS_AFTER_DAYS", "7");
+    h.set("RETENTION_DAYS", "14");
+    run_once(h.config()).await.unwrap();
+    assert_eq!(
+        policies(&pool).await,
+        expect("7 days", "14 days"),
+        "changed and restarted"
+    );
+    h.set("TIMESCALE_COMPRESS_AFTER_DAYS", "0");
+    h.set("RETENTION_DAYS", "0");
+    run_once(h.config()).await.unwrap();
+    assert_eq!(policies(&pool).await, vec![], "0 removes both");
+    println!("timescaledb: policies 30/90 -> 7/14 -> none, as configured");
+    pool.close().await;
+    h.finish().await;
+}
+
+/// With every chunk compressed, a replay of the whole dataset and a re-read of the range
+/// insert nothing and fail nowhere; the table is unchanged.
+#[actix_rt::test]
+async fn compressed_chunks_take_a_replay_and_a_re_read_without_change() {
+    let test = "compressed_chunks_take_a_replay_and_a_re_read_without_change";
+    let Some(mut h) = Harness::on_timescale(test, emulator_config(2_000)).await else {
+        return;
+    };
+    run_once(h.config()).await.unwrap();
+    let pool = h.db.pool().await;
+    let before = table_fingerprint(&pool).await;
+    let (compressed,): (i64,) = sqlx::query_as(
+        "SELECT count(compress_chunk(c, if_not_compressed => TRUE)) FROM show_chunks('audit_logs') c",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (uncompressed,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM timescaledb_information.chunks \
+         WHERE hypertable_name = 'audit_logs' AND NOT is_compressed",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        compressed > 0 && uncompressed == 0,
+        "{compressed} compressed, {uncompressed} not"
+    );
+
+    let replayed = finish(cfaudit(&["replay"], &h.env)).await;
+    assert!(replayed.success, "{}", replayed.stderr);
+    let summary: serde_json::Value = serde_json::from_str(replayed.stdout.trim()).unwrap();
+    assert_eq!(summary["inserted"].as_i64(), Some(0), "{summary}");
+
+    // A re-read of the whole range: a day of safety lag.
+    h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "86400");
+    run_once(h.config()).await.unwrap();
+    assert_eq!(table_fingerprint(&pool).await, before, "the table changed");
+    h.assert_exact().await;
+    println!("timescaledb: {compressed} compressed chunks, replay and re-read inserted nothing");
+    pool.close().await;
+    h.finish().await;
+}
