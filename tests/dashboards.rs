@@ -154,11 +154,28 @@ fn expand_sql(sql: &str, account: &str) -> String {
     out
 }
 
+/// The test data of the panel tests: dead letters included, for their panel.
+fn panel_data() -> cfaudit::emulator::EmulatorConfig {
+    let mut config = emulator_config(3_000);
+    config.invalid_every = 97;
+    config
+}
+
 #[actix_rt::test]
 async fn every_panel_sql_runs_on_real_data_and_returns_rows() {
-    let mut config = emulator_config(3_000);
-    config.invalid_every = 97; // dead letters for their panel
-    let h = Harness::new(config).await;
+    every_panel_sql_returns_rows(Harness::new(panel_data()).await).await;
+}
+
+/// On TimescaleDB the aggregates are continuous aggregates, not views.
+#[actix_rt::test]
+async fn every_panel_sql_runs_on_timescaledb_and_returns_rows() {
+    let test = "every_panel_sql_runs_on_timescaledb_and_returns_rows";
+    if let Some(h) = Harness::on_timescale(test, panel_data()).await {
+        every_panel_sql_returns_rows(h).await;
+    }
+}
+
+async fn every_panel_sql_returns_rows(h: Harness) {
     run_once(h.config()).await.unwrap();
     let pool = h.db.pool().await;
     let sql = queries(POSTGRES_UID);
@@ -211,10 +228,20 @@ async fn panel_rows(pool: &sqlx::PgPool, title: &str) -> Vec<Vec<String>> {
 /// breakdown by action type, and the dead letters.
 #[actix_rt::test]
 async fn panels_show_the_counts_of_the_test_data() {
+    panels_show_the_counts(Harness::new(panel_data()).await).await;
+}
+
+/// The same on TimescaleDB: its continuous aggregates agree with the data after a backfill.
+#[actix_rt::test]
+async fn panels_show_the_counts_of_the_test_data_on_timescaledb() {
+    let test = "panels_show_the_counts_of_the_test_data_on_timescaledb";
+    if let Some(h) = Harness::on_timescale(test, panel_data()).await {
+        panels_show_the_counts(h).await;
+    }
+}
+
+async fn panels_show_the_counts(h: Harness) {
     use std::collections::{BTreeMap, BTreeSet};
-    let mut config = emulator_config(3_000);
-    config.invalid_every = 97;
-    let h = Harness::new(config).await;
     run_once(h.config()).await.unwrap();
     let events = h.emu.emulator.events();
     let oldest = events.iter().map(|e| e.when).min().unwrap();
