@@ -73,11 +73,14 @@ async fn check_database(config: &Config) -> Result<String, String> {
             .map(|r| r.0)
             .unwrap_or(0);
     let known = MIGRATOR.iter().count();
-    let timescale = postgres.has_timescaledb().await.unwrap_or(false);
+    let timescale = match postgres.timescale_state().await {
+        Ok(Some(state)) => state.to_string(),
+        Ok(None) => "plain PostgreSQL (no TimescaleDB)".to_owned(),
+        Err(error) => format!("TimescaleDB state unreadable: {error}"),
+    };
     let detail = format!(
-        "PostgreSQL {version} at {}; migrations {applied} of {known} applied; TimescaleDB {}",
+        "PostgreSQL {version} at {}; migrations {applied} of {known} applied; {timescale}",
         redacted_url(config.database_url.expose()),
-        if timescale { "present" } else { "absent" }
     );
     if (applied as usize) < known {
         return Err(format!(

@@ -164,6 +164,32 @@ impl Postgres {
         Ok(present)
     }
 
+    /// What TimescaleDB does with `audit_logs` in this database; `None` on plain PostgreSQL.
+    pub async fn timescale_state(&self) -> anyhow::Result<Option<TimescaleState>> {
+        if !self.has_timescaledb().await? {
+            return Ok(None);
+        }
+        let (version, chunks, compressed_chunks, compress_after, drop_after) = sqlx::query_as(
+            "SELECT (SELECT extversion::text FROM pg_extension WHERE extname = 'timescaledb'), \
+                    (SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'audit_logs'), \
+                    (SELECT count(*) FROM timescaledb_information.chunks \
+                      WHERE hypertable_name = 'audit_logs' AND is_compressed), \
+                    (SELECT config->>'compress_after' FROM timescaledb_information.jobs \
+                      WHERE hypertable_name = 'audit_logs' AND proc_name = 'policy_compression'), \
+                    (SELECT config->>'drop_after' FROM timescaledb_information.jobs \
+                      WHERE hypertable_name = 'audit_logs' AND proc_name = 'policy_retention')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(TimescaleState {
+            version,
+            chunks,
+            compressed_chunks,
+            compress_after,
+            drop_after,
+        }))
+    }
+
     /// Applies the compression and retention policies of the configuration (TimescaleDB
     /// only; `0` removes a policy). Replaced on every start, so a changed setting takes effect
     /// without a migration. Returns `false` on plain PostgreSQL, where nothing is done.
@@ -600,6 +626,36 @@ impl CheckpointStore for Postgres {
         .map_err(|e| sink_error("move the checkpoint back", e))?;
         tx.commit().await.map_err(|e| sink_error("commit", e))?;
         Ok(events as u64)
+    }
+}
+
+/// What TimescaleDB does with `audit_logs`: its chunks and its policies.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TimescaleState {
+    pub version: String,
+    pub chunks: i64,
+    pub compressed_chunks: i64,
+    /// The compression policy's age, `None` without one.
+    pub compress_after: Option<String>,
+    /// The retention policy's age, `None` without one.
+    pub drop_after: Option<String>,
+}
+
+impl std::fmt::Display for TimescaleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TimescaleDB {}: audit_logs in {} chunks ({} compressed); ",
+            self.version, self.chunks, self.compressed_chunks
+        )?;
+        match &self.compress_after {
+            Some(age) => write!(f, "compression after {age}; ")?,
+            None => write!(f, "no compression policy; ")?,
+        }
+        match &self.drop_after {
+            Some(age) => write!(f, "retention {age}"),
+            None => write!(f, "no retention policy"),
+        }
     }
 }
 

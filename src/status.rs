@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::lake::ParquetLake;
-use crate::postgres::Postgres;
+use crate::postgres::{Postgres, TimescaleState};
 use crate::streams::Stream;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -38,6 +38,8 @@ pub struct Status {
     pub accounts: Vec<AccountStatus>,
     /// Files in the staging area: uncommitted work, or leftovers a start-up will clean.
     pub staged_files: usize,
+    /// TimescaleDB's chunks and policies; `None` on plain PostgreSQL.
+    pub timescaledb: Option<TimescaleState>,
 }
 
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
@@ -78,9 +80,11 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .len();
+    let timescaledb = postgres.timescale_state().await?;
     Ok(Status {
         accounts,
         staged_files,
+        timescaledb,
     })
 }
 
@@ -132,6 +136,10 @@ impl std::fmt::Display for Status {
                 };
                 writeln!(f, "  backfill        {} {state}", b.range())?;
             }
+        }
+        match &self.timescaledb {
+            Some(state) => writeln!(f, "database        {state}")?,
+            None => writeln!(f, "database        plain PostgreSQL (no TimescaleDB)")?,
         }
         write!(f, "staging         {} files", self.staged_files)
     }

@@ -120,10 +120,32 @@ async fn policies_follow_the_configuration_at_every_start_and_zero_removes_them(
         expect("7 days", "14 days"),
         "changed and restarted"
     );
+    let status = finish(cfaudit(&["status"], &h.env)).await;
+    assert!(
+        status
+            .stdout
+            .contains("compression after 7 days; retention 14 days"),
+        "{}",
+        status.stdout
+    );
+    let check = finish(cfaudit(&["check"], &h.env)).await;
+    assert!(
+        check.stdout.contains("PASS  database:") && check.stdout.contains("TimescaleDB 2."),
+        "{}",
+        check.stdout
+    );
     h.set("TIMESCALE_COMPRESS_AFTER_DAYS", "0");
     h.set("RETENTION_DAYS", "0");
     run_once(h.config()).await.unwrap();
     assert_eq!(policies(&pool).await, vec![], "0 removes both");
+    let status = finish(cfaudit(&["status"], &h.env)).await;
+    assert!(
+        status
+            .stdout
+            .contains("no compression policy; no retention policy"),
+        "{}",
+        status.stdout
+    );
     println!("timescaledb: policies 30/90 -> 7/14 -> none, as configured");
     pool.close().await;
     h.finish().await;
