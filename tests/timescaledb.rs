@@ -194,3 +194,54 @@ async fn compressed_chunks_take_a_replay_and_a_re_read_without_change() {
     pool.close().await;
     h.finish().await;
 }
+
+/// An event that turns up late, at a time whose chunk is compressed already, is stored: a
+/// sweep whose safety lag reaches back to it collects it (and nothing twice).
+#[actix_rt::test]
+async fn a_late_event_into_a_compressed_chunk_is_stored() {
+    let test = "a_late_event_into_a_compressed_chunk_is_stored";
+    let Some(mut h) = Harness::on_timescale(test, emulator_config(2_000)).await else {
+        return;
+    };
+    run_once(h.config()).await.unwrap();
+    let pool = h.db.pool().await;
+    sqlx::raw_sql(
+        "SELECT compress_chunk(c, if_not_compressed => TRUE) FROM show_chunks('audit_logs') c",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let events = h.emu.emulator.events();
+    let middle = events[events.len() / 2].when;
+    let late = serde_json::json!({
+        "id": "late-into-compressed",
+        "when": middle.to_rfc3339(),
+        "action": {"type": "token_create", "result": true},
+        "actor": {"email": "late@example.com", "type": "user"},
+    });
+    h.emu.emulator.insert(&[late]);
+    let (compressed,): (bool,) = sqlx::query_as(
+        "SELECT bool_and(is_compressed) FROM timescaledb_information.chunks \
+         WHERE hypertable_name = 'audit_logs' AND $1 >= range_start AND $1 < range_end",
+    )
+    .bind(middle)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(compressed, "the late event's chunk is compressed");
+
+    // The live stream re-reads back to it: a safety lag reaching an hour before it.
+    let lag = (chrono::Utc::now() - middle).num_seconds() + 3_600;
+    h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", &lag.to_string());
+    run_once(h.config()).await.unwrap();
+    let (stored,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit_logs WHERE event_id = 'late-into-compressed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1);
+    h.assert_exact().await;
+    println!("timescaledb: a late event into a compressed chunk stored once, both sinks exact");
+    pool.close().await;
+    h.finish().await;
+}
