@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: a backfill of BENCH_EVENTS (default 200,000) emulator events with the release
-# build, measured by /usr/bin/time -v: events/s and peak RSS, plus the run's counts.
+# build, measured by /usr/bin/time -v: events/s and peak RSS, plus the run's counts; on plain
+# PostgreSQL, then the same on TimescaleDB where ../shared/tools/timescaledb provides it.
 # BENCH_S3=1: the dataset in a bucket of a local S3-compatible server instead of a folder.
 set -euo pipefail
 bin=target/release/cfaudit
@@ -9,12 +10,9 @@ port=${BENCH_EMULATOR_PORT:-18788}
 db=cfaudit_bench
 out=data/bench
 mkdir -p "$out"
-rm -rf "$out/parquet" "$out/parquet.staging"
-psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 
 source "$(dirname "$0")/emulator-env.sh"
 start_emulator "$bin" "$port" "$events" "$out/emulator.log"
-export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db"
 export PARQUET_URL="file://$PWD/$out/parquet"
 if [ -n "${BENCH_S3:-}" ]; then
   # The dataset in a bucket of the S3-compatible test server (s3s-fs), on this machine.
@@ -35,19 +33,37 @@ export LOG_FORMAT=json RUST_LOG=warn
 # BENCH_BUDGET=1000 measures a backfill as it runs against the real API.
 export CLOUDFLARE_REQUESTS_PER_5_MINUTES=${BENCH_BUDGET:-1000000} CLOUDFLARE_REQUEST_BURST=${BENCH_BURST:-1000}
 
-"$bin" migrate
-/usr/bin/time -v "$bin" run --once >"$out/summary.json" 2>"$out/time.txt"
-elapsed=$(grep 'Elapsed (wall clock)' "$out/time.txt" | awk '{print $NF}')
-rss_kb=$(grep 'Maximum resident set size' "$out/time.txt" | awk '{print $NF}')
-seconds=$(python3 -c "import sys; p=sys.argv[1].split(':'); print(sum(float(x)*60**i for i,x in enumerate(reversed(p))))" "$elapsed")
-python3 - "$out/summary.json" "$seconds" "$rss_kb" "$events" <<'PY'
+# One backfill of the emulator's events into a fresh database of the cluster at $1 (a URL of its
+# maintenance database) and a fresh dataset folder; prints its figures under label $2.
+bench_once() {
+  local admin=$1 label=$2 url
+  url="${admin%/*}/$db"
+  psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
+  rm -rf "$out/parquet" "$out/parquet.staging"
+  if [ -n "${BENCH_S3:-}" ]; then rm -rf "$out/s3/bench" && mkdir -p "$out/s3/bench"; fi
+  export DATABASE_URL=$url
+  "$bin" migrate
+  /usr/bin/time -v "$bin" run --once >"$out/summary.json" 2>"$out/time.txt"
+  elapsed=$(grep 'Elapsed (wall clock)' "$out/time.txt" | awk '{print $NF}')
+  rss_kb=$(grep 'Maximum resident set size' "$out/time.txt" | awk '{print $NF}')
+  seconds=$(python3 -c "import sys; p=sys.argv[1].split(':'); print(sum(float(x)*60**i for i,x in enumerate(reversed(p))))" "$elapsed")
+  python3 - "$out/summary.json" "$seconds" "$rss_kb" "$events" "$label" <<'PY'
 import json, sys
 summary = json.load(open(sys.argv[1]))
-seconds, rss_kb, events = float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+seconds, rss_kb, events, label = float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 rows = summary["rows_in_postgres"]
+print(f"== {label}")
 print(f"events in emulator: {events}")
 print(f"rows in postgres:   {rows}   parquet rows: {summary['parquet_rows']}   parquet files: {summary['parquet_files']}   dead letters: {summary['dead_letters']}")
 print(f"wall time:          {seconds:.1f} s")
 print(f"throughput:         {rows / seconds:,.0f} events/s")
 print(f"peak RSS:           {rss_kb / 1024:.1f} MiB")
 PY
+}
+
+bench_once "postgres://postgres@127.0.0.1:5432/postgres" "plain PostgreSQL (127.0.0.1:5432)"
+# The same on TimescaleDB (a hypertable with 1-day chunks), where ../shared provides it.
+timescale=$("$(dirname "$0")/ensure-timescaledb.sh")
+if [ -n "$timescale" ]; then
+  bench_once "$timescale" "TimescaleDB (${timescale#postgres://postgres@})"
+fi
