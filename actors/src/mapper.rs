@@ -160,14 +160,7 @@ impl Mapper {
             .events_dead_lettered
             .with_label_values(&[account])
             .inc_by(mapped.dead_letters.len() as u64);
-        let events = mapped
-            .rows
-            .iter()
-            .map(|row| SeenId {
-                id: row.event_id.clone(),
-                when: row.timestamp,
-            })
-            .collect();
+        let events = seen_ids(&mapped.rows);
         // The Checkpointer learns of the batch before either writer can ack it.
         self.checkpointer.do_send(ExpectBatch {
             batch: page.batch,
@@ -202,6 +195,16 @@ impl Mapper {
     fn stale(&self, batch: BatchId) -> bool {
         self.dedup_epoch != Some(batch.epoch) || self.epoch.current() != batch.epoch
     }
+}
+
+/// The key of each row: what the event index and the Checkpointer know an event by.
+fn seen_ids(rows: &[AuditRow]) -> Vec<SeenId> {
+    rows.iter()
+        .map(|row| SeenId {
+            id: row.event_id.clone(),
+            when: row.timestamp,
+        })
+        .collect()
 }
 
 impl Actor for Mapper {
@@ -260,14 +263,7 @@ impl Handler<FetchedPage> for Mapper {
                 return done();
             }
         };
-        let ids: Vec<SeenId> = mapped
-            .rows
-            .iter()
-            .map(|row| SeenId {
-                id: row.event_id.clone(),
-                when: row.timestamp,
-            })
-            .collect();
+        let ids = seen_ids(&mapped.rows);
         let store = self.store.clone();
         let timeout = self.lookup_timeout;
         let lookup = async move {
