@@ -59,6 +59,14 @@ async fn prune_event_index(postgres: &Postgres) {
     }
 }
 
+/// Brings the dashboards' aggregates up to date where their own refresh policy does not look;
+/// a failure only delays that to the next sweep.
+async fn refresh_settled_aggregates(postgres: &Postgres) {
+    if let Err(error) = postgres.refresh_settled_aggregates().await {
+        warn!(%error, "could not refresh the dashboards' aggregates older than their policy's window; retried after the next sweep");
+    }
+}
+
 impl Adapters {
     /// Connects to the database (applying the migrations unless told not to), the object
     /// store and the API client.
@@ -75,6 +83,7 @@ impl Adapters {
             admin.migrate().await?;
             apply_policies(&admin, config).await?;
             prune_event_index(&admin).await;
+            refresh_settled_aggregates(&admin).await;
             admin.pool().close().await;
         }
         let postgres = Postgres::connect(
@@ -402,6 +411,7 @@ pub async fn drive(
                     if let Err(error) = postgres.record_sweep(stream).await {
                         warn!(%error, "could not record the sweep's time (cfaudit status shows it)");
                     }
+                    refresh_settled_aggregates(postgres).await;
                     if once {
                         return Ok(RunEnd::Done);
                     }

@@ -28,6 +28,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// index forgets events older than this, which no sweep can fetch again.
 const INDEX_HORIZON_DAYS: i32 = 550;
 
+/// How far back the continuous aggregates' refresh policy looks (`start_offset` in the
+/// aggregates' migration); older hours are refreshed by cfaudit itself.
+const AGGREGATE_POLICY_DAYS: i64 = 3;
+
 #[derive(Clone)]
 pub struct Postgres {
     pool: PgPool,
@@ -225,12 +229,12 @@ impl Postgres {
     }
 
     /// TimescaleDB only: materializes the hourly aggregates over `[since, until)`, widened to
-    /// whole hours. Their refresh policy only looks at the last 3 days, so rows written
-    /// further back (a backfill, a replay) need this. Plain PostgreSQL's views are always
-    /// current. A failure loses nothing (the rows are committed): it is logged with the
+    /// whole hours. Their refresh policy only looks at the last [`AGGREGATE_POLICY_DAYS`], so
+    /// rows written further back (a backfill, a replay) need this. Plain PostgreSQL's views are
+    /// always current. A failure loses nothing (the rows are committed): it is logged with the
     /// command that fixes it.
     pub async fn refresh_aggregates(&self, since: DateTime<Utc>, until: DateTime<Utc>) {
-        match self.try_refresh_aggregates(since, until).await {
+        match self.try_refresh_aggregates(Some(since), until).await {
             Ok(true) => info!(%since, %until, "continuous aggregates refreshed over the range"),
             Ok(false) => {}
             Err(error) => warn!(%error, %since, %until,
@@ -238,24 +242,37 @@ impl Postgres {
         }
     }
 
-    /// `false` on plain PostgreSQL.
+    /// TimescaleDB only: brings the hourly aggregates up to date everywhere their refresh
+    /// policy does not look (older than [`AGGREGATE_POLICY_DAYS`]). Once the policy has run,
+    /// the aggregates read as materialized everything before its window, so rows the live
+    /// stream commits there (its first catch-up, a late event reached by the safety lag) would
+    /// be missing from the dashboards. TimescaleDB recomputes only the hours that changed
+    /// since the last refresh, so a call with nothing new costs a few milliseconds.
+    pub async fn refresh_settled_aggregates(&self) -> anyhow::Result<bool> {
+        let until = Utc::now() - chrono::Duration::days(AGGREGATE_POLICY_DAYS);
+        self.try_refresh_aggregates(None, until).await
+    }
+
+    /// `false` on plain PostgreSQL. `since` `None` is the beginning of time.
     async fn try_refresh_aggregates(
         &self,
-        since: DateTime<Utc>,
+        since: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
     ) -> anyhow::Result<bool> {
         if !self.has_timescaledb().await? {
             return Ok(false);
         }
         let hour = chrono::Duration::hours(1);
-        let since = since.duration_trunc(hour)?;
-        let until = until.duration_trunc(hour)? + hour;
+        let floor = |t: DateTime<Utc>| t.duration_trunc(hour).expect("an hour divides any time");
+        let since = since.map_or("NULL".to_owned(), |since| {
+            format!("'{}'::timestamptz", floor(since).to_rfc3339())
+        });
+        let until = floor(until) + hour;
         for view in ["audit_events_hourly", "audit_actors_hourly"] {
             // CALL refuses to run in a transaction block: simple protocol, and the bounds are
             // our own timestamps, not input.
             let call = format!(
-                "CALL refresh_continuous_aggregate('{view}', '{}'::timestamptz, '{}'::timestamptz)",
-                since.to_rfc3339(),
+                "CALL refresh_continuous_aggregate('{view}', {since}, '{}'::timestamptz)",
                 until.to_rfc3339()
             );
             sqlx::raw_sql(sqlx::AssertSqlSafe(call))

@@ -1,6 +1,6 @@
 //! `cfaudit backfill`: an explicit range, resumable, beside the live stream without overlap,
 //! and `replay` of what it wrote gives the same rows. Counted in PostgreSQL and, by pyarrow
-//! and DuckDB, in the Parquet dataset.
+//! and DuckDB, in the Parquet dataset. Each test runs on plain PostgreSQL and on TimescaleDB.
 
 mod common;
 
@@ -38,18 +38,25 @@ fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+on_both_clusters!(
+    a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows,
+    backfills_and_the_live_stream_cover_adjacent_ranges_exactly_once,
+);
+
 async fn backfill(h: &Harness, args: &[&str]) -> Finished {
     let mut all = vec!["backfill"];
     all.extend_from_slice(args);
     finish(cfaudit(&all, &h.env)).await
 }
 
-#[actix_rt::test]
-async fn a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows() {
+async fn a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows(cluster: Cluster) {
     let mut config = emulator_config(6_000);
     config.faults.fault_5xx_every = 11;
     config.faults.latency_ms = 40;
-    let mut h = Harness::new(config).await;
+    let test = "a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows";
+    let Some(mut h) = Harness::on_cluster(cluster, test, config).await else {
+        return;
+    };
     h.set("CLOUDFLARE_PER_PAGE", "100");
     h.set("BATCH_MAX_EVENTS", "100");
     let since = first_hour(&h) + Duration::days(5);
@@ -65,6 +72,7 @@ async fn a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows() {
     let child = cfaudit(&all, &h.env);
     let pool = h.db.pool().await;
     wait_for_rows(&pool, 800).await;
+    assert_runs_on(&pool, cluster).await;
     signal(&child, "-KILL");
     let _ = finish(child).await;
     assert!(rows(&pool).await < expected.len() as i64, "killed too late");
@@ -128,9 +136,11 @@ async fn a_backfilled_range_is_exact_resumable_and_replays_to_the_same_rows() {
 /// Backfills before and after the live stream starts, with a one-day safety lag that reaches
 /// across every boundary: each event once in both sinks. Overlapping and future ranges are
 /// refused with the flag and the fix named.
-#[actix_rt::test]
-async fn backfills_and_the_live_stream_cover_adjacent_ranges_exactly_once() {
-    let mut h = Harness::new(emulator_config(5_000)).await;
+async fn backfills_and_the_live_stream_cover_adjacent_ranges_exactly_once(cluster: Cluster) {
+    let test = "backfills_and_the_live_stream_cover_adjacent_ranges_exactly_once";
+    let Some(mut h) = Harness::on_cluster(cluster, test, emulator_config(5_000)).await else {
+        return;
+    };
     h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "86400");
     let first = first_hour(&h);
     let (a, m) = (first + Duration::days(6), first + Duration::days(18));
@@ -150,6 +160,7 @@ async fn backfills_and_the_live_stream_cover_adjacent_ranges_exactly_once() {
         live.stderr
     );
     let pool = h.db.pool().await;
+    assert_runs_on(&pool, cluster).await;
     assert_exact(&pool, &h.lake, &h.reader_env, &ids_in(&h, a, Utc::now())).await;
 
     // Overlapping the live stream or the first backfill: refused, nothing written.

@@ -79,9 +79,14 @@ fn outage_env(h: &mut Harness) -> String {
     addr
 }
 
-#[actix_web::test]
-async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
-    let pg = PrivatePostgres::start();
+on_both_clusters!(postgres_stopped_and_started_mid_run_recovers_and_ends_exact);
+
+async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact(cluster: Cluster) {
+    let test = "postgres_stopped_and_started_mid_run_recovers_and_ends_exact";
+    if cluster.admin_url(test).is_none() {
+        return;
+    }
+    let pg = PrivatePostgres::start_as(cluster);
     let mut config = emulator_config(20_000);
     config.faults.latency_ms = 20;
     let mut h = Harness::new(config).await;
@@ -111,7 +116,7 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
     wait_ready(&addr, 200, "", Duration::from_secs(60)).await;
     let metrics = scrape(&addr).await;
     println!(
-        "postgres outage: 15 s down at {rows_at_stop} rows; rss {rss_at_start:.0} → {rss_at_end:.0} MiB; \
+        "{cluster:?} outage: 15 s down at {rows_at_stop} rows; rss {rss_at_start:.0} → {rss_at_end:.0} MiB; \
          rewinds {}; all {} rows {:.1} s after the restart",
         metric(&metrics, "cfaudit_pipeline_rewinds_total"),
         expected.len(),
@@ -126,6 +131,7 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact() {
     assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
 
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    assert_runs_on(&pool, cluster).await;
     assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
     pool.close().await;
     h.finish().await;

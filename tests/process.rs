@@ -282,13 +282,24 @@ async fn check_reports_each_dependency_and_names_what_fails() {
     h.finish().await;
 }
 
-#[actix_web::test]
-async fn status_reports_what_is_committed_and_fails_clearly_without_a_database() {
+on_both_clusters!(
+    status_reports_what_is_committed_and_fails_clearly_without_a_database,
+    replay_rebuilds_the_table_from_parquet_exactly_once,
+);
+
+async fn status_reports_what_is_committed_and_fails_clearly_without_a_database(cluster: Cluster) {
+    let test = "status_reports_what_is_committed_and_fails_clearly_without_a_database";
     let mut config = emulator_config(3_000);
     config.invalid_every = 1000;
-    let h = Harness::with_s3(config).await;
+    let Some(h) = Harness::on_cluster(cluster, test, config).await else {
+        return;
+    };
+    let h = h.into_s3();
     let ran = finish(cfaudit(&["run", "--once"], &h.env)).await;
     assert!(ran.success, "{}", ran.stderr);
+    let pool = h.db.pool().await;
+    assert_runs_on(&pool, cluster).await;
+    pool.close().await;
     let status = finish(cfaudit(&["status", "--json"], &h.env)).await;
     assert!(status.success, "{}", status.stderr);
     let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
@@ -312,6 +323,11 @@ async fn status_reports_what_is_committed_and_fails_clearly_without_a_database()
         "{status}"
     );
     let text = finish(cfaudit(&["status"], &h.env)).await;
+    let database = match cluster {
+        Cluster::Postgres => "database        plain PostgreSQL (no TimescaleDB)",
+        Cluster::Timescaledb => "database        TimescaleDB 2.",
+    };
+    assert!(text.stdout.contains(database), "{}", text.stdout);
     assert!(
         text.stdout.contains("2997 rows in")
             && text.stdout.contains("checkpoint")
@@ -332,13 +348,16 @@ async fn status_reports_what_is_committed_and_fails_clearly_without_a_database()
     h.finish().await;
 }
 
-#[actix_web::test]
-async fn replay_rebuilds_the_table_from_parquet_exactly_once() {
+async fn replay_rebuilds_the_table_from_parquet_exactly_once(cluster: Cluster) {
+    let test = "replay_rebuilds_the_table_from_parquet_exactly_once";
     let mut config = emulator_config(4_000);
     config.invalid_every = 1000;
-    let h = Harness::new(config).await;
+    let Some(h) = Harness::on_cluster(cluster, test, config).await else {
+        return;
+    };
     assert!(finish(cfaudit(&["run", "--once"], &h.env)).await.success);
     let pool = h.db.pool().await;
+    assert_runs_on(&pool, cluster).await;
     // A fingerprint of every column of every row.
     let fingerprint = || table_fingerprint(&pool);
     let before = fingerprint().await;

@@ -39,6 +39,72 @@ pub fn timescale_admin_url(test: &str) -> Option<String> {
     None
 }
 
+/// The PostgreSQL clusters a schema or SQL test runs on: plain PostgreSQL (127.0.0.1:5432) and
+/// TimescaleDB (127.0.0.1:5440, started by `make test`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cluster {
+    Postgres,
+    Timescaledb,
+}
+
+impl Cluster {
+    /// The cluster's admin URL; `None` (said loudly, or a failure where TimescaleDB is
+    /// required) for TimescaleDB where it is not available.
+    pub fn admin_url(self, test: &str) -> Option<String> {
+        match self {
+            Cluster::Postgres => Some(admin_url()),
+            Cluster::Timescaledb => timescale_admin_url(test),
+        }
+    }
+}
+
+/// The database behind `pool` is of `cluster`'s kind: on TimescaleDB `audit_logs` is a
+/// hypertable, on plain PostgreSQL there is no TimescaleDB, so a test shows which path it took.
+pub async fn assert_runs_on(pool: &sqlx::PgPool, cluster: Cluster) {
+    let (extension,): (bool,) =
+        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let hypertable = extension && {
+        let (found,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables \
+                            WHERE hypertable_name = 'audit_logs')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        found
+    };
+    assert_eq!(
+        hypertable,
+        cluster == Cluster::Timescaledb,
+        "audit_logs is a hypertable exactly on TimescaleDB ({cluster:?})"
+    );
+}
+
+/// Runs each named `async fn(Cluster)` as two tests, `<name>::postgres` and
+/// `<name>::timescaledb`, so every schema or SQL path is tested on both clusters.
+#[macro_export]
+macro_rules! on_both_clusters {
+    ($($(#[$meta:meta])* $name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                $(#[$meta])*
+                #[actix_web::test]
+                async fn postgres() {
+                    super::$name($crate::common::Cluster::Postgres).await
+                }
+                $(#[$meta])*
+                #[actix_web::test]
+                async fn timescaledb() {
+                    super::$name($crate::common::Cluster::Timescaledb).await
+                }
+            }
+        )*
+    };
+}
+
 /// A database of its own, dropped by [`TestDb::drop_db`].
 pub struct TestDb {
     pub name: String,
@@ -418,6 +484,17 @@ impl Harness {
         Some(Harness::on(TestDb::on(&admin).await, config))
     }
 
+    /// As [`Harness::new`], on `cluster`; `None` where that cluster is not available (see
+    /// [`Cluster::admin_url`]).
+    pub async fn on_cluster(
+        cluster: Cluster,
+        test: &str,
+        config: EmulatorConfig,
+    ) -> Option<Harness> {
+        let admin = cluster.admin_url(test)?;
+        Some(Harness::on(TestDb::on(&admin).await, config))
+    }
+
     fn on(db: TestDb, config: EmulatorConfig) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let parquet = dir.path().join("parquet");
@@ -437,7 +514,12 @@ impl Harness {
 
     /// As [`Harness::new`], with the dataset in a bucket of a real S3-compatible server.
     pub async fn with_s3(config: EmulatorConfig) -> Harness {
-        let mut h = Harness::new(config).await;
+        Harness::new(config).await.into_s3()
+    }
+
+    /// This harness with its dataset in a bucket of a real S3-compatible server.
+    pub fn into_s3(self) -> Harness {
+        let mut h = self;
         let s3 = S3Server::start("cfaudit");
         h.reader_env = s3.env();
         h.lake = "s3://cfaudit/lake".to_owned();
@@ -591,10 +673,17 @@ pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     pub port: u16,
     bin: PathBuf,
+    timescaledb: bool,
 }
 
 impl PrivatePostgres {
     pub fn start() -> PrivatePostgres {
+        PrivatePostgres::start_as(Cluster::Postgres)
+    }
+
+    /// A private cluster like `cluster`: for TimescaleDB, one that preloads it (the extension
+    /// is installed into this PostgreSQL by `make test`).
+    pub fn start_as(cluster: Cluster) -> PrivatePostgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|versions| {
@@ -612,6 +701,7 @@ impl PrivatePostgres {
             dir,
             port: free_port(),
             bin,
+            timescaledb: cluster == Cluster::Timescaledb,
         };
         // initdb and postgres refuse to run as root: hand the folder to the postgres user.
         if Self::is_root() {
@@ -663,11 +753,14 @@ impl PrivatePostgres {
     }
 
     pub fn start_again(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.path().display()
         );
+        if self.timescaledb {
+            options.push_str(" -c shared_preload_libraries=timescaledb");
+        }
         let log = self.dir.path().join("log").to_str().unwrap().to_owned();
         let data = self.data();
         self.run(
