@@ -394,3 +394,211 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
     h.assert_exact().await;
     h.finish().await;
 }
+
+/// The migrations of the previous release (9ed785e): every file before the exactly-once work.
+const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
+
+/// Turns a database written by this release back into the previous release's: what migrations
+/// 5 and 6 added is dropped, and what they converted is restored (the overlap ids of events at
+/// and after each stream's checkpoint, the dead letters' text digest).
+const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
+UPDATE cfaudit_checkpoints c SET overlap_ids = coalesce((
+    SELECT jsonb_agg(jsonb_build_object('id', a.event_id, 'when', a.timestamp))
+    FROM audit_logs a
+    WHERE a.account_id = split_part(c.account_id, '.', 1) AND a.timestamp >= c.checkpoint), '[]');
+DROP TABLE cfaudit_lake_events;
+DROP TABLE cfaudit_rewritten_rows;
+ALTER TABLE cfaudit_checkpoints DROP COLUMN lease_token, DROP COLUMN lease_holder,
+  DROP COLUMN leased_at, DROP COLUMN unfinished_sweep, DROP COLUMN swept_until;
+DROP INDEX cfaudit_dead_letters_raw_idx;
+ALTER TABLE cfaudit_dead_letters
+  ADD COLUMN raw_md5 TEXT GENERATED ALWAYS AS (md5(raw_event)) STORED,
+  ADD UNIQUE (account_id, raw_md5);
+ALTER TABLE cfaudit_dead_letters DROP COLUMN raw_bytes;
+DELETE FROM _sqlx_migrations WHERE version > 20260101000004;
+";
+
+/// The public schema, order aside: every column with its type, nullability and default, every
+/// index and constraint, every table and view by name.
+async fn schema_of(pool: &sqlx::PgPool) -> Vec<String> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT format('column %s.%s %s %s %s %s', table_name, column_name, data_type, \
+                       is_nullable, coalesce(column_default, ''), coalesce(generation_expression, '')) \
+         FROM information_schema.columns WHERE table_schema = 'public' \
+         UNION ALL SELECT format('index %s', indexdef) FROM pg_indexes WHERE schemaname = 'public' \
+         UNION ALL SELECT format('constraint %s %s %s', conrelid::regclass, conname, \
+                                 pg_get_constraintdef(oid)) \
+                   FROM pg_constraint WHERE connamespace = 'public'::regnamespace \
+         UNION ALL SELECT format('relation %s %s', relname, relkind) FROM pg_class \
+                   WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'v', 'm', 'p') \
+         UNION ALL SELECT format('migration %s %s', version, encode(checksum, 'hex')) \
+                   FROM _sqlx_migrations \
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(row,)| row).collect()
+}
+
+/// Every column of every row collected before the upgrade.
+async fn fingerprint_before_upgrade(pool: &sqlx::PgPool) -> (Option<String>, i64) {
+    sqlx::query_as(
+        "SELECT md5(string_agg(t::text, '|' ORDER BY timestamp, event_id)), count(*) \
+         FROM audit_logs t WHERE event_id NOT LIKE 'after-upgrade-%'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    n
+}
+
+/// A database filled by the previous release's schema (on TimescaleDB with every chunk
+/// compressed) takes today's migrations: every row unchanged, dead letters kept, the event
+/// index built from what was committed, the policies intact; collecting goes on from the
+/// checkpoint, a new event at the very instant of the last committed one included, and a
+/// re-read of the whole range changes nothing.
+async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: Cluster) {
+    let test = "a_database_of_the_previous_release_upgrades_with_nothing_lost";
+    let mut config = emulator_config(3_000);
+    config.invalid_every = 500;
+    let Some(mut h) = Harness::on_cluster(cluster, test, config).await else {
+        return;
+    };
+    assert!(finish(cfaudit(&["run", "--once"], &h.env)).await.success);
+    let pool = h.db.pool().await;
+    assert_runs_on(&pool, cluster).await;
+    sqlx::raw_sql(DOWNGRADE_TO_PREVIOUS_RELEASE)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // The downgraded database has exactly the schema the previous release's migrations give.
+    let reference = TestDb::on(&h.db.admin).await;
+    let reference_pool = reference.pool().await;
+    cfaudit::postgres::MIGRATOR
+        .run_to(PREVIOUS_RELEASE_MIGRATIONS, &reference_pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        schema_of(&pool).await,
+        schema_of(&reference_pool).await,
+        "the downgrade does not give the previous release's schema"
+    );
+    reference_pool.close().await;
+    reference.drop_db().await;
+
+    let timescale = cluster == Cluster::Timescaledb;
+    if timescale {
+        sqlx::raw_sql(
+            "SELECT compress_chunk(c, if_not_compressed => TRUE) FROM show_chunks('audit_logs') c",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let policies_sql = "SELECT count(*) FROM timescaledb_information.jobs \
+                        WHERE hypertable_name = 'audit_logs' \
+                           OR proc_name = 'policy_refresh_continuous_aggregate'";
+    let policies = if timescale {
+        count(&pool, policies_sql).await
+    } else {
+        0
+    };
+    let compressed_sql = "SELECT count(*) FROM timescaledb_information.chunks \
+                          WHERE hypertable_name = 'audit_logs' AND is_compressed";
+    let compressed = if timescale {
+        count(&pool, compressed_sql).await
+    } else {
+        0
+    };
+    let before = fingerprint_before_upgrade(&pool).await;
+    let dead_letters = count(&pool, "SELECT count(*) FROM cfaudit_dead_letters").await;
+    assert!(
+        dead_letters > 0 && before.1 > 2_900,
+        "{before:?} {dead_letters}"
+    );
+
+    // New events: after the checkpoint, and one at the very instant of the newest committed
+    // event (the previous release's overlap ids told that instant's events apart).
+    let newest = h
+        .emu
+        .emulator
+        .events()
+        .iter()
+        .map(|e| e.when)
+        .max()
+        .unwrap();
+    let event = |id: &str, when: chrono::DateTime<chrono::Utc>| {
+        json!({"id": id, "when": when.to_rfc3339(),
+               "action": {"type": "member_add", "result": true},
+               "actor": {"email": "upgrade@example.com", "type": "user"}})
+    };
+    h.emu.emulator.insert(&[
+        event("after-upgrade-tie", newest),
+        event("after-upgrade-1", newest + chrono::Duration::minutes(5)),
+        event("after-upgrade-2", newest + chrono::Duration::minutes(9)),
+    ]);
+    let upgraded = finish(cfaudit(&["run", "--once"], &h.env)).await;
+    assert!(upgraded.success, "{}", upgraded.stderr);
+
+    assert_eq!(
+        fingerprint_before_upgrade(&pool).await,
+        before,
+        "rows of the previous release changed"
+    );
+    let counts = h.assert_exact().await;
+    let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
+    assert_eq!(rows, before.1 + 3);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM cfaudit_lake_events").await,
+        rows,
+        "every committed event is in the dataset's event index"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM cfaudit_dead_letters WHERE raw_bytes IS NOT NULL"
+        )
+        .await,
+        dead_letters
+    );
+    if timescale {
+        assert_eq!(
+            count(&pool, policies_sql).await,
+            policies,
+            "policies intact"
+        );
+        assert!(
+            policies >= 4,
+            "compression, retention and two refresh policies"
+        );
+        assert!(
+            count(&pool, compressed_sql).await >= compressed,
+            "compressed chunks stay compressed"
+        );
+    }
+
+    // A re-read of the whole range after the upgrade: nothing new, nothing doubled.
+    h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", "4000000");
+    let reread = finish(cfaudit(&["run", "--once"], &h.env)).await;
+    assert!(reread.success, "{}", reread.stderr);
+    assert_eq!(fingerprint_before_upgrade(&pool).await, before);
+    assert_eq!(h.assert_exact().await, counts);
+    println!(
+        "{cluster:?}: previous release's database ({} rows, {dead_letters} dead letters, \
+         {compressed} compressed chunks, {policies} policies) upgraded; 3 new events, exact: {counts}",
+        before.1
+    );
+    pool.close().await;
+    h.finish().await;
+}
+
+on_both_clusters!(a_database_of_the_previous_release_upgrades_with_nothing_lost);

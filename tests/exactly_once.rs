@@ -413,10 +413,19 @@ async fn committed_files_lost_before_publishing_are_collected_again() {
 /// The PostgreSQL adapter keeps `ingestion_time` equal to the dataset's, whatever order the
 /// attempts of a batch wrote in: a rewound attempt's write after the commit leaves a committed
 /// row alone, and the commit sets its own time on rows another attempt rewrote.
-#[actix_web::test]
-async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last() {
-    use cfaudit_actors::ports::{CheckpointStore, CommitRecord, CommittedState, Fence, RowSink};
-    let db = TestDb::new().await;
+/// And it refuses a commit whose batch holds an event the dataset has already (a dedup miss):
+/// nothing of it is kept, and the batch without that event commits.
+async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last(
+    cluster: Cluster,
+) {
+    use cfaudit_actors::ports::{
+        CheckpointStore, CommitRecord, CommittedState, Fence, RowSink, SinkError,
+    };
+    let test = "a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last";
+    let Some(admin) = cluster.admin_url(test) else {
+        return;
+    };
+    let db = TestDb::on(&admin).await;
     let pg = cfaudit::postgres::Postgres::connect(&secret(&db.url), 2, None)
         .await
         .unwrap();
@@ -481,7 +490,32 @@ async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote
         times,
         vec![("a".into(), committed_time), ("b".into(), committed_time)]
     );
+
+    // c with a again: refused as a conflict, and nothing of it is committed.
+    pg.write_rows(Some(&fence), &rows_at(&["c"], committed_time))
+        .await
+        .unwrap();
+    let refused = pg.commit(&commit(3, &["a", "c"], committed_time)).await;
+    assert!(
+        matches!(refused, Err(SinkError::Conflict(_))),
+        "{refused:?}"
+    );
+    let indexed = || async {
+        let ids: Vec<(String,)> =
+            sqlx::query_as("SELECT event_id FROM cfaudit_lake_events ORDER BY event_id")
+                .fetch_all(pg.pool())
+                .await
+                .unwrap();
+        ids.into_iter().map(|(id,)| id).collect::<Vec<_>>()
+    };
+    assert_eq!(indexed().await, ["a", "b"]);
+    assert_eq!(pg.load(stream).await.unwrap().commit_seq, 2);
+    pg.commit(&commit(3, &["c"], committed_time)).await.unwrap();
+    assert_eq!(indexed().await, ["a", "b", "c"]);
+    assert_eq!(pg.load(stream).await.unwrap().commit_seq, 3);
     lease.release().await;
     pg.pool().close().await;
     db.drop_db().await;
 }
+
+on_both_clusters!(a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last);
