@@ -405,6 +405,16 @@ pub async fn assert_columns_match_ground_truth(
 /// Counts from the independent reader (pyarrow and DuckDB, hive partitioning). `root` is a
 /// folder or `s3://bucket/prefix`; `env` carries the S3 credentials for the reader.
 pub fn parquet_counts(root: &str, env: &[(String, String)], with_ids: bool) -> Value {
+    try_parquet_counts(root, env, with_ids).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// As [`parquet_counts`], with the reader's failure as an error: for polling a dataset that is
+/// still changing (an S3 listing can fail while objects are moved under it).
+pub fn try_parquet_counts(
+    root: &str,
+    env: &[(String, String)],
+    with_ids: bool,
+) -> Result<Value, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parquet_check.py");
     let mut command = Command::new(python());
     command.arg(script).arg(root).envs(env.iter().cloned());
@@ -412,12 +422,13 @@ pub fn parquet_counts(root: &str, env: &[(String, String)], with_ids: bool) -> V
         command.env("PARQUET_CHECK_IDS", "1");
     }
     let output = command.output().expect("run the Parquet reader");
-    assert!(
-        output.status.success(),
-        "reader failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("reader prints JSON")
+    if !output.status.success() {
+        return Err(format!(
+            "reader failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(serde_json::from_slice(&output.stdout).expect("reader prints JSON"))
 }
 
 /// Asserts both sinks hold exactly `expected`, once each, and nothing is left in staging.
