@@ -403,6 +403,9 @@ pub async fn drive(
     lease: &mut Lease,
     signals: &mut Signals,
 ) -> anyhow::Result<RunEnd> {
+    // In the background, one at a time: a first refresh over a long backlog takes a while,
+    // and signals and a lost lease must still be heard meanwhile.
+    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             event = pipeline.next_event() => match event {
@@ -411,9 +414,15 @@ pub async fn drive(
                     if let Err(error) = postgres.record_sweep(stream).await {
                         warn!(%error, "could not record the sweep's time (cfaudit status shows it)");
                     }
-                    refresh_settled_aggregates(postgres).await;
                     if once {
+                        refresh_settled_aggregates(postgres).await;
                         return Ok(RunEnd::Done);
+                    }
+                    if refreshing.as_ref().is_none_or(|r| r.is_finished()) {
+                        let postgres = postgres.clone();
+                        refreshing = Some(tokio::spawn(async move {
+                            refresh_settled_aggregates(&postgres).await
+                        }));
                     }
                 }
                 Some(PipelineEvent::Failed { reason }) => anyhow::bail!("run failed: {reason}"),

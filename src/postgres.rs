@@ -268,6 +268,13 @@ impl Postgres {
             format!("'{}'::timestamptz", floor(since).to_rfc3339())
         });
         let until = floor(until) + hour;
+        // Materializing a long backlog can take longer than one statement of the pipeline
+        // may: no timeout on a connection of its own, closed afterwards.
+        let mut connection = self.pool.acquire().await?;
+        connection.close_on_drop();
+        sqlx::raw_sql("SET statement_timeout = 0")
+            .execute(&mut *connection)
+            .await?;
         for view in ["audit_events_hourly", "audit_actors_hourly"] {
             // CALL refuses to run in a transaction block: simple protocol, and the bounds are
             // our own timestamps, not input.
@@ -276,7 +283,7 @@ impl Postgres {
                 until.to_rfc3339()
             );
             sqlx::raw_sql(sqlx::AssertSqlSafe(call))
-                .execute(&self.pool)
+                .execute(&mut *connection)
                 .await?;
         }
         Ok(true)
