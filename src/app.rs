@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cfaudit_actors::{
-    CheckpointerConfig, Clock, Metrics, Pipeline, PipelineEvent, PipelineParts, PollerConfig,
+    CheckpointerConfig, Clock, Metrics, ParquetTarget, PgTarget, Pipeline, PipelineEvent,
+    PipelineParts, PollerConfig,
 };
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -154,7 +155,10 @@ impl Adapters {
                 backoff: config.backoff(),
             },
             source: self.source.clone(),
-            rows: Arc::new(self.postgres.clone()),
+            sinks: vec![
+                Arc::new(PgTarget(Arc::new(self.postgres.clone()))),
+                Arc::new(ParquetTarget(self.lake.clone())),
+            ],
             files: self.lake.clone(),
             store: Arc::new(self.postgres.clone()),
             metrics: self.metrics.clone(),

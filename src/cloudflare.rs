@@ -1,7 +1,7 @@
 //! The Cloudflare v1 audit-log client: the real [`AuditSource`]. The same code talks to the
 //! emulator; only the base URL differs.
 //!
-//! It classifies every answer (API facts §4–5) and leaves retry decisions to the Poller. It
+//! It classifies every answer and leaves retry decisions to the Poller. It
 //! never needs `result_info`, accepts `errors: null`, absent `messages` and `result: null`,
 //! and reads `Ratelimit` headers when present. It never follows a redirect (the credential
 //! would go with it), reads at most `CLOUDFLARE_MAX_RESPONSE_BYTES` of a body, and a page one
@@ -26,8 +26,7 @@ use serde_json::Value;
 use crate::config::{Config, Secret};
 
 /// Error codes that mean "this credential cannot read this account", or that there is no such
-/// account (7000/7003: no route, e.g. a wrong account id): retrying soon cannot help (API
-/// facts §4.3).
+/// account (7000/7003: no route, e.g. a wrong account id): retrying soon cannot help.
 const AUTH_CODES: &[i64] = &[
     6003, 6100, 6101, 6102, 6103, 6111, 7000, 7003, 9106, 9107, 9109, 9300, 10000,
 ];
@@ -505,7 +504,6 @@ mod tests {
 
     #[test]
     fn envelope_variants_are_tolerated() {
-        // API facts §7 case 17.
         assert_eq!(
             ok(r#"{"success":true,"errors":null,"messages":[],"result":[{"id":"a"}]}"#)
                 .unwrap()

@@ -99,7 +99,7 @@ pub struct Config {
     /// …or this many bytes of raw JSON. Memory in flight is bounded by
     /// `MAX_INFLIGHT_BATCHES × BATCH_MAX_BYTES`.
     pub batch_max_bytes: usize,
-    /// A batch not acknowledged by both writers within this many seconds is retried.
+    /// A batch not acknowledged by every writer within this many seconds is retried.
     pub ack_timeout_seconds: u64,
     /// Every database statement and every storage call gives up after this many seconds (a
     /// lock held on `audit_logs`, a stalled request), and the batch is retried.

@@ -1,9 +1,9 @@
-//! A faithful local emulator of the Cloudflare v1 audit-log endpoint (API facts §6).
+//! A faithful local emulator of the Cloudflare v1 audit-log endpoint.
 //!
 //! Tests and the demo run against it; the real client code is the same, only the base URL
 //! differs. Data is synthetic and deterministic for a seed: bursts of events with identical
 //! `when` (so they straddle page boundaries), every fractional precision, and the event
-//! shapes of API facts §7. Fault knobs cover 429 with `retry-after`, 5xx, `success:false` with
+//! shapes the real API is known to send. Fault knobs cover 429 with `retry-after`, 5xx, `success:false` with
 //! HTTP 200, truncated JSON and latency.
 
 use std::collections::{BTreeMap, HashMap};
@@ -983,7 +983,7 @@ fn format_when(t: DateTime<Utc>, precision: u16) -> String {
     text
 }
 
-/// One event in a shape chosen by its index: mostly ordinary, with every API facts §7 shape.
+/// One event in a shape chosen by its index: mostly ordinary, with every shape the real API is known to send.
 fn synthetic_event(
     i: usize,
     t: DateTime<Utc>,

@@ -1,4 +1,4 @@
-//! The emulator is ours and held to the API facts (§6): routing, auth and its error bodies,
+//! The emulator is ours and held to the real API's behaviour: routing, auth and its error bodies,
 //! the window and paging rules, filters, rate limiting and fault knobs.
 
 mod common;

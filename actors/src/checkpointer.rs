@@ -1,6 +1,6 @@
 //! The Checkpointer: the only actor that makes anything durable or visible.
 //!
-//! It commits batches strictly in sequence order, each only once BOTH writers acked it: one
+//! It commits batches strictly in sequence order, each only once EVERY writer acked it: one
 //! transaction holds the new state, the batch's events in the dataset's event index, its dead
 //! letters and its staged files with their final names; the files are published after it. Any
 //! failure — a nack, a missing ack, a failed commit, a restarted actor — abandons everything
@@ -19,15 +19,16 @@ use rand::rngs::StdRng;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::epoch::EpochView;
 use crate::failpoints::{self, crash_point};
-use crate::mailbox::Mailbox;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
-use crate::poller::Poller;
+use crate::outbox::Outbox;
 use crate::ports::{
     final_file_path, staged_lease, staged_prefix, CheckpointStore, CommitRecord, CommittedFile,
     CommittedState, Direction, Fence, FileSink, RowWriteReport, SinkError, StagedFile,
 };
+use crate::sink::WriteOutcome;
 
 /// Checkpointer settings.
 #[derive(Clone, Debug)]
@@ -39,7 +40,7 @@ pub struct CheckpointerConfig {
     /// The stream's lease held by this process: staged files carry it and every write and
     /// commit is fenced on it.
     pub lease: u64,
-    /// A batch not acked by both writers within this time fails the epoch.
+    /// A batch not acked by every writer within this time fails the epoch.
     pub ack_timeout: Duration,
     /// Every store and file-sink call gives up after this long.
     pub sink_timeout: Duration,
@@ -60,23 +61,49 @@ impl CheckpointerConfig {
 /// to this many; past it the memory is cleared, which costs a rewind per refused event.
 const MAX_QUARANTINE: usize = 10_000;
 
-#[derive(Default)]
+/// A batch waiting for its commit: what it holds, and each sink's ack.
 struct Pending {
     expect: Option<ExpectBatch>,
-    rows: Option<RowWriteReport>,
-    files: Option<Vec<StagedFile>>,
+    /// By sink index.
+    acks: Vec<Option<WriteOutcome>>,
 }
 
 impl Pending {
+    fn new(sinks: usize) -> Self {
+        Pending {
+            expect: None,
+            acks: vec![None; sinks],
+        }
+    }
+
     fn complete(&self) -> bool {
-        self.expect.is_some() && self.rows.is_some() && self.files.is_some()
+        self.expect.is_some() && self.acks.iter().all(Option::is_some)
+    }
+
+    /// The files the batch's writers staged.
+    fn staged(&self) -> Vec<StagedFile> {
+        self.acks
+            .iter()
+            .flatten()
+            .flat_map(|ack| ack.staged().iter().cloned())
+            .collect()
     }
 }
 
-/// Connects the Poller after it is created (the actors form a cycle) and starts recovery.
+/// Where the Checkpointer tells the source side what to do: the pipeline's one back-edge.
+pub struct Upstream {
+    /// Start (again) from the committed state.
+    pub resume: Outbox<Resume>,
+    /// A batch is committed.
+    pub committed: Outbox<BatchCommitted>,
+    /// Recovery failed; it is retried.
+    pub recovery_failed: Outbox<RecoveryFailed>,
+}
+
+/// Connects the upstream after it is created (the actors form a cycle) and starts recovery.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Connect(pub Mailbox<Poller>);
+pub struct Connect(pub Upstream);
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -93,8 +120,11 @@ pub struct Checkpointer {
     config: Arc<CheckpointerConfig>,
     store: Arc<dyn CheckpointStore>,
     files: Arc<dyn FileSink>,
-    epoch: Epoch,
-    poller: Option<Mailbox<Poller>>,
+    /// Owned here: only the Checkpointer advances or halts it.
+    epoch: EpochView,
+    /// How many writers ack each batch.
+    sinks: usize,
+    upstream: Option<Upstream>,
     events: EventSender,
     metrics: Arc<Metrics>,
     actor: ActorMetrics,
@@ -112,7 +142,8 @@ pub struct Checkpointer {
 pub(crate) struct CheckpointerDeps {
     pub store: Arc<dyn CheckpointStore>,
     pub files: Arc<dyn FileSink>,
-    pub epoch: Epoch,
+    pub epoch: EpochView,
+    pub sinks: usize,
     pub events: EventSender,
     pub metrics: Arc<Metrics>,
     pub rng: StdRng,
@@ -139,7 +170,8 @@ impl Checkpointer {
             store: deps.store,
             files: deps.files,
             epoch: deps.epoch,
-            poller: None,
+            sinks: deps.sinks,
+            upstream: None,
             events: deps.events,
             metrics: deps.metrics,
             rng: deps.rng,
@@ -155,6 +187,13 @@ impl Checkpointer {
 
     fn account(&self) -> &str {
         &self.config.account_id
+    }
+
+    fn pending_mut(&mut self, seq: u64) -> &mut Pending {
+        let sinks = self.sinks;
+        self.pending
+            .entry(seq)
+            .or_insert_with(|| Pending::new(sinks))
     }
 
     /// Abandons everything after the last commit and recovers. `failed`: whether this counts
@@ -186,7 +225,7 @@ impl Checkpointer {
         }
         error!(account = %self.account(), stream = %self.config.stream, reason,
             "the stream's lease has moved to another process: this pipeline stops");
-        self.epoch.halt();
+        self.epoch.shared().halt();
         self.discard_pending(ctx);
         self.report_failure(reason);
         let _ = self.events.send(PipelineEvent::Fenced {
@@ -205,7 +244,7 @@ impl Checkpointer {
             return;
         }
         self.recovering = true;
-        self.epoch.advance();
+        self.epoch.shared().advance();
         self.discard_pending(ctx);
         ctx.notify(Recover);
     }
@@ -214,7 +253,7 @@ impl Checkpointer {
     fn discard_pending(&mut self, ctx: &mut Context<Self>) {
         let staged: Vec<String> = std::mem::take(&mut self.pending)
             .into_values()
-            .flat_map(|p| p.files.unwrap_or_default())
+            .flat_map(|p| p.staged())
             .map(|f| f.staged_path)
             .collect();
         self.discard(staged, ctx);
@@ -247,8 +286,8 @@ impl Checkpointer {
             return;
         }
         let pending = self.pending.remove(&self.next_seq).expect("present");
+        let staged = pending.staged();
         let expect = pending.expect.expect("complete");
-        let staged = pending.files.expect("complete");
         let batch = expect.batch;
         let permit = expect.permit.clone();
         let record = self.commit_record(expect, &staged);
@@ -284,7 +323,7 @@ impl Checkpointer {
             guarded(commit)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    if act.epoch.current() != batch.epoch {
+                    if act.epoch.is_stale(&batch) {
                         return; // recovery reloads from the store whatever this commit did
                     }
                     match result {
@@ -373,8 +412,8 @@ impl Checkpointer {
             .lock()
             .unwrap()
             .remove(&account);
-        if let Some(poller) = &self.poller {
-            poller.do_send(BatchCommitted {
+        if let Some(upstream) = &self.upstream {
+            upstream.committed.do_send(BatchCommitted {
                 batch,
                 checkpoint: self.committed.checkpoint,
             });
@@ -423,7 +462,7 @@ impl Actor for Checkpointer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        if self.poller.is_some() {
+        if self.upstream.is_some() {
             // A supervised restart.
             self.fail_epoch("the Checkpointer restarted", true, ctx);
         }
@@ -443,7 +482,7 @@ impl Handler<Connect> for Checkpointer {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) {
-        self.poller = Some(msg.0);
+        self.upstream = Some(msg.0);
         self.begin_recovery(ctx);
     }
 }
@@ -555,8 +594,8 @@ impl Handler<Recover> for Checkpointer {
                 };
                 info!(account = %act.account(), epoch = resume.epoch, checkpoint = ?resume.state.checkpoint,
                     "resuming from the committed checkpoint");
-                if let Some(poller) = &act.poller {
-                    poller.do_send(resume);
+                if let Some(upstream) = &act.upstream {
+                    upstream.resume.do_send(resume);
                 }
             }
             Some(Err(SinkError::Fenced(reason))) => act.halt(&reason, ctx),
@@ -566,8 +605,8 @@ impl Handler<Recover> for Checkpointer {
                 error!(account = %act.account(), %error, retry_in = ?delay, "recovery failed");
                 let reason = format!("recovery failed: {error}");
                 act.report_failure(&reason);
-                if let Some(poller) = &act.poller {
-                    poller.do_send(RecoveryFailed { reason });
+                if let Some(upstream) = &act.upstream {
+                    upstream.recovery_failed.do_send(RecoveryFailed { reason });
                 }
                 ctx.run_later(delay, |_, ctx| ctx.notify(Recover));
             }
@@ -580,13 +619,13 @@ impl Handler<ExpectBatch> for Checkpointer {
 
     fn handle(&mut self, msg: ExpectBatch, ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        if self.recovering || msg.batch.epoch != self.epoch.current() {
+        if self.recovering || self.epoch.is_stale(&msg) {
             return;
         }
         let batch = msg.batch;
-        self.pending.entry(batch.seq).or_default().expect = Some(msg);
+        self.pending_mut(batch.seq).expect = Some(msg);
         ctx.run_later(self.config.ack_timeout, move |act, ctx| {
-            let unacked = act.epoch.current() == batch.epoch
+            let unacked = !act.epoch.is_stale(&batch)
                 && act.pending.get(&batch.seq).is_some_and(|p| !p.complete());
             if unacked {
                 act.fail_epoch("a writer did not ack within the ack timeout", true, ctx);
@@ -601,7 +640,7 @@ impl Handler<BatchFailed> for Checkpointer {
 
     fn handle(&mut self, msg: BatchFailed, ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        if self.recovering || msg.batch.epoch != self.epoch.current() {
+        if self.recovering || self.epoch.is_stale(&msg) {
             return;
         }
         self.fail_epoch(&msg.reason, true, ctx);
@@ -613,9 +652,10 @@ impl Handler<WriterAck> for Checkpointer {
 
     fn handle(&mut self, msg: WriterAck, ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        if self.recovering || msg.batch.epoch != self.epoch.current() {
-            if let Ok(WriteOutcome::Staged(files)) = msg.result {
-                self.discard(files.into_iter().map(|f| f.staged_path).collect(), ctx);
+        if self.recovering || self.epoch.is_stale(&msg) {
+            if let Ok(outcome) = msg.result {
+                let staged = outcome.staged().iter().map(|f| f.staged_path.clone());
+                self.discard(staged.collect(), ctx);
             }
             return;
         }
@@ -624,18 +664,15 @@ impl Handler<WriterAck> for Checkpointer {
                 self.set_aside(&report, ctx);
                 return;
             }
-            Ok(WriteOutcome::Rows(report)) => {
-                self.pending.entry(msg.batch.seq).or_default().rows = Some(report);
-            }
-            Ok(WriteOutcome::Staged(files)) => {
-                self.pending.entry(msg.batch.seq).or_default().files = Some(files);
+            Ok(outcome) => {
+                self.pending_mut(msg.batch.seq).acks[msg.sink.index] = Some(outcome);
             }
             Err(SinkError::Fenced(reason)) => {
                 self.halt(&reason, ctx);
                 return;
             }
             Err(error) => {
-                let reason = format!("{} write failed: {error}", msg.sink.as_str());
+                let reason = format!("{} write failed: {error}", msg.sink.name);
                 self.fail_epoch(&reason, true, ctx);
                 return;
             }

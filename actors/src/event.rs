@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 /// returned, unknown keys, key order and number formatting included.
 pub type RawEvent = Box<RawValue>;
 
-/// One `audit_logs` row (design-notes §1). Both sinks write exactly these values.
+/// One `audit_logs` row. Both sinks write exactly these values.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditRow {
     pub event_id: String,
@@ -43,7 +43,7 @@ pub struct DeadLetter {
     pub first_seen: DateTime<Utc>,
 }
 
-/// An event id with its time: the unit of the committed overlap set (design-notes §3.1).
+/// An event id with its time: how the dataset's event index knows an event.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SeenId {
     pub id: String,

@@ -1,5 +1,5 @@
-//! The Mapper: raw events → rows and dead letters, deduplicated, then fanned out to both
-//! writers.
+//! The Mapper: raw events → rows and dead letters, deduplicated, then fanned out to every
+//! writer.
 //!
 //! Deduplication is what keeps the Parquet dataset, which has no primary key, free of repeats.
 //! It has two parts, and neither depends on a setting remembered from an earlier run:
@@ -22,29 +22,28 @@ use chrono::SubsecRound;
 use futures::FutureExt;
 use tracing::{error, warn};
 
-use crate::checkpointer::Checkpointer;
 use crate::clock::Clock;
+use crate::epoch::EpochView;
 use crate::event::{AuditRow, DeadLetter, SeenId};
-use crate::mailbox::Mailbox;
 use crate::mapping::map_or_dead_letter;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
+use crate::outbox::Outbox;
 use crate::ports::{CheckpointStore, SinkError};
-use crate::writer::{ParquetWriter, PgWriter};
 
 pub struct Mapper {
     account_id: Arc<str>,
-    checkpointer: Mailbox<Checkpointer>,
-    pg: Mailbox<PgWriter>,
-    parquet: Mailbox<ParquetWriter>,
+    expect: Outbox<ExpectBatch>,
+    failed: Outbox<BatchFailed>,
+    restarted: Outbox<ActorRestarted>,
+    writers: Vec<Outbox<WriteBatch>>,
     store: Arc<dyn CheckpointStore>,
-    epoch: Epoch,
+    /// Joined by [`ResetDedup`]: the dedup set is of that epoch, pages of others are stale.
+    epoch: EpochView,
     metrics: Arc<Metrics>,
     actor: ActorMetrics,
     clock: Clock,
     lookup_timeout: Duration,
-    /// The epoch whose dedup set this is; pages of other epochs are stale.
-    dedup_epoch: Option<u64>,
     /// Events passed on in this epoch and not committed yet, with their batch's sequence
     /// number. Every event passed on in the epoch is here or in the store's index.
     in_flight: HashMap<String, u64>,
@@ -63,11 +62,14 @@ struct MappedBatch {
 /// What a Mapper is started with.
 pub(crate) struct MapperDeps {
     pub account_id: Arc<str>,
-    pub checkpointer: Mailbox<Checkpointer>,
-    pub pg: Mailbox<PgWriter>,
-    pub parquet: Mailbox<ParquetWriter>,
+    /// The Checkpointer learns of each batch here, before any writer gets it.
+    pub expect: Outbox<ExpectBatch>,
+    pub failed: Outbox<BatchFailed>,
+    pub restarted: Outbox<ActorRestarted>,
+    /// One per sink.
+    pub writers: Vec<Outbox<WriteBatch>>,
     pub store: Arc<dyn CheckpointStore>,
-    pub epoch: Epoch,
+    pub epoch: EpochView,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
     pub lookup_timeout: Duration,
@@ -78,15 +80,15 @@ impl Mapper {
         Mapper {
             actor: deps.metrics.actor("mapper"),
             account_id: deps.account_id,
-            checkpointer: deps.checkpointer,
-            pg: deps.pg,
-            parquet: deps.parquet,
+            expect: deps.expect,
+            failed: deps.failed,
+            restarted: deps.restarted,
+            writers: deps.writers,
             store: deps.store,
             epoch: deps.epoch,
             metrics: deps.metrics,
             clock: deps.clock,
             lookup_timeout: deps.lookup_timeout,
-            dedup_epoch: None,
             in_flight: HashMap::new(),
             quarantine: Arc::default(),
         }
@@ -161,8 +163,8 @@ impl Mapper {
             .with_label_values(&[account])
             .inc_by(mapped.dead_letters.len() as u64);
         let events = seen_ids(&mapped.rows);
-        // The Checkpointer learns of the batch before either writer can ack it.
-        self.checkpointer.do_send(ExpectBatch {
+        // The Checkpointer learns of the batch before any writer can ack it.
+        self.expect.do_send(ExpectBatch {
             batch: page.batch,
             events,
             ingestion_time: mapped.ingestion_time,
@@ -176,24 +178,20 @@ impl Mapper {
             rows: Arc::new(mapped.rows),
             permit: page.permit,
         };
-        let to_pg = self.pg.send(write.clone());
-        let to_parquet = self.parquet.send(write);
+        let sends: Vec<_> = self
+            .writers
+            .iter()
+            .map(|writer| writer.send(write.clone()))
+            .collect();
         ctx.spawn(
-            async move {
-                let (a, b) = futures::join!(to_pg, to_parquet);
-                a.is_ok() && b.is_ok()
-            }
-            .into_actor(self)
-            .map(|delivered, _, _| {
-                if !delivered {
-                    error!("a writer's mailbox is closed");
-                }
-            }),
+            futures::future::join_all(sends)
+                .into_actor(self)
+                .map(|delivered, _, _| {
+                    if delivered.iter().any(Result::is_err) {
+                        error!("a writer's mailbox is closed");
+                    }
+                }),
         );
-    }
-
-    fn stale(&self, batch: BatchId) -> bool {
-        self.dedup_epoch != Some(batch.epoch) || self.epoch.current() != batch.epoch
     }
 }
 
@@ -215,11 +213,17 @@ impl Supervised for Mapper {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.actor.restarts.inc();
         warn!("Mapper restarted");
-        self.dedup_epoch = None;
+        self.epoch.leave();
         self.in_flight.clear();
-        self.checkpointer
-            .do_send(ActorRestarted { actor: "mapper" });
+        self.restarted.do_send(ActorRestarted { actor: "mapper" });
     }
+}
+
+impl Handler<Flush> for Mapper {
+    type Result = ();
+
+    /// Answered once every page queued before it is passed on.
+    fn handle(&mut self, _: Flush, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<ResetDedup> for Mapper {
@@ -227,7 +231,7 @@ impl Handler<ResetDedup> for Mapper {
 
     fn handle(&mut self, msg: ResetDedup, _ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        self.dedup_epoch = Some(msg.epoch);
+        self.epoch.join(msg.epoch);
         self.in_flight.clear();
         self.quarantine = msg.quarantine;
     }
@@ -238,7 +242,7 @@ impl Handler<BatchCommitted> for Mapper {
 
     fn handle(&mut self, msg: BatchCommitted, _ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        if self.dedup_epoch == Some(msg.batch.epoch) {
+        if !self.epoch.is_stale(&msg) {
             self.in_flight.retain(|_, seq| *seq > msg.batch.seq);
         }
     }
@@ -252,7 +256,7 @@ impl Handler<FetchedPage> for Mapper {
     fn handle(&mut self, mut page: FetchedPage, ctx: &mut Context<Self>) -> Self::Result {
         let _timer = self.actor.handling();
         let done = || AtomicResponse::new(Box::pin(actix::fut::ready(())));
-        if self.stale(page.batch) {
+        if self.epoch.is_stale(&page) {
             return done(); // the pipeline has rewound since this page was fetched
         }
         let mapped = match catch_unwind(AssertUnwindSafe(|| self.map_batch(&mut page))) {
@@ -281,12 +285,12 @@ impl Handler<FetchedPage> for Mapper {
         };
         AtomicResponse::new(Box::pin(lookup.into_actor(self).map(
             move |result, act, ctx| {
-                if act.stale(page.batch) {
+                if act.epoch.is_stale(&page) {
                     return;
                 }
                 match result {
                     Ok(committed) => act.dispatch(page, mapped, committed, ctx),
-                    Err(error) => act.checkpointer.do_send(BatchFailed {
+                    Err(error) => act.failed.do_send(BatchFailed {
                         batch: page.batch,
                         reason: format!("reading the dataset's event index failed: {error}"),
                     }),

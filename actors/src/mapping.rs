@@ -1,4 +1,4 @@
-//! v1 event → [`AuditRow`] (design-notes §1). Pure and total: every input yields a row or a
+//! v1 event → [`AuditRow`]. Pure and total: every input yields a row or a
 //! dead-letter reason, never a panic.
 
 use std::borrow::Cow;

@@ -649,3 +649,39 @@ impl CheckpointStore for MemoryCheckpointStore {
             .await
     }
 }
+
+/// A sink of a third kind, for tests that the pipeline takes any number of sinks: it keeps
+/// every row it is given, each attempt's (a rewound batch is kept again), and its calls can
+/// be faulted like the others'.
+#[derive(Clone, Default)]
+pub struct MemoryArchive {
+    pub written: Arc<Mutex<Vec<AuditRow>>>,
+    pub faults: Faults,
+}
+
+#[async_trait]
+impl crate::sink::SinkTarget for MemoryArchive {
+    fn name(&self) -> &'static str {
+        "archive"
+    }
+
+    fn actor(&self) -> &'static str {
+        "archive_writer"
+    }
+
+    async fn write(
+        &self,
+        _fence: &Fence,
+        rows: Arc<Vec<AuditRow>>,
+    ) -> Result<crate::sink::WriteOutcome, SinkError> {
+        self.faults
+            .around("archive write", || {
+                self.written.lock().unwrap().extend(rows.iter().cloned());
+                Ok(crate::sink::WriteOutcome::Rows(RowWriteReport {
+                    inserted: rows.len() as u64,
+                    ..RowWriteReport::default()
+                }))
+            })
+            .await
+    }
+}

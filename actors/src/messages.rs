@@ -1,47 +1,18 @@
-//! Typed messages between the actors. Every batch message carries a [`BatchId`]: the pipeline
-//! epoch and a sequence number within it. A message from an older epoch is ignored.
+//! Typed messages between the actors. Every message of a batch carries a [`BatchId`]: the
+//! pipeline epoch and a sequence number within it. Every message made in an epoch is
+//! [`Stamped`]; a stale one is ignored (see [`crate::epoch`]).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Message;
 use chrono::{DateTime, Utc};
 
+use crate::epoch::Stamped;
 use crate::event::{AuditRow, DeadLetter, RawEvent, SeenId};
-use crate::ports::{
-    CommittedState, RowWriteReport, SinkError, StagedFile, UnfinishedSweep, UnreadableEvent,
-};
-
-/// The pipeline epoch, shared by all actors. Only the Checkpointer advances it: on any failure
-/// everything after the last commit is abandoned and the pipeline resumes from the checkpoint.
-/// A halted pipeline (its lease is gone, or its runner stopped it) does nothing any more.
-#[derive(Clone, Default, Debug)]
-pub struct Epoch {
-    current: Arc<AtomicU64>,
-    halted: Arc<AtomicBool>,
-}
-
-impl Epoch {
-    pub fn current(&self) -> u64 {
-        self.current.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn advance(&self) -> u64 {
-        self.current.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    /// Stops the pipeline for good: every message in flight becomes stale.
-    pub(crate) fn halt(&self) {
-        self.halted.store(true, Ordering::SeqCst);
-        self.advance();
-    }
-
-    pub fn halted(&self) -> bool {
-        self.halted.load(Ordering::SeqCst)
-    }
-}
+use crate::ports::{CommittedState, SinkError, UnfinishedSweep, UnreadableEvent};
+use crate::sink::WriteOutcome;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BatchId {
@@ -131,25 +102,12 @@ pub struct WriteBatch {
     pub permit: BatchPermit,
 }
 
+/// One of the pipeline's sinks: its place among them (the Checkpointer waits for an ack from
+/// each) and its name, in logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sink {
-    Postgres,
-    Parquet,
-}
-
-impl Sink {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Sink::Postgres => "postgres",
-            Sink::Parquet => "parquet",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum WriteOutcome {
-    Rows(RowWriteReport),
-    Staged(Vec<StagedFile>),
+pub struct SinkId {
+    pub index: usize,
+    pub name: &'static str,
 }
 
 /// Writer → Checkpointer.
@@ -157,7 +115,7 @@ pub enum WriteOutcome {
 #[rtype(result = "()")]
 pub struct WriterAck {
     pub batch: BatchId,
-    pub sink: Sink,
+    pub sink: SinkId,
     pub result: Result<WriteOutcome, SinkError>,
 }
 
@@ -229,3 +187,42 @@ pub enum PipelineEvent {
 }
 
 pub type EventSender = tokio::sync::mpsc::UnboundedSender<PipelineEvent>;
+
+impl Stamped for BatchId {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+/// The messages of a batch are stamped with its epoch.
+macro_rules! stamped_by_batch {
+    ($($message:ty),*) => {
+        $(impl Stamped for $message {
+            fn epoch(&self) -> u64 {
+                self.batch.epoch
+            }
+        })*
+    };
+}
+
+stamped_by_batch!(
+    FetchedPage,
+    ExpectBatch,
+    BatchFailed,
+    WriteBatch,
+    WriterAck,
+    BatchCommitted
+);
+
+/// The messages that start an epoch are stamped with it.
+macro_rules! stamped_by_epoch {
+    ($($message:ty),*) => {
+        $(impl Stamped for $message {
+            fn epoch(&self) -> u64 {
+                self.epoch
+            }
+        })*
+    };
+}
+
+stamped_by_epoch!(ResetDedup, Resume);

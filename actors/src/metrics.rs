@@ -1,4 +1,4 @@
-//! Prometheus metrics of the pipeline (design-notes §5) and the health facts `/readyz` reads.
+//! Prometheus metrics of the pipeline and the health facts `/readyz` reads.
 //! One registry, created once and shared: adapters register nothing of their own.
 
 use std::collections::HashMap;
@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
-use crate::messages::Sink;
 use prometheus::GaugeVec;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -218,11 +217,12 @@ impl Metrics {
         for reason in ["rate_limited", "transient", "bad_request"] {
             self.api_retries.with_label_values(&[reason]);
         }
-        for sink in [Sink::Postgres, Sink::Parquet] {
-            self.events_written.with_label_values(&[sink.as_str()]);
-            self.events_already_stored
-                .with_label_values(&[sink.as_str()]);
-        }
+    }
+
+    /// The same for one sink's series.
+    pub fn expose_sink(&self, sink: &str) {
+        self.events_written.with_label_values(&[sink]);
+        self.events_already_stored.with_label_values(&[sink]);
     }
 
     /// The per-actor handles, labelled once.

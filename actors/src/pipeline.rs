@@ -1,4 +1,5 @@
-//! Wiring: one supervised actor of each kind per account, all on the current arbiter.
+//! Wiring: one supervised actor of each kind per stream (a writer per sink), all on the
+//! current arbiter.
 //!
 //! One arbiter on purpose: each actix arbiter is its own Tokio runtime, and database, HTTP and
 //! object-store connections belong to the runtime that opened them. Sharing one connection
@@ -11,22 +12,27 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::mpsc;
 
-use crate::checkpointer::{Checkpointer, CheckpointerConfig, CheckpointerDeps, Connect};
+use crate::checkpointer::{Checkpointer, CheckpointerConfig, CheckpointerDeps, Connect, Upstream};
 use crate::clock::{jitter_rng, Clock};
-use crate::mailbox::Mailbox;
+use crate::epoch::{Epoch, EpochView};
 use crate::mapper::{Mapper, MapperDeps};
-use crate::messages::{Drain, Epoch, Flush, PipelineEvent};
+use crate::messages::{Drain, Flush, PipelineEvent, SinkId};
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::poller::{Poller, PollerConfig, PollerDeps};
-use crate::ports::{AuditSource, CheckpointStore, Fence, FileSink, RowSink};
-use crate::writer::{ParquetTarget, ParquetWriter, PgTarget, PgWriter, SinkTarget, Writer};
+use crate::ports::{AuditSource, CheckpointStore, FileSink};
+use crate::sink::SinkTarget;
+use crate::writer::{Writer, WriterDeps};
 
-/// Everything one account's pipeline is given.
+/// Everything one stream's pipeline is given.
 pub struct PipelineParts {
     pub poller: PollerConfig,
     pub checkpointer: CheckpointerConfig,
     pub source: Arc<dyn AuditSource>,
-    pub rows: Arc<dyn RowSink>,
+    /// Every sink a batch is written to, each by its own writer; a batch commits once all
+    /// of them acked it.
+    pub sinks: Vec<Arc<dyn SinkTarget>>,
+    /// Where staged files are published after their commit (and recovered after a crash).
     pub files: Arc<dyn FileSink>,
     pub store: Arc<dyn CheckpointStore>,
     pub metrics: Arc<Metrics>,
@@ -39,21 +45,22 @@ pub struct PipelineParts {
 /// A running pipeline; [`Pipeline::shutdown`] stops it.
 pub struct Pipeline {
     poller: Addr<Poller>,
-    pg: Addr<PgWriter>,
-    parquet: Addr<ParquetWriter>,
+    mapper: Addr<Mapper>,
+    writers: Vec<Addr<Writer>>,
     checkpointer: Addr<Checkpointer>,
     epoch: Epoch,
     pub events: mpsc::UnboundedReceiver<PipelineEvent>,
 }
 
 impl Pipeline {
-    /// Starts the actors; must be called inside an actix system.
+    /// Starts the actors; must be called inside an actix system. The only place that names
+    /// the concrete actors: each of them is given outboxes for the messages it sends.
     pub fn start(parts: PipelineParts) -> Pipeline {
         let PipelineParts {
             poller,
             checkpointer,
             source,
-            rows,
+            sinks,
             files,
             store,
             metrics,
@@ -75,8 +82,9 @@ impl Pipeline {
         let checkpointer_addr = {
             let deps = CheckpointerDeps {
                 store: store.clone(),
-                files: files.clone(),
-                epoch: epoch.clone(),
+                files,
+                epoch: EpochView::following(epoch.clone()),
+                sinks: sinks.len(),
                 events: events_tx.clone(),
                 metrics: metrics.clone(),
                 rng: jitter_rng(rng_seed, 0xc4ec),
@@ -86,48 +94,65 @@ impl Pipeline {
                 Checkpointer::new(checkpointer_config, deps)
             })
         };
-        let checkpointer = Mailbox::new(checkpointer_addr.clone(), metrics.actor("checkpointer"));
+        let checkpointer_metrics = metrics.actor("checkpointer");
 
-        let writers = WriterDeps {
-            fence,
-            timeout: sink_timeout,
-            checkpointer: checkpointer.clone(),
-            epoch: epoch.clone(),
-            metrics: metrics.clone(),
-            capacity,
-        };
-        let pg = writers.start(PgTarget(rows));
-        let pg_addr = pg.addr().clone();
-        let parquet = writers.start(ParquetTarget(files.clone()));
-        let parquet_addr = parquet.addr().clone();
-        let mapper = {
+        let writers: Vec<(Addr<Writer>, Outbox<_>)> = sinks
+            .into_iter()
+            .enumerate()
+            .map(|(index, target)| {
+                metrics.expose_sink(target.name());
+                let deps = WriterDeps {
+                    sink: SinkId {
+                        index,
+                        name: target.name(),
+                    },
+                    fence: fence.clone(),
+                    timeout: sink_timeout,
+                    acks: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
+                    restarted: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
+                    epoch: EpochView::following(epoch.clone()),
+                    metrics: metrics.clone(),
+                };
+                let actor_metrics = metrics.actor(target.actor());
+                let addr = Supervisor::start(move |ctx: &mut Context<_>| {
+                    ctx.set_mailbox_capacity(capacity);
+                    Writer::new(target, deps)
+                });
+                let outbox = Outbox::to(&addr, &actor_metrics);
+                (addr, outbox)
+            })
+            .collect();
+        let mapper_addr = {
             let deps = MapperDeps {
                 account_id: account.clone(),
-                checkpointer: checkpointer.clone(),
-                pg,
-                parquet,
+                expect: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
+                failed: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
+                restarted: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
+                writers: writers.iter().map(|(_, outbox)| outbox.clone()).collect(),
                 store,
-                epoch: epoch.clone(),
+                epoch: EpochView::joining(epoch.clone()),
                 metrics: metrics.clone(),
                 clock: clock.clone(),
                 lookup_timeout: sink_timeout,
             };
-            let addr = Supervisor::start(move |ctx: &mut Context<_>| {
+            Supervisor::start(move |ctx: &mut Context<_>| {
                 ctx.set_mailbox_capacity(capacity);
                 Mapper::new(deps)
-            });
-            Mailbox::new(addr, metrics.actor("mapper"))
+            })
         };
+        let mapper_metrics = metrics.actor("mapper");
         let poller_addr = {
             let deps = PollerDeps {
                 source,
-                mapper,
-                checkpointer: checkpointer.clone(),
+                pages: Outbox::to(&mapper_addr, &mapper_metrics),
+                reset_dedup: Outbox::to(&mapper_addr, &mapper_metrics),
+                committed: Outbox::to(&mapper_addr, &mapper_metrics),
+                restarted: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
                 metrics: metrics.clone(),
                 events: events_tx,
                 clock,
                 rng: jitter_rng(rng_seed, 0x9011),
-                stop: epoch.clone(),
+                epoch: EpochView::joining(epoch.clone()),
                 budget,
             };
             let config = Arc::new(poller);
@@ -136,14 +161,16 @@ impl Pipeline {
                 Poller::new(config, deps)
             })
         };
-        checkpointer_addr.do_send(Connect(Mailbox::new(
-            poller_addr.clone(),
-            metrics.actor("poller"),
-        )));
+        let poller_metrics = metrics.actor("poller");
+        checkpointer_addr.do_send(Connect(Upstream {
+            resume: Outbox::to(&poller_addr, &poller_metrics),
+            committed: Outbox::to(&poller_addr, &poller_metrics),
+            recovery_failed: Outbox::to(&poller_addr, &poller_metrics),
+        }));
         Pipeline {
             poller: poller_addr,
-            pg: pg_addr,
-            parquet: parquet_addr,
+            mapper: mapper_addr,
+            writers: writers.into_iter().map(|(addr, _)| addr).collect(),
             checkpointer: checkpointer_addr,
             epoch,
             events,
@@ -172,9 +199,10 @@ impl Pipeline {
                     break;
                 }
             }
+            let _ = self.mapper.send(Flush).await;
+            let flushes = self.writers.iter().map(|writer| writer.send(Flush));
             let _ = futures::join!(
-                self.pg.send(Flush),
-                self.parquet.send(Flush),
+                futures::future::join_all(flushes),
                 self.checkpointer.send(Flush)
             );
         })
@@ -189,30 +217,210 @@ impl Pipeline {
     }
 }
 
-/// What both writers are started with.
-struct WriterDeps {
-    /// The stream and lease the writes are made under.
-    fence: Arc<Fence>,
-    timeout: Duration,
-    checkpointer: Mailbox<Checkpointer>,
-    epoch: Epoch,
-    metrics: Arc<Metrics>,
-    capacity: usize,
-}
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
 
-impl WriterDeps {
-    fn start<T: SinkTarget>(&self, target: T) -> Mailbox<Writer<T>> {
-        let (fence, checkpointer, epoch, metrics) = (
-            self.fence.clone(),
-            self.checkpointer.clone(),
-            self.epoch.clone(),
-            self.metrics.clone(),
-        );
-        let (capacity, timeout) = (self.capacity, self.timeout);
-        let addr = Supervisor::start(move |ctx: &mut Context<_>| {
-            ctx.set_mailbox_capacity(capacity);
-            Writer::new(target, fence, timeout, checkpointer, epoch, metrics)
+    use super::*;
+    use crate::backoff::Backoff;
+    use crate::memory::{MemoryFileSink, MemoryRowSink, MemorySource};
+    use crate::messages::*;
+    use crate::ports::{Direction, SinkError, UnfinishedSweep, UnreadableEvent};
+    use crate::sink::{ParquetTarget, PgTarget};
+
+    const STREAM: &str = "acc";
+
+    async fn next_sweep(pipeline: &mut Pipeline) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(event) = pipeline.next_event().await {
+                if matches!(event, PipelineEvent::SweepCompleted { .. }) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("a sweep completes")
+    }
+
+    /// Sent to each actor after the pipeline has moved to a later epoch, a message of every
+    /// kind that is stamped with an epoch has no effect: no rewind, no row, no dead letter, no
+    /// commit, no checkpoint. (The two messages that start an epoch, `Resume` and
+    /// `ResetDedup`, are what makes an actor join one.)
+    #[actix_rt::test]
+    async fn a_stale_message_of_each_kind_is_ignored() {
+        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let events = (0..200)
+            .map(|i| (start + chrono::Duration::seconds(i), format!("ev-{i:04}")))
+            .collect();
+        let source = MemorySource::new(events);
+        let (rows, store) = MemoryRowSink::with_store();
+        let files = MemoryFileSink::default();
+        let metrics = Metrics::new();
+        let backoff = Backoff {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(20),
+        };
+        let mut pipeline = Pipeline::start(PipelineParts {
+            poller: PollerConfig {
+                account_id: STREAM.into(),
+                per_page: 50,
+                direction: Direction::Asc,
+                safety_lag: Duration::from_secs(30),
+                poll_interval: Duration::from_millis(50),
+                start: Some(start - chrono::Duration::days(1)),
+                end: None,
+                hide_user_logs: false,
+                max_inflight_batches: 4,
+                batch_max_events: 50,
+                batch_max_bytes: usize::MAX,
+                max_pages_per_sweep: 1_000,
+                backoff,
+                default_retry_after: Duration::from_millis(10),
+                max_server_wait: Duration::from_secs(1),
+                auth_recheck: Duration::from_millis(50),
+                once: None,
+            },
+            checkpointer: CheckpointerConfig {
+                account_id: STREAM.into(),
+                stream: STREAM.into(),
+                lease: 0,
+                ack_timeout: Duration::from_millis(100),
+                sink_timeout: Duration::from_secs(5),
+                backoff,
+            },
+            source: Arc::new(source.clone()),
+            sinks: vec![
+                Arc::new(PgTarget(Arc::new(rows.clone()))),
+                Arc::new(ParquetTarget(Arc::new(files.clone()))),
+            ],
+            files: Arc::new(files.clone()),
+            store: Arc::new(store.clone()),
+            metrics: metrics.clone(),
+            clock: Clock::system(),
+            rng_seed: Some(7),
         });
-        Mailbox::new(addr, self.metrics.actor(T::ACTOR))
+        next_sweep(&mut pipeline).await;
+
+        let rewinds = || metrics.pipeline_rewinds.with_label_values(&[STREAM]).get();
+        let dead_lettered = || {
+            metrics
+                .events_dead_lettered
+                .with_label_values(&[STREAM])
+                .get()
+        };
+        let data_commits = || {
+            let commits = store.commits.lock().unwrap();
+            commits.iter().filter(|c| !c.events.is_empty()).count()
+        };
+        let (rewinds_before, dead_before, commits_before) =
+            (rewinds(), dead_lettered(), data_commits());
+        let rows_before = rows.rows.lock().unwrap().len();
+        let requests_before = source.requests.lock().unwrap().len();
+        assert_eq!(rows_before, 200);
+
+        let stale = BatchId {
+            epoch: pipeline.epoch.current() - 1,
+            seq: 0,
+        };
+        let budget = Arc::new(tokio::sync::Semaphore::new(16));
+        let permit = || BatchPermit::new(budget.clone().try_acquire_owned().unwrap());
+        let row = crate::mapping::map_v1(
+            r#"{"id":"stale-row","when":"2026-01-01T00:00:00Z"}"#,
+            STREAM,
+            start,
+        )
+        .unwrap();
+        let progress = SweepProgress {
+            reached: Some(start + chrono::Duration::days(365)),
+            position: UnfinishedSweep {
+                direction: Direction::Asc,
+                since: start,
+                before: start,
+                anchor: start,
+                page: 1,
+                per_page: 50,
+                run: None,
+                previous_page: None,
+                newest: None,
+            },
+        };
+        let far_future = Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap();
+
+        pipeline.mapper.do_send(FetchedPage {
+            batch: stale,
+            events: vec![],
+            unreadable: vec![UnreadableEvent {
+                bytes: b"{".to_vec(),
+                reason: "stale".into(),
+            }],
+            progress: progress.clone(),
+            completes: None,
+            permit: permit(),
+        });
+        for writer in &pipeline.writers {
+            writer.do_send(WriteBatch {
+                batch: stale,
+                rows: Arc::new(vec![row.clone()]),
+                permit: permit(),
+            });
+        }
+        pipeline.checkpointer.do_send(ExpectBatch {
+            batch: stale,
+            events: vec![],
+            ingestion_time: start,
+            dead_letters: vec![],
+            progress,
+            completes: None,
+            permit: permit(),
+        });
+        pipeline.checkpointer.do_send(WriterAck {
+            batch: stale,
+            sink: SinkId {
+                index: 0,
+                name: "postgres",
+            },
+            result: Err(SinkError::transient("stale")),
+        });
+        pipeline.checkpointer.do_send(BatchFailed {
+            batch: stale,
+            reason: "stale".into(),
+        });
+        pipeline.poller.do_send(BatchCommitted {
+            batch: stale,
+            checkpoint: Some(far_future),
+        });
+        // Past the ack timeout, and two more sweeps.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        next_sweep(&mut pipeline).await;
+        next_sweep(&mut pipeline).await;
+
+        assert_eq!(rewinds(), rewinds_before, "a stale message caused a rewind");
+        assert_eq!(dead_lettered(), dead_before, "a stale page was mapped");
+        assert_eq!(
+            data_commits(),
+            commits_before,
+            "a stale batch was committed"
+        );
+        let stored: Vec<String> = rows
+            .rows
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|(_, id)| id.clone())
+            .collect();
+        assert_eq!(stored.len(), rows_before, "a stale batch was written");
+        assert!(!stored.iter().any(|id| id == "stale-row"));
+        let requests = source.requests.lock().unwrap().clone();
+        assert!(
+            requests.len() > requests_before,
+            "the pipeline kept polling"
+        );
+        let newest = start + chrono::Duration::seconds(199);
+        assert!(
+            requests.iter().all(|r| r.since <= newest),
+            "a stale commit moved the checkpoint"
+        );
+        assert!(store.checkpoint(STREAM) < Some(far_future));
+        assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     }
 }

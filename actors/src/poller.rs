@@ -23,14 +23,13 @@ use rand::rngs::StdRng;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::checkpointer::Checkpointer;
 use crate::clock::Clock;
+use crate::epoch::EpochView;
 use crate::event::RawEvent;
-use crate::mailbox::Mailbox;
-use crate::mapper::Mapper;
 use crate::mapping::parse_when;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
+use crate::outbox::Outbox;
 use crate::ports::{
     AuditSource, Direction, Page, PageRequest, SourceError, UnfinishedSweep, UnreadableEvent,
 };
@@ -301,21 +300,22 @@ impl Sweep {
 pub struct Poller {
     config: Arc<PollerConfig>,
     source: Arc<dyn AuditSource>,
-    mapper: Mailbox<Mapper>,
-    checkpointer: Mailbox<Checkpointer>,
+    pages: Outbox<FetchedPage>,
+    reset_dedup: Outbox<ResetDedup>,
+    committed: Outbox<BatchCommitted>,
+    restarted: Outbox<ActorRestarted>,
     metrics: Arc<Metrics>,
     actor: ActorMetrics,
     events: EventSender,
     clock: Clock,
     rng: StdRng,
-    stop: Epoch,
+    /// Joined by [`Resume`]: the sweep and the batches in flight are of that epoch.
+    epoch: EpochView,
     /// The in-flight budget: one permit per batch holding data.
     budget: Arc<tokio::sync::Semaphore>,
     /// The permit of the batch being filled.
     permit: Option<BatchPermit>,
     waiting_for_permit: bool,
-    /// `None` until the Checkpointer's first [`Resume`].
-    epoch: Option<u64>,
     checkpoint: Option<DateTime<Utc>>,
     /// The committed unfinished newest-first sweep, resumed by the next one.
     unfinished: Option<UnfinishedSweep>,
@@ -339,13 +339,17 @@ pub struct Poller {
 /// What a Poller is started with besides its configuration.
 pub(crate) struct PollerDeps {
     pub source: Arc<dyn AuditSource>,
-    pub mapper: Mailbox<Mapper>,
-    pub checkpointer: Mailbox<Checkpointer>,
+    /// Batches go there (the Mapper).
+    pub pages: Outbox<FetchedPage>,
+    pub reset_dedup: Outbox<ResetDedup>,
+    /// Committed batches are passed on there (the Mapper forgets their events).
+    pub committed: Outbox<BatchCommitted>,
+    pub restarted: Outbox<ActorRestarted>,
     pub metrics: Arc<Metrics>,
     pub events: EventSender,
     pub clock: Clock,
     pub rng: StdRng,
-    pub stop: Epoch,
+    pub epoch: EpochView,
     pub budget: Arc<tokio::sync::Semaphore>,
 }
 
@@ -355,17 +359,18 @@ impl Poller {
             actor: deps.metrics.actor("poller"),
             config,
             source: deps.source,
-            mapper: deps.mapper,
-            checkpointer: deps.checkpointer,
+            pages: deps.pages,
+            reset_dedup: deps.reset_dedup,
+            committed: deps.committed,
+            restarted: deps.restarted,
             metrics: deps.metrics,
             events: deps.events,
             clock: deps.clock,
             rng: deps.rng,
-            stop: deps.stop,
+            epoch: deps.epoch,
             budget: deps.budget,
             permit: None,
             waiting_for_permit: false,
-            epoch: None,
             checkpoint: None,
             unfinished: None,
             sweep: None,
@@ -394,8 +399,7 @@ impl Poller {
     }
 
     fn start_sweep(&mut self, epoch: u64, ctx: &mut Context<Self>) {
-        if self.epoch != Some(epoch) || self.sweep.is_some() || self.draining || self.stop.halted()
-        {
+        if self.epoch.is_stale(&epoch) || self.sweep.is_some() || self.draining {
             return;
         }
         let now = self.clock.now();
@@ -444,13 +448,15 @@ impl Poller {
     }
 
     fn fetch_next(&mut self, ctx: &mut Context<Self>) {
-        let Some(epoch) = self.epoch else { return };
+        let Some(epoch) = self.epoch.joined() else {
+            return;
+        };
         let Some(sweep) = &self.sweep else { return };
         if self.fetching
             || self.draining
             || sweep.last_seq.is_some()
             || sweep.announcing.is_some()
-            || self.stop.halted()
+            || self.epoch.halted()
         {
             return;
         }
@@ -532,7 +538,7 @@ impl Poller {
             self.report_drained();
             return;
         }
-        if self.epoch != Some(epoch) || self.stop.halted() {
+        if self.epoch.is_stale(&epoch) {
             return;
         }
         let Some(sweep) = self.sweep.as_mut() else {
@@ -712,7 +718,7 @@ impl Poller {
 
     fn retry_later(&mut self, epoch: u64, delay: Duration, ctx: &mut Context<Self>) {
         ctx.run_later(delay, move |act, ctx| {
-            if act.epoch == Some(epoch) {
+            if !act.epoch.is_stale(&epoch) {
                 act.fetch_next(ctx);
             }
         });
@@ -757,7 +763,7 @@ impl Poller {
     }
 
     fn send_batch(&mut self, end: Option<SweepEnd>, ctx: &mut Context<Self>) {
-        let (Some(epoch), Some(sweep)) = (self.epoch, self.sweep.as_mut()) else {
+        let (Some(epoch), Some(sweep)) = (self.epoch.joined(), self.sweep.as_mut()) else {
             return;
         };
         let Some(permit) = self.permit.take() else {
@@ -786,7 +792,7 @@ impl Poller {
         // The mailbox is never full here (credits ≤ capacity), so this enqueues at once and
         // batches stay in order; the spawned future only waits for the Mapper's reply.
         ctx.spawn(
-            self.mapper
+            self.pages
                 .send(page)
                 .into_actor(self)
                 .map(|result, _, ctx| {
@@ -903,7 +909,7 @@ impl Supervised for Poller {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.actor.restarts.inc();
         warn!(account = %self.config.account_id, "Poller restarted; resuming from the committed checkpoint");
-        self.epoch = None;
+        self.epoch.leave();
         self.sweep = None;
         self.pending.clear();
         self.pending_unreadable.clear();
@@ -912,8 +918,7 @@ impl Supervised for Poller {
         self.waiting_for_permit = false;
         self.inflight = 0;
         self.fetching = false;
-        self.checkpointer
-            .do_send(ActorRestarted { actor: "poller" });
+        self.restarted.do_send(ActorRestarted { actor: "poller" });
     }
 }
 
@@ -922,7 +927,7 @@ impl Handler<Resume> for Poller {
 
     fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        self.epoch = Some(msg.epoch);
+        self.epoch.join(msg.epoch);
         self.checkpoint = msg.state.checkpoint;
         self.unfinished = msg.state.unfinished;
         self.sweep = None;
@@ -932,7 +937,7 @@ impl Handler<Resume> for Poller {
         self.next_seq = 0;
         self.inflight = 0;
         self.fetching = false;
-        self.mapper.do_send(ResetDedup {
+        self.reset_dedup.do_send(ResetDedup {
             epoch: msg.epoch,
             quarantine: msg.quarantine,
         });
@@ -984,11 +989,11 @@ impl Handler<BatchCommitted> for Poller {
 
     fn handle(&mut self, msg: BatchCommitted, ctx: &mut Context<Self>) {
         let _timer = self.actor.handling();
-        if self.epoch != Some(msg.batch.epoch) {
+        if self.epoch.is_stale(&msg) {
             return;
         }
         // The Mapper forgets the committed events: the store's index holds them now.
-        self.mapper.do_send(msg.clone());
+        self.committed.do_send(msg.clone());
         self.inflight = self.inflight.saturating_sub(1);
         self.rewinds_without_commit = 0;
         self.checkpoint = msg.checkpoint.or(self.checkpoint);

@@ -1,4 +1,4 @@
-//! The v1 mapping against every event shape of the API facts §7 (cases 1–16).
+//! The v1 mapping against every event shape the v1 API is known to send.
 
 use cfaudit_actors::mapping::{escape_nul, map_v1, parse_when};
 use chrono::{DateTime, TimeZone, Utc};
@@ -10,7 +10,7 @@ fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
 }
 
-/// The base event of API facts §1.4, with `change` applied.
+/// An ordinary v1 event, with `change` applied.
 fn event(change: impl FnOnce(&mut Value)) -> String {
     let mut e = json!({
         "id": "d5b0f326-1232-4452-8858-1089bd7168ef",

@@ -85,7 +85,10 @@ impl World {
                 backoff,
             },
             source: Arc::new(self.source.clone()),
-            rows: Arc::new(self.rows.clone()),
+            sinks: vec![
+                Arc::new(PgTarget(Arc::new(self.rows.clone()))),
+                Arc::new(ParquetTarget(Arc::new(self.files.clone()))),
+            ],
             files: Arc::new(self.files.clone()),
             store: Arc::new(self.store.clone()),
             metrics: self.metrics.clone(),
@@ -279,6 +282,53 @@ async fn no_commit_while_one_writer_fails_after_the_other_succeeded() {
     .await;
     assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     world.assert_exact(&all);
+}
+
+/// A third sink is one more `SinkTarget` in the parts: the real Checkpointer waits for its
+/// ack like the others', so nothing commits past what it acked while it fails, and the sweep
+/// ends exact once it heals.
+#[actix_rt::test]
+async fn a_third_sink_is_waited_for_like_the_others() {
+    let all = events(500);
+    let world = World::new(all.clone());
+    let archive = MemoryArchive::default();
+    archive.faults.fail_from(3); // batches 0 and 1 are archived, every later write fails
+    let mut parts = world.parts(Direction::Asc, None);
+    parts.sinks.push(Arc::new(archive.clone()));
+    let mut pipeline = Pipeline::start(parts);
+    until("a rewind", || {
+        world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 2
+    })
+    .await;
+    let archived = || -> HashSet<String> {
+        let written = archive.written.lock().unwrap();
+        written.iter().map(|row| row.event_id.clone()).collect()
+    };
+    let commits = world.data_commits();
+    assert!(commits.len() <= 2, "{} commits", commits.len());
+    let committed: Vec<String> = commits
+        .iter()
+        .flat_map(|c| c.events.iter().map(|e| e.id.clone()))
+        .collect();
+    assert!(committed.iter().all(|id| archived().contains(id)));
+    assert!(world.rows.rows.lock().unwrap().len() > committed.len());
+    archive.faults.heal();
+    wait_for(&mut pipeline, |e| {
+        matches!(e, PipelineEvent::SweepCompleted { .. })
+    })
+    .await;
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    world.assert_exact(&all);
+    let want: HashSet<String> = all.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(archived(), want, "every event reached the third sink");
+    assert!(
+        world
+            .metrics
+            .events_written
+            .with_label_values(&["archive"])
+            .get()
+            >= all.len() as u64
+    );
 }
 
 #[actix_rt::test]
@@ -477,7 +527,7 @@ async fn drain_stops_fetching_and_leaves_a_resumable_state() {
 
 #[actix_rt::test]
 async fn the_same_id_twice_in_a_page_or_on_two_pages_lands_once() {
-    // API facts §7 case 13: "dup-a" twice inside one page, "dup-b" on both sides of the
+    // "dup-a" twice inside one page, "dup-b" on both sides of the
     // boundary between pages 1 and 2 (50 per page).
     let mut all = events(120);
     let t = all[10].0;
@@ -495,7 +545,7 @@ async fn the_same_id_twice_in_a_page_or_on_two_pages_lands_once() {
     assert!(world.counter(|m| &m.events_deduplicated, ACCOUNT) >= 2);
 }
 
-/// A source that ignores `page` and returns page 1 for ever (API facts §7 case 29).
+/// A source that ignores `page` and returns page 1 for ever.
 struct IgnoresPage(MemorySource);
 
 #[async_trait::async_trait]

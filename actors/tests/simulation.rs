@@ -759,7 +759,10 @@ fn parts(
             backoff,
         },
         source: shared.clone(),
-        rows: shared.clone(),
+        sinks: vec![
+            Arc::new(PgTarget(shared.clone())),
+            Arc::new(ParquetTarget(shared.clone())),
+        ],
         files: shared.clone(),
         store: shared,
         metrics: Metrics::new(),
