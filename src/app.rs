@@ -446,35 +446,14 @@ pub async fn summary(
     account_id: &str,
     interrupted: bool,
 ) -> anyhow::Result<RunSummary> {
-    let (rows_in_postgres,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM audit_logs WHERE account_id = $1")
-            .bind(account_id)
-            .fetch_one(postgres.pool())
-            .await?;
-    let (parquet_files, parquet_rows): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files \
-         WHERE (account_id = $1 OR account_id LIKE $1 || '.backfill.%') AND published_at IS NOT NULL",
-    )
-    .bind(account_id)
-    .fetch_one(postgres.pool())
-    .await?;
-    let (dead_letters,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM cfaudit_dead_letters WHERE account_id = $1")
-            .bind(account_id)
-            .fetch_one(postgres.pool())
-            .await?;
-    let checkpoint: Option<(Option<DateTime<Utc>>,)> =
-        sqlx::query_as("SELECT checkpoint FROM cfaudit_checkpoints WHERE account_id = $1")
-            .bind(account_id)
-            .fetch_optional(postgres.pool())
-            .await?;
+    let counts = postgres.account_counts(account_id).await?;
     Ok(RunSummary {
         account_id: account_id.to_owned(),
-        checkpoint: checkpoint.and_then(|c| c.0),
-        rows_in_postgres,
-        parquet_files,
-        parquet_rows,
-        dead_letters,
+        checkpoint: counts.checkpoint,
+        rows_in_postgres: counts.rows_in_postgres,
+        parquet_files: counts.parquet_files,
+        parquet_rows: counts.parquet_rows,
+        dead_letters: counts.dead_letters,
         interrupted,
     })
 }

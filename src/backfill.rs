@@ -169,22 +169,8 @@ async fn summarize(
         stream.covers_since.expect("registered with a start"),
         stream.covers_until.expect("a backfill is bounded"),
     );
-    let pool = adapters.postgres.pool();
-    let (rows_in_postgres,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM audit_logs WHERE account_id = $1 AND timestamp >= $2 AND timestamp < $3",
-    )
-    .bind(&adapters.account_id)
-    .bind(since)
-    .bind(until)
-    .fetch_one(pool)
-    .await?;
-    let (parquet_files, parquet_rows): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files \
-         WHERE account_id = $1 AND published_at IS NOT NULL",
-    )
-    .bind(&stream.key)
-    .fetch_one(pool)
-    .await?;
+    let (rows_in_postgres, parquet_files, parquet_rows) =
+        adapters.postgres.backfill_counts(stream).await?;
     Ok(BackfillSummary {
         stream: stream.key.clone(),
         since,

@@ -62,16 +62,10 @@ async fn check_database(config: &Config) -> Result<String, String> {
     let postgres = Postgres::connect(&config.database_url, 1, None)
         .await
         .map_err(|e| format!("{e:#}. Fix: start the database or correct DATABASE_URL"))?;
-    let (version,): (String,) = sqlx::query_as("SHOW server_version")
-        .fetch_one(postgres.pool())
+    let (version, applied) = postgres
+        .version_and_migrations()
         .await
         .map_err(|e| e.to_string())?;
-    let applied: i64 =
-        sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM _sqlx_migrations WHERE success")
-            .fetch_one(postgres.pool())
-            .await
-            .map(|r| r.0)
-            .unwrap_or(0);
     let known = MIGRATOR.iter().count();
     let timescale = match postgres.timescale_state().await {
         Ok(Some(state)) => state.to_string(),

@@ -57,11 +57,7 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<HealthState>) -> HttpResponse {
     let mut problems = Vec::new();
-    if sqlx::query("SELECT 1")
-        .execute(&state.database)
-        .await
-        .is_err()
-    {
+    if !crate::postgres::answers(&state.database).await {
         problems.push("database unreachable".to_owned());
     }
     for (account, reason) in state.metrics.health.auth_failures.lock().unwrap().iter() {

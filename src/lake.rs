@@ -9,9 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, StringArray, TimestampNanosecondArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use cfaudit_actors::failpoints::{self, crash_point};
 use cfaudit_actors::{
@@ -28,27 +25,6 @@ use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, R
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-
-/// The Parquet schema of the original spec, plus `raw_event` (replay needs it).
-pub fn schema() -> SchemaRef {
-    let ts = || DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()));
-    let text = |name: &str| Field::new(name, DataType::Utf8, true);
-    Arc::new(Schema::new(vec![
-        Field::new("event_id", DataType::Utf8, false),
-        Field::new("timestamp", ts(), false),
-        text("account_id"),
-        text("actor_email"),
-        text("actor_type"),
-        text("action_type"),
-        text("action_result"),
-        text("resource_type"),
-        text("resource_id"),
-        text("ip_address"),
-        text("metadata"),
-        text("raw_event"),
-        Field::new("ingestion_time", ts(), true),
-    ]))
-}
 
 pub struct ParquetLake {
     store: Arc<dyn ObjectStore>,
@@ -195,7 +171,7 @@ impl ParquetLake {
 
 /// Encodes the rows as one zstd Parquet file in memory.
 fn encode(rows: &[&AuditRow], props: WriterProperties) -> Result<Vec<u8>, SinkError> {
-    let batch = record_batch(rows).map_err(|e| lake_error("encode", e))?;
+    let batch = crate::dataset::record_batch(rows).map_err(|e| lake_error("encode", e))?;
     let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
         .map_err(|e| lake_error("writer", e))?;
     writer.write(&batch).map_err(|e| lake_error("write", e))?;
@@ -233,46 +209,6 @@ impl ParquetLake {
         }
         Ok(format!("{}/", self.staging))
     }
-}
-
-fn nanos(t: DateTime<Utc>) -> i64 {
-    t.timestamp_nanos_opt().unwrap_or(i64::MAX)
-}
-
-/// The rows as one Arrow batch in the dataset schema.
-pub fn record_batch(rows: &[&AuditRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let text = |f: fn(&AuditRow) -> Option<&str>| -> ArrayRef {
-        Arc::new(rows.iter().map(|r| f(r)).collect::<StringArray>())
-    };
-    let ts = |f: fn(&AuditRow) -> DateTime<Utc>| -> ArrayRef {
-        Arc::new(
-            TimestampNanosecondArray::from(rows.iter().map(|r| nanos(f(r))).collect::<Vec<_>>())
-                .with_timezone("UTC"),
-        )
-    };
-    let ips: ArrayRef = Arc::new(
-        rows.iter()
-            .map(|r| r.ip_address.map(|ip| ip.to_string()))
-            .collect::<StringArray>(),
-    );
-    RecordBatch::try_new(
-        schema(),
-        vec![
-            text(|r| Some(&r.event_id)),
-            ts(|r| r.timestamp),
-            text(|r| Some(&r.account_id)),
-            text(|r| r.actor_email.as_deref()),
-            text(|r| r.actor_type.as_deref()),
-            text(|r| r.action_type.as_deref()),
-            text(|r| r.action_result.as_deref()),
-            text(|r| r.resource_type.as_deref()),
-            text(|r| r.resource_id.as_deref()),
-            ips,
-            text(|r| r.metadata.as_deref()),
-            text(|r| Some(&r.raw_event)),
-            ts(|r| r.ingestion_time),
-        ],
-    )
 }
 
 impl ParquetLake {

@@ -9,6 +9,7 @@ pub mod backfill;
 pub mod check;
 pub mod cloudflare;
 pub mod config;
+pub mod dataset;
 pub mod emulator;
 pub mod http;
 pub mod lake;

@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::config::Secret;
+use crate::streams::{backfill_key_prefix, Stream};
 
 /// Embedded at compile time: the binary carries its schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -300,6 +301,240 @@ impl Postgres {
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy(url.expose())?)
     }
+}
+
+/// Every stream of an account: its live stream (key $1) and its backfills (keys starting with
+/// $2, see `streams::backfill_key_prefix`).
+const ACCOUNT_STREAMS: &str =
+    "SELECT account_id, covers_since, covers_until, checkpoint, completed_at \
+     FROM cfaudit_checkpoints \
+     WHERE account_id = $1 OR starts_with(account_id, $2) \
+     ORDER BY covers_since NULLS FIRST, account_id";
+
+/// Streams: the checkpoint rows of one account's live collection and backfills.
+impl Postgres {
+    /// Every stream of the account (the live one and its backfills).
+    pub async fn streams(&self, account_id: &str) -> anyhow::Result<Vec<Stream>> {
+        Ok(sqlx::query_as(ACCOUNT_STREAMS)
+            .bind(account_id)
+            .bind(backfill_key_prefix(account_id))
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    /// Registers a stream, deciding its range from the account's other streams under a lock,
+    /// so a backfill and a starting service cannot both claim the same range. `plan` gets the
+    /// account's streams and returns the new stream's `(key, since, until)` or an error.
+    /// An existing stream keeps its range once it has committed something.
+    pub async fn register_stream(
+        &self,
+        account_id: &str,
+        plan: impl FnOnce(&[Stream]) -> anyhow::Result<(String, DateTime<Utc>, Option<DateTime<Utc>>)>,
+    ) -> anyhow::Result<Stream> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cfaudit.streams.' || $1))")
+            .bind(account_id)
+            .execute(&mut *tx)
+            .await?;
+        let streams: Vec<Stream> = sqlx::query_as(ACCOUNT_STREAMS)
+            .bind(account_id)
+            .bind(backfill_key_prefix(account_id))
+            .fetch_all(&mut *tx)
+            .await?;
+        let (key, since, until) = plan(&streams)?;
+        let stream: Stream = sqlx::query_as(
+            "INSERT INTO cfaudit_checkpoints (account_id, covers_since, covers_until) \
+             VALUES ($1, $2, $3) \
+             ON CONFLICT (account_id) DO UPDATE \
+               SET covers_since = CASE WHEN cfaudit_checkpoints.checkpoint IS NULL \
+                                       THEN EXCLUDED.covers_since \
+                                       ELSE cfaudit_checkpoints.covers_since END \
+             RETURNING account_id, covers_since, covers_until, checkpoint, completed_at",
+        )
+        .bind(&key)
+        .bind(since)
+        .bind(until)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(stream)
+    }
+
+    /// Records that a sweep of the stream finished with everything committed.
+    pub async fn record_sweep(&self, key: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE cfaudit_checkpoints SET last_sweep_at = now() WHERE account_id = $1")
+            .bind(key)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a bounded stream as having committed its whole range; refused unless a sweep
+    /// of it reached the range's end (`swept_until`), whatever ended the run.
+    pub async fn complete_stream(&self, key: &str) -> anyhow::Result<()> {
+        let completed = sqlx::query(
+            "UPDATE cfaudit_checkpoints SET completed_at = now() \
+             WHERE account_id = $1 AND covers_until IS NOT NULL AND swept_until >= covers_until",
+        )
+        .bind(key)
+        .execute(self.pool())
+        .await?;
+        anyhow::ensure!(
+            completed.rows_affected() == 1,
+            "stream {key} is not collected to its end yet; run the same command again to continue"
+        );
+        Ok(())
+    }
+}
+
+/// What is committed for an account, over all its streams (live and backfills).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountCounts {
+    pub rows_in_postgres: i64,
+    pub parquet_files: i64,
+    pub parquet_rows: i64,
+    pub dead_letters: i64,
+    /// The live stream's.
+    pub checkpoint: Option<DateTime<Utc>>,
+}
+
+/// One account as `cfaudit status` shows it.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct AccountStatus {
+    pub account_id: String,
+    /// The live stream's checkpoint (the backfills have their own, below).
+    pub checkpoint: Option<DateTime<Utc>>,
+    pub lag_seconds: Option<i64>,
+    /// Where the live stream's collection starts.
+    pub collecting_since: Option<DateTime<Utc>>,
+    /// When the live stream's last sweep finished with everything committed.
+    pub last_sweep: Option<DateTime<Utc>>,
+    /// The last commit of any of the account's streams.
+    pub last_commit: DateTime<Utc>,
+    pub commits: i64,
+    pub postgres_rows: i64,
+    pub dead_letters: i64,
+    /// Over all the account's streams.
+    pub parquet_files: i64,
+    pub parquet_rows: i64,
+    /// Committed but not yet visible: published at the next start.
+    pub unpublished_files: i64,
+    #[sqlx(skip)]
+    pub backfills: Vec<Stream>,
+}
+
+/// Counts and facts for the CLI (`run --once`, `backfill`, `status`, `check`) and `/readyz`.
+impl Postgres {
+    pub async fn account_counts(&self, account_id: &str) -> anyhow::Result<AccountCounts> {
+        let (rows_in_postgres,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM audit_logs WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_one(&self.pool)
+                .await?;
+        let (parquet_files, parquet_rows): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files \
+             WHERE (account_id = $1 OR starts_with(account_id, $2)) AND published_at IS NOT NULL",
+        )
+        .bind(account_id)
+        .bind(backfill_key_prefix(account_id))
+        .fetch_one(&self.pool)
+        .await?;
+        let (dead_letters,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM cfaudit_dead_letters WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_one(&self.pool)
+                .await?;
+        let checkpoint: Option<(Option<DateTime<Utc>>,)> =
+            sqlx::query_as("SELECT checkpoint FROM cfaudit_checkpoints WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(AccountCounts {
+            rows_in_postgres,
+            parquet_files,
+            parquet_rows,
+            dead_letters,
+            checkpoint: checkpoint.and_then(|c| c.0),
+        })
+    }
+
+    /// A backfill's rows in `audit_logs` (of the account, in its range) and the files and
+    /// rows its stream published.
+    pub async fn backfill_counts(&self, stream: &Stream) -> anyhow::Result<(i64, i64, i64)> {
+        let account = stream.account();
+        let (rows,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM audit_logs \
+             WHERE account_id = $1 AND timestamp >= $2 AND timestamp < $3",
+        )
+        .bind(account)
+        .bind(stream.covers_since)
+        .bind(stream.covers_until)
+        .fetch_one(&self.pool)
+        .await?;
+        let (files, file_rows): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files \
+             WHERE account_id = $1 AND published_at IS NOT NULL",
+        )
+        .bind(&stream.key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((rows, files, file_rows))
+    }
+
+    /// Every account with a stream, and what is committed for it.
+    pub async fn account_statuses(&self) -> anyhow::Result<Vec<AccountStatus>> {
+        // A stream's account is its key up to the first `.` (see `streams::backfill_key`).
+        let mut accounts: Vec<AccountStatus> = sqlx::query_as(
+            "WITH s AS (SELECT split_part(account_id, '.', 1) AS account, * FROM cfaudit_checkpoints), \
+                  f AS (SELECT split_part(account_id, '.', 1) AS account, * FROM cfaudit_parquet_files) \
+             SELECT s.account AS account_id, \
+                    max(s.checkpoint) FILTER (WHERE s.account_id = s.account) AS checkpoint, \
+                    extract(epoch FROM now() - max(s.checkpoint) FILTER (WHERE s.account_id = s.account))::bigint AS lag_seconds, \
+                    max(s.covers_since) FILTER (WHERE s.account_id = s.account) AS collecting_since, \
+                    max(s.last_sweep_at) FILTER (WHERE s.account_id = s.account) AS last_sweep, \
+                    max(s.updated_at) AS last_commit, sum(s.commit_seq)::bigint AS commits, \
+                    (SELECT count(*) FROM audit_logs a WHERE a.account_id = s.account) AS postgres_rows, \
+                    (SELECT count(*) FROM cfaudit_dead_letters d WHERE d.account_id = s.account) AS dead_letters, \
+                    (SELECT count(*) FROM f WHERE f.account = s.account AND f.published_at IS NOT NULL) AS parquet_files, \
+                    (SELECT coalesce(sum(rows), 0)::bigint FROM f \
+                      WHERE f.account = s.account AND f.published_at IS NOT NULL) AS parquet_rows, \
+                    (SELECT count(*) FROM f WHERE f.account = s.account AND f.published_at IS NULL) AS unpublished_files \
+             FROM s GROUP BY s.account ORDER BY s.account",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("reading the committed state: {e}. Fix: run `cfaudit migrate`, or check DATABASE_URL")
+        })?;
+        for account in &mut accounts {
+            account.backfills = self
+                .streams(&account.account_id)
+                .await?
+                .into_iter()
+                .filter(|s| !s.is_live())
+                .collect();
+        }
+        Ok(accounts)
+    }
+
+    /// The server's version, and how many migrations are applied (0 before the first).
+    pub async fn version_and_migrations(&self) -> Result<(String, i64), sqlx::Error> {
+        let (version,): (String,) = sqlx::query_as("SHOW server_version")
+            .fetch_one(&self.pool)
+            .await?;
+        let applied: i64 =
+            sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await
+                .map(|r| r.0)
+                .unwrap_or(0);
+        Ok((version, applied))
+    }
+}
+
+/// Whether the database behind `pool` answers.
+pub async fn answers(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }
 
 #[async_trait]

@@ -1,37 +1,11 @@
 //! `cfaudit status`: what is committed, per account, read from the database and the object
 //! store; never from a running process, so it works whether the service runs or not.
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::lake::ParquetLake;
-use crate::postgres::{Postgres, TimescaleState};
-use crate::streams::Stream;
-
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct AccountStatus {
-    pub account_id: String,
-    /// The live stream's checkpoint (the backfills have their own, below).
-    pub checkpoint: Option<DateTime<Utc>>,
-    pub lag_seconds: Option<i64>,
-    /// Where the live stream's collection starts.
-    pub collecting_since: Option<DateTime<Utc>>,
-    /// When the live stream's last sweep finished with everything committed.
-    pub last_sweep: Option<DateTime<Utc>>,
-    /// The last commit of any of the account's streams.
-    pub last_commit: DateTime<Utc>,
-    pub commits: i64,
-    pub postgres_rows: i64,
-    pub dead_letters: i64,
-    /// Over all the account's streams.
-    pub parquet_files: i64,
-    pub parquet_rows: i64,
-    /// Committed but not yet visible: published at the next start.
-    pub unpublished_files: i64,
-    #[sqlx(skip)]
-    pub backfills: Vec<Stream>,
-}
+use crate::postgres::{AccountStatus, Postgres, TimescaleState};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -44,36 +18,7 @@ pub struct Status {
 
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
     let postgres = Postgres::connect(&config.database_url, 2, None).await?;
-    let mut accounts: Vec<AccountStatus> = sqlx::query_as(
-        "WITH s AS (SELECT split_part(account_id, '.', 1) AS account, * FROM cfaudit_checkpoints), \
-              f AS (SELECT split_part(account_id, '.', 1) AS account, * FROM cfaudit_parquet_files) \
-         SELECT s.account AS account_id, \
-                max(s.checkpoint) FILTER (WHERE s.account_id = s.account) AS checkpoint, \
-                extract(epoch FROM now() - max(s.checkpoint) FILTER (WHERE s.account_id = s.account))::bigint AS lag_seconds, \
-                max(s.covers_since) FILTER (WHERE s.account_id = s.account) AS collecting_since, \
-                max(s.last_sweep_at) FILTER (WHERE s.account_id = s.account) AS last_sweep, \
-                max(s.updated_at) AS last_commit, sum(s.commit_seq)::bigint AS commits, \
-                (SELECT count(*) FROM audit_logs a WHERE a.account_id = s.account) AS postgres_rows, \
-                (SELECT count(*) FROM cfaudit_dead_letters d WHERE d.account_id = s.account) AS dead_letters, \
-                (SELECT count(*) FROM f WHERE f.account = s.account AND f.published_at IS NOT NULL) AS parquet_files, \
-                (SELECT coalesce(sum(rows), 0)::bigint FROM f \
-                  WHERE f.account = s.account AND f.published_at IS NOT NULL) AS parquet_rows, \
-                (SELECT count(*) FROM f WHERE f.account = s.account AND f.published_at IS NULL) AS unpublished_files \
-         FROM s GROUP BY s.account ORDER BY s.account",
-    )
-    .fetch_all(postgres.pool())
-    .await
-    .map_err(|e| {
-        anyhow::anyhow!("reading the committed state: {e}. Fix: run `cfaudit migrate`, or check DATABASE_URL")
-    })?;
-    for account in &mut accounts {
-        account.backfills = postgres
-            .streams(&account.account_id)
-            .await?
-            .into_iter()
-            .filter(|s| !s.is_live())
-            .collect();
-    }
+    let accounts = postgres.account_statuses().await?;
     let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)?;
     let staged_files = lake
         .staged_names("")

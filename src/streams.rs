@@ -8,8 +8,6 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::postgres::Postgres;
-
 /// One stream as stored in `cfaudit_checkpoints`.
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 pub struct Stream {
@@ -32,6 +30,11 @@ impl Stream {
         }
     }
 
+    /// The account the stream collects.
+    pub fn account(&self) -> &str {
+        self.key.split('.').next().unwrap_or(&self.key)
+    }
+
     pub fn is_live(&self) -> bool {
         self.covers_until.is_none()
     }
@@ -43,15 +46,24 @@ impl Stream {
     }
 }
 
-/// The key of a backfill's stream. Account ids are alphanumeric and the times carry no `-`,
-/// so keys never contain one (staged file names rely on that, see `staged_prefix`).
+/// The key of a backfill's stream: [`backfill_key_prefix`] and the range. Account ids are
+/// alphanumeric and the times carry no `-`, so keys never contain one (staged file names rely
+/// on that, see `staged_prefix`), and the account is what comes before the first `.` (the SQL
+/// of the PostgreSQL adapter relies on that).
 pub fn backfill_key(account_id: &str, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
     const COMPACT: &str = "%Y%m%dT%H%M%SZ";
     format!(
-        "{account_id}.backfill.{}_{}",
+        "{}{}_{}",
+        backfill_key_prefix(account_id),
         since.format(COMPACT),
         until.format(COMPACT)
     )
+}
+
+/// What every backfill key of the account starts with. The live stream's key is the account
+/// id itself.
+pub fn backfill_key_prefix(account_id: &str) -> String {
+    format!("{account_id}.backfill.")
 }
 
 /// Where the live stream starts: `wanted` (INITIAL_CHECKPOINT or one poll interval ago),
@@ -63,86 +75,6 @@ pub fn live_start(wanted: DateTime<Utc>, streams: &[Stream]) -> DateTime<Utc> {
         .filter(|&end| end > wanted)
         .max()
         .unwrap_or(wanted)
-}
-
-/// Every stream of an account: its live stream and its backfills.
-const ACCOUNT_STREAMS: &str =
-    "SELECT account_id, covers_since, covers_until, checkpoint, completed_at \
-     FROM cfaudit_checkpoints \
-     WHERE account_id = $1 OR account_id LIKE $1 || '.backfill.%' \
-     ORDER BY covers_since NULLS FIRST, account_id";
-
-impl Postgres {
-    /// Every stream of the account (the live one and its backfills).
-    pub async fn streams(&self, account_id: &str) -> anyhow::Result<Vec<Stream>> {
-        Ok(sqlx::query_as(ACCOUNT_STREAMS)
-            .bind(account_id)
-            .fetch_all(self.pool())
-            .await?)
-    }
-
-    /// Registers a stream, deciding its range from the account's other streams under a lock,
-    /// so a backfill and a starting service cannot both claim the same range. `plan` gets the
-    /// account's streams and returns the new stream's `(key, since, until)` or an error.
-    /// An existing stream keeps its range once it has committed something.
-    pub async fn register_stream(
-        &self,
-        account_id: &str,
-        plan: impl FnOnce(&[Stream]) -> anyhow::Result<(String, DateTime<Utc>, Option<DateTime<Utc>>)>,
-    ) -> anyhow::Result<Stream> {
-        let mut tx = self.pool().begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cfaudit.streams.' || $1))")
-            .bind(account_id)
-            .execute(&mut *tx)
-            .await?;
-        let streams: Vec<Stream> = sqlx::query_as(ACCOUNT_STREAMS)
-            .bind(account_id)
-            .fetch_all(&mut *tx)
-            .await?;
-        let (key, since, until) = plan(&streams)?;
-        let stream: Stream = sqlx::query_as(
-            "INSERT INTO cfaudit_checkpoints (account_id, covers_since, covers_until) \
-             VALUES ($1, $2, $3) \
-             ON CONFLICT (account_id) DO UPDATE \
-               SET covers_since = CASE WHEN cfaudit_checkpoints.checkpoint IS NULL \
-                                       THEN EXCLUDED.covers_since \
-                                       ELSE cfaudit_checkpoints.covers_since END \
-             RETURNING account_id, covers_since, covers_until, checkpoint, completed_at",
-        )
-        .bind(&key)
-        .bind(since)
-        .bind(until)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(stream)
-    }
-
-    /// Records that a sweep of the stream finished with everything committed.
-    pub async fn record_sweep(&self, key: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE cfaudit_checkpoints SET last_sweep_at = now() WHERE account_id = $1")
-            .bind(key)
-            .execute(self.pool())
-            .await?;
-        Ok(())
-    }
-
-    /// Marks a bounded stream as having committed its whole range; refused unless a sweep
-    /// of it reached the range's end (`swept_until`), whatever ended the run.
-    pub async fn complete_stream(&self, key: &str) -> anyhow::Result<()> {
-        let completed = sqlx::query(
-            "UPDATE cfaudit_checkpoints SET completed_at = now() \
-             WHERE account_id = $1 AND covers_until IS NOT NULL AND swept_until >= covers_until",
-        )
-        .bind(key)
-        .execute(self.pool())
-        .await?;
-        anyhow::ensure!(
-            completed.rows_affected() == 1,
-            "stream {key} is not collected to its end yet; run the same command again to continue"
-        );
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -3,25 +3,26 @@
 //!
 //! This crate holds the ordering and failure rules and nothing else: it knows no HTTP, SQL or
 //! object storage, only the traits in [`ports`]. Every rule is tested in memory with the
-//! implementations in [`memory`].
+//! implementations in `memory` (feature `testing`).
 
-pub mod backoff;
-pub mod checkpointer;
-pub mod clock;
-pub mod epoch;
-pub mod event;
+mod backoff;
+mod checkpointer;
+mod clock;
+mod epoch;
+mod event;
 pub mod failpoints;
-pub mod mapper;
+mod mapper;
 pub mod mapping;
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
-pub mod messages;
+mod messages;
 pub mod metrics;
-pub mod outbox;
-pub mod pipeline;
-pub mod poller;
+mod outbox;
+mod pipeline;
+mod poller;
 pub mod ports;
-pub mod sink;
-pub mod writer;
+mod sink;
+mod writer;
 
 pub use backoff::Backoff;
 pub use checkpointer::CheckpointerConfig;
