@@ -7,8 +7,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY actors ./actors
 COPY src ./src
 COPY migrations ./migrations
-RUN cargo build --release --locked --bin cfaudit \
- && strip target/release/cfaudit
+COPY tests/cfaudit-emulator ./tests/cfaudit-emulator
+RUN cargo build --release --locked -p cfaudit -p cfaudit-emulator \
+ && strip target/release/cfaudit target/release/cfaudit-emulator
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -16,6 +17,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/cfaudit --create-home cfaudit
 COPY --from=build /src/target/release/cfaudit /usr/local/bin/cfaudit
+# The API emulator, for docker-compose's demo profile only (`entrypoint: cfaudit-emulator`).
+COPY --from=build /src/target/release/cfaudit-emulator /usr/local/bin/cfaudit-emulator
 USER cfaudit
 WORKDIR /var/lib/cfaudit
 ENV METRICS_ADDR=0.0.0.0:9464 \

@@ -43,10 +43,10 @@ chaos: services
 	  $(CARGO) test --features failpoints --test chaos -- --nocapture --test-threads=1
 
 build:
-	$(CARGO) build
+	$(CARGO) build -p cfaudit -p cfaudit-emulator
 
 release:
-	$(CARGO) build --release
+	$(CARGO) build --release -p cfaudit -p cfaudit-emulator
 
 clean-data:
 	rm -rf data

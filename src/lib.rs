@@ -2,7 +2,7 @@
 //!
 //! The pipeline and its rules live in the `cfaudit-actors` crate; this crate holds the
 //! adapters it is given (Cloudflare client, PostgreSQL, Parquet on object storage), the
-//! configuration, the HTTP endpoints, the emulator and the CLI.
+//! configuration, the HTTP endpoints and the CLI.
 
 pub mod app;
 pub mod backfill;
@@ -10,7 +10,6 @@ pub mod check;
 pub mod cloudflare;
 pub mod config;
 pub mod dataset;
-pub mod emulator;
 pub mod http;
 pub mod lake;
 pub mod postgres;

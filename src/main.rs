@@ -6,7 +6,6 @@ use clap::{Parser, Subcommand};
 
 use cfaudit::app::{run, RunOptions};
 use cfaudit::config::Config;
-use cfaudit::emulator::{Emulator, EmulatorConfig};
 use cfaudit::postgres::Postgres;
 
 /// Lands Cloudflare audit logs exactly once in PostgreSQL/TimescaleDB and Parquet.
@@ -71,8 +70,6 @@ enum Command {
     /// Probe the running service's /healthz on METRICS_ADDR (for container health checks):
     /// exit 0 when it answers 200, 1 otherwise.
     Healthcheck,
-    /// Serve the Cloudflare audit-log API emulator (demo and tests).
-    Emulator(Box<EmulatorConfig>),
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 configuration error.
@@ -135,7 +132,6 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Healthcheck => healthcheck(&config).await,
-        Command::Emulator(emulator) => serve_emulator(*emulator).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -187,22 +183,5 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     postgres.migrate().await?;
     cfaudit::app::apply_policies(&postgres, config).await?;
     tracing::info!("migrations applied");
-    Ok(())
-}
-
-async fn serve_emulator(config: EmulatorConfig) -> anyhow::Result<()> {
-    let emulator = Emulator::new(config.clone());
-    let (addr, server) = emulator.serve()?;
-    emulator.start_live();
-    tracing::info!(%addr, events = config.events, account = %config.account_id, "emulator listening");
-    println!("emulator: http://{addr}/client/v4");
-    let handle = server.handle();
-    actix_rt::spawn(server);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    handle.stop(true).await;
     Ok(())
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cfaudit::emulator::{EmulatorConfig, RequestRecord, DEMO_ACCOUNT, DEMO_TOKEN};
+use cfaudit_emulator::{EmulatorConfig, RequestRecord, DEMO_ACCOUNT, DEMO_TOKEN};
 use common::*;
 
 /// 1,000 events in pages of 100: ten full pages and an empty one.

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use cfaudit::config::{Config, KEYS};
-use cfaudit::emulator::{DEMO_ACCOUNT, DEMO_TOKEN};
+use cfaudit_emulator::{DEMO_ACCOUNT, DEMO_TOKEN};
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -323,14 +323,15 @@ fn every_variable_is_in_env_example_and_secrets_are_placeholders() {
 #[test]
 fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
     let subcommands = help(&[]);
-    let emulator_help = help(&["emulator"]);
     let no_env = BTreeMap::new();
     let example = env_example();
     let mut scraped = None;
     for (name, service) in ours() {
         let command: Vec<String> = serde_json::from_value(service["command"].clone()).unwrap();
+        // The emulator is its own binary in the same image; every other service runs cfaudit.
+        let emulator = service["entrypoint"] == serde_json::json!(["cfaudit-emulator"]);
         assert!(
-            subcommands.contains(&format!("  {} ", command[0])),
+            emulator || subcommands.contains(&format!("  {} ", command[0])),
             "{name}: {command:?}"
         );
         assert_eq!(
@@ -349,10 +350,11 @@ fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
             }
             let config = Config::load_from(None, env.clone())
                 .unwrap_or_else(|e| panic!("{name}: the environment does not load: {e}"));
-            if command[0] == "emulator" {
-                for flag in command.iter().filter(|a| a.starts_with("--")) {
-                    assert!(emulator_help.contains(flag.as_str()), "{name}: {flag}");
-                }
+            if emulator {
+                let args =
+                    std::iter::once("cfaudit-emulator").chain(command.iter().map(String::as_str));
+                cfaudit_emulator::EmulatorConfig::parse_args(args)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
                 let listen = &command[command.iter().position(|a| a == "--listen").unwrap() + 1];
                 assert_eq!(
                     port_of(listen),
@@ -472,9 +474,12 @@ fn the_demo_service_differs_from_the_real_one_only_in_the_api() {
 /// `/healthz` on the port the compose file gives both.
 #[actix_rt::test]
 async fn the_emulator_answers_the_health_check_it_is_given() {
-    let port = common::free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut emulator = common::cfaudit(&["emulator", "--listen", &addr, "--events", "10"], &[]);
+    let mut config = common::emulator_config(10);
+    config.listen = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let running = common::spawn_emulator(config);
+    let addr = running.base_url.split('/').nth(2).unwrap().to_owned();
     let env = vec![("METRICS_ADDR".to_owned(), addr.clone())];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -489,5 +494,25 @@ async fn the_emulator_answers_the_health_check_it_is_given() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    emulator.kill().await.unwrap();
+    running.handle.stop(true).await;
+}
+
+/// Every program a service of our image runs (its entrypoint, else the image's) is built and
+/// copied into the image's `/usr/local/bin` by the Dockerfile.
+#[test]
+fn every_program_our_services_run_is_in_the_image() {
+    let dockerfile = read("Dockerfile");
+    for (name, service) in ours() {
+        let program = service["entrypoint"][0].as_str().unwrap_or("cfaudit");
+        assert!(
+            dockerfile.contains(&format!(
+                "/src/target/release/{program} /usr/local/bin/{program}"
+            )),
+            "{name}: the image has no {program}"
+        );
+        assert!(
+            dockerfile.contains(&format!("-p {program}")),
+            "{name}: the image's build does not build {program}"
+        );
+    }
 }

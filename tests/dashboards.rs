@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cfaudit::emulator::DEMO_ACCOUNT;
+use cfaudit_emulator::DEMO_ACCOUNT;
 use common::*;
 use serde_json::Value;
 
@@ -155,7 +155,7 @@ fn expand_sql(sql: &str, account: &str) -> String {
 }
 
 /// The test data of the panel tests: dead letters included, for their panel.
-fn panel_data() -> cfaudit::emulator::EmulatorConfig {
+fn panel_data() -> cfaudit_emulator::EmulatorConfig {
     let mut config = emulator_config(3_000);
     config.invalid_every = 97;
     config

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use cfaudit::emulator::{EmulatorConfig, DEMO_ACCOUNT, DEMO_TOKEN};
+use cfaudit_emulator::{EmulatorConfig, DEMO_ACCOUNT, DEMO_TOKEN};
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -383,12 +383,12 @@ async fn fault_knobs() {
 
 #[actix_web::test]
 async fn events_cover_the_edge_shapes_and_are_deterministic() {
-    let events = cfaudit::emulator::generate(&{
+    let events = cfaudit_emulator::generate(&{
         let mut c = emulator_config(3_000);
         c.end = Some("2026-06-01T00:00:00Z".parse().unwrap());
         c
     });
-    let again = cfaudit::emulator::generate(&{
+    let again = cfaudit_emulator::generate(&{
         let mut c = emulator_config(3_000);
         c.end = Some("2026-06-01T00:00:00Z".parse().unwrap());
         c

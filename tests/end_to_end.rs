@@ -295,7 +295,7 @@ async fn request_timeouts_are_retried_until_the_api_answers() {
     let emulator = h.emu.emulator.clone();
     actix_rt::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        emulator.set_faults(cfaudit::emulator::Faults::default());
+        emulator.set_faults(cfaudit_emulator::Faults::default());
     });
     run_once(h.config()).await.unwrap();
     // Two pages of 1000 (plus an empty third), after at least two timed-out attempts.

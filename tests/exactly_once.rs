@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cfaudit::emulator::expire;
+use cfaudit_emulator::expire;
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::*;
 
@@ -28,7 +28,7 @@ async fn assert_exact_columns(h: &Harness, expected: &BTreeSet<String>) {
 async fn assert_exact_columns_of(
     h: &Harness,
     expected: &BTreeSet<String>,
-    events: &[cfaudit::emulator::StoredEvent],
+    events: &[cfaudit_emulator::StoredEvent],
 ) {
     let pool = h.db.pool().await;
     assert_exact(&pool, &h.lake, &h.reader_env, expected).await;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cfaudit::emulator::DEMO_TOKEN;
+use cfaudit_emulator::DEMO_TOKEN;
 use common::*;
 
 /// A slow emulator (latency per page), so a run can be caught half-way.

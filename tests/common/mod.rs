@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cfaudit::config::{Config, Secret};
-use cfaudit::emulator::{Emulator, EmulatorConfig, DEMO_ACCOUNT, DEMO_TOKEN};
+use cfaudit_emulator::{Emulator, EmulatorConfig, DEMO_ACCOUNT, DEMO_TOKEN};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
@@ -345,7 +345,7 @@ pub async fn assert_columns_match_ground_truth(
     pool: &sqlx::PgPool,
     lake: &str,
     reader_env: &[(String, String)],
-    events: &[cfaudit::emulator::StoredEvent],
+    events: &[cfaudit_emulator::StoredEvent],
     ids: &std::collections::BTreeSet<String>,
 ) {
     let truth: BTreeMap<String, BTreeMap<&'static str, Value>> = events

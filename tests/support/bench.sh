@@ -12,7 +12,7 @@ out=data/bench
 mkdir -p "$out"
 
 source "$(dirname "$0")/emulator-env.sh"
-start_emulator "$bin" "$port" "$events" "$out/emulator.log"
+start_emulator "$(dirname "$bin")/cfaudit-emulator" "$port" "$events" "$out/emulator.log"
 export PARQUET_URL="file://$PWD/$out/parquet"
 if [ -n "${BENCH_S3:-}" ]; then
   # The dataset in a bucket of the S3-compatible test server (s3s-fs), on this machine.

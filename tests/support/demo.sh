@@ -7,7 +7,7 @@ port=${DEMO_EMULATOR_PORT:-18787}
 mkdir -p data
 
 source "$(dirname "$0")/emulator-env.sh"
-start_emulator "$bin" "$port" "$events" data/demo-emulator.log
+start_emulator "$(dirname "$bin")/cfaudit-emulator" "$port" "$events" data/demo-emulator.log
 # The demo starts from scratch each time: its own database and folder, emptied first.
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/cfaudit_demo
 export PARQUET_URL=file://$PWD/data/parquet

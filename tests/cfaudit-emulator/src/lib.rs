@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 pub const DEMO_ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
 pub const DEMO_TOKEN: &str = "demo-token-not-a-secret";
 
-/// Emulator settings; also the flags of `cfaudit emulator`.
+/// Emulator settings; also the flags of `cfaudit-emulator`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct EmulatorConfig {
     /// Address to listen on (port 0: any free port).
@@ -112,18 +112,30 @@ pub struct Faults {
     pub fault_repeat_every: u64,
 }
 
+/// Serve the Cloudflare audit-log API emulator (demo and tests).
+#[derive(clap::Parser)]
+#[command(name = "cfaudit-emulator", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: EmulatorConfig,
+}
+
 impl EmulatorConfig {
-    /// Defaults, as `cfaudit emulator` with no flags.
+    /// Defaults, as `cfaudit-emulator` with no flags.
     pub fn new(events: usize) -> Self {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            config: EmulatorConfig,
-        }
-        let mut config = Wrapper::parse_from(["emulator"]).config;
+        let mut config = EmulatorConfig::parse_args(["cfaudit-emulator"]).expect("the defaults");
         config.events = events;
         config
+    }
+
+    /// The command line of `cfaudit-emulator` (its first item is the program's name).
+    pub fn parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser;
+        Cli::try_parse_from(args).map(|cli| cli.config)
     }
 }
 
