@@ -9,25 +9,24 @@
 //! pipeline instead: another process owns the stream now.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::FutureExt;
 use rand::rngs::StdRng;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::commit::{commit_and_publish, commit_record, Pending};
 use crate::epoch::EpochView;
-use crate::failpoints::{self, crash_point};
+use crate::guard::{catch_panic, deadline};
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
 use crate::outbox::Outbox;
 use crate::ports::{
-    final_file_path, staged_lease, staged_prefix, CheckpointStore, CommitRecord, CommittedFile,
-    CommittedState, Direction, Fence, FileSink, RowWriteReport, SinkError, StagedFile,
+    CheckpointStore, CommitRecord, CommittedState, Fence, FileSink, RowWriteReport, SinkError,
 };
+use crate::recovery;
 use crate::sink::WriteOutcome;
 
 /// Checkpointer settings.
@@ -60,35 +59,6 @@ impl CheckpointerConfig {
 /// Events refused by the row sink are remembered (and dead-lettered when they come back) up
 /// to this many; past it the memory is cleared, which costs a rewind per refused event.
 const MAX_QUARANTINE: usize = 10_000;
-
-/// A batch waiting for its commit: what it holds, and each sink's ack.
-struct Pending {
-    expect: Option<ExpectBatch>,
-    /// By sink index.
-    acks: Vec<Option<WriteOutcome>>,
-}
-
-impl Pending {
-    fn new(sinks: usize) -> Self {
-        Pending {
-            expect: None,
-            acks: vec![None; sinks],
-        }
-    }
-
-    fn complete(&self) -> bool {
-        self.expect.is_some() && self.acks.iter().all(Option::is_some)
-    }
-
-    /// The files the batch's writers staged.
-    fn staged(&self) -> Vec<StagedFile> {
-        self.acks
-            .iter()
-            .flatten()
-            .flat_map(|ack| ack.staged().iter().cloned())
-            .collect()
-    }
-}
 
 /// Where the Checkpointer tells the source side what to do: the pipeline's one back-edge.
 pub struct Upstream {
@@ -147,19 +117,6 @@ pub(crate) struct CheckpointerDeps {
     pub events: EventSender,
     pub metrics: Arc<Metrics>,
     pub rng: StdRng,
-}
-
-/// Runs a store or file-sink call with a deadline: a hung call fails like any other.
-async fn timed<T>(
-    limit: Duration,
-    what: &str,
-    call: impl Future<Output = Result<T, SinkError>>,
-) -> Result<T, SinkError> {
-    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-        Err(SinkError::transient(format!(
-            "{what} did not answer within {limit:?}"
-        )))
-    })
 }
 
 impl Checkpointer {
@@ -267,7 +224,7 @@ impl Checkpointer {
         let limit = self.config.sink_timeout;
         ctx.spawn(
             async move {
-                if let Err(error) = timed(limit, "discard", files.discard(&staged)).await {
+                if let Err(error) = deadline(limit, "discard", files.discard(&staged)).await {
                     warn!(%error, "could not delete abandoned staged files; a recovery will");
                 }
             }
@@ -290,7 +247,7 @@ impl Checkpointer {
         let expect = pending.expect.expect("complete");
         let batch = expect.batch;
         let permit = expect.permit.clone();
-        let record = self.commit_record(expect, &staged);
+        let record = commit_record(&self.committed, &self.config.fence(), expect, &staged);
         let store = self.store.clone();
         let files = self.files.clone();
         let limit = self.config.sink_timeout;
@@ -300,27 +257,12 @@ impl Checkpointer {
             || !record.files.is_empty();
         let commit = async move {
             let _permit = permit;
-            let committed: Vec<CommittedFile> =
-                record.files.iter().map(|(_, c)| c.clone()).collect();
-            if !committed.is_empty() {
-                crash_point(failpoints::STAGED_NOT_COMMITTED);
-            }
-            if changed {
-                timed(limit, "the commit", store.commit(&record)).await?;
-            }
-            if !committed.is_empty() {
-                crash_point(failpoints::COMMITTED_NOT_PUBLISHED);
-                timed(limit, "publishing", files.publish(&committed)).await?;
-                crash_point(failpoints::PUBLISHED_NOT_MARKED);
-                let finals: Vec<String> = committed.iter().map(|c| c.final_path.clone()).collect();
-                timed(limit, "marking published", store.mark_published(&finals)).await?;
-            }
-            Ok::<_, SinkError>(record)
+            commit_and_publish(&*store, &*files, limit, record, changed).await
         };
         // `wait`: nothing else is handled until the commit is done, so commits and recoveries
         // never interleave.
         ctx.wait(
-            guarded(commit)
+            catch_panic(commit)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     if act.epoch.is_stale(&batch) {
@@ -342,55 +284,6 @@ impl Checkpointer {
                     }
                 }),
         );
-    }
-
-    /// The state after `expect` commits, and its files with their final names.
-    fn commit_record(&self, expect: ExpectBatch, staged: &[StagedFile]) -> CommitRecord {
-        let mut state = self.committed.clone();
-        // Oldest first, the checkpoint moves with every batch; newest first, only when the
-        // sweep is complete (its oldest events come last).
-        state.checkpoint = state.checkpoint.max(expect.progress.reached);
-        state.unfinished = Some(expect.progress.position.clone());
-        if let Some(end) = expect.completes {
-            if let Some(done) = state.unfinished.take() {
-                if done.direction == Direction::Desc {
-                    state.checkpoint = state.checkpoint.max(done.newest);
-                }
-            }
-            state.swept_until = state.swept_until.max(Some(end));
-        }
-        let has_content =
-            !expect.events.is_empty() || !expect.dead_letters.is_empty() || !staged.is_empty();
-        if has_content || state != self.committed {
-            state.commit_seq += 1;
-        }
-        let files = staged
-            .iter()
-            .map(|f| {
-                let final_path = final_file_path(
-                    &f.partition,
-                    state.commit_seq,
-                    &self.config.stream,
-                    &f.staged_path,
-                );
-                (
-                    f.clone(),
-                    CommittedFile {
-                        staged_path: f.staged_path.clone(),
-                        final_path,
-                    },
-                )
-            })
-            .collect();
-        CommitRecord {
-            fence: self.config.fence(),
-            previous_commit_seq: self.committed.commit_seq,
-            state,
-            ingestion_time: (!expect.events.is_empty()).then_some(expect.ingestion_time),
-            events: expect.events,
-            dead_letters: expect.dead_letters,
-            files,
-        }
     }
 
     fn after_commit(&mut self, batch: BatchId, record: CommitRecord) {
@@ -446,11 +339,6 @@ impl Checkpointer {
     }
 }
 
-/// Runs a future, turning a panic into `None`: actix would drop the actor, not restart it.
-async fn guarded<T>(fut: impl Future<Output = T>) -> Option<T> {
-    std::panic::AssertUnwindSafe(fut).catch_unwind().await.ok()
-}
-
 impl Checkpointer {
     fn panicked(&mut self, ctx: &mut Context<Self>) {
         error!(account = %self.account(), "the Checkpointer panicked; restarting it");
@@ -501,79 +389,8 @@ impl Handler<Recover> for Checkpointer {
         let files = self.files.clone();
         let fence = self.config.fence();
         let limit = self.config.sink_timeout;
-        let recover = async move {
-            let stream = &fence.stream;
-            let mut state = timed(limit, "loading the checkpoint", store.load(stream)).await?;
-            let unpublished = timed(
-                limit,
-                "listing unpublished files",
-                store.unpublished(stream),
-            )
-            .await?;
-            let mut published = Vec::new();
-            let mut forgotten = false;
-            for file in &unpublished {
-                match timed(
-                    limit,
-                    "publishing",
-                    files.publish(std::slice::from_ref(file)),
-                )
-                .await
-                {
-                    Ok(()) => published.push(file.final_path.clone()),
-                    Err(SinkError::Lost {
-                        final_path,
-                        message,
-                    }) => {
-                        let events = timed(
-                            limit,
-                            "forgetting a lost file",
-                            store.forget_lost_file(&fence, &final_path),
-                        )
-                        .await?;
-                        error!(stream, file = %final_path, events, %message,
-                            "a committed Parquet file is gone (its staged and final copies are both missing); \
-                             its events are collected again from the API");
-                        forgotten = true;
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-            if !published.is_empty() {
-                info!(
-                    stream,
-                    files = published.len(),
-                    "published files committed before a crash"
-                );
-                crash_point(failpoints::RECOVERED_NOT_MARKED);
-                timed(limit, "marking published", store.mark_published(&published)).await?;
-            }
-            if forgotten {
-                state = timed(limit, "loading the checkpoint", store.load(stream)).await?;
-            }
-            // Only files of this stream written under this lease or an older one: a newer
-            // holder's files in flight are never touched.
-            let orphans: Vec<String> = timed(
-                limit,
-                "listing the staging area",
-                files.list_staged(&staged_prefix(stream)),
-            )
-            .await?
-            .into_iter()
-            .filter(|name| staged_lease(stream, name).is_some_and(|lease| lease <= fence.lease))
-            .filter(|name| !unpublished.iter().any(|c| &c.staged_path == name))
-            .collect();
-            if !orphans.is_empty() {
-                info!(
-                    stream,
-                    files = orphans.len(),
-                    "deleting staged files of uncommitted batches"
-                );
-                timed(limit, "deleting staged files", files.discard(&orphans)).await?;
-            }
-            Ok::<_, SinkError>(state)
-        };
-        ctx.wait(guarded(recover).into_actor(self).map(|result, act, ctx| match result {
+        let recover = recovery::recover(store, files, fence, limit);
+        ctx.wait(catch_panic(recover).into_actor(self).map(|result, act, ctx| match result {
             None => act.panicked(ctx),
             Some(Ok(state)) => {
                 if let Some(checkpoint) = state.checkpoint {

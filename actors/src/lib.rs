@@ -8,9 +8,11 @@
 mod backoff;
 mod checkpointer;
 mod clock;
+mod commit;
 mod epoch;
 mod event;
 pub mod failpoints;
+mod guard;
 mod mapper;
 pub mod mapping;
 #[cfg(any(test, feature = "testing"))]
@@ -21,6 +23,7 @@ mod outbox;
 mod pipeline;
 mod poller;
 pub mod ports;
+mod recovery;
 mod sink;
 mod writer;
 

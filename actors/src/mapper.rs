@@ -13,18 +13,17 @@
 //! processes, a second stream) costs a rewind, never a duplicate.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::SubsecRound;
-use futures::FutureExt;
 use tracing::{error, warn};
 
 use crate::clock::Clock;
 use crate::epoch::EpochView;
 use crate::event::{AuditRow, DeadLetter, SeenId};
+use crate::guard::{catch_panic_now, guarded};
 use crate::mapping::map_or_dead_letter;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
@@ -259,9 +258,9 @@ impl Handler<FetchedPage> for Mapper {
         if self.epoch.is_stale(&page) {
             return done(); // the pipeline has rewound since this page was fetched
         }
-        let mapped = match catch_unwind(AssertUnwindSafe(|| self.map_batch(&mut page))) {
-            Ok(mapped) => mapped,
-            Err(_) => {
+        let mapped = match catch_panic_now(|| self.map_batch(&mut page)) {
+            Some(mapped) => mapped,
+            None => {
                 error!(batch = ?page.batch, "the Mapper panicked; restarting it");
                 ctx.stop();
                 return done();
@@ -274,14 +273,9 @@ impl Handler<FetchedPage> for Mapper {
             if ids.is_empty() {
                 return Ok(HashSet::new());
             }
-            let lookup = AssertUnwindSafe(store.committed_ids(&ids)).catch_unwind();
-            match tokio::time::timeout(timeout, lookup).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(SinkError::transient("the event index lookup panicked")),
-                Err(_) => Err(SinkError::transient(format!(
-                    "the event index did not answer within {timeout:?}"
-                ))),
-            }
+            guarded(timeout, "the event index", store.committed_ids(&ids))
+                .await
+                .unwrap_or_else(|| Err(SinkError::transient("the event index lookup panicked")))
         };
         AtomicResponse::new(Box::pin(lookup.into_actor(self).map(
             move |result, act, ctx| {

@@ -12,13 +12,11 @@
 //! the pipeline's backpressure: a slow or hung sink stops the fetching, and memory stays
 //! bounded, across rewinds too.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
 use rand::rngs::StdRng;
 use tracing::{error, info, warn};
 
@@ -26,6 +24,7 @@ use crate::backoff::Backoff;
 use crate::clock::Clock;
 use crate::epoch::EpochView;
 use crate::event::RawEvent;
+use crate::guard::catch_panic;
 use crate::mapping::parse_when;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
@@ -481,17 +480,15 @@ impl Poller {
         self.fetching = true;
         let source = self.source.clone();
         let fetch = async move {
-            let result = AssertUnwindSafe(source.fetch_page(&request))
-                .catch_unwind()
-                .await;
+            let result = catch_panic(source.fetch_page(&request)).await;
             (request, result)
         };
         ctx.spawn(
             fetch
                 .into_actor(self)
                 .map(move |(request, result), act, ctx| match result {
-                    Ok(result) => act.on_page(epoch, request, result, ctx),
-                    Err(_) => {
+                    Some(result) => act.on_page(epoch, request, result, ctx),
+                    None => {
                         error!(
                             page = request.page,
                             "the source panicked; restarting the Poller"
@@ -1027,7 +1024,128 @@ impl Handler<Drain> for Poller {
 
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone;
+
     use super::*;
+
+    fn at(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 5, 1, 0, minute, 0).unwrap()
+    }
+
+    fn config() -> PollerConfig {
+        PollerConfig {
+            account_id: "acc".into(),
+            per_page: 100,
+            direction: Direction::Asc,
+            safety_lag: Duration::ZERO,
+            poll_interval: Duration::from_secs(60),
+            start: None,
+            end: None,
+            hide_user_logs: false,
+            max_inflight_batches: 4,
+            batch_max_events: 100,
+            batch_max_bytes: usize::MAX,
+            max_pages_per_sweep: 100,
+            backoff: Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+            },
+            default_retry_after: Duration::from_secs(1),
+            max_server_wait: Duration::from_secs(1),
+            auth_recheck: Duration::from_secs(1),
+            once: None,
+        }
+    }
+
+    /// A fresh sweep of `[at(0), at(30))`.
+    fn sweep(direction: Direction) -> Sweep {
+        let anchor = match direction {
+            Direction::Asc => at(0),
+            Direction::Desc => at(30),
+        };
+        Sweep::resume(
+            &UnfinishedSweep {
+                direction,
+                since: at(0),
+                before: at(30),
+                anchor,
+                page: 1,
+                per_page: 100,
+                run: None,
+                previous_page: None,
+                newest: None,
+            },
+            100,
+        )
+    }
+
+    #[test]
+    fn oldest_first_the_bound_moves_to_a_pages_last_event_and_never_past_before() {
+        let mut s = sweep(Direction::Asc);
+        assert!(s.advance(&[Some(at(1)), None, Some(at(5))]));
+        assert_eq!((s.anchor, s.page, s.reached), (at(5), 1, Some(at(5))));
+        let request = s.request(&config(), false);
+        assert_eq!((request.since, request.before), (at(5), at(30)));
+        assert!(
+            !s.advance(&[Some(at(5)), Some(at(5))]),
+            "a page at the bound alone"
+        );
+        assert!(
+            s.advance(&[Some(at(45))]),
+            "an event past before is clamped to it"
+        );
+        assert_eq!((s.anchor, s.reached), (at(30), Some(at(30))));
+    }
+
+    #[test]
+    fn newest_first_the_bound_moves_below_a_pages_oldest_event() {
+        let mut s = sweep(Direction::Desc);
+        assert!(s.advance(&[Some(at(29)), Some(at(20)), Some(at(10))]));
+        assert_eq!(s.anchor, at(10) + tick(), "events at 10 are asked again");
+        assert_eq!(s.newest, Some(at(29)));
+        assert_eq!(s.reached, None, "newest first reaches no checkpoint");
+        let request = s.request(&config(), false);
+        assert_eq!((request.since, request.before), (at(0), at(10) + tick()));
+        assert_eq!(
+            s.request(&config(), true).before,
+            at(10),
+            "an inclusive before"
+        );
+    }
+
+    #[test]
+    fn inside_a_run_of_equal_when_the_instant_alone_is_paged() {
+        let mut s = sweep(Direction::Asc);
+        s.run = Some(at(7));
+        s.page = 3;
+        let request = s.request(&config(), false);
+        assert_eq!(
+            (request.since, request.before, request.page),
+            (at(7), at(7) + tick(), 3)
+        );
+        assert_eq!(s.progress().position.page, 3, "offsets inside a run resume");
+        s.skip_run();
+        assert_eq!((s.anchor, s.page, s.run), (at(7) + tick(), 1, None));
+    }
+
+    #[test]
+    fn page_offsets_outside_a_run_are_not_resumed() {
+        let mut s = sweep(Direction::Asc);
+        s.page = 4;
+        let position = s.progress().position;
+        assert_eq!((position.anchor, position.page), (at(0), 1));
+        assert!(!s.resumable());
+        assert!(!s.progressed(), "the bound did not move");
+    }
+
+    #[test]
+    fn a_page_from_beyond_the_bound_is_stale() {
+        let mut s = sweep(Direction::Asc);
+        s.advance(&[Some(at(10))]);
+        let request = s.request(&config(), false);
+        assert!(s.stale(&request, &[Some(at(9))]));
+        assert!(!s.stale(&request, &[Some(at(10)), Some(at(11))]));
+    }
 
     /// The shortcut answers only where it must agree with reading the whole event.
     #[test]

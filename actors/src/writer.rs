@@ -5,15 +5,14 @@
 //! Every sink call has a deadline (`sink_timeout`): a sink that hangs (a lock on the table, a
 //! stalled request) fails the batch instead of holding it, and its memory, for ever.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::FutureExt;
 use tracing::{error, warn};
 
 use crate::epoch::EpochView;
+use crate::guard::guarded;
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
 use crate::outbox::Outbox;
@@ -79,17 +78,8 @@ impl Handler<WriteBatch> for Writer {
             if msg.rows.is_empty() {
                 return Some(Ok(WriteOutcome::Nothing));
             }
-            // A panic in the sink must not kill the arbiter: it becomes a failed ack and a
-            // supervised restart (actix itself does not restart on a panic).
-            let call = AssertUnwindSafe(target.write(&fence, msg.rows)).catch_unwind();
-            match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(result)) => Some(result),
-                Ok(Err(_)) => None,
-                Err(_) => Some(Err(SinkError::transient(format!(
-                    "{} did not answer within {timeout:?}",
-                    target.name()
-                )))),
-            }
+            // A panic becomes a failed ack and a supervised restart.
+            guarded(timeout, target.name(), target.write(&fence, msg.rows)).await
         };
         AtomicResponse::new(Box::pin(write.into_actor(self).map(
             move |result, act, ctx| {
