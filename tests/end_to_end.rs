@@ -245,11 +245,11 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
         hourly,
         vec![(hour(10), "login".into(), 2), (hour(11), "purge".into(), 1)]
     );
-    let (failed,): (i64,) =
-        sqlx::query_as("SELECT sum(failed_events)::bigint FROM audit_actors_hourly")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let failed = count(
+        &pool,
+        "SELECT sum(failed_events)::bigint FROM audit_actors_hourly",
+    )
+    .await;
     assert_eq!(failed, 1);
 
     // The TimescaleDB branches cannot run here (no extension), but PostgreSQL's own PL/pgSQL
@@ -450,14 +450,6 @@ async fn fingerprint_before_upgrade(pool: &sqlx::PgPool) -> (Option<String>, i64
     .fetch_one(pool)
     .await
     .unwrap()
-}
-
-async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
-    let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    n
 }
 
 /// A database filled by the previous release's schema (on TimescaleDB with every chunk

@@ -400,11 +400,7 @@ async fn committed_files_lost_before_publishing_are_collected_again() {
     );
     assert_exact_columns(&h, &expected).await;
     let pool = h.db.pool().await;
-    let (unpublished,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let unpublished = unpublished_files(&pool).await;
     assert_eq!(unpublished, 0);
     pool.close().await;
     h.finish().await;

@@ -67,12 +67,7 @@ async fn sigkill_at_any_moment_then_restart_ends_exact_with_no_orphans() {
     let finished = finish(cfaudit(&["run", "--once"], env)).await;
     assert!(finished.success, "{}", finished.stderr);
     assert_exact(&pool, &h.lake, &h.reader_env, &expected).await;
-    let unpublished: (i64,) =
-        sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(unpublished.0, 0);
+    assert_eq!(unpublished_files(&pool).await, 0);
     pool.close().await;
     h.finish().await;
 }

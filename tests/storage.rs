@@ -130,11 +130,7 @@ async fn crash_and_recover(mut h: Harness, failpoint: &str) {
     );
     let counts = h.assert_exact().await;
     assert_eq!(counts["staged_orphans"], 0, "{counts}");
-    let (unpublished,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let unpublished = unpublished_files(&pool).await;
     assert_eq!(unpublished, 0);
     pool.close().await;
     h.finish().await;
@@ -185,10 +181,7 @@ async fn crash_in_turn_then_recover(mut h: Harness, crashes: &[(&str, &str)]) {
     assert!(finish(cfaudit(&["migrate"], &h.env)).await.success);
     let pool = h.db.pool().await;
     let committed_files = || async {
-        let (files,): (i64,) = sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let files = count(&pool, "SELECT count(*) FROM cfaudit_parquet_files").await;
         files
     };
     for (failpoint, spec) in crashes {
@@ -211,11 +204,7 @@ async fn crash_in_turn_then_recover(mut h: Harness, crashes: &[(&str, &str)]) {
     let counts = h.assert_exact().await;
     assert_eq!(counts["staged_orphans"], 0, "{counts}");
     assert_eq!(counts["files"].as_i64().unwrap(), committed_files().await);
-    let (unpublished,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let unpublished = unpublished_files(&pool).await;
     assert_eq!(unpublished, 0);
     pool.close().await;
     h.finish().await;

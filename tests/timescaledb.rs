@@ -29,13 +29,12 @@ async fn migrations_apply_twice_and_make_audit_logs_a_hypertable_with_one_day_ch
     .await
     .unwrap();
     assert_eq!((column.as_str(), interval.as_str()), ("timestamp", "1 day"));
-    let (aggregates,): (i64,) = sqlx::query_as(
+    let aggregates = count(
+        &pool,
         "SELECT count(*) FROM timescaledb_information.continuous_aggregates \
          WHERE view_name IN ('audit_events_hourly', 'audit_actors_hourly')",
     )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         aggregates, 2,
         "both hourly aggregates are continuous aggregates"
@@ -67,12 +66,11 @@ async fn a_backfill_lands_exactly_once_on_timescaledb_column_for_column() {
         &expected,
     )
     .await;
-    let (chunks,): (i64,) = sqlx::query_as(
+    let chunks = count(
+        &pool,
         "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'audit_logs'",
     )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert!(chunks >= 1);
     println!(
         "timescaledb: {} events exact in both sinks, {chunks} chunks: {counts}",
@@ -162,19 +160,13 @@ async fn compressed_chunks_take_a_replay_and_a_re_read_without_change() {
     run_once(h.config()).await.unwrap();
     let pool = h.db.pool().await;
     let before = table_fingerprint(&pool).await;
-    let (compressed,): (i64,) = sqlx::query_as(
-        "SELECT count(compress_chunk(c, if_not_compressed => TRUE)) FROM show_chunks('audit_logs') c",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let (uncompressed,): (i64,) = sqlx::query_as(
+    let compressed = count(&pool, "SELECT count(compress_chunk(c, if_not_compressed => TRUE)) FROM show_chunks('audit_logs') c").await;
+    let uncompressed = count(
+        &pool,
         "SELECT count(*) FROM timescaledb_information.chunks \
          WHERE hypertable_name = 'audit_logs' AND NOT is_compressed",
     )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert!(
         compressed > 0 && uncompressed == 0,
         "{compressed} compressed, {uncompressed} not"
@@ -234,11 +226,11 @@ async fn a_late_event_into_a_compressed_chunk_is_stored() {
     let lag = (chrono::Utc::now() - middle).num_seconds() + 3_600;
     h.set("CLOUDFLARE_SINCE_SAFETY_LAG_SECONDS", &lag.to_string());
     run_once(h.config()).await.unwrap();
-    let (stored,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM audit_logs WHERE event_id = 'late-into-compressed'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let stored = count(
+        &pool,
+        "SELECT count(*) FROM audit_logs WHERE event_id = 'late-into-compressed'",
+    )
+    .await;
     assert_eq!(stored, 1);
     h.assert_exact().await;
     println!("timescaledb: a late event into a compressed chunk stored once, both sinks exact");
@@ -392,13 +384,12 @@ async fn continuous_aggregates_agree_with_audit_logs_after_the_catch_up_and_live
     signal(&child, "-TERM");
     let stopped = finish(child).await;
     assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
-    let (late,): (i64,) = sqlx::query_as(
+    let late = count(
+        &pool,
         "SELECT coalesce(sum(events), 0)::bigint FROM audit_actors_hourly \
          WHERE actor_email = 'live@example.com' AND bucket < now() - INTERVAL '9 days'",
     )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(late, 1, "the late event is in the dashboards' aggregate");
     h.assert_exact().await;
     println!(

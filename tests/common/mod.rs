@@ -915,6 +915,24 @@ pub fn metric(metrics: &str, series: &str) -> f64 {
 
 /// A fingerprint of every column of every row of `audit_logs`, and the row count: equal
 /// fingerprints mean identical tables.
+/// The single number `sql` selects (a count).
+pub async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    n
+}
+
+/// Parquet files committed and not yet published.
+pub async fn unpublished_files(pool: &sqlx::PgPool) -> i64 {
+    count(
+        pool,
+        "SELECT count(*) FROM cfaudit_parquet_files WHERE published_at IS NULL",
+    )
+    .await
+}
+
 pub async fn table_fingerprint(pool: &sqlx::PgPool) -> (Option<String>, i64) {
     sqlx::query_as(
         "SELECT md5(string_agg(t::text, '|' ORDER BY timestamp, event_id)), count(*) FROM audit_logs t",
