@@ -11,10 +11,10 @@ use cfaudit_actors::{
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
-use crate::cloudflare::CloudflareClient;
 use crate::config::Config;
-use crate::lake::ParquetLake;
-use crate::postgres::{Lease, Postgres};
+use crate::sinks::lake::ParquetLake;
+use crate::sinks::postgres::{Lease, Postgres};
+use crate::sources::cloudflare::CloudflareClient;
 use crate::streams::{live_start, Stream};
 
 #[derive(Clone, Copy, Debug, Default)]

@@ -57,7 +57,7 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<HealthState>) -> HttpResponse {
     let mut problems = Vec::new();
-    if !crate::postgres::answers(&state.database).await {
+    if !crate::sinks::postgres::answers(&state.database).await {
         problems.push("database unreachable".to_owned());
     }
     for (account, reason) in state.metrics.health.auth_failures.lock().unwrap().iter() {

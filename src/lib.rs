@@ -1,19 +1,18 @@
 //! cfaudit: Cloudflare audit logs, exactly once, in PostgreSQL/TimescaleDB and Parquet.
 //!
-//! The pipeline and its rules live in the `cfaudit-actors` crate; this crate holds the
-//! adapters it is given (Cloudflare client, PostgreSQL, Parquet on object storage), the
-//! configuration, the HTTP endpoints and the CLI.
+//! The pipeline and its rules live in the `cfaudit-actors` crate; this crate holds what it is
+//! given and the shell around it:
+//! - [`sources`]: where events come from (the Cloudflare API client);
+//! - [`sinks`]: where they land (PostgreSQL, the Parquet dataset and its row format);
+//! - [`cli`]: the subcommands besides `run` (backfill, status, replay, check);
+//! - [`app`] starts the service, [`config`] is its configuration, [`http`] its endpoints,
+//!   [`streams`] what a stream is, [`telemetry`] its logs.
 
 pub mod app;
-pub mod backfill;
-pub mod check;
-pub mod cloudflare;
+pub mod cli;
 pub mod config;
-pub mod dataset;
 pub mod http;
-pub mod lake;
-pub mod postgres;
-pub mod replay;
-pub mod status;
+pub mod sinks;
+pub mod sources;
 pub mod streams;
 pub mod telemetry;

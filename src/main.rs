@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 use cfaudit::app::{run, RunOptions};
 use cfaudit::config::Config;
-use cfaudit::postgres::Postgres;
+use cfaudit::sinks::postgres::Postgres;
 
 /// Lands Cloudflare audit logs exactly once in PostgreSQL/TimescaleDB and Parquet.
 #[derive(Parser)]
@@ -100,13 +100,15 @@ async fn main() -> ExitCode {
                 println!("{}", serde_json::to_string(&summary).expect("plain data"));
             }
         }),
-        Command::Backfill { since, until } => cfaudit::backfill::backfill(config, since, until)
-            .await
-            .map(|summary| {
-                println!("{}", serde_json::to_string(&summary).expect("plain data"));
-            }),
+        Command::Backfill { since, until } => {
+            cfaudit::cli::backfill::backfill(config, since, until)
+                .await
+                .map(|summary| {
+                    println!("{}", serde_json::to_string(&summary).expect("plain data"));
+                })
+        }
         Command::Migrate => migrate(&config).await,
-        Command::Status { json } => cfaudit::status::status(&config).await.map(|status| {
+        Command::Status { json } => cfaudit::cli::status::status(&config).await.map(|status| {
             if json {
                 println!(
                     "{}",
@@ -116,11 +118,11 @@ async fn main() -> ExitCode {
                 println!("{status}");
             }
         }),
-        Command::Replay => cfaudit::replay::replay(&config).await.map(|summary| {
+        Command::Replay => cfaudit::cli::replay::replay(&config).await.map(|summary| {
             println!("{}", serde_json::to_string(&summary).expect("plain data"));
         }),
         Command::Check => {
-            let checks = cfaudit::check::run_checks(&config).await;
+            let checks = cfaudit::cli::check::run_checks(&config).await;
             for check in &checks {
                 println!("{check}");
             }

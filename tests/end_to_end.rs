@@ -164,8 +164,8 @@ async fn desc_direction_lands_the_same_rows() {
 async fn migrations_apply_twice_and_give_the_expected_schema() {
     let db = TestDb::new().await;
     let pool = db.pool().await;
-    cfaudit::postgres::MIGRATOR.run(&pool).await.unwrap();
-    cfaudit::postgres::MIGRATOR.run(&pool).await.unwrap();
+    cfaudit::sinks::postgres::MIGRATOR.run(&pool).await.unwrap();
+    cfaudit::sinks::postgres::MIGRATOR.run(&pool).await.unwrap();
     // The statements themselves are idempotent too (a hand-applied file, a reset history).
     let sql = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -255,7 +255,7 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
     // The TimescaleDB branches cannot run here (no extension), but PostgreSQL's own PL/pgSQL
     // validator parses every statement of a function body at CREATE time: each migration's
     // DO block, wrapped in a function that is never called, must be accepted.
-    for migration in cfaudit::postgres::MIGRATOR.iter() {
+    for migration in cfaudit::sinks::postgres::MIGRATOR.iter() {
         let sql = migration.sql.as_str();
         let Some(start) = sql.find("DO $$") else {
             continue;
@@ -281,7 +281,10 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(applied.0, cfaudit::postgres::MIGRATOR.iter().count() as i64);
+    assert_eq!(
+        applied.0,
+        cfaudit::sinks::postgres::MIGRATOR.iter().count() as i64
+    );
     pool.close().await;
     db.drop_db().await;
 }
@@ -475,7 +478,7 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
     // The downgraded database has exactly the schema the previous release's migrations give.
     let reference = TestDb::on(&h.db.admin).await;
     let reference_pool = reference.pool().await;
-    cfaudit::postgres::MIGRATOR
+    cfaudit::sinks::postgres::MIGRATOR
         .run_to(PREVIOUS_RELEASE_MIGRATIONS, &reference_pool)
         .await
         .unwrap();

@@ -422,7 +422,7 @@ async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote
         return;
     };
     let db = TestDb::on(&admin).await;
-    let pg = cfaudit::postgres::Postgres::connect(&secret(&db.url), 2, None)
+    let pg = cfaudit::sinks::postgres::Postgres::connect(&secret(&db.url), 2, None)
         .await
         .unwrap();
     pg.migrate().await.unwrap();

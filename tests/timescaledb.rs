@@ -14,7 +14,7 @@ async fn migrations_apply_twice_and_make_audit_logs_a_hypertable_with_one_day_ch
         return;
     };
     let db = TestDb::on(&admin).await;
-    let pg = cfaudit::postgres::Postgres::connect(&secret(&db.url), 2, None)
+    let pg = cfaudit::sinks::postgres::Postgres::connect(&secret(&db.url), 2, None)
         .await
         .unwrap();
     pg.migrate().await.unwrap();

@@ -171,7 +171,7 @@ impl ParquetLake {
 
 /// Encodes the rows as one zstd Parquet file in memory.
 fn encode(rows: &[&AuditRow], props: WriterProperties) -> Result<Vec<u8>, SinkError> {
-    let batch = crate::dataset::record_batch(rows).map_err(|e| lake_error("encode", e))?;
+    let batch = crate::sinks::dataset::record_batch(rows).map_err(|e| lake_error("encode", e))?;
     let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
         .map_err(|e| lake_error("writer", e))?;
     writer.write(&batch).map_err(|e| lake_error("write", e))?;

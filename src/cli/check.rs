@@ -6,10 +6,10 @@ use std::sync::Arc;
 use cfaudit_actors::{AuditSource, Direction, Metrics, PageRequest, SourceError};
 use chrono::Utc;
 
-use crate::cloudflare::CloudflareClient;
 use crate::config::Config;
-use crate::lake::ParquetLake;
-use crate::postgres::{redacted_url, Postgres, MIGRATOR};
+use crate::sinks::lake::ParquetLake;
+use crate::sinks::postgres::{redacted_url, Postgres, MIGRATOR};
+use crate::sources::cloudflare::CloudflareClient;
 
 /// One checked dependency.
 pub struct Check {

@@ -4,8 +4,8 @@
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::lake::ParquetLake;
-use crate::postgres::{AccountStatus, Postgres, TimescaleState};
+use crate::sinks::lake::ParquetLake;
+use crate::sinks::postgres::{AccountStatus, Postgres, TimescaleState};
 
 #[derive(Debug, Serialize)]
 pub struct Status {

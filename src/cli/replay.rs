@@ -11,8 +11,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::lake::ParquetLake;
-use crate::postgres::Postgres;
+use crate::sinks::lake::ParquetLake;
+use crate::sinks::postgres::Postgres;
 
 #[derive(Debug, Default, Serialize)]
 pub struct ReplaySummary {
@@ -43,7 +43,7 @@ pub async fn replay(config: &Config) -> anyhow::Result<ReplaySummary> {
             .and_then(|b| b.with_batch_size(10_000).build())
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.location))?;
         for batch in reader {
-            let rows = crate::dataset::rows_from(
+            let rows = crate::sinks::dataset::rows_from(
                 &batch.map_err(|e| anyhow::anyhow!("{}: {e}", file.location))?,
             )
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.location))?;
