@@ -418,14 +418,9 @@ async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote
         CheckpointStore, CommitRecord, CommittedState, Fence, RowSink, SinkError,
     };
     let test = "a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last";
-    let Some(admin) = cluster.admin_url(test) else {
+    let Some((db, pg)) = TestDb::migrated(cluster, test).await else {
         return;
     };
-    let db = TestDb::on(&admin).await;
-    let pg = cfaudit::sinks::postgres::Postgres::connect(&secret(&db.url), 2, None)
-        .await
-        .unwrap();
-    pg.migrate().await.unwrap();
     let stream = "acct-ingestion";
     let lease = pg.try_lease(stream, "test").await.unwrap().unwrap();
     let fence = Fence {

@@ -10,14 +10,9 @@ use common::*;
 #[actix_rt::test]
 async fn migrations_apply_twice_and_make_audit_logs_a_hypertable_with_one_day_chunks() {
     let test = "migrations_apply_twice_and_make_audit_logs_a_hypertable_with_one_day_chunks";
-    let Some(admin) = timescale_admin_url(test) else {
+    let Some((db, pg)) = TestDb::migrated(Cluster::Timescaledb, test).await else {
         return;
     };
-    let db = TestDb::on(&admin).await;
-    let pg = cfaudit::sinks::postgres::Postgres::connect(&secret(&db.url), 2, None)
-        .await
-        .unwrap();
-    pg.migrate().await.unwrap();
     pg.migrate().await.unwrap();
     assert!(pg.has_timescaledb().await.unwrap());
     let pool = db.pool().await;

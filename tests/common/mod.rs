@@ -138,6 +138,20 @@ impl TestDb {
         }
     }
 
+    /// A fresh database on `cluster`, migrated, with the PostgreSQL adapter over it; `None`
+    /// where that cluster is not available (see [`Cluster::admin_url`]).
+    pub async fn migrated(
+        cluster: Cluster,
+        test: &str,
+    ) -> Option<(TestDb, cfaudit::sinks::postgres::Postgres)> {
+        let db = TestDb::on(&cluster.admin_url(test)?).await;
+        let pg = cfaudit::sinks::postgres::Postgres::connect(&secret(&db.url), 2, None)
+            .await
+            .unwrap();
+        pg.migrate().await.unwrap();
+        Some((db, pg))
+    }
+
     pub async fn pool(&self) -> sqlx::PgPool {
         sqlx::PgPool::connect(&self.url).await.unwrap()
     }
