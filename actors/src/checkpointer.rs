@@ -22,7 +22,7 @@ use crate::epoch::EpochView;
 use crate::guard::{catch_panic, deadline};
 use crate::messages::*;
 use crate::metrics::{ActorMetrics, Metrics};
-use crate::outbox::Outbox;
+use crate::outbox::WeakOutbox;
 use crate::ports::{
     CheckpointStore, CommitRecord, CommittedState, Fence, FileSink, RowWriteReport, SinkError,
 };
@@ -61,13 +61,15 @@ impl CheckpointerConfig {
 const MAX_QUARANTINE: usize = 10_000;
 
 /// Where the Checkpointer tells the source side what to do: the pipeline's one back-edge.
+/// Weak: the source side keeps the Checkpointer alive, not the other way round, so a dropped
+/// pipeline's actors all stop.
 pub struct Upstream {
     /// Start (again) from the committed state.
-    pub resume: Outbox<Resume>,
+    pub resume: WeakOutbox<Resume>,
     /// A batch is committed.
-    pub committed: Outbox<BatchCommitted>,
+    pub committed: WeakOutbox<BatchCommitted>,
     /// Recovery failed; it is retried.
-    pub recovery_failed: Outbox<RecoveryFailed>,
+    pub recovery_failed: WeakOutbox<RecoveryFailed>,
 }
 
 /// Connects the upstream after it is created (the actors form a cycle) and starts recovery.
@@ -251,13 +253,9 @@ impl Checkpointer {
         let store = self.store.clone();
         let files = self.files.clone();
         let limit = self.config.sink_timeout;
-        let changed = record.state != self.committed
-            || !record.events.is_empty()
-            || !record.dead_letters.is_empty()
-            || !record.files.is_empty();
         let commit = async move {
             let _permit = permit;
-            commit_and_publish(&*store, &*files, limit, record, changed).await
+            commit_and_publish(&*store, &*files, limit, record).await
         };
         // `wait`: nothing else is handled until the commit is done, so commits and recoveries
         // never interleave.

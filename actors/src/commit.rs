@@ -96,20 +96,20 @@ pub(crate) fn commit_record(
     }
 }
 
-/// Commits `record` (unless `changed` is false: nothing to write), then publishes its files
-/// and marks them published. A crash point sits between each step.
+/// Commits `record` (unless it changes nothing: `commit_record` then left the commit
+/// sequence as it was), then publishes its files and marks them published. A crash point sits
+/// between each step.
 pub(crate) async fn commit_and_publish(
     store: &dyn CheckpointStore,
     files: &dyn FileSink,
     limit: Duration,
     record: CommitRecord,
-    changed: bool,
 ) -> Result<CommitRecord, SinkError> {
     let committed: Vec<CommittedFile> = record.files.iter().map(|(_, c)| c.clone()).collect();
     if !committed.is_empty() {
         crash_point(failpoints::STAGED_NOT_COMMITTED);
     }
-    if changed {
+    if record.state.commit_seq != record.previous_commit_seq {
         deadline(limit, "the commit", store.commit(&record)).await?;
     }
     if !committed.is_empty() {
@@ -267,8 +267,9 @@ mod tests {
         assert_eq!(file, &staged);
         assert_eq!(
             committed.final_path,
-            final_file_path(&staged.partition, 7, "acc", &staged.staged_path)
+            "year=2026/month=05/day=01/hour=00/part-0000000007-acc-u1.parquet"
         );
+        assert_eq!(committed.staged_path, staged.staged_path);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use actix::dev::{RecipientRequest, ToEnvelope};
 use actix::prelude::*;
+use actix::WeakRecipient;
 
 use crate::metrics::ActorMetrics;
 
@@ -56,5 +57,41 @@ where
     pub fn do_send(&self, msg: M) {
         self.metrics.enqueued();
         self.recipient.do_send(msg)
+    }
+}
+
+/// An [`Outbox`] whose receiver may be gone; a message to a stopped receiver is dropped.
+pub struct WeakOutbox<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    recipient: WeakRecipient<M>,
+    metrics: ActorMetrics,
+}
+
+impl<M> WeakOutbox<M>
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+{
+    /// The outbox to `addr` that does not keep it alive: for the pipeline's back-edge, so that
+    /// the actors form no cycle of strong references and all stop once the pipeline is dropped.
+    pub fn to<A>(addr: &Addr<A>, metrics: &ActorMetrics) -> Self
+    where
+        A: Actor + Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+    {
+        WeakOutbox {
+            recipient: addr.clone().recipient().downgrade(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    pub fn do_send(&self, msg: M) {
+        if let Some(recipient) = self.recipient.upgrade() {
+            self.metrics.enqueued();
+            recipient.do_send(msg)
+        }
     }
 }

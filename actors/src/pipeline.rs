@@ -18,7 +18,7 @@ use crate::epoch::{Epoch, EpochView};
 use crate::mapper::{Mapper, MapperDeps};
 use crate::messages::{Drain, Flush, PipelineEvent, SinkId};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, WeakOutbox};
 use crate::poller::{Poller, PollerConfig, PollerDeps};
 use crate::ports::{AuditSource, CheckpointStore, FileSink};
 use crate::sink::SinkTarget;
@@ -42,7 +42,8 @@ pub struct PipelineParts {
     pub rng_seed: Option<u64>,
 }
 
-/// A running pipeline; [`Pipeline::shutdown`] stops it.
+/// A running pipeline; [`Pipeline::shutdown`] stops it. Dropped, it halts, and its actors stop
+/// once what they had scheduled has run.
 pub struct Pipeline {
     poller: Addr<Poller>,
     mapper: Addr<Mapper>,
@@ -163,9 +164,9 @@ impl Pipeline {
         };
         let poller_metrics = metrics.actor("poller");
         checkpointer_addr.do_send(Connect(Upstream {
-            resume: Outbox::to(&poller_addr, &poller_metrics),
-            committed: Outbox::to(&poller_addr, &poller_metrics),
-            recovery_failed: Outbox::to(&poller_addr, &poller_metrics),
+            resume: WeakOutbox::to(&poller_addr, &poller_metrics),
+            committed: WeakOutbox::to(&poller_addr, &poller_metrics),
+            recovery_failed: WeakOutbox::to(&poller_addr, &poller_metrics),
         }));
         Pipeline {
             poller: poller_addr,
@@ -217,16 +218,23 @@ impl Pipeline {
     }
 }
 
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{TimeZone, Utc};
 
     use super::*;
     use crate::backoff::Backoff;
-    use crate::memory::{MemoryFileSink, MemoryRowSink, MemorySource};
+    use crate::event::SeenId;
+    use crate::memory::{MemoryCheckpointStore, MemoryFileSink, MemoryRowSink, MemorySource};
     use crate::messages::*;
     use crate::ports::{Direction, SinkError, UnfinishedSweep, UnreadableEvent};
-    use crate::sink::{ParquetTarget, PgTarget};
+    use crate::sink::{ParquetTarget, PgTarget, WriteOutcome};
 
     const STREAM: &str = "acc";
 
@@ -242,12 +250,16 @@ mod tests {
         .expect("a sweep completes")
     }
 
-    /// Sent to each actor after the pipeline has moved to a later epoch, a message of every
-    /// kind that is stamped with an epoch has no effect: no rewind, no row, no dead letter, no
-    /// commit, no checkpoint. (The two messages that start an epoch, `Resume` and
-    /// `ResetDedup`, are what makes an actor join one.)
-    #[actix_rt::test]
-    async fn a_stale_message_of_each_kind_is_ignored() {
+    struct World {
+        start: chrono::DateTime<Utc>,
+        source: MemorySource,
+        rows: MemoryRowSink,
+        store: MemoryCheckpointStore,
+        metrics: Arc<Metrics>,
+    }
+
+    /// A pipeline on 200 events, one per second from `start`, polled every 50 ms.
+    fn start_pipeline() -> (Pipeline, World) {
         let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let events = (0..200)
             .map(|i| (start + chrono::Duration::seconds(i), format!("ev-{i:04}")))
@@ -260,7 +272,7 @@ mod tests {
             initial: Duration::from_millis(5),
             max: Duration::from_millis(20),
         };
-        let mut pipeline = Pipeline::start(PipelineParts {
+        let pipeline = Pipeline::start(PipelineParts {
             poller: PollerConfig {
                 account_id: STREAM.into(),
                 per_page: 50,
@@ -299,6 +311,32 @@ mod tests {
             clock: Clock::system(),
             rng_seed: Some(7),
         });
+        (
+            pipeline,
+            World {
+                start,
+                source,
+                rows,
+                store,
+                metrics,
+            },
+        )
+    }
+
+    /// Sent to each actor after the pipeline has moved to a later epoch, a message of every
+    /// kind that is stamped with an epoch has no effect: no rewind, no row, no dead letter, no
+    /// commit, no checkpoint. (The two messages that start an epoch, `Resume` and
+    /// `ResetDedup`, are what makes an actor join one.)
+    #[actix_rt::test]
+    async fn a_stale_message_of_each_kind_is_ignored() {
+        let (mut pipeline, world) = start_pipeline();
+        let World {
+            start,
+            source,
+            rows,
+            store,
+            metrics,
+        } = world;
         next_sweep(&mut pipeline).await;
 
         let rewinds = || metrics.pipeline_rewinds.with_label_values(&[STREAM]).get();
@@ -308,21 +346,24 @@ mod tests {
                 .with_label_values(&[STREAM])
                 .get()
         };
-        let data_commits = || {
-            let commits = store.commits.lock().unwrap();
-            commits.iter().filter(|c| !c.events.is_empty()).count()
-        };
-        let (rewinds_before, dead_before, commits_before) =
-            (rewinds(), dead_lettered(), data_commits());
+        let commits_before = store.commits.lock().unwrap().len();
+        let (rewinds_before, dead_before) = (rewinds(), dead_lettered());
         let rows_before = rows.rows.lock().unwrap().len();
         let requests_before = source.requests.lock().unwrap().len();
         assert_eq!(rows_before, 200);
 
-        let stale = BatchId {
-            epoch: pipeline.epoch.current() - 1,
-            seq: 0,
-        };
-        let budget = Arc::new(tokio::sync::Semaphore::new(16));
+        // Of the epoch before the current one, at every sequence number the current epoch
+        // has used or is about to use: without the staleness rule, one of them would be the
+        // batch the Checkpointer waits for next.
+        let old_epoch = pipeline.epoch.current() - 1;
+        let stale_batches: Vec<BatchId> = (0..64)
+            .map(|seq| BatchId {
+                epoch: old_epoch,
+                seq,
+            })
+            .collect();
+        let stale = stale_batches[0];
+        let budget = Arc::new(tokio::sync::Semaphore::new(1024));
         let permit = || BatchPermit::new(budget.clone().try_acquire_owned().unwrap());
         let row = crate::mapping::map_v1(
             r#"{"id":"stale-row","when":"2026-01-01T00:00:00Z"}"#,
@@ -364,15 +405,31 @@ mod tests {
                 permit: permit(),
             });
         }
-        pipeline.checkpointer.do_send(ExpectBatch {
-            batch: stale,
-            events: vec![],
-            ingestion_time: start,
-            dead_letters: vec![],
-            progress,
-            completes: None,
-            permit: permit(),
-        });
+        let stale_event = SeenId {
+            id: "stale-row".into(),
+            when: start,
+        };
+        for &batch in &stale_batches {
+            pipeline.checkpointer.do_send(ExpectBatch {
+                batch,
+                events: vec![stale_event.clone()],
+                ingestion_time: start,
+                dead_letters: vec![],
+                progress: SweepProgress {
+                    reached: Some(far_future),
+                    ..progress.clone()
+                },
+                completes: None,
+                permit: permit(),
+            });
+            for (index, name) in [(0, "postgres"), (1, "parquet")] {
+                pipeline.checkpointer.do_send(WriterAck {
+                    batch,
+                    sink: SinkId { index, name },
+                    result: Ok(WriteOutcome::Nothing),
+                });
+            }
+        }
         pipeline.checkpointer.do_send(WriterAck {
             batch: stale,
             sink: SinkId {
@@ -396,11 +453,21 @@ mod tests {
 
         assert_eq!(rewinds(), rewinds_before, "a stale message caused a rewind");
         assert_eq!(dead_lettered(), dead_before, "a stale page was mapped");
-        assert_eq!(
-            data_commits(),
-            commits_before,
-            "a stale batch was committed"
+        let commits = store.commits.lock().unwrap().clone();
+        assert!(
+            commits.len() > commits_before,
+            "the pipeline kept committing"
         );
+        for commit in &commits {
+            assert!(
+                !commit.events.iter().any(|e| e.id == "stale-row"),
+                "a stale batch was committed"
+            );
+            assert!(
+                commit.state.checkpoint < Some(far_future),
+                "a stale batch's progress was committed"
+            );
+        }
         let stored: Vec<String> = rows
             .rows
             .lock()
@@ -422,5 +489,36 @@ mod tests {
         );
         assert!(store.checkpoint(STREAM) < Some(far_future));
         assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    }
+
+    /// A dropped pipeline (a lost lease) leaves nothing running: every actor stops once what
+    /// it had scheduled has run, here within the ack timeout.
+    #[actix_rt::test]
+    async fn a_dropped_pipeline_stops_all_its_actors() {
+        let (mut pipeline, world) = start_pipeline();
+        next_sweep(&mut pipeline).await;
+        let poller = pipeline.poller.downgrade();
+        let mapper = pipeline.mapper.downgrade();
+        let writers: Vec<_> = pipeline.writers.iter().map(Addr::downgrade).collect();
+        let checkpointer = pipeline.checkpointer.downgrade();
+        drop(pipeline);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(poller.upgrade().is_none(), "the poller still runs");
+        assert!(mapper.upgrade().is_none(), "the mapper still runs");
+        assert!(
+            writers.iter().all(|w| w.upgrade().is_none()),
+            "a writer still runs"
+        );
+        assert!(
+            checkpointer.upgrade().is_none(),
+            "the checkpointer still runs"
+        );
+        let requests = world.source.requests.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            world.source.requests.lock().unwrap().len(),
+            requests,
+            "nothing polls any more"
+        );
     }
 }

@@ -94,3 +94,45 @@ pub(crate) async fn recover(
     }
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{MemoryFileSink, MemoryRowSink};
+    use crate::ports::staged_name;
+
+    /// Recovery under lease 5 deletes the staged files of lease 5 and older that no commit
+    /// refers to, and leaves alone those of a newer holder (lease 6) and of other streams.
+    #[tokio::test]
+    async fn recovery_deletes_only_orphans_of_its_own_or_older_leases() {
+        let (_, store) = MemoryRowSink::with_store();
+        let files = MemoryFileSink::default();
+        let names = [
+            staged_name("acc", 4, "older"),
+            staged_name("acc", 5, "mine"),
+            staged_name("acc", 6, "newer"),
+            staged_name("acc.backfill", 1, "other"),
+        ];
+        for name in &names {
+            files
+                .staged
+                .lock()
+                .unwrap()
+                .insert(name.clone(), Vec::new());
+        }
+        let fence = Fence {
+            stream: "acc".into(),
+            lease: 5,
+        };
+        recover(
+            Arc::new(store),
+            Arc::new(files.clone()),
+            fence,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let left: Vec<String> = files.staged.lock().unwrap().keys().cloned().collect();
+        assert_eq!(left, [names[2].clone(), names[3].clone()]);
+    }
+}
