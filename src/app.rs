@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cfaudit_actors::{
-    CheckpointerConfig, Clock, Metrics, ParquetTarget, PgTarget, Pipeline, PipelineEvent,
-    PipelineParts, PollerConfig,
+    Clock, Metrics, ParquetTarget, PgTarget, Pipeline, PipelineEvent, PipelineParts,
 };
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::settings::{DatabaseSettings, Settings};
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::{Lease, Postgres};
 use crate::sources::cloudflare::CloudflareClient;
@@ -71,8 +70,8 @@ async fn refresh_settled_aggregates(postgres: &Postgres) {
 impl Adapters {
     /// Connects to the database (applying the migrations unless told not to), the object
     /// store and the API client.
-    pub async fn open(config: &Config, migrate: bool) -> anyhow::Result<Adapters> {
-        config.require_source()?;
+    pub async fn open(config: &Settings, migrate: bool) -> anyhow::Result<Adapters> {
+        let account_id = config.cloudflare.require_source()?.to_owned();
         for warning in config.warnings() {
             warn!("{warning}");
         }
@@ -80,17 +79,16 @@ impl Adapters {
         if migrate {
             // Without the statement timeout: a migration may take longer than one statement
             // of the pipeline should.
-            let admin = Postgres::connect(&config.database_url, 1, None).await?;
+            let admin = Postgres::connect(&config.database.url, 1, None).await?;
             admin.migrate().await?;
-            apply_policies(&admin, config).await?;
+            apply_policies(&admin, &config.database).await?;
             prune_event_index(&admin).await;
-            refresh_settled_aggregates(&admin).await;
             admin.pool().close().await;
         }
         let postgres = Postgres::connect(
-            &config.database_url,
-            config.database_max_connections,
-            Some(config.sink_timeout()),
+            &config.database.url,
+            config.database.max_connections,
+            Some(config.pipeline.sink_timeout),
         )
         .await?;
         if !migrate {
@@ -98,16 +96,9 @@ impl Adapters {
             let pruning = postgres.clone();
             tokio::spawn(async move { prune_event_index(&pruning).await });
         }
-        let lake = Arc::new(ParquetLake::open(
-            &config.parquet_url,
-            &config.storage_options,
-        )?);
+        let lake = Arc::new(ParquetLake::open(&config.lake)?);
         lake.check_layout()?;
-        let source = Arc::new(CloudflareClient::new(config, metrics.clone())?);
-        let account_id = config
-            .cloudflare_account_id
-            .clone()
-            .expect("checked by require_source");
+        let source = Arc::new(CloudflareClient::new(&config.cloudflare, metrics.clone())?);
         Ok(Adapters {
             account_id,
             metrics,
@@ -121,39 +112,19 @@ impl Adapters {
     /// that reaches the end of its window.
     pub fn start_pipeline(
         &self,
-        config: &Config,
+        config: &Settings,
         stream: &Stream,
         once: bool,
         lease: u64,
     ) -> Pipeline {
         Pipeline::start(PipelineParts {
-            poller: PollerConfig {
-                account_id: self.account_id.clone(),
-                per_page: config.cloudflare_per_page,
-                direction: config.cloudflare_direction,
-                safety_lag: config.safety_lag(),
-                poll_interval: config.poll_interval(),
-                start: stream.covers_since,
-                end: stream.covers_until,
-                hide_user_logs: config.cloudflare_hide_user_logs,
-                max_inflight_batches: config.max_inflight_batches,
-                batch_max_events: config.batch_max_events,
-                batch_max_bytes: config.batch_max_bytes,
-                max_pages_per_sweep: config.max_pages_per_sweep,
-                backoff: config.backoff(),
-                default_retry_after: Duration::from_secs(60),
-                max_server_wait: Duration::from_secs(config.cloudflare_max_retry_after_seconds),
-                auth_recheck: Duration::from_secs(600),
-                once: once.then_some(config.once_max_attempts),
-            },
-            checkpointer: CheckpointerConfig {
-                account_id: self.account_id.clone(),
-                stream: stream.key.clone(),
-                lease,
-                ack_timeout: Duration::from_secs(config.ack_timeout_seconds),
-                sink_timeout: config.sink_timeout(),
-                backoff: config.backoff(),
-            },
+            poller: config.poller(
+                &self.account_id,
+                stream.covers_since,
+                stream.covers_until,
+                once,
+            ),
+            checkpointer: config.checkpointer(&self.account_id, &stream.key, lease),
             source: self.source.clone(),
             sinks: vec![
                 Arc::new(PgTarget(Arc::new(self.postgres.clone()))),
@@ -173,13 +144,13 @@ impl Adapters {
     /// `Ok(true)` when a signal cut it short.
     pub async fn collect(
         &self,
-        config: &Config,
+        config: &Settings,
         stream: &Stream,
         once: bool,
     ) -> anyhow::Result<bool> {
         let holder = holder_name();
         let mut signals = Signals::new()?;
-        let timeout = Duration::from_secs(config.shutdown_timeout_seconds);
+        let timeout = config.service.shutdown_timeout;
         loop {
             let Some(mut lease) = self.lease(stream, &holder, once, &mut signals).await? else {
                 return Ok(true);
@@ -314,9 +285,9 @@ pub enum RunEnd {
 
 /// Registers the live stream: it starts at INITIAL_CHECKPOINT (default one poll interval
 /// ago), or after the latest backfill if one ends later; a committed stream keeps its start.
-async fn register_live_stream(adapters: &Adapters, config: &Config) -> anyhow::Result<Stream> {
-    let wanted = config.initial_checkpoint()?.unwrap_or_else(|| {
-        Utc::now() - chrono::Duration::from_std(config.poll_interval()).unwrap_or_default()
+async fn register_live_stream(adapters: &Adapters, config: &Settings) -> anyhow::Result<Stream> {
+    let wanted = config.sweep.initial_checkpoint.unwrap_or_else(|| {
+        Utc::now() - chrono::Duration::from_std(config.sweep.poll_interval).unwrap_or_default()
     });
     let account = adapters.account_id.clone();
     let stream = adapters
@@ -343,7 +314,7 @@ async fn register_live_stream(adapters: &Adapters, config: &Config) -> anyhow::R
 
 /// Runs the service until a signal (or one sweep with `once`). The counts summary is for
 /// `--once` only: a service stopped by SIGTERM while its database is down still exits cleanly.
-pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<RunSummary>> {
+pub async fn run(config: Settings, options: RunOptions) -> anyhow::Result<Option<RunSummary>> {
     let adapters = Adapters::open(&config, !options.skip_migrations).await?;
     let stream = register_live_stream(&adapters, &config).await?;
     let account_id = adapters.account_id.clone();
@@ -353,12 +324,13 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<R
     } else {
         let state = crate::http::HealthState {
             metrics: adapters.metrics.clone(),
-            database: Postgres::lazy_pool(&config.database_url)?,
-            max_sweep_age: config.poll_interval() * 3
-                + Duration::from_secs(config.cloudflare_request_timeout_seconds * 4 + 60),
+            database: Postgres::lazy_pool(&config.database.url)?,
+            max_sweep_age: config.sweep.poll_interval * 3
+                + config.cloudflare.request_timeout * 4
+                + Duration::from_secs(60),
             started: Utc::now(),
         };
-        let (addr, server) = crate::http::serve(config.metrics_addr, state)?;
+        let (addr, server) = crate::http::serve(config.service.metrics_addr, state)?;
         info!(%addr, "serving /metrics, /healthz and /readyz");
         let handle = server.handle();
         actix_rt::spawn(server);
@@ -380,8 +352,14 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Option<R
 }
 
 /// TimescaleDB's compression and retention policies from the configuration.
-pub async fn apply_policies(postgres: &Postgres, config: &Config) -> anyhow::Result<()> {
-    let (compress, retention) = (config.timescale_compress_after_days, config.retention_days);
+pub async fn apply_policies(
+    postgres: &Postgres,
+    database: &DatabaseSettings,
+) -> anyhow::Result<()> {
+    let (compress, retention) = (
+        database.timescale_compress_after_days,
+        database.retention_days,
+    );
     if postgres
         .apply_timescale_policies(compress, retention)
         .await?

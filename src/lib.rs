@@ -5,13 +5,13 @@
 //! - [`sources`]: where events come from (the Cloudflare API client);
 //! - [`sinks`]: where they land (PostgreSQL, the Parquet dataset and its row format);
 //! - [`cli`]: the subcommands besides `run` (backfill, status, replay, check);
-//! - [`app`] starts the service, [`config`] is its configuration, [`http`] its endpoints,
+//! - [`app`] starts the service, [`settings`] its configuration, [`http`] its endpoints,
 //!   [`streams`] what a stream is, [`telemetry`] its logs.
 
 pub mod app;
 pub mod cli;
-pub mod config;
 pub mod http;
+pub mod settings;
 pub mod sinks;
 pub mod sources;
 pub mod streams;

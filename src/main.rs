@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
 use cfaudit::app::{run, RunOptions};
-use cfaudit::config::Config;
+use cfaudit::settings::Settings;
 use cfaudit::sinks::postgres::Postgres;
 
 /// Lands Cloudflare audit logs exactly once in PostgreSQL/TimescaleDB and Parquet.
@@ -78,14 +78,14 @@ async fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let config = match Settings::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("{error}");
             return ExitCode::from(2);
         }
     };
-    cfaudit::telemetry::init(&config.log_format);
+    cfaudit::telemetry::init(config.service.log_format);
     let result = match cli.command {
         Command::Run { once, no_migrate } => run(
             config,
@@ -142,7 +142,7 @@ async fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::from(
                 if error
-                    .downcast_ref::<cfaudit::config::ConfigError>()
+                    .downcast_ref::<cfaudit::settings::ConfigError>()
                     .is_some()
                 {
                     2
@@ -155,13 +155,13 @@ async fn main() -> ExitCode {
 }
 
 fn time_arg(value: &str) -> Result<DateTime<Utc>, String> {
-    cfaudit::config::parse_time(value).ok_or_else(|| {
+    cfaudit::settings::parse_time(value).ok_or_else(|| {
         "neither an RFC 3339 time nor a date; use e.g. 2026-01-31T00:00:00Z or 2026-01-31".into()
     })
 }
 
-async fn healthcheck(config: &Config) -> anyhow::Result<()> {
-    let mut addr = config.metrics_addr;
+async fn healthcheck(config: &Settings) -> anyhow::Result<()> {
+    let mut addr = config.service.metrics_addr;
     if addr.ip().is_unspecified() {
         // Listening on all interfaces: ask over loopback.
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -179,11 +179,11 @@ async fn healthcheck(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate(config: &Config) -> anyhow::Result<()> {
-    Postgres::create_database_if_missing(&config.database_url).await?;
-    let postgres = Postgres::connect(&config.database_url, 1, None).await?;
+async fn migrate(config: &Settings) -> anyhow::Result<()> {
+    Postgres::create_database_if_missing(&config.database.url).await?;
+    let postgres = Postgres::connect(&config.database.url, 1, None).await?;
     postgres.migrate().await?;
-    cfaudit::app::apply_policies(&postgres, config).await?;
+    cfaudit::app::apply_policies(&postgres, &config.database).await?;
     tracing::info!("migrations applied");
     Ok(())
 }

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use cfaudit::config::{Config, KEYS};
+use cfaudit::settings::{default_of, section_of, Settings};
 use cfaudit_emulator::{DEMO_ACCOUNT, DEMO_TOKEN};
 use serde_json::Value;
 
@@ -291,18 +291,13 @@ fn every_variable_is_in_env_example_and_secrets_are_placeholders() {
         );
     }
     // The commented-out tuning defaults are the code's.
-    let defaults = serde_json::to_value(Config::load_from(None, Vec::new()).unwrap()).unwrap();
     for line in example.lines().filter_map(|l| l.strip_prefix("# ")) {
         let Some((name, value)) = line.split_once('=') else {
             continue;
         };
         let key = name.to_lowercase();
-        if KEYS.contains(&key.as_str()) && key != "initial_checkpoint" {
-            let default = &defaults[&key];
-            let default = default
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| default.to_string());
+        if section_of(&key).is_some() && key != "initial_checkpoint" {
+            let default = default_of(&key).unwrap_or_default();
             assert_eq!(
                 value, default,
                 ".env.example shows a wrong default for {name}"
@@ -344,11 +339,11 @@ fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
             for (key, _) in &env {
                 let lower = key.to_lowercase();
                 assert!(
-                    KEYS.contains(&lower.as_str()) || key.starts_with("AWS_") || key == "RUST_LOG",
+                    section_of(&lower).is_some() || key.starts_with("AWS_") || key == "RUST_LOG",
                     "{name}: {key} is not a cfaudit setting"
                 );
             }
-            let config = Config::load_from(None, env.clone())
+            let config = Settings::load_from(None, env.clone())
                 .unwrap_or_else(|e| panic!("{name}: the environment does not load: {e}"));
             if emulator {
                 let args =
@@ -358,17 +353,18 @@ fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
                 let listen = &command[command.iter().position(|a| a == "--listen").unwrap() + 1];
                 assert_eq!(
                     port_of(listen),
-                    port_of(&config.metrics_addr.to_string()),
+                    port_of(&config.service.metrics_addr.to_string()),
                     "{name}: healthcheck port"
                 );
                 continue;
             }
             assert_eq!(command, ["run"]);
-            let port = config.metrics_addr.port().to_string();
+            let port = config.service.metrics_addr.port().to_string();
             let ports: Vec<String> = serde_json::from_value(service["ports"].clone()).unwrap();
             assert_eq!(ports, [format!("127.0.0.1:{port}:{port}")], "{name}");
             scraped = Some(port.clone());
             let bucket = config
+                .lake
                 .parquet_url
                 .strip_prefix("s3://")
                 .unwrap()
@@ -388,27 +384,31 @@ fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
             let endpoint = env.iter().find(|(k, _)| k == "AWS_ENDPOINT").unwrap();
             assert_eq!(endpoint.1, "http://minio:9000");
             if name == "cfaudit-demo" {
-                config.require_source().expect("the demo needs no account");
+                config
+                    .cloudflare
+                    .require_source()
+                    .expect("the demo needs no account");
                 assert_eq!(
-                    config.cloudflare_api_token.as_ref().unwrap().expose(),
+                    config.cloudflare.api_token.as_ref().unwrap().expose(),
                     DEMO_TOKEN
                 );
-                assert_eq!(config.cloudflare_account_id.as_deref(), Some(DEMO_ACCOUNT));
+                assert_eq!(config.cloudflare.account_id.as_deref(), Some(DEMO_ACCOUNT));
                 let emulator = &services()["emulator"];
                 let listen: Vec<String> =
                     serde_json::from_value(emulator["command"].clone()).unwrap();
                 let listen = &listen[listen.iter().position(|a| a == "--listen").unwrap() + 1];
                 assert!(config
-                    .cloudflare_api_base_url
+                    .cloudflare
+                    .api_base_url
                     .starts_with(&format!("http://emulator:{}/", port_of(listen))));
-                assert!(config.initial_checkpoint().unwrap().is_some());
+                assert!(config.sweep.initial_checkpoint.is_some());
             }
         }
         let grace = service["stop_grace_period"].as_str().unwrap_or("10s");
         let grace: u64 = grace.strip_suffix('s').unwrap().parse().unwrap();
         if command[0] == "run" {
             assert!(
-                grace > Config::default().shutdown_timeout_seconds,
+                grace > Settings::default().service.shutdown_timeout.as_secs(),
                 "{name}: Docker would kill it while it drains"
             );
         }

@@ -71,7 +71,7 @@ fn environment_names_are_configuration_keys_and_the_port_matches() {
     {
         let (name, value) = assignment.split_once('=').expect("NAME=value");
         assert!(
-            cfaudit::config::KEYS.contains(&name.to_lowercase().as_str()),
+            cfaudit::settings::section_of(&name.to_lowercase()).is_some(),
             "{name} is not a setting"
         );
         if name == "METRICS_ADDR" {
@@ -162,8 +162,8 @@ fn the_systemd_unit_matches_the_binary_and_its_configuration() {
         .trim_end_matches('s')
         .parse()
         .unwrap();
-    let config = cfaudit::config::Config::load_from(None, Vec::new()).unwrap();
-    assert!(stop > config.shutdown_timeout_seconds);
+    let settings = cfaudit::settings::Settings::load_from(None, Vec::new()).unwrap();
+    assert!(stop > settings.service.shutdown_timeout.as_secs());
     // A configuration error exits 2, and restarting cannot fix it.
     let bad = Command::new(env!("CARGO_BIN_EXE_cfaudit"))
         .args(["run", "--once"])
@@ -194,12 +194,12 @@ fn the_systemd_unit_matches_the_binary_and_its_configuration() {
     for (name, _) in &settings {
         let key = name.to_lowercase();
         assert!(
-            cfaudit::config::KEYS.contains(&key.as_str()) || name == "RUST_LOG",
+            cfaudit::settings::section_of(&key).is_some() || name == "RUST_LOG",
             "{name} is not a setting"
         );
     }
     settings.push(("CLOUDFLARE_API_TOKEN".into(), "t".into()));
     settings.push(("CLOUDFLARE_ACCOUNT_ID".into(), "0123abcd".into()));
-    let config = cfaudit::config::Config::load_from(None, settings).unwrap();
-    config.require_source().unwrap();
+    let loaded = cfaudit::settings::Settings::load_from(None, settings).unwrap();
+    loaded.cloudflare.require_source().unwrap();
 }

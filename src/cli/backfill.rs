@@ -13,7 +13,7 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::app::Adapters;
-use crate::config::{Config, ConfigError};
+use crate::settings::{ConfigError, Settings};
 use crate::streams::{backfill_key, Stream};
 
 /// What a backfill did, printed as one JSON line.
@@ -44,7 +44,7 @@ fn range_error(flag: &str, problem: String, fix: String) -> anyhow::Error {
 /// (or now, before the service ever ran). Progress goes to a bar on a terminal and to log
 /// lines otherwise.
 pub async fn backfill(
-    config: Config,
+    config: Settings,
     since: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
 ) -> anyhow::Result<BackfillSummary> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cfaudit_actors::{AuditSource, Direction, Metrics, PageRequest, SourceError};
 use chrono::Utc;
 
-use crate::config::Config;
+use crate::settings::Settings;
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::{redacted_url, Postgres, MIGRATOR};
 use crate::sources::cloudflare::CloudflareClient;
@@ -27,7 +27,7 @@ impl std::fmt::Display for Check {
 }
 
 /// Runs every check; all run even when an earlier one fails.
-pub async fn run_checks(config: &Config) -> Vec<Check> {
+pub async fn run_checks(config: &Settings) -> Vec<Check> {
     vec![
         Check {
             name: "configuration",
@@ -48,18 +48,21 @@ pub async fn run_checks(config: &Config) -> Vec<Check> {
     ]
 }
 
-fn check_config(config: &Config) -> Result<String, String> {
-    config.require_source().map_err(|e| e.to_string())?;
+fn check_config(config: &Settings) -> Result<String, String> {
+    config
+        .cloudflare
+        .require_source()
+        .map_err(|e| e.to_string())?;
     Ok(format!(
         "account {}, API {}, Parquet {}",
-        config.cloudflare_account_id.as_deref().unwrap_or_default(),
-        config.cloudflare_api_base_url,
-        config.parquet_url
+        config.cloudflare.account_id.as_deref().unwrap_or_default(),
+        config.cloudflare.api_base_url,
+        config.lake.parquet_url
     ))
 }
 
-async fn check_database(config: &Config) -> Result<String, String> {
-    let postgres = Postgres::connect(&config.database_url, 1, None)
+async fn check_database(config: &Settings) -> Result<String, String> {
+    let postgres = Postgres::connect(&config.database.url, 1, None)
         .await
         .map_err(|e| format!("{e:#}. Fix: start the database or correct DATABASE_URL"))?;
     let (version, applied) = postgres
@@ -74,7 +77,7 @@ async fn check_database(config: &Config) -> Result<String, String> {
     };
     let detail = format!(
         "PostgreSQL {version} at {}; migrations {applied} of {known} applied; {timescale}",
-        redacted_url(config.database_url.expose()),
+        redacted_url(config.database.url.expose()),
     );
     if (applied as usize) < known {
         return Err(format!(
@@ -84,8 +87,8 @@ async fn check_database(config: &Config) -> Result<String, String> {
     Ok(detail)
 }
 
-async fn check_object_store(config: &Config) -> Result<String, String> {
-    let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)
+async fn check_object_store(config: &Settings) -> Result<String, String> {
+    let lake = ParquetLake::open(&config.lake)
         .map_err(|e| format!("{e:#}. Fix: correct PARQUET_URL and the AWS_* settings"))?;
     lake.probe()
         .await
@@ -95,18 +98,19 @@ async fn check_object_store(config: &Config) -> Result<String, String> {
         })
 }
 
-async fn check_api(config: &Config) -> Result<String, String> {
-    let client = CloudflareClient::new(config, Metrics::new()).map_err(|e| format!("{e:#}"))?;
+async fn check_api(config: &Settings) -> Result<String, String> {
+    let client =
+        CloudflareClient::new(&config.cloudflare, Metrics::new()).map_err(|e| format!("{e:#}"))?;
     let client: Arc<dyn AuditSource> = Arc::new(client);
     let now = Utc::now();
     let request = PageRequest {
-        account_id: config.cloudflare_account_id.clone().unwrap_or_default(),
+        account_id: config.cloudflare.account_id.clone().unwrap_or_default(),
         since: now - chrono::Duration::days(1),
         before: now,
         direction: Direction::Desc,
         page: 1,
         per_page: 1,
-        hide_user_logs: config.cloudflare_hide_user_logs,
+        hide_user_logs: config.cloudflare.hide_user_logs,
     };
     match client.fetch_page(&request).await {
         Ok(events) => Ok(format!(

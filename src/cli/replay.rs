@@ -10,7 +10,7 @@ use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::settings::Settings;
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::Postgres;
 
@@ -22,10 +22,10 @@ pub struct ReplaySummary {
     pub already_present: u64,
 }
 
-pub async fn replay(config: &Config) -> anyhow::Result<ReplaySummary> {
-    let postgres = Postgres::connect(&config.database_url, 2, None).await?;
+pub async fn replay(config: &Settings) -> anyhow::Result<ReplaySummary> {
+    let postgres = Postgres::connect(&config.database.url, 2, None).await?;
     postgres.migrate().await?;
-    let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)?;
+    let lake = ParquetLake::open(&config.lake)?;
     let mut summary = ReplaySummary::default();
     let mut span: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
     let files: Vec<_> = lake

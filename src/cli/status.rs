@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::settings::Settings;
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::{AccountStatus, Postgres, TimescaleState};
 
@@ -16,10 +16,10 @@ pub struct Status {
     pub timescaledb: Option<TimescaleState>,
 }
 
-pub async fn status(config: &Config) -> anyhow::Result<Status> {
-    let postgres = Postgres::connect(&config.database_url, 2, None).await?;
+pub async fn status(config: &Settings) -> anyhow::Result<Status> {
+    let postgres = Postgres::connect(&config.database.url, 2, None).await?;
     let accounts = postgres.account_statuses().await?;
-    let lake = ParquetLake::open(&config.parquet_url, &config.storage_options)?;
+    let lake = ParquetLake::open(&config.lake)?;
     let staged_files = lake
         .staged_names("")
         .await

@@ -15,7 +15,7 @@ use cfaudit_actors::{
     partition_of, staged_name, AuditRow, CommittedFile, FileSink, SinkError, StagedFile,
 };
 
-use crate::config::Secret;
+use crate::settings::LakeSettings;
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -45,7 +45,8 @@ impl ParquetLake {
     ///
     /// Publishing needs copy-if-not-exists: on S3 it defaults to the multipart method (the
     /// one S3, MinIO and s3s honour); `AWS_COPY_IF_NOT_EXISTS` overrides it.
-    pub fn open(url: &str, options: &[(String, Secret)]) -> anyhow::Result<ParquetLake> {
+    pub fn open(settings: &LakeSettings) -> anyhow::Result<ParquetLake> {
+        let (url, options) = (&settings.parquet_url, &settings.storage_options);
         let parsed =
             url::Url::parse(url).map_err(|e| anyhow::anyhow!("PARQUET_URL {url:?}: {e}"))?;
         let defaults = [("aws_copy_if_not_exists".to_owned(), "multipart".to_owned())];
@@ -135,7 +136,7 @@ impl ParquetLake {
         };
         if device(&root)? != device(staging)? {
             let parent = root.parent().unwrap_or(&root);
-            return Err(crate::config::ConfigError {
+            return Err(crate::settings::ConfigError {
                 key: "PARQUET_URL".into(),
                 problem: format!(
                     "the dataset folder {} and its staging folder {} are on different filesystems \

@@ -19,7 +19,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
-use crate::config::Secret;
+use crate::settings::Secret;
 use crate::streams::{backfill_key_prefix, Stream};
 
 /// Embedded at compile time: the binary carries its schema.

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::config::{Config, Secret};
+use crate::settings::{CloudflareSettings, Secret};
 
 /// Error codes that mean "this credential cannot read this account", or that there is no such
 /// account (7000/7003: no route, e.g. a wrong account id): retrying soon cannot help.
@@ -53,13 +53,9 @@ pub struct CloudflareClient {
 }
 
 impl CloudflareClient {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        config.require_source()?;
-        let credential = match (
-            &config.cloudflare_api_token,
-            &config.cloudflare_api_email,
-            &config.cloudflare_api_key,
-        ) {
+    pub fn new(settings: &CloudflareSettings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        settings.require_source()?;
+        let credential = match (&settings.api_token, &settings.api_email, &settings.api_key) {
             (Some(token), _, _) => Credential::Token(token.clone()),
             (None, Some(email), Some(key)) => Credential::Key {
                 email: email.clone(),
@@ -68,31 +64,26 @@ impl CloudflareClient {
             _ => unreachable!("require_source checked the credentials"),
         };
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(
-                config.cloudflare_request_timeout_seconds,
-            ))
+            .timeout(settings.request_timeout)
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cfaudit/", env!("CARGO_PKG_VERSION")))
             // The API never redirects; following one would send the credential elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let per_request =
-            Duration::from_secs(300).div_f64(f64::from(config.cloudflare_requests_per_5_minutes));
+            Duration::from_secs(300).div_f64(f64::from(settings.requests_per_5_minutes));
         let quota = Quota::with_period(per_request)
             .expect("a positive period")
-            .allow_burst(NonZeroU32::new(config.cloudflare_request_burst).expect("validated"));
+            .allow_burst(NonZeroU32::new(settings.request_burst).expect("validated"));
         Ok(CloudflareClient {
             http,
-            base_url: config
-                .cloudflare_api_base_url
-                .trim_end_matches('/')
-                .to_owned(),
+            base_url: settings.api_base_url.trim_end_matches('/').to_owned(),
             credential,
             metrics,
             budget: RateLimiter::direct(quota),
             paused_until: Mutex::new(None),
-            max_server_wait: Duration::from_secs(config.cloudflare_max_retry_after_seconds),
-            max_response_bytes: config.cloudflare_max_response_bytes,
+            max_server_wait: settings.max_retry_after,
+            max_response_bytes: settings.max_response_bytes,
         })
     }
 

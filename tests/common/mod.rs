@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cfaudit::config::{Config, Secret};
+use cfaudit::settings::{Secret, Settings};
 use cfaudit_emulator::{Emulator, EmulatorConfig, DEMO_ACCOUNT, DEMO_TOKEN};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -214,8 +214,8 @@ pub fn run_env(base_url: &str, db: &TestDb, parquet: &Path) -> Vec<(String, Stri
     .collect()
 }
 
-pub fn config_from(env: &[(String, String)]) -> Config {
-    Config::load_from(None, env.to_vec()).expect("valid test config")
+pub fn config_from(env: &[(String, String)]) -> Settings {
+    Settings::load_from(None, env.to_vec()).expect("valid test config")
 }
 
 pub fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
@@ -565,7 +565,7 @@ impl Harness {
         set(&mut self.env, key, value);
     }
 
-    pub fn config(&self) -> Config {
+    pub fn config(&self) -> Settings {
         config_from(&self.env)
     }
 
@@ -895,7 +895,7 @@ pub async fn finish(child: tokio::process::Child) -> Finished {
 }
 
 /// `cfaudit run --once` in this process; its counts summary.
-pub async fn run_once(config: Config) -> anyhow::Result<cfaudit::app::RunSummary> {
+pub async fn run_once(config: Settings) -> anyhow::Result<cfaudit::app::RunSummary> {
     let options = cfaudit::app::RunOptions {
         once: true,
         skip_migrations: false,
