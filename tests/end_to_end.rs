@@ -402,7 +402,7 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
 const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 
 /// Turns a database written by this release back into the previous release's: what migrations
-/// 5 and 6 added is dropped, and what they converted is restored (the overlap ids of events at
+/// 5 and 6 added is dropped (7 only comments on columns, which the comparison leaves aside), and what they converted is restored (the overlap ids of events at
 /// and after each stream's checkpoint, the dead letters' text digest).
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
 UPDATE cfaudit_checkpoints c SET overlap_ids = coalesce((
