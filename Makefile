@@ -40,7 +40,7 @@ bench: services release
 ## chaos: SIGKILL the service at random moments during a faulty backfill, oldest first on the local filesystem and newest first on S3, then count (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED)
 chaos: services
 	CHAOS_KILLS=$${CHAOS_KILLS:-20} CHAOS_EVENTS=$${CHAOS_EVENTS:-200000} \
-	  $(CARGO) test --features failpoints --test chaos -- --nocapture --test-threads=1
+	  $(CARGO) test --features failpoints --test integration chaos:: -- --nocapture --test-threads=1
 
 build:
 	$(CARGO) build -p cfaudit -p cfaudit-emulator

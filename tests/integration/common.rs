@@ -1,6 +1,5 @@
 //! Shared test fixtures: a fresh PostgreSQL database per test, the emulator on a free port,
 //! and the independent Parquet reader.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -85,7 +84,6 @@ pub async fn assert_runs_on(pool: &sqlx::PgPool, cluster: Cluster) {
 
 /// Runs each named `async fn(Cluster)` as two tests, `<name>::postgres` and
 /// `<name>::timescaledb`, so every schema or SQL path is tested on both clusters.
-#[macro_export]
 macro_rules! on_both_clusters {
     ($($(#[$meta:meta])* $name:ident),* $(,)?) => {
         $(
@@ -487,7 +485,8 @@ pub fn secret(s: &str) -> Secret {
 /// One test's world: a fresh database, a Parquet folder, the emulator and the run environment.
 pub struct Harness {
     pub db: TestDb,
-    pub dir: tempfile::TempDir,
+    /// The local Parquet folder's parent, deleted when the harness is dropped.
+    _dir: tempfile::TempDir,
     /// The dataset root: a folder, or `s3://bucket/prefix`.
     pub lake: String,
     pub emu: RunningEmulator,
@@ -528,7 +527,7 @@ impl Harness {
         let lake = parquet.to_str().unwrap().to_owned();
         Harness {
             db,
-            dir,
+            _dir: dir,
             lake,
             emu,
             env,

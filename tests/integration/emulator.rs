@@ -1,12 +1,10 @@
 //! The emulator is ours and held to the real API's behaviour: routing, auth and its error bodies,
 //! the window and paging rules, filters, rate limiting and fault knobs.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use cfaudit_emulator::{EmulatorConfig, DEMO_ACCOUNT, DEMO_TOKEN};
-use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -461,4 +459,31 @@ async fn the_repeat_fault_serves_the_previous_answer_again_and_is_counted() {
         "{:?}",
         emu.emulator.faults_injected()
     );
+}
+
+/// The emulator's health check, for real: `cfaudit healthcheck` against the emulator's
+/// `/healthz` on the port the compose file gives both.
+#[actix_rt::test]
+async fn the_emulator_answers_the_health_check_it_is_given() {
+    let mut config = crate::common::emulator_config(10);
+    config.listen = format!("127.0.0.1:{}", crate::common::free_port())
+        .parse()
+        .unwrap();
+    let running = crate::common::spawn_emulator(config);
+    let addr = running.base_url.split('/').nth(2).unwrap().to_owned();
+    let env = vec![("METRICS_ADDR".to_owned(), addr.clone())];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let check = crate::common::finish(crate::common::cfaudit(&["healthcheck"], &env)).await;
+        if check.success {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unhealthy: {}",
+            check.stderr
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    running.handle.stop(true).await;
 }

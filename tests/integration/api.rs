@@ -1,12 +1,10 @@
 //! API behaviour against the emulator: the client-side request budget, the `Ratelimit`
 //! header, and authentication failures in service mode.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use cfaudit_emulator::{EmulatorConfig, RequestRecord, DEMO_ACCOUNT, DEMO_TOKEN};
-use common::*;
 
 /// 1,000 events in pages of 100: ten full pages and an empty one.
 const PAGES: u64 = 11;

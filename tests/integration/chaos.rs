@@ -6,11 +6,9 @@
 //! Sized for CI by default; `make chaos` runs at least 20 kills over 200,000 events each
 //! (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::{Rng, SeedableRng};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {

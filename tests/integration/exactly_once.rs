@@ -6,14 +6,12 @@
 //! `CFAUDIT_BIN=<an older build>` runs them against another binary (each failed before its
 //! fix).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::common::*;
 use cfaudit_emulator::expire;
 use chrono::{DateTime, SecondsFormat, Utc};
-use common::*;
 
 fn stamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)

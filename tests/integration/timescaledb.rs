@@ -3,9 +3,7 @@
 //! chunks, and a backfill lands exactly once, column for column. Without the cluster each test
 //! says loudly that TimescaleDB was not tested; where it is required (CI) that is a failure.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[actix_rt::test]
 async fn migrations_apply_twice_and_make_audit_logs_a_hypertable_with_one_day_chunks() {

@@ -1,12 +1,10 @@
 //! The real binary, as an operator runs it: stopped half-way by SIGTERM or SIGKILL and
 //! restarted, and its HTTP endpoints. The emulator runs in the test process.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use cfaudit_emulator::DEMO_TOKEN;
-use common::*;
 
 /// A slow emulator (latency per page), so a run can be caught half-way.
 async fn slow_harness(events: usize) -> Harness {

@@ -2,11 +2,9 @@
 //! down for a minute. The service keeps running, reports not-ready, backs off, keeps its memory
 //! bounded, recovers by itself and ends exact.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 async fn readyz(addr: &str) -> Option<(u16, Value)> {

@@ -3,8 +3,6 @@
 //! repository and the code. The cfaudit services' environments, interpolated as Compose would
 //! (with no .env, and with .env.example), must load as a valid configuration.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -468,33 +466,6 @@ fn the_demo_service_differs_from_the_real_one_only_in_the_api() {
         .filter(|(k, v)| !v.is_empty() || demo_env.contains_key(k))
         .collect();
     assert_eq!(real_env, demo_env);
-}
-
-/// The emulator's health check, for real: `cfaudit healthcheck` against the emulator's
-/// `/healthz` on the port the compose file gives both.
-#[actix_rt::test]
-async fn the_emulator_answers_the_health_check_it_is_given() {
-    let mut config = common::emulator_config(10);
-    config.listen = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let running = common::spawn_emulator(config);
-    let addr = running.base_url.split('/').nth(2).unwrap().to_owned();
-    let env = vec![("METRICS_ADDR".to_owned(), addr.clone())];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let check = common::finish(common::cfaudit(&["healthcheck"], &env)).await;
-        if check.success {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "unhealthy: {}",
-            check.stderr
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    running.handle.stop(true).await;
 }
 
 /// Every program a service of our image runs (its entrypoint, else the image's) is built and

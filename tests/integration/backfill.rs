@@ -2,12 +2,10 @@
 //! and `replay` of what it wrote gives the same rows. Counted in PostgreSQL and, by pyarrow
 //! and DuckDB, in the Parquet dataset. Each test runs on plain PostgreSQL and on TimescaleDB.
 
-mod common;
-
 use std::collections::BTreeSet;
 
+use crate::common::*;
 use chrono::{DateTime, Duration, DurationRound, Utc};
-use common::*;
 
 /// The valid events whose time lies in `[since, until)`.
 fn ids_in(h: &Harness, since: DateTime<Utc>, until: DateTime<Utc>) -> BTreeSet<String> {

@@ -5,13 +5,11 @@
 //! and return data. Only the Grafana macros and variables substituted below may be used, so
 //! a dashboard cannot depend on something this test does not exercise.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use cfaudit_emulator::DEMO_ACCOUNT;
-use common::*;
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");

@@ -4,13 +4,11 @@
 //! "published", "published" and "marked", between two files of a publish, between the copy
 //! and the delete of a file, and during start-up recovery; then restarted.
 
-mod common;
-
+use crate::common::*;
 use cfaudit_actors::failpoints::{
     BETWEEN_DISCARDED_FILES, BETWEEN_PUBLISHED_FILES, COMMITTED_NOT_PUBLISHED, COPIED_NOT_DELETED,
     PUBLISHED_NOT_MARKED, RECOVERED_NOT_MARKED, STAGED_NOT_COMMITTED,
 };
-use common::*;
 
 #[actix_web::test]
 async fn an_s3_backfill_lands_exactly_once_and_leaves_nothing_in_staging() {

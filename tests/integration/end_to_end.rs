@@ -1,9 +1,7 @@
 //! End to end against real PostgreSQL, a local Parquet folder read back by pyarrow and DuckDB,
 //! and the emulator: exactly once, counted.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[actix_web::test]

@@ -1,0 +1,21 @@
+//! Every integration test, in one binary: the real service (in-process or as its binary)
+//! against real PostgreSQL (plain and TimescaleDB), a local folder or a real S3-compatible
+//! server, the emulator, and independent Parquet readers. Shared fixtures are in `common`.
+//! One module per concern; `cargo test --test integration <module>::` runs one of them
+//! (`make chaos` runs `chaos::`).
+
+#[macro_use]
+mod common;
+
+mod api;
+mod backfill;
+mod chaos;
+mod dashboards;
+mod emulator;
+mod end_to_end;
+mod exactly_once;
+mod observability;
+mod outage;
+mod process;
+mod storage;
+mod timescaledb;
