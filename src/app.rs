@@ -1,11 +1,13 @@
 //! Start-up and the run loop: build the adapters from the configuration, start the pipeline,
 //! and stop it cleanly on a signal or, with `--once`, after one committed sweep.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cfaudit_actors::{
-    Clock, Metrics, ParquetTarget, PgTarget, Pipeline, PipelineEvent, PipelineParts,
+    ApiVersion, CheckpointStore, Clock, Metrics, ParquetTarget, PgTarget, Pipeline, PipelineEvent,
+    PipelineParts,
 };
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -14,7 +16,7 @@ use crate::settings::{DatabaseSettings, Settings};
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::{Lease, Postgres};
 use crate::sources::cloudflare::CloudflareClient;
-use crate::streams::{live_start, Stream};
+use crate::streams::{live_key, live_start, Stream};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOptions {
@@ -28,7 +30,10 @@ pub struct RunOptions {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RunSummary {
     pub account_id: String,
+    /// The oldest checkpoint of the versions collected: everything before it is committed.
     pub checkpoint: Option<DateTime<Utc>>,
+    /// Each version's live checkpoint.
+    pub checkpoints: BTreeMap<String, Option<DateTime<Utc>>>,
     pub rows_in_postgres: i64,
     pub parquet_files: i64,
     pub parquet_rows: i64,
@@ -120,11 +125,17 @@ impl Adapters {
         Pipeline::start(PipelineParts {
             poller: config.poller(
                 &self.account_id,
+                stream.api_version(),
                 stream.covers_since,
                 stream.covers_until,
                 once,
             ),
-            checkpointer: config.checkpointer(&self.account_id, &stream.key, lease),
+            checkpointer: config.checkpointer(
+                &self.account_id,
+                stream.api_version(),
+                &stream.key,
+                lease,
+            ),
             source: self.source.clone(),
             sinks: vec![
                 Arc::new(PgTarget(Arc::new(self.postgres.clone()))),
@@ -283,18 +294,24 @@ pub enum RunEnd {
     Lost(String),
 }
 
-/// Registers the live stream: it starts at INITIAL_CHECKPOINT (default one poll interval
-/// ago), or after the latest backfill if one ends later; a committed stream keeps its start.
-async fn register_live_stream(adapters: &Adapters, config: &Settings) -> anyhow::Result<Stream> {
+/// Registers the live stream of one API version: it starts at INITIAL_CHECKPOINT (default one
+/// poll interval ago), or after the version's latest backfill if one ends later; a committed
+/// stream keeps its start.
+async fn register_live_stream(
+    adapters: &Adapters,
+    config: &Settings,
+    api_version: ApiVersion,
+) -> anyhow::Result<Stream> {
     let wanted = config.sweep.initial_checkpoint.unwrap_or_else(|| {
         Utc::now() - chrono::Duration::from_std(config.sweep.poll_interval).unwrap_or_default()
     });
     let account = adapters.account_id.clone();
+    let key = live_key(&account, api_version);
     let stream = adapters
         .postgres
-        .register_stream(&account, |streams| {
+        .register_stream(&key, |streams| {
             let start = live_start(wanted, streams);
-            let fresh = !streams.iter().any(|s| s.key == account && s.checkpoint.is_some());
+            let fresh = !streams.iter().any(|s| s.key == key && s.checkpoint.is_some());
             let last_backfill = streams.iter().filter_map(|s| s.covers_until).max();
             match last_backfill {
                 _ if !fresh => {}
@@ -306,7 +323,7 @@ async fn register_live_stream(adapters: &Adapters, config: &Settings) -> anyhow:
                 }
                 _ => {}
             }
-            Ok((account.clone(), start, None))
+            Ok((key.clone(), start, None))
         })
         .await?;
     Ok(stream)
@@ -316,7 +333,10 @@ async fn register_live_stream(adapters: &Adapters, config: &Settings) -> anyhow:
 /// `--once` only: a service stopped by SIGTERM while its database is down still exits cleanly.
 pub async fn run(config: Settings, options: RunOptions) -> anyhow::Result<Option<RunSummary>> {
     let adapters = Adapters::open(&config, !options.skip_migrations).await?;
-    let stream = register_live_stream(&adapters, &config).await?;
+    let mut streams = Vec::new();
+    for &api_version in &config.cloudflare.api_versions.0 {
+        streams.push(register_live_stream(&adapters, &config, api_version).await?);
+    }
     let account_id = adapters.account_id.clone();
 
     let http = if options.once {
@@ -337,16 +357,24 @@ pub async fn run(config: Settings, options: RunOptions) -> anyhow::Result<Option
         Some(handle)
     };
 
-    info!(account = %account_id, once = options.once, start = ?stream.covers_since, "collecting");
-    let outcome = adapters.collect(&config, &stream, options.once).await;
+    // Each API version is a stream of its own, collected side by side (one request budget).
+    let collecting = streams.iter().map(|stream| {
+        info!(account = %account_id, api_version = %stream.api_version(), once = options.once,
+            start = ?stream.covers_since, "collecting");
+        adapters.collect(&config, stream, options.once)
+    });
+    let outcomes = futures::future::join_all(collecting).await;
     if let Some(handle) = http {
         handle.stop(true).await;
     }
-    let interrupted = outcome?;
+    let mut interrupted = false;
+    for outcome in outcomes {
+        interrupted |= outcome?;
+    }
     if !options.once {
         return Ok(None);
     }
-    summary(&adapters.postgres, &account_id, interrupted)
+    summary(&adapters.postgres, &account_id, &streams, interrupted)
         .await
         .map(Some)
 }
@@ -418,16 +446,25 @@ pub async fn drive(
     }
 }
 
-/// Counts of what is committed for the account, over all its streams (live and backfills).
+/// Counts of what is committed for the account, over all its streams (live and backfills, of
+/// every version), with the checkpoints of the live `streams` collected.
 pub async fn summary(
     postgres: &Postgres,
     account_id: &str,
+    streams: &[Stream],
     interrupted: bool,
 ) -> anyhow::Result<RunSummary> {
     let counts = postgres.account_counts(account_id).await?;
+    let mut checkpoints = BTreeMap::new();
+    for stream in streams {
+        let state = postgres.load(&stream.key).await?;
+        checkpoints.insert(stream.api_version().to_string(), state.checkpoint);
+    }
     Ok(RunSummary {
         account_id: account_id.to_owned(),
-        checkpoint: counts.checkpoint,
+        // Everything before it is committed, whichever version.
+        checkpoint: checkpoints.values().copied().min().flatten(),
+        checkpoints,
         rows_in_postgres: counts.rows_in_postgres,
         parquet_files: counts.parquet_files,
         parquet_rows: counts.parquet_rows,

@@ -60,14 +60,14 @@ async fn readyz(state: web::Data<HealthState>) -> HttpResponse {
     if !crate::sinks::postgres::answers(&state.database).await {
         problems.push("database unreachable".to_owned());
     }
-    for (account, reason) in state.metrics.health.auth_failures.lock().unwrap().iter() {
+    for (source, reason) in state.metrics.health.auth_failures.lock().unwrap().iter() {
         problems.push(format!(
-            "account {account}: polling stopped by an authentication error: {reason}"
+            "account {source}: polling stopped by an authentication error: {reason}"
         ));
     }
-    for (account, reason) in state.metrics.health.sink_failures.lock().unwrap().iter() {
+    for (source, reason) in state.metrics.health.sink_failures.lock().unwrap().iter() {
         problems.push(format!(
-            "account {account}: retrying from the checkpoint after: {reason}"
+            "account {source}: retrying from the checkpoint after: {reason}"
         ));
     }
     let now = Utc::now();

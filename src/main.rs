@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cfaudit_actors::ApiVersion;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
@@ -45,6 +46,10 @@ enum Command {
         /// (or now, if the service never ran).
         #[arg(long, value_parser = time_arg)]
         until: Option<DateTime<Utc>>,
+        /// The API to read, v1 or v2 (each has backfills of its own). Default: the one
+        /// CLOUDFLARE_API_VERSIONS names; required when it names both.
+        #[arg(long, value_parser = version_arg)]
+        api_version: Option<ApiVersion>,
     },
     /// Create the database if missing and apply the migrations.
     Migrate,
@@ -100,13 +105,15 @@ async fn main() -> ExitCode {
                 println!("{}", serde_json::to_string(&summary).expect("plain data"));
             }
         }),
-        Command::Backfill { since, until } => {
-            cfaudit::cli::backfill::backfill(config, since, until)
-                .await
-                .map(|summary| {
-                    println!("{}", serde_json::to_string(&summary).expect("plain data"));
-                })
-        }
+        Command::Backfill {
+            since,
+            until,
+            api_version,
+        } => cfaudit::cli::backfill::backfill(config, since, until, api_version)
+            .await
+            .map(|summary| {
+                println!("{}", serde_json::to_string(&summary).expect("plain data"));
+            }),
         Command::Migrate => migrate(&config).await,
         Command::Status { json } => cfaudit::cli::status::status(&config).await.map(|status| {
             if json {
@@ -152,6 +159,10 @@ async fn main() -> ExitCode {
             )
         }
     }
+}
+
+fn version_arg(value: &str) -> Result<ApiVersion, String> {
+    ApiVersion::parse(value).ok_or_else(|| "use v1 or v2".into())
 }
 
 fn time_arg(value: &str) -> Result<DateTime<Utc>, String> {

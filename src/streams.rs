@@ -1,10 +1,12 @@
-//! Streams: the ranges of one account's audit log that cfaudit collects, each with its own
-//! checkpoint row. The live stream (key = the account id) covers `[start, ∞)`; each
-//! `cfaudit backfill` covers an explicit `[since, until)` under its own key. Streams of one
-//! account never overlap and never read outside their range (the Poller clamps the safety lag
-//! to the stream's start), so no event is fetched by two streams and the Parquet dataset,
-//! which has no primary key, holds each event once.
+//! Streams: the ranges of one account's audit log of one API version that cfaudit collects,
+//! each with its own checkpoint row. The live stream (key: [`live_key`], the account id for v1)
+//! covers `[start, ∞)`; each `cfaudit backfill` covers an explicit `[since, until)` under its
+//! own key. Streams of one log never overlap and never read outside their range (the Poller
+//! clamps the safety lag to the stream's start), so no event is fetched by two streams and the
+//! Parquet dataset, which has no primary key, holds each event once. The two versions are
+//! different record sets (their ids differ), each with streams of its own.
 
+use cfaudit_actors::ApiVersion;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -35,6 +37,14 @@ impl Stream {
         self.key.split('.').next().unwrap_or(&self.key)
     }
 
+    /// The API the stream reads: v2 keys carry `.v2` after the account (see [`live_key`]).
+    pub fn api_version(&self) -> ApiVersion {
+        match self.key.split('.').nth(1) {
+            Some("v2") => ApiVersion::V2,
+            _ => ApiVersion::V1,
+        }
+    }
+
     pub fn is_live(&self) -> bool {
         self.covers_until.is_none()
     }
@@ -46,24 +56,32 @@ impl Stream {
     }
 }
 
+/// The key of an account's live stream of one API version: the account id for v1 (as before
+/// v2 was collected), `<account>.v2` for v2. Every other stream of that log starts with it.
+pub fn live_key(account_id: &str, api_version: ApiVersion) -> String {
+    match api_version {
+        ApiVersion::V1 => account_id.to_owned(),
+        ApiVersion::V2 => format!("{account_id}.v2"),
+    }
+}
+
 /// The key of a backfill's stream: [`backfill_key_prefix`] and the range. Account ids are
 /// alphanumeric and the times carry no `-`, so keys never contain one (staged file names rely
 /// on that, see `staged_prefix`), and the account is what comes before the first `.` (the SQL
 /// of the PostgreSQL adapter relies on that).
-pub fn backfill_key(account_id: &str, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
+pub fn backfill_key(live_key: &str, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
     const COMPACT: &str = "%Y%m%dT%H%M%SZ";
     format!(
         "{}{}_{}",
-        backfill_key_prefix(account_id),
+        backfill_key_prefix(live_key),
         since.format(COMPACT),
         until.format(COMPACT)
     )
 }
 
-/// What every backfill key of the account starts with. The live stream's key is the account
-/// id itself.
-pub fn backfill_key_prefix(account_id: &str) -> String {
-    format!("{account_id}.backfill.")
+/// What every backfill key of the log whose live stream is `live_key` starts with.
+pub fn backfill_key_prefix(live_key: &str) -> String {
+    format!("{live_key}.backfill.")
 }
 
 /// Where the live stream starts: `wanted` (INITIAL_CHECKPOINT or one poll interval ago),
@@ -124,5 +142,25 @@ mod tests {
         let key = backfill_key("0123abcd", at(1), at(2));
         assert_eq!(key, "0123abcd.backfill.20260101T000000Z_20260102T000000Z");
         assert!(!key.contains('-'));
+    }
+
+    /// Each version's keys tell their account and version; v1's are those from before v2.
+    #[test]
+    fn keys_tell_account_and_version() {
+        for version in [ApiVersion::V1, ApiVersion::V2] {
+            let live = live_key("0123abcd", version);
+            for key in [live.clone(), backfill_key(&live, at(1), at(2))] {
+                let stream = Stream {
+                    key: key.clone(),
+                    ..stream(None, None)
+                };
+                assert_eq!(stream.account(), "0123abcd", "{key}");
+                assert_eq!(stream.api_version(), version, "{key}");
+                assert!(!key.contains('-'));
+            }
+        }
+        assert_eq!(live_key("0123abcd", ApiVersion::V1), "0123abcd");
+        assert!(!backfill_key("0123abcd", at(1), at(2))
+            .starts_with(&live_key("0123abcd", ApiVersion::V2)));
     }
 }

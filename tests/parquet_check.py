@@ -19,6 +19,7 @@ import os
 import sys
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
 from pyarrow import fs
 
@@ -54,8 +55,15 @@ want_ids = bool(os.environ.get("PARQUET_CHECK_IDS"))
 if files:
     # The listed files, not the prefix: no directory probe (s3s-fs answers a HEAD on a
     # "directory" key with 500).
-    dataset = ds.dataset(files, filesystem=filesystem, format="parquet",
-                         partitioning=ds.partitioning(flavor="hive"), partition_base_dir=path)
+    def open_dataset(schema=None):
+        return ds.dataset(files, filesystem=filesystem, format="parquet", schema=schema,
+                          partitioning=ds.partitioning(flavor="hive"), partition_base_dir=path)
+
+    # Files from before the v2 columns hold a prefix of today's schema: merge the files'
+    # schemas by name, as the README tells readers to.
+    dataset = open_dataset()
+    unified = pa.unify_schemas([dataset.schema] + [f.physical_schema for f in dataset.get_fragments()])
+    dataset = open_dataset(unified)
     table = dataset.to_table()
     ids = table.column("event_id").to_pylist()
     out["pyarrow_rows"] = table.num_rows
@@ -66,7 +74,8 @@ if files:
         con.register("lake", table)
         source = "lake"
     else:
-        source = "read_parquet('" + os.path.join(path, "**", "*.parquet") + "', hive_partitioning = true)"
+        source = ("read_parquet('" + os.path.join(path, "**", "*.parquet")
+                  + "', hive_partitioning = true, union_by_name = true)")
     rows, distinct, misplaced = con.execute(
         "SELECT count(*), count(DISTINCT event_id), "
         "count(*) FILTER (WHERE year <> year(timestamp AT TIME ZONE 'UTC') OR month <> month(timestamp AT TIME ZONE 'UTC') "
@@ -78,8 +87,6 @@ if files:
     out["rows_in_wrong_partition"] = misplaced
     out["ids"] = sorted(set(ids)) if want_ids else None
     if os.environ.get("PARQUET_CHECK_ROWS"):
-        import pyarrow as pa
-
         def stamp(nanos):
             # Microseconds, and any nanoseconds beyond them spelled out (a mismatch shows).
             if nanos is None:

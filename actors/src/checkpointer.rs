@@ -19,9 +19,10 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::commit::{commit_and_publish, commit_record, Pending};
 use crate::epoch::EpochView;
+use crate::event::ApiVersion;
 use crate::guard::{catch_panic, deadline};
 use crate::messages::*;
-use crate::metrics::{ActorMetrics, Metrics};
+use crate::metrics::{ActorMetrics, Metrics, SourceKey, SourceMetrics};
 use crate::outbox::WeakOutbox;
 use crate::ports::{
     CheckpointStore, CommitRecord, CommittedState, Fence, FileSink, RowWriteReport, SinkError,
@@ -33,6 +34,7 @@ use crate::sink::WriteOutcome;
 #[derive(Clone, Debug)]
 pub struct CheckpointerConfig {
     pub account_id: String,
+    pub api_version: ApiVersion,
     /// The key of this stream's checkpoint, in the store and in file names: the account id
     /// for the live stream, a longer key for each backfill range (see `cfaudit backfill`).
     pub stream: String,
@@ -90,6 +92,9 @@ struct Failure {
 
 pub struct Checkpointer {
     config: Arc<CheckpointerConfig>,
+    /// The log this stream reads, as metrics and health facts know it.
+    source: SourceKey,
+    counters: SourceMetrics,
     store: Arc<dyn CheckpointStore>,
     files: Arc<dyn FileSink>,
     /// Owned here: only the Checkpointer advances or halts it.
@@ -123,8 +128,11 @@ pub(crate) struct CheckpointerDeps {
 
 impl Checkpointer {
     pub(crate) fn new(config: Arc<CheckpointerConfig>, deps: CheckpointerDeps) -> Self {
+        let source = SourceKey::new(&config.account_id, config.api_version);
         Checkpointer {
             actor: deps.metrics.actor("checkpointer"),
+            counters: deps.metrics.source(&source),
+            source,
             config,
             store: deps.store,
             files: deps.files,
@@ -162,10 +170,7 @@ impl Checkpointer {
             return;
         }
         warn!(account = %self.account(), stream = %self.config.stream, reason, "rewinding to the committed checkpoint");
-        self.metrics
-            .pipeline_rewinds
-            .with_label_values(&[self.account()])
-            .inc();
+        self.counters.pipeline_rewinds.inc();
         if failed {
             self.consecutive_failures += 1;
             self.report_failure(reason);
@@ -195,7 +200,7 @@ impl Checkpointer {
     /// What `/readyz` shows until the next commit clears it.
     fn report_failure(&self, reason: &str) {
         let mut failures = self.metrics.health.sink_failures.lock().unwrap();
-        failures.insert(self.config.account_id.clone(), reason.to_owned());
+        failures.insert(self.source.clone(), reason.to_owned());
     }
 
     fn begin_recovery(&mut self, ctx: &mut Context<Self>) {
@@ -285,16 +290,12 @@ impl Checkpointer {
     }
 
     fn after_commit(&mut self, batch: BatchId, record: CommitRecord) {
-        let account = self.config.account_id.clone();
-        self.metrics
-            .batches_committed
-            .with_label_values(&[&account])
-            .inc();
+        self.counters.batches_committed.inc();
         self.metrics
             .parquet_files_published
             .inc_by(record.files.len() as u64);
         if let Some(checkpoint) = record.state.checkpoint {
-            self.metrics.set_checkpoint(&account, checkpoint);
+            self.metrics.set_checkpoint(&self.source, checkpoint);
         }
         self.committed = record.state;
         self.metrics
@@ -302,7 +303,7 @@ impl Checkpointer {
             .sink_failures
             .lock()
             .unwrap()
-            .remove(&account);
+            .remove(&self.source);
         if let Some(upstream) = &self.upstream {
             upstream.committed.do_send(BatchCommitted {
                 batch,
@@ -392,7 +393,7 @@ impl Handler<Recover> for Checkpointer {
             None => act.panicked(ctx),
             Some(Ok(state)) => {
                 if let Some(checkpoint) = state.checkpoint {
-                    act.metrics.set_checkpoint(act.account(), checkpoint);
+                    act.metrics.set_checkpoint(&act.source, checkpoint);
                 }
                 act.committed = state.clone();
                 act.pending.clear();

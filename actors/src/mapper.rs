@@ -22,16 +22,18 @@ use tracing::{error, warn};
 
 use crate::clock::Clock;
 use crate::epoch::EpochView;
-use crate::event::{AuditRow, DeadLetter, SeenId};
+use crate::event::{ApiVersion, AuditRow, DeadLetter, SeenId};
 use crate::guard::{catch_panic_now, guarded};
 use crate::mapping::map_or_dead_letter;
 use crate::messages::*;
-use crate::metrics::{ActorMetrics, Metrics};
+use crate::metrics::{ActorMetrics, Metrics, SourceKey, SourceMetrics};
 use crate::outbox::Outbox;
 use crate::ports::{CheckpointStore, SinkError};
 
 pub struct Mapper {
     account_id: Arc<str>,
+    api_version: ApiVersion,
+    counters: SourceMetrics,
     expect: Outbox<ExpectBatch>,
     failed: Outbox<BatchFailed>,
     restarted: Outbox<ActorRestarted>,
@@ -39,7 +41,6 @@ pub struct Mapper {
     store: Arc<dyn CheckpointStore>,
     /// Joined by [`ResetDedup`]: the dedup set is of that epoch, pages of others are stale.
     epoch: EpochView,
-    metrics: Arc<Metrics>,
     actor: ActorMetrics,
     clock: Clock,
     lookup_timeout: Duration,
@@ -61,6 +62,7 @@ struct MappedBatch {
 /// What a Mapper is started with.
 pub(crate) struct MapperDeps {
     pub account_id: Arc<str>,
+    pub api_version: ApiVersion,
     /// The Checkpointer learns of each batch here, before any writer gets it.
     pub expect: Outbox<ExpectBatch>,
     pub failed: Outbox<BatchFailed>,
@@ -78,14 +80,17 @@ impl Mapper {
     pub(crate) fn new(deps: MapperDeps) -> Self {
         Mapper {
             actor: deps.metrics.actor("mapper"),
+            counters: deps
+                .metrics
+                .source(&SourceKey::new(&deps.account_id, deps.api_version)),
             account_id: deps.account_id,
+            api_version: deps.api_version,
             expect: deps.expect,
             failed: deps.failed,
             restarted: deps.restarted,
             writers: deps.writers,
             store: deps.store,
             epoch: deps.epoch,
-            metrics: deps.metrics,
             clock: deps.clock,
             lookup_timeout: deps.lookup_timeout,
             in_flight: HashMap::new(),
@@ -112,7 +117,7 @@ impl Mapper {
             });
         }
         for raw in &page.events {
-            match map_or_dead_letter(raw.get(), &self.account_id, now) {
+            match map_or_dead_letter(self.api_version, raw.get(), &self.account_id, now) {
                 Ok(row) => {
                     if let Some(reason) = self.quarantine.get(&row.event_id) {
                         mapped.dead_letters.push(DeadLetter {
@@ -152,14 +157,9 @@ impl Mapper {
             mapped.rows.retain(|row| !committed.contains(&row.event_id));
             mapped.duplicates += (before - mapped.rows.len()) as u64;
         }
-        let account = &*self.account_id;
-        self.metrics
-            .events_deduplicated
-            .with_label_values(&[account])
-            .inc_by(mapped.duplicates);
-        self.metrics
+        self.counters.events_deduplicated.inc_by(mapped.duplicates);
+        self.counters
             .events_dead_lettered
-            .with_label_values(&[account])
             .inc_by(mapped.dead_letters.len() as u64);
         let events = seen_ids(&mapped.rows);
         // The Checkpointer learns of the batch before any writer can ack it.

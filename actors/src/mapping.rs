@@ -1,17 +1,30 @@
-//! v1 event → [`AuditRow`]. Pure and total: every input yields a row or a
-//! dead-letter reason, never a panic.
+//! A raw event of either API version → [`AuditRow`]. Pure and total: every input yields a row
+//! or a dead-letter reason, never a panic.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use crate::event::{AuditRow, DeadLetter};
+use crate::event::{ApiVersion, AuditRow, DeadLetter, EventDetail};
 
 /// Why an event could not be mapped. The text lands in the dead-letter table.
 pub type Rejection = String;
+
+/// Maps one raw event of `version`. `account_id` is the account of the request path.
+pub fn map_event(
+    version: ApiVersion,
+    raw: &str,
+    account_id: &str,
+    ingestion_time: DateTime<Utc>,
+) -> Result<AuditRow, Rejection> {
+    match version {
+        ApiVersion::V1 => map_v1(raw, account_id, ingestion_time),
+        ApiVersion::V2 => map_v2(raw, account_id, ingestion_time),
+    }
+}
 
 /// Maps one raw v1 event. `account_id` is the account of the request path.
 pub fn map_v1(
@@ -19,21 +32,8 @@ pub fn map_v1(
     account_id: &str,
     ingestion_time: DateTime<Utc>,
 ) -> Result<AuditRow, Rejection> {
-    // PostgreSQL can store a NUL character neither in TEXT nor in JSONB: it is kept as the
-    // six characters `\u0000`, never dropped (an audit event must not vanish for its text).
-    let raw = escape_nul(raw);
-    let raw = raw.as_ref();
-    let event: Value =
-        serde_json::from_str(raw).map_err(|e| format!("event is not valid JSON: {e}"))?;
-    let Value::Object(_) = &event else {
-        return Err(format!("event is not a JSON object but {}", kind(&event)));
-    };
-    let event_id = match event.get("id") {
-        Some(Value::String(id)) if !id.trim().is_empty() => id.clone(),
-        Some(Value::String(_)) => return Err("`id` is empty".into()),
-        None | Some(Value::Null) => return Err("`id` is missing".into()),
-        Some(other) => return Err(format!("`id` is {} instead of a string", kind(other))),
-    };
+    let (raw, event) = parse(raw)?;
+    let event_id = event_id(&event)?;
     let timestamp = match event.get("when") {
         Some(Value::String(when)) => parse_when(when)?,
         None | Some(Value::Null) => return Err("`when` is missing".into()),
@@ -43,21 +43,116 @@ pub fn map_v1(
         None | Some(Value::Null) => None,
         Some(value) => Some(value.to_string()),
     };
+    let zone_name = match event.get("metadata").and_then(|m| m.get("zone_name")) {
+        Some(Value::String(name)) if !name.is_empty() => Some(name.clone()),
+        _ => None,
+    };
     Ok(AuditRow {
         event_id,
         timestamp,
         account_id: account_id.to_owned(),
+        api_version: ApiVersion::V1,
         actor_email: text_at(&event, "actor", "email"),
         actor_type: text_at(&event, "actor", "type"),
         action_type: text_at(&event, "action", "type"),
         action_result: text_at(&event, "action", "result"),
         resource_type: text_at(&event, "resource", "type"),
         resource_id: text_at(&event, "resource", "id"),
-        ip_address: text_at(&event, "actor", "ip").and_then(|ip| ip.trim().parse::<IpAddr>().ok()),
+        ip_address: ip_at(&event, "ip"),
         metadata,
-        raw_event: Arc::from(raw),
+        detail: EventDetail {
+            actor_id: text_at(&event, "actor", "id"),
+            zone_name,
+            ..EventDetail::default()
+        },
+        raw_event: Arc::from(raw.as_ref()),
         ingestion_time,
     })
+}
+
+/// Maps one raw v2 event. `account_id` is the account of the request path.
+pub fn map_v2(
+    raw: &str,
+    account_id: &str,
+    ingestion_time: DateTime<Utc>,
+) -> Result<AuditRow, Rejection> {
+    let (raw, event) = parse(raw)?;
+    let event_id = event_id(&event)?;
+    let timestamp = match event.get("action").map(|a| a.get("time")) {
+        Some(Some(Value::String(time))) => parse_when(time)?,
+        None | Some(None) | Some(Some(Value::Null)) => {
+            return Err("`action.time` is missing".into())
+        }
+        Some(Some(other)) => {
+            return Err(format!(
+                "`action.time` is {} instead of a string",
+                kind(other)
+            ))
+        }
+    };
+    let status = match event.get("raw").and_then(|r| r.get("status_code")) {
+        Some(Value::Number(n)) => n.as_i64().and_then(|n| i32::try_from(n).ok()),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    Ok(AuditRow {
+        event_id,
+        timestamp,
+        account_id: account_id.to_owned(),
+        api_version: ApiVersion::V2,
+        actor_email: text_at(&event, "actor", "email"),
+        actor_type: text_at(&event, "actor", "type"),
+        action_type: text_at(&event, "action", "type"),
+        action_result: text_at(&event, "action", "result"),
+        resource_type: text_at(&event, "resource", "type"),
+        resource_id: text_at(&event, "resource", "id"),
+        ip_address: ip_at(&event, "ip_address"),
+        metadata: None,
+        detail: EventDetail {
+            actor_id: text_at(&event, "actor", "id"),
+            actor_context: text_at(&event, "actor", "context"),
+            actor_token_id: text_at(&event, "actor", "token_id"),
+            actor_token_name: text_at(&event, "actor", "token_name"),
+            action_description: text_at(&event, "action", "description"),
+            resource_product: text_at(&event, "resource", "product"),
+            resource_scope: text_at(&event, "resource", "scope"),
+            zone_id: text_at(&event, "zone", "id"),
+            zone_name: text_at(&event, "zone", "name"),
+            raw_method: text_at(&event, "raw", "method"),
+            raw_uri: text_at(&event, "raw", "uri"),
+            raw_status_code: status,
+            raw_cf_ray_id: text_at(&event, "raw", "cf_ray_id"),
+            raw_user_agent: text_at(&event, "raw", "user_agent"),
+        },
+        raw_event: Arc::from(raw.as_ref()),
+        ingestion_time,
+    })
+}
+
+/// The event as text PostgreSQL can hold and as a JSON object. PostgreSQL can store a NUL
+/// character neither in TEXT nor in JSONB: it is kept as the six characters `\u0000`, never
+/// dropped (an audit event must not vanish for its text).
+fn parse(raw: &str) -> Result<(Cow<'_, str>, Map<String, Value>), Rejection> {
+    let raw = escape_nul(raw);
+    let event: Value =
+        serde_json::from_str(&raw).map_err(|e| format!("event is not valid JSON: {e}"))?;
+    match event {
+        Value::Object(event) => Ok((raw, event)),
+        other => Err(format!("event is not a JSON object but {}", kind(&other))),
+    }
+}
+
+fn event_id(event: &Map<String, Value>) -> Result<String, Rejection> {
+    match event.get("id") {
+        Some(Value::String(id)) if !id.trim().is_empty() => Ok(id.clone()),
+        Some(Value::String(_)) => Err("`id` is empty".into()),
+        None | Some(Value::Null) => Err("`id` is missing".into()),
+        Some(other) => Err(format!("`id` is {} instead of a string", kind(other))),
+    }
+}
+
+fn ip_at(event: &Map<String, Value>, field: &str) -> Option<IpAddr> {
+    text_at(event, "actor", field).and_then(|ip| ip.trim().parse().ok())
 }
 
 /// The event with every real NUL (the JSON escape `\u0000`, not the text `\\u0000`) written
@@ -93,13 +188,65 @@ pub fn escape_nul(raw: &str) -> Cow<'_, str> {
     Cow::Owned(escaped)
 }
 
+/// The time of a raw event of `version` (v1 `when`, v2 `action.time`), if it has a usable
+/// one: what the Poller pages and checkpoints by. Read without mapping the event.
+pub fn event_time(version: ApiVersion, raw: &str) -> Option<DateTime<Utc>> {
+    #[derive(serde::Deserialize)]
+    struct When {
+        when: Option<Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Action {
+        action: Option<Time>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Time {
+        time: Option<Value>,
+    }
+    let time = match version {
+        ApiVersion::V1 => {
+            if let Some(when) = trailing_when(raw) {
+                return parse_when(when).ok();
+            }
+            serde_json::from_str::<When>(raw).ok()?.when?
+        }
+        ApiVersion::V2 => serde_json::from_str::<Action>(raw).ok()?.action?.time?,
+    };
+    match time {
+        Value::String(time) => parse_when(&time).ok(),
+        _ => None,
+    }
+}
+
+/// The `when` of an event whose last member it is, as the API writes events, found without
+/// reading the whole event (every event of every page is asked); `None` when the event is
+/// not written so. `raw` is valid JSON, so a `"when":"` after `{` or `,` is a key; a value
+/// followed by nothing but the closing brace of the text belongs to the outermost object.
+fn trailing_when(raw: &str) -> Option<&str> {
+    const KEY: &[u8] = b"\"when\":\"";
+    let body = raw
+        .trim_end()
+        .strip_suffix('}')?
+        .trim_end()
+        .strip_suffix('"')?;
+    let at = memchr::memmem::rfind(body.as_bytes(), KEY)?;
+    let is_key = body.as_bytes()[..at]
+        .iter()
+        .rev()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{' || b == b',');
+    let value = &body[at + KEY.len()..];
+    (is_key && !value.contains(['"', '\\'])).then_some(value)
+}
+
 /// Maps one event, turning a rejection into a [`DeadLetter`].
 pub fn map_or_dead_letter(
+    version: ApiVersion,
     raw: &str,
     account_id: &str,
     now: DateTime<Utc>,
 ) -> Result<AuditRow, DeadLetter> {
-    map_v1(raw, account_id, now).map_err(|reason| DeadLetter {
+    map_event(version, raw, account_id, now).map_err(|reason| DeadLetter {
         account_id: account_id.to_owned(),
         reason,
         raw_event: raw.as_bytes().to_vec(),
@@ -116,7 +263,7 @@ pub fn parse_when(when: &str) -> Result<DateTime<Utc>, Rejection> {
 
 /// A nested scalar as text: strings as given, booleans and numbers in their JSON spelling
 /// (`action.result: true` → `"true"`), objects and arrays as compact JSON, null → `None`.
-fn text_at(event: &Value, object: &str, field: &str) -> Option<String> {
+fn text_at(event: &Map<String, Value>, object: &str, field: &str) -> Option<String> {
     match event.get(object)?.get(field)? {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
@@ -132,5 +279,55 @@ fn kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shortcut answers only where it must agree with reading the whole event.
+    #[test]
+    fn a_trailing_when_is_read_like_the_whole_event() {
+        let t = "2026-05-01T00:00:00Z";
+        let cases = [
+            (format!(r#"{{"id":"a","when":"{t}"}}"#), Some(t)),
+            (format!("{{\"id\":\"a\" ,\n \"when\":\"{t}\" }}\n"), Some(t)),
+            (format!(r#"{{"when":"{t}"}}"#), Some(t)),
+            // not the event's own `when`, or not written last: read in full
+            (format!(r#"{{"id":"a","x":{{"when":"{t}"}}}}"#), None),
+            (format!(r#"{{"when":"{t}","id":"a"}}"#), None),
+            (format!(r#"{{"id":"a","x\"when":"{t}"}}"#), None),
+            (format!(r#"{{"id":"a","meta":"\"when\":\"{t}"}}"#), None),
+            (format!(r#"{{"id":"a","when":"{t}\u0041"}}"#), None),
+            (format!(r#"{{"id":"a","when": "{t}"}}"#), None),
+        ];
+        for (raw, expected) in &cases {
+            assert_eq!(trailing_when(raw), *expected, "{raw}");
+            let full: serde_json::Value = serde_json::from_str(raw).unwrap();
+            let by_parse = full["when"].as_str().and_then(|w| parse_when(w).ok());
+            assert_eq!(event_time(ApiVersion::V1, raw), by_parse, "{raw}");
+        }
+    }
+
+    #[test]
+    fn a_v2_event_is_timed_by_its_action() {
+        let raw = r#"{"id":"a","when":"2020-01-01T00:00:00Z","action":{"type":"create","time":"2026-05-01T00:00:00.5Z"}}"#;
+        assert_eq!(
+            event_time(ApiVersion::V2, raw),
+            parse_when("2026-05-01T00:00:00.5Z").ok()
+        );
+        assert_eq!(
+            event_time(ApiVersion::V1, raw),
+            parse_when("2020-01-01T00:00:00Z").ok()
+        );
+        assert_eq!(
+            event_time(ApiVersion::V2, r#"{"id":"a","action":{}}"#),
+            None
+        );
+        assert_eq!(
+            event_time(ApiVersion::V2, r#"{"id":"a","action":{"time":7}}"#),
+            None
+        );
     }
 }

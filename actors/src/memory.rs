@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use crate::event::{AuditRow, DeadLetter, RawEvent, SeenId};
+use crate::event::{ApiVersion, AuditRow, DeadLetter, RawEvent, SeenId};
 use crate::ports::*;
 
 /// What an injected fault does to one call.
@@ -162,6 +162,66 @@ pub fn v1_page<'a, T>(
     }
 }
 
+/// The v2 cursor of the event at `time` with `id`: opaque to the pipeline, it resumes
+/// strictly after that event, whatever was added or expired meanwhile.
+fn v2_cursor(time: DateTime<Utc>, id: &str) -> String {
+    format!("{}|{id}", time.timestamp_micros())
+}
+
+/// One page of `events` (sorted by time, then id) for a v2 request: the window's events after
+/// the cursor's, in the request's direction, and the next cursor while any remain.
+pub fn v2_page<'a, T>(
+    events: &'a [T],
+    key: impl Fn(&T) -> (DateTime<Utc>, &str),
+    request: &PageRequest,
+) -> Result<(Vec<&'a T>, Option<String>), SourceError> {
+    let after = match &request.cursor {
+        None => None,
+        Some(cursor) => {
+            let bad = || SourceError::BadRequest(format!("invalid cursor {cursor:?}"));
+            let (micros, id) = cursor.split_once('|').ok_or_else(bad)?;
+            let micros: i64 = micros.parse().map_err(|_| bad())?;
+            Some((
+                DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+                id.to_owned(),
+            ))
+        }
+    };
+    let in_window = |e: &&T| {
+        let (time, _) = key(e);
+        time >= request.since && time < request.before
+    };
+    let past_cursor = |e: &&T| match &after {
+        None => true,
+        Some((time, id)) => {
+            let (t, i) = key(e);
+            match request.direction {
+                Direction::Asc => (t, i) > (*time, id.as_str()),
+                Direction::Desc => (t, i) < (*time, id.as_str()),
+            }
+        }
+    };
+    let ordered: Vec<&T> = match request.direction {
+        Direction::Asc => events
+            .iter()
+            .filter(in_window)
+            .filter(past_cursor)
+            .collect(),
+        Direction::Desc => events
+            .iter()
+            .rev()
+            .filter(in_window)
+            .filter(past_cursor)
+            .collect(),
+    };
+    let take = request.per_page as usize;
+    let page: Vec<&T> = ordered.iter().take(take).copied().collect();
+    let next = (ordered.len() > take)
+        .then(|| page.last().map(|e| v2_cursor(key(e).0, key(e).1)))
+        .flatten();
+    Ok((page, next))
+}
+
 #[async_trait]
 impl AuditSource for MemorySource {
     async fn fetch_page(&self, request: &PageRequest) -> Result<Page, SourceError> {
@@ -176,12 +236,25 @@ impl AuditSource for MemorySource {
             Some(_) => return Err(SourceError::Transient("injected source failure".into())),
         }
         let events = self.events.lock().unwrap();
-        Ok(Page::from(
-            v1_page(&events, |e| e.0, request)
-                .into_iter()
-                .map(|(when, id)| raw_event(id, *when))
-                .collect::<Vec<_>>(),
-        ))
+        match request.api_version {
+            ApiVersion::V1 => Ok(Page::from(
+                v1_page(&events, |e| e.0, request)
+                    .into_iter()
+                    .map(|(when, id)| raw_event(id, *when))
+                    .collect::<Vec<_>>(),
+            )),
+            ApiVersion::V2 => {
+                let (page, next_cursor) = v2_page(&events, |e| (e.0, e.1.as_str()), request)?;
+                Ok(Page {
+                    events: page
+                        .into_iter()
+                        .map(|(when, id)| raw_event_v2(id, *when))
+                        .collect(),
+                    unreadable: Vec::new(),
+                    next_cursor,
+                })
+            }
+        }
     }
 }
 
@@ -192,6 +265,18 @@ pub fn raw_event(id: &str, when: DateTime<Utc>) -> RawEvent {
         "when": when.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "action": {"type": "login", "result": true},
         "actor": {"email": "a@example.com", "type": "user", "ip": "192.0.2.1"},
+    });
+    RawValue::from_string(json.to_string()).expect("valid JSON")
+}
+
+/// A minimal v2 event.
+pub fn raw_event_v2(id: &str, time: DateTime<Utc>) -> RawEvent {
+    let json = serde_json::json!({
+        "id": id,
+        "action": {"type": "login", "result": "success",
+                   "time": time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)},
+        "actor": {"email": "a@example.com", "type": "user", "ip_address": "192.0.2.1",
+                  "context": "dash"},
     });
     RawValue::from_string(json.to_string()).expect("valid JSON")
 }

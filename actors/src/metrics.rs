@@ -6,11 +6,40 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
+use crate::event::ApiVersion;
+
 use prometheus::GaugeVec;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
+
+/// One account's audit log of one API version: what the per-account series and health facts
+/// are kept by (labels `account` and `api_version`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub account: String,
+    pub api_version: ApiVersion,
+}
+
+impl SourceKey {
+    pub fn new(account: &str, api_version: ApiVersion) -> SourceKey {
+        SourceKey {
+            account: account.to_owned(),
+            api_version,
+        }
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [&self.account, self.api_version.as_str()]
+    }
+}
+
+impl std::fmt::Display for SourceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.account, self.api_version)
+    }
+}
 
 /// Every metric cfaudit exports. Names follow Prometheus conventions with a `cfaudit_` prefix.
 pub struct Metrics {
@@ -96,7 +125,7 @@ impl Metrics {
             events_fetched: counter(
                 "cfaudit_events_fetched_total",
                 "Events received from the API, before deduplication.",
-                &["account"],
+                &["account", "api_version"],
             ),
             events_written: counter(
                 "cfaudit_events_written_total",
@@ -111,12 +140,12 @@ impl Metrics {
             events_deduplicated: counter(
                 "cfaudit_events_deduplicated_total",
                 "Events dropped before the writers because they were already committed or in flight.",
-                &["account"],
+                &["account", "api_version"],
             ),
             events_dead_lettered: counter(
                 "cfaudit_events_dead_lettered_total",
                 "Events that could not be mapped and went to the dead-letter table.",
-                &["account"],
+                &["account", "api_version"],
             ),
             api_requests: counter(
                 "cfaudit_api_requests_total",
@@ -154,27 +183,27 @@ impl Metrics {
             batches_committed: counter(
                 "cfaudit_batches_committed_total",
                 "Batches committed after both sinks acknowledged them.",
-                &["account"],
+                &["account", "api_version"],
             ),
             pipeline_rewinds: counter(
                 "cfaudit_pipeline_rewinds_total",
                 "Times the pipeline dropped uncommitted batches and resumed from the checkpoint.",
-                &["account"],
+                &["account", "api_version"],
             ),
             checkpoint_timestamp: gauge(
                 "cfaudit_checkpoint_timestamp_seconds",
                 "The committed checkpoint (largest committed event time), Unix seconds.",
-                &["account"],
+                &["account", "api_version"],
             ),
             checkpoint_lag: gauge(
                 "cfaudit_checkpoint_lag_seconds",
                 "Now minus the committed checkpoint, refreshed at every scrape.",
-                &["account"],
+                &["account", "api_version"],
             ),
             last_successful_sweep: gauge(
                 "cfaudit_last_successful_sweep_timestamp_seconds",
                 "When the last sweep finished with everything committed, Unix seconds.",
-                &["account"],
+                &["account", "api_version"],
             ),
             auth_failed: reg(
                 &r,
@@ -183,7 +212,7 @@ impl Metrics {
                         "cfaudit_auth_failed",
                         "1 while polling of the account is stopped by an authentication error.",
                     ),
-                    &["account"],
+                    &["account", "api_version"],
                 )
                 .unwrap(),
             ),
@@ -200,10 +229,10 @@ impl Metrics {
         })
     }
 
-    /// Creates every labelled series of an account at zero, so dashboards and alerts see 0
+    /// Creates every labelled series of an account's log at zero, so dashboards and alerts see 0
     /// rather than nothing before the first rewind, retry or auth failure (a query on a series
     /// that does not exist yet returns no data, and `increase()` misses its first step).
-    pub fn expose_account(&self, account: &str) {
+    pub fn expose_source(&self, source: &SourceKey) {
         for family in [
             &self.events_fetched,
             &self.events_deduplicated,
@@ -211,9 +240,9 @@ impl Metrics {
             &self.batches_committed,
             &self.pipeline_rewinds,
         ] {
-            family.with_label_values(&[account]);
+            family.with_label_values(&source.labels());
         }
-        self.auth_failed.with_label_values(&[account]).set(0);
+        self.auth_failed.with_label_values(&source.labels()).set(0);
         for reason in ["rate_limited", "transient", "bad_request"] {
             self.api_retries.with_label_values(&[reason]);
         }
@@ -235,24 +264,40 @@ impl Metrics {
         }
     }
 
-    pub fn set_checkpoint(&self, account: &str, checkpoint: DateTime<Utc>) {
+    pub fn set_checkpoint(&self, source: &SourceKey, checkpoint: DateTime<Utc>) {
         let seconds = checkpoint.timestamp_micros() as f64 / 1e6;
         self.checkpoint_timestamp
-            .with_label_values(&[account])
+            .with_label_values(&source.labels())
             .set(seconds);
         self.health
             .checkpoints
             .lock()
             .unwrap()
-            .insert(account.to_owned(), checkpoint);
+            .insert(source.clone(), checkpoint);
         self.refresh_lag(Utc::now());
     }
 
     /// Recomputes `cfaudit_checkpoint_lag_seconds`; called before each scrape.
     pub fn refresh_lag(&self, now: DateTime<Utc>) {
-        for (account, checkpoint) in self.health.checkpoints.lock().unwrap().iter() {
+        for (source, checkpoint) in self.health.checkpoints.lock().unwrap().iter() {
             let lag = (now - *checkpoint).num_milliseconds() as f64 / 1e3;
-            self.checkpoint_lag.with_label_values(&[account]).set(lag);
+            self.checkpoint_lag
+                .with_label_values(&source.labels())
+                .set(lag);
+        }
+    }
+
+    /// The per-source handles, labelled once.
+    pub fn source(&self, source: &SourceKey) -> SourceMetrics {
+        let labels = source.labels();
+        SourceMetrics {
+            events_fetched: self.events_fetched.with_label_values(&labels),
+            events_deduplicated: self.events_deduplicated.with_label_values(&labels),
+            events_dead_lettered: self.events_dead_lettered.with_label_values(&labels),
+            batches_committed: self.batches_committed.with_label_values(&labels),
+            pipeline_rewinds: self.pipeline_rewinds.with_label_values(&labels),
+            last_successful_sweep: self.last_successful_sweep.with_label_values(&labels),
+            auth_failed: self.auth_failed.with_label_values(&labels),
         }
     }
 }
@@ -260,13 +305,25 @@ impl Metrics {
 /// Facts `/readyz` and `cfaudit status` read.
 #[derive(Default)]
 pub struct PipelineHealth {
-    pub checkpoints: Mutex<HashMap<String, DateTime<Utc>>>,
-    pub last_successful_sweep: Mutex<HashMap<String, DateTime<Utc>>>,
-    /// Accounts whose polling is stopped by an authentication error, with the reason.
-    pub auth_failures: Mutex<HashMap<String, String>>,
-    /// Accounts whose pipeline is rewinding after a failure (a sink down, a failed commit),
-    /// with the last reason; cleared by the next commit.
-    pub sink_failures: Mutex<HashMap<String, String>>,
+    pub checkpoints: Mutex<HashMap<SourceKey, DateTime<Utc>>>,
+    pub last_successful_sweep: Mutex<HashMap<SourceKey, DateTime<Utc>>>,
+    /// Logs whose polling is stopped by an authentication error, with the reason.
+    pub auth_failures: Mutex<HashMap<SourceKey, String>>,
+    /// Logs whose pipeline is rewinding after a failure (a sink down, a failed commit), with
+    /// the last reason; cleared by the next commit.
+    pub sink_failures: Mutex<HashMap<SourceKey, String>>,
+}
+
+/// One source's series, labelled once (`account`, `api_version`).
+#[derive(Clone)]
+pub struct SourceMetrics {
+    pub events_fetched: IntCounter,
+    pub events_deduplicated: IntCounter,
+    pub events_dead_lettered: IntCounter,
+    pub batches_committed: IntCounter,
+    pub pipeline_rewinds: IntCounter,
+    pub last_successful_sweep: prometheus::Gauge,
+    pub auth_failed: IntGauge,
 }
 
 /// One actor's metrics. Depth is "sent − started handling": actix has no queue-length API.

@@ -17,7 +17,7 @@ use crate::clock::{jitter_rng, Clock};
 use crate::epoch::{Epoch, EpochView};
 use crate::mapper::{Mapper, MapperDeps};
 use crate::messages::{Drain, Flush, PipelineEvent, SinkId};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SourceKey};
 use crate::outbox::{Outbox, WeakOutbox};
 use crate::poller::{Poller, PollerConfig, PollerDeps};
 use crate::ports::{AuditSource, CheckpointStore, FileSink};
@@ -69,7 +69,7 @@ impl Pipeline {
             rng_seed,
         } = parts;
         let account: Arc<str> = Arc::from(poller.account_id.as_str());
-        metrics.expose_account(&account);
+        metrics.expose_source(&SourceKey::new(&account, poller.api_version));
         // Credits (in-flight batches) never exceed the mailbox capacity, so hot-path sends
         // never wait on a full mailbox and batches stay in order.
         let capacity = poller.max_inflight_batches + 16;
@@ -126,6 +126,7 @@ impl Pipeline {
         let mapper_addr = {
             let deps = MapperDeps {
                 account_id: account.clone(),
+                api_version: poller.api_version,
                 expect: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
                 failed: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
                 restarted: Outbox::to(&checkpointer_addr, &checkpointer_metrics),
@@ -230,7 +231,7 @@ mod tests {
 
     use super::*;
     use crate::backoff::Backoff;
-    use crate::event::SeenId;
+    use crate::event::{ApiVersion, SeenId};
     use crate::memory::{MemoryCheckpointStore, MemoryFileSink, MemoryRowSink, MemorySource};
     use crate::messages::*;
     use crate::ports::{Direction, SinkError, UnfinishedSweep, UnreadableEvent};
@@ -275,6 +276,7 @@ mod tests {
         let pipeline = Pipeline::start(PipelineParts {
             poller: PollerConfig {
                 account_id: STREAM.into(),
+                api_version: ApiVersion::V1,
                 per_page: 50,
                 direction: Direction::Asc,
                 safety_lag: Duration::from_secs(30),
@@ -294,6 +296,7 @@ mod tests {
             },
             checkpointer: CheckpointerConfig {
                 account_id: STREAM.into(),
+                api_version: ApiVersion::V1,
                 stream: STREAM.into(),
                 lease: 0,
                 ack_timeout: Duration::from_millis(100),
@@ -339,11 +342,16 @@ mod tests {
         } = world;
         next_sweep(&mut pipeline).await;
 
-        let rewinds = || metrics.pipeline_rewinds.with_label_values(&[STREAM]).get();
+        let rewinds = || {
+            metrics
+                .pipeline_rewinds
+                .with_label_values(&[STREAM, "v1"])
+                .get()
+        };
         let dead_lettered = || {
             metrics
                 .events_dead_lettered
-                .with_label_values(&[STREAM])
+                .with_label_values(&[STREAM, "v1"])
                 .get()
         };
         let commits_before = store.commits.lock().unwrap().len();

@@ -23,11 +23,11 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::clock::Clock;
 use crate::epoch::EpochView;
-use crate::event::RawEvent;
+use crate::event::{ApiVersion, RawEvent};
 use crate::guard::catch_panic;
-use crate::mapping::parse_when;
+use crate::mapping::event_time;
 use crate::messages::*;
-use crate::metrics::{ActorMetrics, Metrics};
+use crate::metrics::{ActorMetrics, Metrics, SourceKey, SourceMetrics};
 use crate::outbox::Outbox;
 use crate::ports::{
     AuditSource, Direction, Page, PageRequest, SourceError, UnfinishedSweep, UnreadableEvent,
@@ -37,6 +37,8 @@ use crate::ports::{
 #[derive(Clone, Debug)]
 pub struct PollerConfig {
     pub account_id: String,
+    /// Which API the stream reads; the time of an event is where this version puts it.
+    pub api_version: ApiVersion,
     pub per_page: u32,
     pub direction: Direction,
     /// Re-read this much before the checkpoint: late events and equal timestamps.
@@ -126,6 +128,11 @@ struct Sweep {
     /// what it wrote and did not commit. `Some(seq)` while that commit is on its way.
     announce: bool,
     announcing: Option<u64>,
+    /// v2: the cursor of the next page of the chain being read, and the window the chain was
+    /// started with (a cursor belongs to its query). Never committed: a resumed sweep starts
+    /// a new chain from its bound.
+    cursor: Option<String>,
+    chain: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
 impl Sweep {
@@ -154,6 +161,8 @@ impl Sweep {
             failed_attempts: 0,
             announce: false,
             announcing: None,
+            cursor: None,
+            chain: None,
         }
     }
 
@@ -165,27 +174,50 @@ impl Sweep {
     }
 
     /// The request for the sweep's position. `before` is sent as the exclusive bound it is,
-    /// or one microsecond less to an API found to treat it as inclusive.
+    /// or one microsecond less to an API found to treat it as inclusive. A v2 cursor is sent
+    /// with the window of its chain.
     fn request(&self, config: &PollerConfig, before_inclusive: bool) -> PageRequest {
-        let (since, before) = match (self.run, self.direction) {
-            (Some(at), _) => (at, at + tick()),
-            (None, Direction::Asc) => (self.anchor, self.before),
-            (None, Direction::Desc) => (self.since, self.anchor),
-        };
-        let before = if before_inclusive {
-            before - tick()
-        } else {
-            before
+        let (since, before) = match (&self.cursor, self.chain) {
+            (Some(_), Some(window)) => window,
+            _ => {
+                let (since, before) = match (self.run, self.direction) {
+                    (Some(at), _) => (at, at + tick()),
+                    (None, Direction::Asc) => (self.anchor, self.before),
+                    (None, Direction::Desc) => (self.since, self.anchor),
+                };
+                // v2 documents `since` as "newer than": a chain starts a microsecond before
+                // its bound, so the bound's events are read (again, deduplicated), never
+                // skipped.
+                let since = match config.api_version {
+                    ApiVersion::V1 => since,
+                    ApiVersion::V2 => since - tick(),
+                };
+                let before = if before_inclusive {
+                    before - tick()
+                } else {
+                    before
+                };
+                (since, before)
+            }
         };
         PageRequest {
             account_id: config.account_id.clone(),
+            api_version: config.api_version,
             since,
             before,
             direction: self.direction,
             page: self.page,
             per_page: self.per_page,
+            cursor: self.cursor.clone(),
             hide_user_logs: config.hide_user_logs,
         }
+    }
+
+    /// v2: the page ended its chain (no cursor): the next request starts a new one from the
+    /// bound.
+    fn end_chain(&mut self) {
+        self.cursor = None;
+        self.chain = None;
     }
 
     /// Whether a page cannot be the answer to `request`: it holds an event on the far side of
@@ -239,6 +271,34 @@ impl Sweep {
             }
             None => false,
         }
+    }
+
+    /// v2: where a page of a cursor chain leaves the sweep; `Some` when it ends. The chain goes
+    /// on while the API sends a cursor, whatever the page's length. Without one the window is
+    /// read, once confirmed where a wrong end would lose events (newest first, a backfill), or
+    /// where the page moved nothing: a new chain from the bound must find nothing past it.
+    fn after_cursor_page(
+        &mut self,
+        request: &PageRequest,
+        next_cursor: Option<String>,
+        whens: &[Option<DateTime<Utc>>],
+        verifies_end: bool,
+        config: &PollerConfig,
+        before_inclusive: bool,
+    ) -> Option<SweepEnd> {
+        let moved = self.advance(whens);
+        let confirmed = self.confirm.take().is_some_and(|c| &c == request);
+        if let Some(cursor) = next_cursor {
+            self.chain.get_or_insert((request.since, request.before));
+            self.cursor = Some(cursor);
+            return (self.pages >= config.max_pages_per_sweep).then_some(SweepEnd::CutShort);
+        }
+        self.end_chain();
+        if (moved && !verifies_end) || (!moved && confirmed) {
+            return Some(SweepEnd::Complete);
+        }
+        self.confirm = Some(self.request(config, before_inclusive));
+        None
     }
 
     fn move_anchor(&mut self, anchor: DateTime<Utc>) {
@@ -298,6 +358,9 @@ impl Sweep {
 
 pub struct Poller {
     config: Arc<PollerConfig>,
+    /// The log this Poller reads, as metrics and health facts know it.
+    source_key: SourceKey,
+    counters: SourceMetrics,
     source: Arc<dyn AuditSource>,
     pages: Outbox<FetchedPage>,
     reset_dedup: Outbox<ResetDedup>,
@@ -354,8 +417,11 @@ pub(crate) struct PollerDeps {
 
 impl Poller {
     pub(crate) fn new(config: Arc<PollerConfig>, deps: PollerDeps) -> Self {
+        let source_key = SourceKey::new(&config.account_id, config.api_version);
         Poller {
             actor: deps.metrics.actor("poller"),
+            counters: deps.metrics.source(&source_key),
+            source_key,
             config,
             source: deps.source,
             pages: deps.pages,
@@ -557,6 +623,27 @@ impl Poller {
                     self.on_answer(epoch, request, Page::default(), ctx);
                 }
             }
+            Err(SourceError::BadRequest(reason)) if request.cursor.is_some() => {
+                // The cursor is refused (expired, or no longer the API's): a new chain from the
+                // bound reads the rest, and what it reads again is deduplicated.
+                sweep.end_chain();
+                sweep.failed_attempts += 1;
+                let attempts = sweep.failed_attempts;
+                let delay = self.config.backoff.delay(attempts, &mut self.rng);
+                self.metrics
+                    .api_retries
+                    .with_label_values(&["bad_request"])
+                    .inc();
+                if self.config.once.is_some_and(|max| attempts >= max) {
+                    let _ = self.events.send(PipelineEvent::Failed {
+                        reason: format!("the API refused {attempts} cursors in a row: {reason}"),
+                    });
+                    return;
+                }
+                warn!(account = %self.config.account_id, attempt = attempts, retry_in = ?delay,
+                    %reason, "the API refused a cursor; reading on from the sweep's bound");
+                self.retry_later(epoch, delay, ctx);
+            }
             Err(SourceError::TooLarge { limit }) if sweep.per_page > 1 => {
                 // Smaller pages; the page number is rescaled so the offset stays the same.
                 let offset = (sweep.page - 1) * sweep.per_page;
@@ -617,21 +704,28 @@ impl Poller {
         }
     }
 
-    fn on_answer(&mut self, epoch: u64, request: PageRequest, page: Page, ctx: &mut Context<Self>) {
+    fn on_answer(
+        &mut self,
+        epoch: u64,
+        request: PageRequest,
+        mut page: Page,
+        ctx: &mut Context<Self>,
+    ) {
         if self.auth_failed {
             self.auth_failed = false;
             self.set_auth_failure(None);
             info!(account = %self.config.account_id, "API access works again; polling resumes");
         }
-        self.metrics
-            .events_fetched
-            .with_label_values(&[&self.config.account_id])
-            .inc_by(page.len() as u64);
+        self.counters.events_fetched.inc_by(page.len() as u64);
         let max_pages = self.config.max_pages_per_sweep;
         let direction = self.sweep.as_ref().expect("checked by on_page").direction;
         let verifies_end = self.verifies_end(direction);
         // Each event's `when`, read once: every decision below is made on them.
-        let whens: Vec<_> = page.events.iter().map(|e| event_time(e.get())).collect();
+        let whens: Vec<_> = page
+            .events
+            .iter()
+            .map(|e| event_time(self.config.api_version, e.get()))
+            .collect();
         if !self.before_inclusive && Sweep::includes_before(&request, &whens) {
             // `before` is inclusive for this API: ask again for one microsecond less, as from
             // now on, so no bound counts twice.
@@ -644,9 +738,12 @@ impl Poller {
         let sweep = self.sweep.as_mut().expect("checked by on_page");
         sweep.failed_attempts = 0;
         let fingerprint = page.fingerprint();
-        // The next page answered like the page before it: the API repeated a page.
+        let next_cursor = page.next_cursor.take().filter(|c| !c.is_empty());
+        // The next page answered like the page before it (v2: the same cursor again): the API
+        // repeated a page.
         let repeated =
-            request.page > 1 && fingerprint.is_some() && fingerprint == sweep.previous_page;
+            (request.page > 1 && fingerprint.is_some() && fingerprint == sweep.previous_page)
+                || (request.cursor.is_some() && next_cursor == request.cursor);
         if repeated || sweep.stale(&request, &whens) {
             sweep.repeats += 1;
             if sweep.repeats <= REPEATED_PAGE_RETRIES {
@@ -663,6 +760,22 @@ impl Poller {
         }
         sweep.repeats = 0;
         sweep.pages += 1;
+        if self.config.api_version == ApiVersion::V2 {
+            let end = sweep.after_cursor_page(
+                &request,
+                next_cursor,
+                &whens,
+                verifies_end,
+                &self.config,
+                self.before_inclusive,
+            );
+            if end == Some(SweepEnd::CutShort) {
+                warn!(account = %self.config.account_id, pages = sweep.pages,
+                    "page cap reached; the next sweep goes on from here");
+            }
+            self.push_page(page, end, ctx);
+            return;
+        }
         let full = page.len() >= sweep.per_page as usize;
         let moved = sweep.advance(&whens);
         sweep.previous_full = full;
@@ -722,22 +835,15 @@ impl Poller {
     }
 
     fn set_auth_failure(&self, reason: Option<String>) {
-        let account = &self.config.account_id;
         let mut failures = self.metrics.health.auth_failures.lock().unwrap();
         match reason {
             Some(reason) => {
-                failures.insert(account.clone(), reason);
-                self.metrics
-                    .auth_failed
-                    .with_label_values(&[account])
-                    .set(1);
+                failures.insert(self.source_key.clone(), reason);
+                self.counters.auth_failed.set(1);
             }
             None => {
-                failures.remove(account);
-                self.metrics
-                    .auth_failed
-                    .with_label_values(&[account])
-                    .set(0);
+                failures.remove(&self.source_key);
+                self.counters.auth_failed.set(0);
             }
         }
     }
@@ -818,16 +924,15 @@ impl Poller {
             Some(SweepEnd::Complete) => {
                 self.unfinished = None;
                 let now = self.clock.now();
-                self.metrics
+                self.counters
                     .last_successful_sweep
-                    .with_label_values(&[&account])
                     .set(now.timestamp_millis() as f64 / 1e3);
                 self.metrics
                     .health
                     .last_successful_sweep
                     .lock()
                     .unwrap()
-                    .insert(account.clone(), now);
+                    .insert(self.source_key.clone(), now);
                 let _ = self.events.send(PipelineEvent::SweepCompleted {
                     account_id: account,
                     checkpoint: self.checkpoint,
@@ -860,42 +965,6 @@ impl Poller {
             }
         }
     }
-}
-
-/// The `when` of a raw event, if it has a usable one.
-fn event_time(raw: &str) -> Option<DateTime<Utc>> {
-    #[derive(serde::Deserialize)]
-    struct When {
-        when: Option<serde_json::Value>,
-    }
-    if let Some(when) = trailing_when(raw) {
-        return parse_when(when).ok();
-    }
-    match serde_json::from_str::<When>(raw).ok()?.when? {
-        serde_json::Value::String(when) => parse_when(&when).ok(),
-        _ => None,
-    }
-}
-
-/// The `when` of an event whose last member it is, as the API writes events, found without
-/// reading the whole event (every event of every page is asked); `None` when the event is
-/// not written so. `raw` is valid JSON, so a `"when":"` after `{` or `,` is a key; a value
-/// followed by nothing but the closing brace of the text belongs to the outermost object.
-fn trailing_when(raw: &str) -> Option<&str> {
-    const KEY: &[u8] = b"\"when\":\"";
-    let body = raw
-        .trim_end()
-        .strip_suffix('}')?
-        .trim_end()
-        .strip_suffix('"')?;
-    let at = memchr::memmem::rfind(body.as_bytes(), KEY)?;
-    let is_key = body.as_bytes()[..at]
-        .iter()
-        .rev()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|&b| b == b'{' || b == b',');
-    let value = &body[at + KEY.len()..];
-    (is_key && !value.contains(['"', '\\'])).then_some(value)
 }
 
 impl Actor for Poller {
@@ -1035,6 +1104,7 @@ mod tests {
     fn config() -> PollerConfig {
         PollerConfig {
             account_id: "acc".into(),
+            api_version: ApiVersion::V1,
             per_page: 100,
             direction: Direction::Asc,
             safety_lag: Duration::ZERO,
@@ -1147,27 +1217,113 @@ mod tests {
         assert!(!s.stale(&request, &[Some(at(10)), Some(at(11))]));
     }
 
-    /// The shortcut answers only where it must agree with reading the whole event.
-    #[test]
-    fn a_trailing_when_is_read_like_the_whole_event() {
-        let t = "2026-05-01T00:00:00Z";
-        let cases = [
-            (format!(r#"{{"id":"a","when":"{t}"}}"#), Some(t)),
-            (format!("{{\"id\":\"a\" ,\n \"when\":\"{t}\" }}\n"), Some(t)),
-            (format!(r#"{{"when":"{t}"}}"#), Some(t)),
-            // not the event's own `when`, or not written last: read in full
-            (format!(r#"{{"id":"a","x":{{"when":"{t}"}}}}"#), None),
-            (format!(r#"{{"when":"{t}","id":"a"}}"#), None),
-            (format!(r#"{{"id":"a","x\"when":"{t}"}}"#), None),
-            (format!(r#"{{"id":"a","meta":"\"when\":\"{t}"}}"#), None),
-            (format!(r#"{{"id":"a","when":"{t}\u0041"}}"#), None),
-            (format!(r#"{{"id":"a","when": "{t}"}}"#), None),
-        ];
-        for (raw, expected) in &cases {
-            assert_eq!(trailing_when(raw), *expected, "{raw}");
-            let full: serde_json::Value = serde_json::from_str(raw).unwrap();
-            let by_parse = full["when"].as_str().and_then(|w| parse_when(w).ok());
-            assert_eq!(event_time(raw), by_parse, "{raw}");
+    fn v2_config() -> PollerConfig {
+        PollerConfig {
+            api_version: ApiVersion::V2,
+            max_pages_per_sweep: 3,
+            ..config()
         }
+    }
+
+    /// v2, oldest first: a chain of cursors in the window the chain began with, whatever the
+    /// pages' lengths; the end when no cursor comes; the bound moved for a resumed sweep.
+    #[test]
+    fn a_v2_sweep_follows_cursors_and_ends_without_one() {
+        let config = v2_config();
+        let mut s = sweep(Direction::Asc);
+        let first = s.request(&config, false);
+        assert_eq!(
+            (first.since, first.before, first.cursor.as_deref()),
+            (at(0) - tick(), at(30), None),
+            "v2 may read `since` as exclusive: the bound's instant is asked for too"
+        );
+        // A short page with a cursor: not the end.
+        let end = s.after_cursor_page(
+            &first,
+            Some("c1".into()),
+            &[Some(at(2))],
+            false,
+            &config,
+            false,
+        );
+        assert_eq!(end, None);
+        let second = s.request(&config, false);
+        assert_eq!(
+            (second.since, second.before, second.cursor.as_deref()),
+            (at(0) - tick(), at(30), Some("c1")),
+            "the cursor goes with its chain's window, not the moved bound"
+        );
+        assert_eq!((s.anchor, s.reached), (at(2), Some(at(2))));
+        let end = s.after_cursor_page(&second, None, &[Some(at(7))], false, &config, false);
+        assert_eq!(
+            end,
+            Some(SweepEnd::Complete),
+            "no cursor, oldest first, live: the end"
+        );
+        assert_eq!(s.reached, Some(at(7)));
+    }
+
+    /// Where a wrong end would lose events (newest first, a backfill), a page without a
+    /// cursor is confirmed by a new chain from the bound, which must find nothing past it.
+    #[test]
+    fn a_v2_end_is_confirmed_where_a_wrong_end_would_lose_events() {
+        let config = v2_config();
+        let mut s = sweep(Direction::Desc);
+        let first = s.request(&config, false);
+        let end = s.after_cursor_page(
+            &first,
+            None,
+            &[Some(at(20)), Some(at(10))],
+            true,
+            &config,
+            false,
+        );
+        assert_eq!(end, None, "not yet: confirmed first");
+        let confirm = s.request(&config, false);
+        assert_eq!(confirm.cursor, None);
+        assert_eq!(
+            (confirm.since, confirm.before),
+            (at(0) - tick(), at(10) + tick()),
+            "a new chain from the bound, the bound's instant included"
+        );
+        // The confirmation finds only the bound's instant again, and no cursor: the end.
+        let end = s.after_cursor_page(&confirm, None, &[Some(at(10))], true, &config, false);
+        assert_eq!(end, Some(SweepEnd::Complete));
+        assert_eq!(s.newest, Some(at(20)));
+    }
+
+    /// The page cap cuts a chain; the sweep resumes from its bound with a new chain, started
+    /// a microsecond before it (v2 may read `since` as exclusive).
+    #[test]
+    fn a_v2_chain_cut_by_the_page_cap_resumes_from_its_bound() {
+        let config = v2_config();
+        let mut s = sweep(Direction::Asc);
+        let request = s.request(&config, false);
+        s.pages = 1;
+        let end = s.after_cursor_page(
+            &request,
+            Some("c1".into()),
+            &[Some(at(5))],
+            false,
+            &config,
+            false,
+        );
+        assert_eq!(end, None);
+        let request = s.request(&config, false);
+        s.pages = 3; // counted by the Poller for each page answered
+        let end = s.after_cursor_page(
+            &request,
+            Some("c2".into()),
+            &[Some(at(6))],
+            false,
+            &config,
+            false,
+        );
+        assert_eq!(end, Some(SweepEnd::CutShort));
+        let resumed = Sweep::resume(&s.progress().position, 100);
+        let request = resumed.request(&config, false);
+        assert_eq!(request.cursor, None, "cursors are never committed");
+        assert_eq!(request.since, at(6) - tick());
+        assert_eq!(request.before, at(30));
     }
 }

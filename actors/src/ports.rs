@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::event::{AuditRow, DeadLetter, RawEvent, SeenId};
+use crate::event::{ApiVersion, AuditRow, DeadLetter, RawEvent, SeenId};
 
 /// Sort order of a sweep (`CLOUDFLARE_DIRECTION`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,19 +28,27 @@ impl Direction {
     }
 }
 
-/// One page request of the v1 endpoint. The Poller pages by keyset: `since` (oldest first) or
-/// `before` (newest first) follows the last event it holds, and `page` only counts pages
-/// within one such bound (a run of events sharing one `when` longer than a page).
+/// One page request. v1: the Poller pages by keyset: `since` (oldest first) or `before`
+/// (newest first) follows the last event it holds, and `page` only counts pages within one
+/// such bound (a run of events sharing one `when` longer than a page). v2: a chain of cursors
+/// inside a fixed window, each page's `result_info.cursor` asking for the next.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PageRequest {
     pub account_id: String,
+    pub api_version: ApiVersion,
     /// Inclusive lower bound.
     pub since: DateTime<Utc>,
     /// Exclusive upper bound.
     pub before: DateTime<Utc>,
     pub direction: Direction,
+    /// v1 only (v2 ignores page numbers): the page within the bound.
     pub page: u32,
+    /// v1 `per_page`, v2 `limit`.
     pub per_page: u32,
+    /// v2 only: the cursor the previous page of the chain ended with; `None` starts a chain
+    /// at the window's first event.
+    pub cursor: Option<String>,
+    /// v1 only.
     pub hide_user_logs: bool,
 }
 
@@ -58,6 +66,9 @@ pub struct UnreadableEvent {
 pub struct Page {
     pub events: Vec<RawEvent>,
     pub unreadable: Vec<UnreadableEvent>,
+    /// v2: the cursor of the next page; `None` (or empty, as the API may send it) on the last
+    /// page of the chain, whatever the page's length.
+    pub next_cursor: Option<String>,
 }
 
 impl Page {
@@ -93,6 +104,7 @@ impl From<Vec<RawEvent>> for Page {
         Page {
             events,
             unreadable: Vec::new(),
+            next_cursor: None,
         }
     }
 }

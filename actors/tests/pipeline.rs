@@ -58,6 +58,7 @@ impl World {
         PipelineParts {
             poller: PollerConfig {
                 account_id: ACCOUNT.into(),
+                api_version: ApiVersion::V1,
                 per_page: 50,
                 direction,
                 safety_lag: Duration::from_secs(30),
@@ -78,6 +79,7 @@ impl World {
             },
             checkpointer: CheckpointerConfig {
                 account_id: ACCOUNT.into(),
+                api_version: ApiVersion::V1,
                 stream: ACCOUNT.into(),
                 lease: 0,
                 ack_timeout: Duration::from_secs(5),
@@ -154,6 +156,13 @@ impl World {
     /// One labelled counter of the pipeline's metrics, e.g. `self.counter(|m| &m.restarts, "poller")`.
     fn counter(&self, family: impl Fn(&Metrics) -> &prometheus::IntCounterVec, label: &str) -> u64 {
         family(&self.metrics).with_label_values(&[label]).get()
+    }
+
+    /// One counter of the account's v1 log.
+    fn source_counter(&self, family: impl Fn(&Metrics) -> &prometheus::IntCounterVec) -> u64 {
+        family(&self.metrics)
+            .with_label_values(&[ACCOUNT, "v1"])
+            .get()
     }
 
     /// Commits that wrote events (each sweep also commits its window before it starts).
@@ -234,7 +243,7 @@ async fn a_second_sweep_over_the_overlap_adds_nothing() {
         overlap < all.last().unwrap().0,
         "the second window overlaps on purpose"
     );
-    let deduplicated = world.counter(|m| &m.events_deduplicated, ACCOUNT);
+    let deduplicated = world.source_counter(|m| &m.events_deduplicated);
     assert!(
         deduplicated > 0,
         "the overlap was fetched again and dropped"
@@ -255,7 +264,7 @@ async fn no_commit_while_one_writer_fails_after_the_other_succeeded() {
     )
     .await;
     until("a rewind", || {
-        world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 2
+        world.source_counter(|m| &m.pipeline_rewinds) >= 2
     })
     .await;
     // Parquet fails batch 2 and every retry; Postgres holds rows past the last commit, yet
@@ -297,7 +306,7 @@ async fn a_third_sink_is_waited_for_like_the_others() {
     parts.sinks.push(Arc::new(archive.clone()));
     let mut pipeline = Pipeline::start(parts);
     until("a rewind", || {
-        world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 2
+        world.source_counter(|m| &m.pipeline_rewinds) >= 2
     })
     .await;
     let archived = || -> HashSet<String> {
@@ -423,7 +432,7 @@ async fn a_failing_commit_rewinds_and_ends_exact() {
     completed(&world.once(Direction::Asc).await);
     world.assert_exact(&all);
     assert_eq!(world.counter(|m| &m.restarts, "checkpointer"), 1);
-    assert!(world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 2);
+    assert!(world.source_counter(|m| &m.pipeline_rewinds) >= 2);
 }
 
 /// A write that never answers holds its writer until the sink timeout; the ack timeout,
@@ -446,7 +455,7 @@ async fn a_batch_not_acked_within_the_ack_timeout_is_rewound_and_ends_exact() {
     completed(&wait_for(&mut pipeline, |e| !matches!(e, PipelineEvent::Drained)).await);
     assert!(pipeline.shutdown(Duration::from_secs(10)).await);
     world.assert_exact(&all);
-    assert!(world.counter(|m| &m.pipeline_rewinds, ACCOUNT) >= 1);
+    assert!(world.source_counter(|m| &m.pipeline_rewinds) >= 1);
 }
 
 #[actix_rt::test]
@@ -542,7 +551,7 @@ async fn the_same_id_twice_in_a_page_or_on_two_pages_lands_once() {
     unique.sort();
     unique.dedup_by(|a, b| a.1 == b.1);
     world.assert_exact_ids(&unique);
-    assert!(world.counter(|m| &m.events_deduplicated, ACCOUNT) >= 2);
+    assert!(world.source_counter(|m| &m.events_deduplicated) >= 2);
 }
 
 /// A source that ignores `page` and returns page 1 for ever.
@@ -719,11 +728,59 @@ async fn labelled_series_exist_at_zero_from_the_start() {
             })
             .collect()
     };
-    assert_eq!(series("cfaudit_pipeline_rewinds_total"), [ACCOUNT]);
-    assert_eq!(series("cfaudit_auth_failed"), [ACCOUNT]);
-    assert_eq!(series("cfaudit_events_dead_lettered_total"), [ACCOUNT]);
+    let labels = format!("{ACCOUNT},v1");
+    assert_eq!(series("cfaudit_pipeline_rewinds_total"), [labels.as_str()]);
+    assert_eq!(series("cfaudit_auth_failed"), [labels.as_str()]);
+    assert_eq!(
+        series("cfaudit_events_dead_lettered_total"),
+        [labels.as_str()]
+    );
     let mut reasons = series("cfaudit_api_retries_total");
     reasons.sort();
     assert_eq!(reasons, ["bad_request", "rate_limited", "transient"]);
-    assert_eq!(world.counter(|m| &m.pipeline_rewinds, ACCOUNT), 0);
+    assert_eq!(world.source_counter(|m| &m.pipeline_rewinds), 0);
+}
+
+/// v2: cursor paging inside the sweep's window lands every event once, newest or oldest
+/// first, with runs of equal times across page ends, pages shorter than the limit that carry a
+/// cursor, and events arriving and expiring between pages.
+#[actix_rt::test]
+async fn a_v2_sweep_pages_by_cursor_and_lands_every_event_once() {
+    for direction in [Direction::Asc, Direction::Desc] {
+        let all = events(503);
+        let world = World::new(all.clone());
+        let arrived = (all[250].0, "ev-late-arrival".to_owned());
+        let event = world
+            .once_with(direction, |parts| {
+                parts.poller.api_version = ApiVersion::V2;
+                parts.poller.per_page = 37;
+            })
+            .await;
+        assert!(
+            matches!(event, PipelineEvent::SweepCompleted { .. }),
+            "{direction:?}: {event:?}"
+        );
+        world.assert_exact(&all);
+        let requests = world.source.requests.lock().unwrap().clone();
+        assert!(requests.iter().all(|r| r.api_version == ApiVersion::V2));
+        assert!(
+            requests.iter().filter(|r| r.cursor.is_some()).count() >= 503 / 37,
+            "{direction:?}: paged by cursor"
+        );
+        // A second sweep after an event arrived behind the checkpoint and the oldest expired:
+        // the arrival lands once, nothing lands twice.
+        world.source.add(vec![arrived.clone()]);
+        world.source.expire_oldest(20);
+        let event = world
+            .once_with(direction, |parts| {
+                parts.poller.api_version = ApiVersion::V2;
+                parts.poller.per_page = 37;
+                parts.poller.safety_lag = Duration::from_secs(86_400);
+            })
+            .await;
+        assert!(matches!(event, PipelineEvent::SweepCompleted { .. }));
+        let mut expected = all.clone();
+        expected.push(arrived);
+        world.assert_exact_ids(&expected);
+    }
 }

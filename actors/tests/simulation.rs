@@ -57,6 +57,10 @@ struct Scenario {
     p_missing: f64,
     p_expire: f64,
     p_late: f64,
+    /// Which API the world serves: v1 (page numbers) or v2 (cursors).
+    api: ApiVersion,
+    /// v2 reads `since` as exclusive ("newer than", as its documentation now says).
+    since_exclusive: bool,
     /// Probabilities per sink call.
     p_fail: f64,
     p_hang: f64,
@@ -90,6 +94,14 @@ fn chance(rng: &mut StdRng, p: f64) -> bool {
 
 impl Scenario {
     fn draw(seed: u64) -> Scenario {
+        // Its own generator: the rest of a seed's scenario is the same for either API.
+        let mut versions = StdRng::seed_from_u64(seed ^ 0x0002_0002);
+        let api = if chance(&mut versions, 0.4) {
+            ApiVersion::V2
+        } else {
+            ApiVersion::V1
+        };
+        let since_exclusive = api == ApiVersion::V2 && chance(&mut versions, 0.5);
         let mut rng = StdRng::seed_from_u64(seed);
         let faulty = chance(&mut rng, 0.7);
         let p = |rng: &mut StdRng, max: f64| {
@@ -147,6 +159,8 @@ impl Scenario {
             p_fail: p(&mut rng, 0.06),
             p_hang: p(&mut rng, 0.02),
             p_lost_answer: p(&mut rng, 0.04),
+            api,
+            since_exclusive,
             runs,
         }
     }
@@ -193,28 +207,42 @@ struct ApiEvent {
 }
 
 impl ApiEvent {
-    fn new(rng: &mut StdRng, n: usize, when: DateTime<Utc>, initial: bool) -> ApiEvent {
+    fn new(
+        rng: &mut StdRng,
+        api: ApiVersion,
+        n: usize,
+        when: DateTime<Utc>,
+        initial: bool,
+    ) -> ApiEvent {
         let id = format!("ev-{n:05}");
         let stamp = when.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        // An event's time: v1 `"when":"…"`, v2 `"action":{"time":"…"}`.
+        let time = |stamp: &str| match api {
+            ApiVersion::V1 => format!(r#""when":"{stamp}""#),
+            ApiVersion::V2 => format!(r#""action":{{"time":"{stamp}"}}"#),
+        };
         let roll = rng.random_range(0..100);
+        let t = time(&stamp);
         let (kind, body) = match roll {
             0..=2 => (
                 Kind::Invalid,
-                format!(r#"{{"id":"{id}","when":"not a time"}}"#).into_bytes(),
+                format!(r#"{{"id":"{id}",{}}}"#, time("not a time")).into_bytes(),
             ),
             3..=4 => (Kind::Unreadable, {
-                let mut b = format!(r#"{{"id":"{id}","when":"{stamp}","actor":{{"email":""#)
-                    .into_bytes();
+                let mut b = format!(r#"{{"id":"{id}",{t},"actor":{{"email":""#).into_bytes();
                 b.extend_from_slice(b"\xff\xfe\"}}");
                 b
             }),
-            5..=7 => (Kind::Refused, format!(r#"{{"id":"{id}","when":"{stamp}","poison":true}}"#).into_bytes()),
+            5..=7 => (
+                Kind::Refused,
+                format!(r#"{{"id":"{id}",{t},"poison":true}}"#).into_bytes(),
+            ),
             // A member-chosen name holding the text `\u0000`, and a real NUL: both are rows.
-            8..=10 => (Kind::Row, format!(r#"{{"id":"{id}","when":"{stamp}","actor":{{"email":"a@b.c"}},"metadata":{{"token_name":"prod\\u0000hidden"}}}}"#).into_bytes()),
-            11..=12 => (Kind::Row, format!(r#"{{"id":"{id}","when":"{stamp}","metadata":{{"name":"nul\u0000here"}}}}"#).into_bytes()),
+            8..=10 => (Kind::Row, format!(r#"{{"id":"{id}",{t},"actor":{{"email":"a@b.c"}},"metadata":{{"token_name":"prod\\u0000hidden"}}}}"#).into_bytes()),
+            11..=12 => (Kind::Row, format!(r#"{{"id":"{id}",{t},"metadata":{{"name":"nul\u0000here"}}}}"#).into_bytes()),
             _ => (
                 Kind::Row,
-                format!(r#"{{"id":"{id}","when":"{stamp}","action":{{"type":"login","result":true}},"actor":{{"email":"a@example.com","ip":"192.0.2.7"}}}}"#)
+                format!(r#"{{"id":"{id}",{t},"actor":{{"email":"a@example.com","ip":"192.0.2.7"}}}}"#)
                     .into_bytes(),
             ),
         };
@@ -287,7 +315,13 @@ impl World {
                 1
             };
             for _ in 0..run {
-                events.push(ApiEvent::new(&mut rng, n, when.min(base()), true));
+                events.push(ApiEvent::new(
+                    &mut rng,
+                    scenario.api,
+                    n,
+                    when.min(base()),
+                    true,
+                ));
                 n += 1;
             }
         }
@@ -394,7 +428,7 @@ impl World {
                 }
                 let n = api.next_id;
                 api.next_id += 1;
-                let event = ApiEvent::new(&mut rng, n, when, false);
+                let event = ApiEvent::new(&mut rng, s.api, n, when, false);
                 self.count("api: late events");
                 if event.kind == Kind::Refused {
                     self.rows.refused.lock().unwrap().insert(event.id.clone());
@@ -414,6 +448,18 @@ impl World {
             if roll < s.p_429 + s.p_5xx {
                 self.count("api: 5xx");
                 return Err(SourceError::Transient("HTTP 502".into()));
+            }
+            if roll < s.p_429 + s.p_5xx + s.p_repeat && s.api == ApiVersion::V2 {
+                // v2: the page before, with the cursor just sent (an API that ignores it).
+                if let (Some(cursor), Some((_, answer))) =
+                    (&request.cursor, api.previous.get(&process))
+                {
+                    self.count("api: repeated pages");
+                    return Ok(Page {
+                        next_cursor: Some(cursor.clone()),
+                        ..page_of(answer)
+                    });
+                }
             }
             if roll < s.p_429 + s.p_5xx + s.p_repeat {
                 if let Some((asked, answer)) = api.previous.get(&process) {
@@ -448,21 +494,32 @@ impl World {
             }
         }
         let inclusive = s.before_inclusive;
-        let selected: Vec<ApiEvent> = v1_page(
-            &api.events,
-            |e| e.when,
-            &PageRequest {
-                before: if inclusive {
-                    request.before + chrono::Duration::nanoseconds(1)
-                } else {
-                    request.before
-                },
-                ..request.clone()
+        let asked = PageRequest {
+            before: if inclusive {
+                request.before + chrono::Duration::nanoseconds(1)
+            } else {
+                request.before
             },
-        )
-        .into_iter()
-        .cloned()
-        .collect();
+            since: if s.since_exclusive {
+                request.since + chrono::Duration::nanoseconds(1)
+            } else {
+                request.since
+            },
+            ..request.clone()
+        };
+        let (selected, next_cursor): (Vec<ApiEvent>, Option<String>) = match s.api {
+            ApiVersion::V1 => (
+                v1_page(&api.events, |e| e.when, &asked)
+                    .into_iter()
+                    .cloned()
+                    .collect(),
+                None,
+            ),
+            ApiVersion::V2 => {
+                let (page, next) = v2_page(&api.events, |e| (e.when, e.id.as_str()), &asked)?;
+                (page.into_iter().cloned().collect(), next)
+            }
+        };
         api.previous
             .insert(process, (request.clone(), selected.clone()));
         if self.verbose {
@@ -478,7 +535,10 @@ impl World {
                     .collect::<Vec<_>>()
             ));
         }
-        Ok(page_of(&selected))
+        Ok(Page {
+            next_cursor,
+            ..page_of(&selected)
+        })
     }
 }
 
@@ -733,6 +793,7 @@ fn parts(
     PipelineParts {
         poller: PollerConfig {
             account_id: STREAM.into(),
+            api_version: s.api,
             per_page: s.per_page,
             direction: plan.direction,
             safety_lag: plan.lag,
@@ -752,6 +813,7 @@ fn parts(
         },
         checkpointer: CheckpointerConfig {
             account_id: STREAM.into(),
+            api_version: s.api,
             stream: stream.into(),
             lease,
             ack_timeout: Duration::from_secs(60),

@@ -7,14 +7,14 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cfaudit_actors::Metrics;
+use cfaudit_actors::{ApiVersion, Metrics, SourceKey};
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
 use tracing::info;
 
 use crate::app::Adapters;
 use crate::settings::{ConfigError, Settings};
-use crate::streams::{backfill_key, Stream};
+use crate::streams::{backfill_key, live_key, Stream};
 
 /// What a backfill did, printed as one JSON line.
 #[derive(Debug, Serialize)]
@@ -47,20 +47,23 @@ pub async fn backfill(
     config: Settings,
     since: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
+    api_version: Option<ApiVersion>,
 ) -> anyhow::Result<BackfillSummary> {
+    let api_version = which_version(&config, api_version)?;
     let adapters = Adapters::open(&config, true).await?;
     let account = adapters.account_id.clone();
+    let live = live_key(&account, api_version);
     // Whole seconds: the default --until (now) must pass the range check itself.
     let now = Utc::now().trunc_subsecs(0);
     let stream = adapters
         .postgres
-        .register_stream(&account, |streams| {
-            let live = streams.iter().find(|s| s.key == account);
+        .register_stream(&live, |streams| {
+            let live_stream = streams.iter().find(|s| s.key == live);
             let until = until
-                .or_else(|| live.and_then(|l| l.covers_since))
+                .or_else(|| live_stream.and_then(|l| l.covers_since))
                 .unwrap_or(now);
             check_range(since, until, now)?;
-            let key = backfill_key(&account, since, until);
+            let key = backfill_key(&live, since, until);
             if let Some(other) = streams
                 .iter()
                 .find(|s| s.key != key && s.overlaps(since, until))
@@ -77,7 +80,8 @@ pub async fn backfill(
     }
     info!(stream = %stream.key, %since, %until, resume_from = ?stream.checkpoint, "backfill started");
 
-    let progress = Progress::start(adapters.metrics.clone(), account.clone(), since, until);
+    let source = SourceKey::new(&account, api_version);
+    let progress = Progress::start(adapters.metrics.clone(), source.clone(), since, until);
     let outcome = adapters.collect(&config, &stream, true).await;
     progress.finish();
     let reached = adapters
@@ -86,7 +90,7 @@ pub async fn backfill(
         .checkpoints
         .lock()
         .unwrap()
-        .get(&account)
+        .get(&source)
         .copied()
         .or(stream.checkpoint);
     if outcome? {
@@ -102,6 +106,24 @@ pub async fn backfill(
         ..stream
     };
     summarize(&adapters, &stream, false).await
+}
+
+/// The version to backfill: the one asked for, or the one configured.
+fn which_version(config: &Settings, asked: Option<ApiVersion>) -> anyhow::Result<ApiVersion> {
+    let configured = &config.cloudflare.api_versions.0;
+    match (asked, configured.as_slice()) {
+        (Some(version), _) => Ok(version),
+        (None, [only]) => Ok(*only),
+        (None, _) => Err(range_error(
+            "--api-version",
+            format!(
+                "CLOUDFLARE_API_VERSIONS names {}: which one to backfill is not clear",
+                config.cloudflare.api_versions
+            ),
+            "give --api-version v1 or --api-version v2 (each version is a backfill of its own)"
+                .into(),
+        )),
+    }
 }
 
 fn check_range(
@@ -193,7 +215,7 @@ struct Progress {
 impl Progress {
     fn start(
         metrics: Arc<Metrics>,
-        account: String,
+        source: SourceKey,
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Progress {
@@ -219,7 +241,7 @@ impl Progress {
                     .checkpoints
                     .lock()
                     .unwrap()
-                    .get(&account)
+                    .get(&source)
                     .copied();
                 let covered = checkpoint.map_or(0, |c| {
                     (c - since).num_seconds().clamp(0, total as i64) as u64

@@ -103,24 +103,40 @@ async fn check_api(config: &Settings) -> Result<String, String> {
         CloudflareClient::new(&config.cloudflare, Metrics::new()).map_err(|e| format!("{e:#}"))?;
     let client: Arc<dyn AuditSource> = Arc::new(client);
     let now = Utc::now();
-    let request = PageRequest {
-        account_id: config.cloudflare.account_id.clone().unwrap_or_default(),
-        since: now - chrono::Duration::days(1),
-        before: now,
-        direction: Direction::Desc,
-        page: 1,
-        per_page: 1,
-        hide_user_logs: config.cloudflare.hide_user_logs,
-    };
-    match client.fetch_page(&request).await {
-        Ok(events) => Ok(format!(
-            "the token can read the account's audit logs ({} event(s) in the last day's first page)",
-            events.len()
-        )),
-        Err(SourceError::Auth(reason)) => Err(format!(
-            "{reason}. Fix: use a token with 'Account Settings: Read' for account {}",
-            request.account_id
-        )),
-        Err(other) => Err(format!("{other}. Fix: check CLOUDFLARE_API_BASE_URL and the network")),
+    let mut read = Vec::new();
+    // Each configured API once: a token may read one and not the other.
+    for &api_version in &config.cloudflare.api_versions.0 {
+        let request = PageRequest {
+            account_id: config.cloudflare.account_id.clone().unwrap_or_default(),
+            api_version,
+            since: now - chrono::Duration::days(1),
+            before: now,
+            direction: Direction::Desc,
+            page: 1,
+            per_page: 1,
+            cursor: None,
+            hide_user_logs: config.cloudflare.hide_user_logs,
+        };
+        match client.fetch_page(&request).await {
+            Ok(events) => read.push(format!(
+                "{api_version}: {} event(s) in the last day's first page",
+                events.len()
+            )),
+            Err(SourceError::Auth(reason)) => {
+                return Err(format!(
+                    "{api_version}: {reason}. Fix: use a token with 'Account Settings: Read' for account {}",
+                    request.account_id
+                ))
+            }
+            Err(other) => {
+                return Err(format!(
+                    "{api_version}: {other}. Fix: check CLOUDFLARE_API_BASE_URL and the network"
+                ))
+            }
+        }
     }
+    Ok(format!(
+        "the token can read the account's audit logs ({})",
+        read.join("; ")
+    ))
 }

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use cfaudit_actors::ApiVersion;
+
 use crate::settings::Settings;
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::{AccountStatus, Postgres, TimescaleState};
@@ -52,6 +54,17 @@ impl std::fmt::Display for Status {
                 .last_sweep
                 .map_or("none yet".to_owned(), |t| t.to_rfc3339());
             writeln!(f, "  last sweep      {sweep}")?;
+            // The lines above are v1's live stream (the only one before v2 was collected).
+            for live in a
+                .live_streams
+                .iter()
+                .filter(|s| s.api_version() != ApiVersion::V1)
+            {
+                let checkpoint = live
+                    .checkpoint
+                    .map_or("none".to_owned(), |c| c.to_rfc3339());
+                writeln!(f, "  {} checkpoint   {checkpoint}", live.api_version())?;
+            }
             writeln!(
                 f,
                 "  last commit     {} ({} commits)",
@@ -79,7 +92,12 @@ impl std::fmt::Display for Status {
                     (None, Some(c)) => format!("in progress, at {}", c.to_rfc3339()),
                     (None, None) => "not started".to_owned(),
                 };
-                writeln!(f, "  backfill        {} {state}", b.range())?;
+                writeln!(
+                    f,
+                    "  backfill        {} {} {state}",
+                    b.api_version(),
+                    b.range()
+                )?;
             }
         }
         match &self.timescaledb {

@@ -13,13 +13,15 @@ use std::path::Path;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use cfaudit_actors::{Backoff, CheckpointerConfig, Direction, PollerConfig};
+use cfaudit_actors::{ApiVersion, Backoff, CheckpointerConfig, Direction, PollerConfig};
 use chrono::{DateTime, NaiveDate, Utc};
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_with::{serde_as, DurationMilliSeconds, DurationSeconds};
+use serde_with::{
+    serde_as, DeserializeFromStr, DurationMilliSeconds, DurationSeconds, SerializeDisplay,
+};
 
 #[cfg(test)]
 mod reference;
@@ -117,6 +119,124 @@ pub struct CloudflareSettings {
     /// in smaller pages.
     #[serde(rename = "cloudflare_max_response_bytes")]
     pub max_response_bytes: u64,
+    /// Which audit-log APIs to collect: `v1`, `v2` or `v1,v2`. v1 (`/audit_logs`) has
+    /// before/after values; v2 (`/logs/audit`, generally available since 2026-03) covers more
+    /// products and records logins. They are different record sets (the same action has a
+    /// different id in each): `v1,v2` stores both, told apart by `api_version`.
+    #[serde(rename = "cloudflare_api_versions")]
+    #[schemars(with = "String")]
+    pub api_versions: ApiVersions,
+    /// v2 events per page (`limit`), 1–1000. A page may come back shorter; paging follows the
+    /// API's cursor, never the page's length.
+    #[serde(rename = "cloudflare_v2_limit")]
+    pub v2_limit: u32,
+    /// v2 filters, `name=value,value;name.not=value`, for instance
+    /// `action_type.not=view;zone_name=example.com`. Names are v2's (`action_type`,
+    /// `actor_email`, `resource_type`, `zone_name`, … each also with `.not`). A filtered
+    /// stream is not a complete audit trail.
+    #[serde(rename = "cloudflare_v2_filters")]
+    #[schemars(with = "String")]
+    pub v2_filters: V2Filters,
+}
+
+/// The audit-log APIs to collect, each once, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq, SerializeDisplay, DeserializeFromStr)]
+pub struct ApiVersions(pub Vec<ApiVersion>);
+
+impl std::str::FromStr for ApiVersions {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut versions = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let version = ApiVersion::parse(&part.to_lowercase())
+                .ok_or_else(|| format!("{part:?} is neither v1 nor v2"))?;
+            if versions.contains(&version) {
+                return Err(format!("{part} is named twice"));
+            }
+            versions.push(version);
+        }
+        Ok(ApiVersions(versions))
+    }
+}
+
+impl fmt::Display for ApiVersions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|v| v.as_str()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// The filters v2 takes, each also as `<name>.not`.
+pub const V2_FILTER_NAMES: &[&str] = &[
+    "id",
+    "account_name",
+    "action_result",
+    "action_type",
+    "actor_context",
+    "actor_email",
+    "actor_id",
+    "actor_ip_address",
+    "actor_token_id",
+    "actor_token_name",
+    "actor_type",
+    "product_category",
+    "raw_cf_ray_id",
+    "raw_method",
+    "raw_status_code",
+    "raw_uri",
+    "resource_id",
+    "resource_product",
+    "resource_scope",
+    "resource_type",
+    "zone_id",
+    "zone_name",
+];
+
+/// v2 filters: each a name and the values it matches (any of them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, SerializeDisplay, DeserializeFromStr)]
+pub struct V2Filters(pub Vec<(String, Vec<String>)>);
+
+impl std::str::FromStr for V2Filters {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut filters: Vec<(String, Vec<String>)> = Vec::new();
+        for filter in text.split(';').map(str::trim).filter(|f| !f.is_empty()) {
+            let (name, values) = filter
+                .split_once('=')
+                .ok_or_else(|| format!("{filter:?} is not name=value"))?;
+            let name = name.trim();
+            if !V2_FILTER_NAMES.contains(&name.strip_suffix(".not").unwrap_or(name)) {
+                return Err(format!("{name:?} is no v2 filter"));
+            }
+            let values: Vec<String> = values
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if values.is_empty() {
+                return Err(format!("{name} has no value"));
+            }
+            if filters.iter().any(|(n, _)| n == name) {
+                return Err(format!("{name} is given twice; list its values together"));
+            }
+            filters.push((name.to_owned(), values));
+        }
+        Ok(V2Filters(filters))
+    }
+}
+
+impl fmt::Display for V2Filters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let filters: Vec<String> = self
+            .0
+            .iter()
+            .map(|(name, values)| format!("{name}={}", values.join(",")))
+            .collect();
+        f.write_str(&filters.join(";"))
+    }
 }
 
 impl Default for CloudflareSettings {
@@ -135,6 +255,9 @@ impl Default for CloudflareSettings {
             request_burst: 100,
             max_retry_after: Duration::from_secs(600),
             max_response_bytes: 128 << 20,
+            api_versions: ApiVersions(vec![ApiVersion::V1]),
+            v2_limit: 100,
+            v2_filters: V2Filters::default(),
         }
     }
 }
@@ -482,6 +605,20 @@ impl Settings {
                 "use a value from 1 to 1000 (the API's maximum)",
             ));
         }
+        if !(1..=1000).contains(&cloudflare.v2_limit) {
+            return Err(config_error(
+                "cloudflare_v2_limit",
+                format!("{} is out of range", cloudflare.v2_limit),
+                "use a value from 1 to 1000",
+            ));
+        }
+        if cloudflare.api_versions.0.is_empty() {
+            return Err(config_error(
+                "cloudflare_api_versions",
+                "no version",
+                "use v1, v2 or v1,v2",
+            ));
+        }
         if self.pipeline.batch_max_events == 0 || self.pipeline.batch_max_bytes == 0 {
             return Err(config_error(
                 "batch_max_events",
@@ -585,6 +722,7 @@ impl Settings {
     pub fn poller(
         &self,
         account_id: &str,
+        api_version: ApiVersion,
         start: Option<DateTime<Utc>>,
         end: Option<DateTime<Utc>>,
         once: bool,
@@ -592,7 +730,11 @@ impl Settings {
         let (cloudflare, sweep, pipeline) = (&self.cloudflare, &self.sweep, &self.pipeline);
         PollerConfig {
             account_id: account_id.to_owned(),
-            per_page: cloudflare.per_page,
+            api_version,
+            per_page: match api_version {
+                ApiVersion::V1 => cloudflare.per_page,
+                ApiVersion::V2 => cloudflare.v2_limit,
+            },
             direction: cloudflare.direction,
             safety_lag: sweep.safety_lag,
             poll_interval: sweep.poll_interval,
@@ -612,9 +754,16 @@ impl Settings {
     }
 
     /// What the Checkpointer of one stream, held under `lease`, is given.
-    pub fn checkpointer(&self, account_id: &str, stream: &str, lease: u64) -> CheckpointerConfig {
+    pub fn checkpointer(
+        &self,
+        account_id: &str,
+        api_version: ApiVersion,
+        stream: &str,
+        lease: u64,
+    ) -> CheckpointerConfig {
         CheckpointerConfig {
             account_id: account_id.to_owned(),
+            api_version,
             stream: stream.to_owned(),
             lease,
             ack_timeout: self.pipeline.ack_timeout,
@@ -692,6 +841,11 @@ fn fix_for(key: &str) -> String {
         "metrics_addr" => "use host:port, e.g. 0.0.0.0:9464".into(),
         "initial_checkpoint" => "use e.g. 2026-01-31T00:00:00Z or 2026-01-31".into(),
         "log_format" => "use auto, text or json".into(),
+        "cloudflare_api_versions" => "use v1, v2 or v1,v2".into(),
+        "cloudflare_v2_filters" => format!(
+            "write name=value,value;name.not=value with names among {}",
+            V2_FILTER_NAMES.join(", ")
+        ),
         k if k.ends_with("_seconds")
             || k.ends_with("_millis")
             || k.ends_with("_bytes")

@@ -214,7 +214,7 @@ fn the_pipeline_is_given_the_settings() {
         ]),
     )
     .unwrap();
-    let poller = settings.poller("acc", None, None, true);
+    let poller = settings.poller("acc", ApiVersion::V1, None, None, true);
     assert_eq!(poller.poll_interval, Duration::from_secs(15));
     assert_eq!(poller.safety_lag, Duration::from_secs(30));
     assert_eq!(poller.max_server_wait, Duration::from_secs(45));
@@ -227,8 +227,13 @@ fn the_pipeline_is_given_the_settings() {
             max: Duration::from_secs(9)
         }
     );
-    assert_eq!(settings.poller("acc", None, None, false).once, None);
-    let checkpointer = settings.checkpointer("acc", "acc", 7);
+    assert_eq!(
+        settings
+            .poller("acc", ApiVersion::V1, None, None, false)
+            .once,
+        None
+    );
+    let checkpointer = settings.checkpointer("acc", ApiVersion::V1, "acc", 7);
     assert_eq!(checkpointer.ack_timeout, Duration::from_secs(11));
     assert_eq!(checkpointer.sink_timeout, Duration::from_secs(12));
     assert_eq!(checkpointer.lease, 7);

@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::settings::Secret;
+use crate::sinks::dataset::{DetailField, DETAIL_TEXT};
 use crate::streams::{backfill_key_prefix, Stream};
 
 /// Embedded at compile time: the binary carries its schema.
@@ -303,9 +304,9 @@ impl Postgres {
     }
 }
 
-/// Every stream of an account: its live stream (key $1) and its backfills (keys starting with
-/// $2, see `streams::backfill_key_prefix`).
-const ACCOUNT_STREAMS: &str =
+/// Every stream of an account's log of one API version: its live stream (key $1) and its
+/// backfills (keys starting with $2, see `streams::backfill_key_prefix`).
+const LOG_STREAMS: &str =
     "SELECT account_id, covers_since, covers_until, checkpoint, completed_at \
      FROM cfaudit_checkpoints \
      WHERE account_id = $1 OR starts_with(account_id, $2) \
@@ -313,32 +314,36 @@ const ACCOUNT_STREAMS: &str =
 
 /// Streams: the checkpoint rows of one account's live collection and backfills.
 impl Postgres {
-    /// Every stream of the account (the live one and its backfills).
-    pub async fn streams(&self, account_id: &str) -> anyhow::Result<Vec<Stream>> {
-        Ok(sqlx::query_as(ACCOUNT_STREAMS)
-            .bind(account_id)
-            .bind(backfill_key_prefix(account_id))
-            .fetch_all(self.pool())
-            .await?)
+    /// Every stream of the account, of every API version (live ones and backfills).
+    pub async fn account_streams(&self, account_id: &str) -> anyhow::Result<Vec<Stream>> {
+        Ok(sqlx::query_as(
+            "SELECT account_id, covers_since, covers_until, checkpoint, completed_at \
+             FROM cfaudit_checkpoints WHERE split_part(account_id, '.', 1) = $1 \
+             ORDER BY covers_since NULLS FIRST, account_id",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
     }
 
-    /// Registers a stream, deciding its range from the account's other streams under a lock,
-    /// so a backfill and a starting service cannot both claim the same range. `plan` gets the
-    /// account's streams and returns the new stream's `(key, since, until)` or an error.
-    /// An existing stream keeps its range once it has committed something.
+    /// Registers a stream of the log whose live stream is `live_key`, deciding its range from
+    /// the log's other streams under a lock, so a backfill and a starting service cannot both
+    /// claim the same range. `plan` gets the log's streams and returns the new stream's
+    /// `(key, since, until)` or an error. An existing stream keeps its range once it has
+    /// committed something.
     pub async fn register_stream(
         &self,
-        account_id: &str,
+        live_key: &str,
         plan: impl FnOnce(&[Stream]) -> anyhow::Result<(String, DateTime<Utc>, Option<DateTime<Utc>>)>,
     ) -> anyhow::Result<Stream> {
         let mut tx = self.pool().begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cfaudit.streams.' || $1))")
-            .bind(account_id)
+            .bind(live_key)
             .execute(&mut *tx)
             .await?;
-        let streams: Vec<Stream> = sqlx::query_as(ACCOUNT_STREAMS)
-            .bind(account_id)
-            .bind(backfill_key_prefix(account_id))
+        let streams: Vec<Stream> = sqlx::query_as(LOG_STREAMS)
+            .bind(live_key)
+            .bind(backfill_key_prefix(live_key))
             .fetch_all(&mut *tx)
             .await?;
         let (key, since, until) = plan(&streams)?;
@@ -387,15 +392,14 @@ impl Postgres {
     }
 }
 
-/// What is committed for an account, over all its streams (live and backfills).
+/// What is committed for an account, over all its streams (live and backfills, every API
+/// version).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccountCounts {
     pub rows_in_postgres: i64,
     pub parquet_files: i64,
     pub parquet_rows: i64,
     pub dead_letters: i64,
-    /// The live stream's.
-    pub checkpoint: Option<DateTime<Utc>>,
 }
 
 /// One account as `cfaudit status` shows it.
@@ -419,6 +423,9 @@ pub struct AccountStatus {
     pub parquet_rows: i64,
     /// Committed but not yet visible: published at the next start.
     pub unpublished_files: i64,
+    /// The live stream of each API version collected (the fields above are v1's).
+    #[sqlx(skip)]
+    pub live_streams: Vec<Stream>,
     #[sqlx(skip)]
     pub backfills: Vec<Stream>,
 }
@@ -426,6 +433,7 @@ pub struct AccountStatus {
 /// Counts and facts for the CLI (`run --once`, `backfill`, `status`, `check`) and `/readyz`.
 impl Postgres {
     pub async fn account_counts(&self, account_id: &str) -> anyhow::Result<AccountCounts> {
+        // A stream's account is its key up to the first `.` (see `streams::live_key`).
         let (rows_in_postgres,): (i64,) =
             sqlx::query_as("SELECT count(*) FROM audit_logs WHERE account_id = $1")
                 .bind(account_id)
@@ -433,10 +441,9 @@ impl Postgres {
                 .await?;
         let (parquet_files, parquet_rows): (i64, i64) = sqlx::query_as(
             "SELECT count(*), coalesce(sum(rows), 0)::bigint FROM cfaudit_parquet_files \
-             WHERE (account_id = $1 OR starts_with(account_id, $2)) AND published_at IS NOT NULL",
+             WHERE split_part(account_id, '.', 1) = $1 AND published_at IS NOT NULL",
         )
         .bind(account_id)
-        .bind(backfill_key_prefix(account_id))
         .fetch_one(&self.pool)
         .await?;
         let (dead_letters,): (i64,) =
@@ -444,31 +451,26 @@ impl Postgres {
                 .bind(account_id)
                 .fetch_one(&self.pool)
                 .await?;
-        let checkpoint: Option<(Option<DateTime<Utc>>,)> =
-            sqlx::query_as("SELECT checkpoint FROM cfaudit_checkpoints WHERE account_id = $1")
-                .bind(account_id)
-                .fetch_optional(&self.pool)
-                .await?;
         Ok(AccountCounts {
             rows_in_postgres,
             parquet_files,
             parquet_rows,
             dead_letters,
-            checkpoint: checkpoint.and_then(|c| c.0),
         })
     }
 
-    /// A backfill's rows in `audit_logs` (of the account, in its range) and the files and
-    /// rows its stream published.
+    /// A backfill's rows in `audit_logs` (of the account and the API version, in its range)
+    /// and the files and rows its stream published.
     pub async fn backfill_counts(&self, stream: &Stream) -> anyhow::Result<(i64, i64, i64)> {
         let account = stream.account();
         let (rows,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM audit_logs \
-             WHERE account_id = $1 AND timestamp >= $2 AND timestamp < $3",
+             WHERE account_id = $1 AND timestamp >= $2 AND timestamp < $3 AND api_version = $4",
         )
         .bind(account)
         .bind(stream.covers_since)
         .bind(stream.covers_until)
+        .bind(stream.api_version().as_str())
         .fetch_one(&self.pool)
         .await?;
         let (files, file_rows): (i64, i64) = sqlx::query_as(
@@ -507,12 +509,13 @@ impl Postgres {
             anyhow::anyhow!("reading the committed state: {e}. Fix: run `cfaudit migrate`, or check DATABASE_URL")
         })?;
         for account in &mut accounts {
-            account.backfills = self
-                .streams(&account.account_id)
+            let (live, backfills) = self
+                .account_streams(&account.account_id)
                 .await?
                 .into_iter()
-                .filter(|s| !s.is_live())
-                .collect();
+                .partition(|s| s.is_live());
+            account.live_streams = live;
+            account.backfills = backfills;
         }
         Ok(accounts)
     }
@@ -557,20 +560,27 @@ impl RowSink for Postgres {
             .iter()
             .map(|r| r.ip_address.map(IpNetwork::from))
             .collect();
-        let (fenced_in, inserted): (bool, i64) = sqlx::query_as(
+        let details = |f: DetailField| rows.iter().map(|r| f(&r.detail)).collect::<Vec<_>>();
+        let query = sqlx::query_as(
             "WITH fence AS (SELECT $14::text IS NULL \
                                    OR EXISTS (SELECT 1 FROM cfaudit_checkpoints WHERE account_id = $14 AND lease_token = $15) AS ok), \
              written AS (INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, actor_type, action_type, \
-                                     action_result, resource_type, resource_id, ip_address, metadata, raw_event, ingestion_time) \
-             SELECT e, t, a, ae, aty, ty, r, rt, ri, ip, m::jsonb, raw::jsonb, it \
+                                     action_result, resource_type, resource_id, ip_address, metadata, raw_event, ingestion_time, \
+                                     api_version, actor_id, actor_context, actor_token_id, actor_token_name, action_description, \
+                                     resource_product, resource_scope, zone_id, zone_name, raw_method, raw_uri, raw_cf_ray_id, \
+                                     raw_user_agent, raw_status_code) \
+             SELECT e, t, a, ae, aty, ty, r, rt, ri, ip, m::jsonb, raw::jsonb, it, \
+                    v, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, sc \
              FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-                         $8::text[], $9::text[], $10::inet[], $11::text[], $12::text[], $13::timestamptz[]) \
-                  AS u(e, t, a, ae, aty, ty, r, rt, ri, ip, m, raw, it) \
+                         $8::text[], $9::text[], $10::inet[], $11::text[], $12::text[], $13::timestamptz[], \
+                         $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::text[], \
+                         $23::text[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[], \
+                         $30::int[]) \
+                  AS u(e, t, a, ae, aty, ty, r, rt, ri, ip, m, raw, it, \
+                       v, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, sc) \
              WHERE (SELECT ok FROM fence) \
              ON CONFLICT (timestamp, event_id) DO UPDATE SET ingestion_time = EXCLUDED.ingestion_time \
-                WHERE $14::text IS NULL \
-                   OR NOT EXISTS (SELECT 1 FROM cfaudit_lake_events l \
-                                  WHERE l.event_time = audit_logs.timestamp AND l.event_id = audit_logs.event_id) \
+                WHERE $14::text IS NULL OR NOT cfaudit_in_lake(audit_logs.timestamp, audit_logs.event_id) \
              RETURNING (xmax = 0) AS inserted, timestamp, event_id), \
              rewritten AS (INSERT INTO cfaudit_rewritten_rows (event_time, event_id) \
                            SELECT timestamp, event_id FROM written WHERE NOT inserted AND $14::text IS NOT NULL \
@@ -592,9 +602,19 @@ impl RowSink for Postgres {
         .bind(rows.iter().map(|r| r.ingestion_time).collect::<Vec<_>>())
         .bind(fence.map(|f| f.stream.as_str()))
         .bind(fence.map_or(0, |f| f.lease as i64))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| sink_error("insert into audit_logs", e))?;
+        .bind(rows.iter().map(|r| r.api_version.as_str()).collect::<Vec<_>>());
+        let query = DETAIL_TEXT
+            .iter()
+            .fold(query, |query, (_, field)| query.bind(details(*field)));
+        let (fenced_in, inserted): (bool, i64) = query
+            .bind(
+                rows.iter()
+                    .map(|r| r.detail.raw_status_code)
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| sink_error("insert into audit_logs", e))?;
         if !fenced_in {
             let fence = fence.expect("only a fence can refuse");
             return Err(SinkError::Fenced(format!(

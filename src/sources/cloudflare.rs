@@ -1,5 +1,6 @@
-//! The Cloudflare v1 audit-log client: the real [`AuditSource`]. The same code talks to the
-//! emulator; only the base URL differs.
+//! The Cloudflare audit-log client, v1 and v2: the real [`AuditSource`]. The same code talks
+//! to the emulator; only the base URL differs. One client (one request budget) serves every
+//! stream of its token, whatever the version.
 //!
 //! It classifies every answer and leaves retry decisions to the Poller. It
 //! never needs `result_info`, accepts `errors: null`, absent `messages` and `result: null`,
@@ -13,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cfaudit_actors::{
-    AuditSource, Metrics, Page, PageRequest, RawEvent, SourceError, UnreadableEvent,
+    ApiVersion, AuditSource, Metrics, Page, PageRequest, RawEvent, SourceError, UnreadableEvent,
 };
-use chrono::SecondsFormat;
+use chrono::{DateTime, SecondsFormat, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
 use reqwest::StatusCode;
@@ -50,6 +51,8 @@ pub struct CloudflareClient {
     max_server_wait: Duration,
     /// Bodies longer than this are not read.
     max_response_bytes: u64,
+    /// v2 filters, each a name (`action_type`, `actor_email.not`, …) and its values.
+    v2_filters: Vec<(String, Vec<String>)>,
 }
 
 impl CloudflareClient {
@@ -84,6 +87,7 @@ impl CloudflareClient {
             paused_until: Mutex::new(None),
             max_server_wait: settings.max_retry_after,
             max_response_bytes: settings.max_response_bytes,
+            v2_filters: settings.v2_filters.0.clone(),
         })
     }
 
@@ -103,26 +107,39 @@ impl CloudflareClient {
         &self,
         request: &PageRequest,
     ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), SourceError> {
-        let url = format!(
-            "{}/accounts/{}/audit_logs",
-            self.base_url, request.account_id
-        );
+        let time = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
         let mut query: Vec<(&str, String)> = vec![
-            (
-                "since",
-                request.since.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            ),
-            (
-                "before",
-                request.before.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            ),
+            ("since", time(request.since)),
+            ("before", time(request.before)),
             ("direction", request.direction.as_str().to_owned()),
-            ("per_page", request.per_page.to_string()),
-            ("page", request.page.to_string()),
         ];
-        if request.hide_user_logs {
-            query.push(("hide_user_logs", "true".to_owned()));
-        }
+        let url = match request.api_version {
+            ApiVersion::V1 => {
+                query.push(("per_page", request.per_page.to_string()));
+                query.push(("page", request.page.to_string()));
+                if request.hide_user_logs {
+                    query.push(("hide_user_logs", "true".to_owned()));
+                }
+                format!(
+                    "{}/accounts/{}/audit_logs",
+                    self.base_url, request.account_id
+                )
+            }
+            ApiVersion::V2 => {
+                query.push(("limit", request.per_page.to_string()));
+                if let Some(cursor) = &request.cursor {
+                    query.push(("cursor", cursor.clone()));
+                }
+                // Each value of a filter is a repeated key, as the API reads arrays.
+                for (name, values) in &self.v2_filters {
+                    query.extend(values.iter().map(|v| (name.as_str(), v.clone())));
+                }
+                format!(
+                    "{}/accounts/{}/logs/audit",
+                    self.base_url, request.account_id
+                )
+            }
+        };
         let builder = self.http.get(&url).query(&query);
         let builder = match &self.credential {
             Credential::Token(token) => {
@@ -216,6 +233,23 @@ struct Envelope {
     success: Option<bool>,
     errors: Option<Value>,
     result: Option<Vec<RawEvent>>,
+    /// v2: `{count, cursor}`; v1 has none, or a partial one. Read loosely: only the cursor
+    /// matters.
+    result_info: Option<Value>,
+}
+
+/// v2's next cursor: `result_info.cursor`, or `result_info.cursors.after` as one SDK reads
+/// it; `None` when absent or empty (the last page).
+fn next_cursor(result_info: Option<&Value>) -> Option<String> {
+    let info = result_info?;
+    [
+        info.get("cursor"),
+        info.get("cursors").and_then(|c| c.get("after")),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|cursor| cursor.as_str().filter(|c| !c.is_empty()))
+    .map(str::to_owned)
 }
 
 /// Turns one HTTP answer into a page or a classified error.
@@ -278,7 +312,10 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<
         )));
     }
     let _ = envelope.errors; // tolerated in any shape, including null
-    Ok(Page::from(envelope.result.unwrap_or_default()))
+    Ok(Page {
+        next_cursor: next_cursor(envelope.result_info.as_ref()),
+        ..Page::from(envelope.result.unwrap_or_default())
+    })
 }
 
 /// The page of a body that does not parse as a whole: `None` unless it is a complete JSON
@@ -289,7 +326,13 @@ fn salvage(body: &[u8]) -> Option<Page> {
     if shape.success == Some(false) {
         return None;
     }
-    let mut page = Page::default();
+    let mut page = Page {
+        next_cursor: shape
+            .result_info
+            .and_then(|info| serde_json::from_slice::<Value>(info).ok())
+            .and_then(|info| next_cursor(Some(&info))),
+        ..Page::default()
+    };
     for element in shape.result? {
         let bytes = element.trim_ascii();
         match serde_json::from_slice::<Box<RawValue>>(bytes) {
@@ -309,6 +352,7 @@ fn salvage(body: &[u8]) -> Option<Page> {
 struct EnvelopeShape<'a> {
     success: Option<bool>,
     result: Option<Vec<&'a [u8]>>,
+    result_info: Option<&'a [u8]>,
 }
 
 impl<'a> EnvelopeShape<'a> {
@@ -316,6 +360,7 @@ impl<'a> EnvelopeShape<'a> {
         let mut shape = EnvelopeShape {
             success: None,
             result: None,
+            result_info: None,
         };
         let mut at = skip_space(body, 0);
         if body.get(at) != Some(&b'{') {
@@ -339,6 +384,7 @@ impl<'a> EnvelopeShape<'a> {
                 b"result" if body[at] == b'[' => {
                     shape.result = Some(elements(&body[at..value_end])?)
                 }
+                b"result_info" => shape.result_info = Some(&body[at..value_end]),
                 _ => {}
             }
             at = skip_space(body, value_end);

@@ -198,6 +198,21 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
         ("metadata", "jsonb"),
         ("raw_event", "jsonb"),
         ("ingestion_time", "timestamp with time zone"),
+        ("api_version", "text"),
+        ("actor_id", "text"),
+        ("actor_context", "text"),
+        ("actor_token_id", "text"),
+        ("actor_token_name", "text"),
+        ("action_description", "text"),
+        ("resource_product", "text"),
+        ("resource_scope", "text"),
+        ("zone_id", "text"),
+        ("zone_name", "text"),
+        ("raw_method", "text"),
+        ("raw_uri", "text"),
+        ("raw_cf_ray_id", "text"),
+        ("raw_user_agent", "text"),
+        ("raw_status_code", "integer"),
     ];
     let got: Vec<(&str, &str)> = columns
         .iter()
@@ -400,13 +415,19 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
 const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 
 /// Turns a database written by this release back into the previous release's: what migrations
-/// 5 and 6 added is dropped (7 only comments on columns, which the comparison leaves aside), and what they converted is restored (the overlap ids of events at
+/// 5, 6 and 8 added is dropped (7 only comments on columns, which the comparison leaves aside), and what they converted is restored (the overlap ids of events at
 /// and after each stream's checkpoint, the dead letters' text digest).
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
+ALTER TABLE audit_logs DROP COLUMN api_version, DROP COLUMN actor_id, DROP COLUMN actor_context,
+  DROP COLUMN actor_token_id, DROP COLUMN actor_token_name, DROP COLUMN action_description,
+  DROP COLUMN resource_product, DROP COLUMN resource_scope, DROP COLUMN zone_id, DROP COLUMN zone_name,
+  DROP COLUMN raw_method, DROP COLUMN raw_uri, DROP COLUMN raw_cf_ray_id, DROP COLUMN raw_user_agent,
+  DROP COLUMN raw_status_code;
 UPDATE cfaudit_checkpoints c SET overlap_ids = coalesce((
     SELECT jsonb_agg(jsonb_build_object('id', a.event_id, 'when', a.timestamp))
     FROM audit_logs a
     WHERE a.account_id = split_part(c.account_id, '.', 1) AND a.timestamp >= c.checkpoint), '[]');
+DROP FUNCTION cfaudit_in_lake;
 DROP TABLE cfaudit_lake_events;
 DROP TABLE cfaudit_rewritten_rows;
 ALTER TABLE cfaudit_checkpoints DROP COLUMN lease_token, DROP COLUMN lease_holder,
@@ -442,10 +463,12 @@ async fn schema_of(pool: &sqlx::PgPool) -> Vec<String> {
     rows.into_iter().map(|(row,)| row).collect()
 }
 
-/// Every column of every row collected before the upgrade.
+/// Every column the previous release had, of every row collected before the upgrade.
 async fn fingerprint_before_upgrade(pool: &sqlx::PgPool) -> (Option<String>, i64) {
     sqlx::query_as(
-        "SELECT md5(string_agg(t::text, '|' ORDER BY timestamp, event_id)), count(*) \
+        "SELECT md5(string_agg(row(event_id, timestamp, account_id, actor_email, actor_type, \
+                    action_type, action_result, resource_type, resource_id, ip_address, metadata, \
+                    raw_event, ingestion_time)::text, '|' ORDER BY timestamp, event_id)), count(*) \
          FROM audit_logs t WHERE event_id NOT LIKE 'after-upgrade-%'",
     )
     .fetch_one(pool)
@@ -550,6 +573,15 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
     let counts = h.assert_exact().await;
     let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
     assert_eq!(rows, before.1 + 3);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM audit_logs WHERE api_version = 'v1'"
+        )
+        .await,
+        rows,
+        "the rows from before are v1 rows, and so are the new ones"
+    );
     assert_eq!(
         count(&pool, "SELECT count(*) FROM cfaudit_lake_events").await,
         rows,

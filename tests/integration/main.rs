@@ -19,3 +19,4 @@ mod outage;
 mod process;
 mod storage;
 mod timescaledb;
+mod v2;

@@ -51,20 +51,10 @@ fn every_alert_fires_in_its_unit_test() {
 fn alerts_use_only_metrics_cfaudit_exports() {
     let metrics = cfaudit_actors::Metrics::new();
     // Touch every labelled family once so gather() lists it.
-    metrics.set_checkpoint("a", chrono::Utc::now());
-    for family in [
-        &metrics.events_fetched,
-        &metrics.events_dead_lettered,
-        &metrics.pipeline_rewinds,
-        &metrics.batches_committed,
-    ] {
-        family.with_label_values(&["a"]).inc();
-    }
-    metrics
-        .last_successful_sweep
-        .with_label_values(&["a"])
-        .set(1.0);
-    metrics.auth_failed.with_label_values(&["a"]).set(0);
+    let source = cfaudit_actors::SourceKey::new("a", cfaudit_actors::ApiVersion::V1);
+    metrics.set_checkpoint(&source, chrono::Utc::now());
+    metrics.expose_source(&source);
+    metrics.source(&source).last_successful_sweep.set(1.0);
     let _ = metrics.actor("poller");
     let exported: BTreeSet<String> = metrics
         .registry

@@ -1,4 +1,4 @@
-//! A faithful local emulator of the Cloudflare v1 audit-log endpoint.
+//! A faithful local emulator of the Cloudflare audit-log endpoints, v1 and v2 (`v2`).
 //!
 //! Tests and the demo run against it; the real client code is the same, only the base URL
 //! differs. Data is synthetic and deterministic for a seed: bursts of events with identical
@@ -18,6 +18,8 @@ use ipnetwork::IpNetwork;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+
+mod v2;
 
 pub const DEMO_ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
 pub const DEMO_TOKEN: &str = "demo-token-not-a-secret";
@@ -81,6 +83,24 @@ pub struct EmulatorConfig {
     /// Live events carry a `when` up to this many seconds in the past (late arrivals).
     #[arg(long, default_value_t = 0)]
     pub live_late_seconds: u64,
+    /// Number of synthetic v2 events (their own data set); default: as many as `--events`.
+    #[arg(long)]
+    pub v2_events: Option<usize>,
+    /// v2: the most events a page holds, whatever `limit` asks (one collector reports 100).
+    #[arg(long, default_value_t = 100)]
+    pub v2_page_cap: usize,
+    /// v2: `result_info.count` as a number instead of a string.
+    #[arg(long)]
+    pub v2_count_number: bool,
+    /// v2: the cursor under `result_info.cursors.after`, as one SDK reads it.
+    #[arg(long)]
+    pub v2_cursors_after: bool,
+    /// v2: `"cursor": ""` on the last page instead of no cursor.
+    #[arg(long)]
+    pub v2_empty_cursor: bool,
+    /// v2: treat `since` as exclusive ("newer than", as its documentation now says).
+    #[arg(long)]
+    pub v2_since_exclusive: bool,
 }
 
 /// Injected faults, by request number: "every Nth request". 0 switches a fault off.
@@ -152,6 +172,8 @@ pub struct StoredEvent {
     actor_email: Option<String>,
     actor_ip: Option<IpAddr>,
     zone_name: Option<String>,
+    /// v2: the values its filters match, by filter name.
+    fields: Vec<(&'static str, String)>,
 }
 
 impl StoredEvent {
@@ -183,6 +205,7 @@ impl StoredEvent {
             actor_email: text("actor", "email"),
             actor_ip: text("actor", "ip").and_then(|ip| ip.parse().ok()),
             zone_name: text("metadata", "zone_name"),
+            fields: Vec::new(),
         }
     }
 }
@@ -199,6 +222,7 @@ impl StoredEvent {
             actor_email: None,
             actor_ip: None,
             zone_name: None,
+            fields: Vec::new(),
         }
     }
 
@@ -208,8 +232,17 @@ impl StoredEvent {
     }
 }
 
-/// Something a test has the emulator do to its store when a request arrives.
+/// Something a test has the emulator do to a store when a request arrives.
 type StoreAction = Box<dyn FnOnce(&mut Vec<StoredEvent>) + Send>;
+
+/// Which endpoint a request is for; each has its own data set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// `/accounts/{id}/audit_logs` and `/user/audit_logs`.
+    V1,
+    /// `/accounts/{id}/logs/audit`.
+    V2,
+}
 
 struct RateWindow {
     started: Instant,
@@ -246,16 +279,18 @@ impl RequestRecord {
 
 struct State {
     events: Vec<StoredEvent>,
+    v2_events: Vec<StoredEvent>,
     faults: Faults,
     requests: u64,
     log: Vec<RequestRecord>,
     /// How often each fault was injected, by its flag's name.
     injected: BTreeMap<&'static str, u64>,
-    /// The last page served (the repeat fault serves it again).
-    previous_page: Option<Vec<u8>>,
+    /// The last page served by each endpoint (the repeat fault serves it again).
+    previous_page: HashMap<Api, Vec<u8>>,
     windows: HashMap<String, RateWindow>,
-    /// Actions run when the request with that number arrives, before it is answered.
-    on_request: Vec<(u64, StoreAction)>,
+    /// Actions run on a store when the request with that number arrives, before it is
+    /// answered.
+    on_request: Vec<(u64, Api, StoreAction)>,
 }
 
 /// The emulator's shared state; clone freely.
@@ -272,16 +307,22 @@ impl Emulator {
             .map(|(when, event)| StoredEvent::from_json(event, *when))
             .collect();
         sort(&mut events);
+        let mut v2_events: Vec<StoredEvent> = v2::generate(&config)
+            .iter()
+            .map(|(time, event)| v2::stored(event, *time))
+            .collect();
+        sort(&mut v2_events);
         let faults = config.faults.clone();
         Emulator {
             config: Arc::new(config),
             state: Arc::new(Mutex::new(State {
                 events,
+                v2_events,
                 faults,
                 requests: 0,
                 log: Vec::new(),
                 injected: BTreeMap::new(),
-                previous_page: None,
+                previous_page: HashMap::new(),
                 windows: HashMap::new(),
                 on_request: Vec::new(),
             })),
@@ -312,11 +353,40 @@ impl Emulator {
     /// When request number `n` arrives (1-based, every request counts), before it is
     /// answered, `action` changes the store: events expiring or arriving mid-sweep.
     pub fn on_request(&self, n: u64, action: impl FnOnce(&mut Vec<StoredEvent>) + Send + 'static) {
+        self.on_request_to(Api::V1, n, action);
+    }
+
+    /// As [`Emulator::on_request`], on the store of `api`.
+    pub fn on_request_to(
+        &self,
+        api: Api,
+        n: u64,
+        action: impl FnOnce(&mut Vec<StoredEvent>) + Send + 'static,
+    ) {
         self.state
             .lock()
             .unwrap()
             .on_request
-            .push((n, Box::new(action)));
+            .push((n, api, Box::new(action)));
+    }
+
+    /// Adds v2 events.
+    pub fn insert_v2(&self, events: &[Value]) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .v2_events
+            .extend(events.iter().map(|e| v2::stored(e, Utc::now())));
+        sort(&mut state.v2_events);
+    }
+
+    /// Removes the `n` oldest v2 events; returns them.
+    pub fn expire_oldest_v2(&self, n: usize) -> Vec<StoredEvent> {
+        expire(&mut self.state.lock().unwrap().v2_events, n)
+    }
+
+    /// Every stored v2 event.
+    pub fn events_v2(&self) -> Vec<StoredEvent> {
+        self.state.lock().unwrap().v2_events.clone()
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -374,22 +444,18 @@ impl Emulator {
             loop {
                 tick.tick().await;
                 owed += emulator.config.live_per_second;
-                let mut batch = Vec::new();
+                let (mut batch, mut v2_batch) = (Vec::new(), Vec::new());
                 while owed >= 1.0 {
                     owed -= 1.0;
                     let late =
                         rng.random_range(0..=emulator.config.live_late_seconds * 1000) as i64;
-                    let when = Utc::now() - chrono::Duration::milliseconds(late);
-                    batch.push(synthetic_event(
-                        index,
-                        when.trunc_subsecs(6),
-                        6,
-                        &mut rng,
-                        &emulator.config,
-                    ));
+                    let when = (Utc::now() - chrono::Duration::milliseconds(late)).trunc_subsecs(6);
+                    batch.push(synthetic_event(index, when, 6, &mut rng, &emulator.config));
+                    v2_batch.push(v2::event(index, when, &mut rng, &emulator.config));
                     index += 1;
                 }
                 emulator.insert(&batch);
+                emulator.insert_v2(&v2_batch);
             }
         });
     }
@@ -410,6 +476,11 @@ impl Emulator {
                 .service(
                     web::resource("/client/v4/accounts/{account_id}/audit_logs")
                         .route(web::get().to(account_audit_logs))
+                        .default_service(web::to(method_not_allowed)),
+                )
+                .service(
+                    web::resource("/client/v4/accounts/{account_id}/logs/audit")
+                        .route(web::get().to(account_logs_audit))
                         .default_service(web::to(method_not_allowed)),
                 )
                 .service(
@@ -525,7 +596,30 @@ async fn account_audit_logs(
     query: web::Query<Vec<(String, String)>>,
     emulator: web::Data<Emulator>,
 ) -> HttpResponse {
-    logged(&req, Some(path.into_inner()), query.into_inner(), &emulator).await
+    logged(
+        &req,
+        Api::V1,
+        Some(path.into_inner()),
+        query.into_inner(),
+        &emulator,
+    )
+    .await
+}
+
+async fn account_logs_audit(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<Vec<(String, String)>>,
+    emulator: web::Data<Emulator>,
+) -> HttpResponse {
+    logged(
+        &req,
+        Api::V2,
+        Some(path.into_inner()),
+        query.into_inner(),
+        &emulator,
+    )
+    .await
 }
 
 async fn user_audit_logs(
@@ -533,12 +627,13 @@ async fn user_audit_logs(
     query: web::Query<Vec<(String, String)>>,
     emulator: web::Data<Emulator>,
 ) -> HttpResponse {
-    logged(&req, None, query.into_inner(), &emulator).await
+    logged(&req, Api::V1, None, query.into_inner(), &emulator).await
 }
 
 /// Serves the page and notes the request in the log.
 async fn logged(
     req: &HttpRequest,
+    api: Api,
     account: Option<String>,
     query: Vec<(String, String)>,
     emulator: &Emulator,
@@ -551,7 +646,7 @@ async fn logged(
             Some((name.to_string(), value.to_owned()))
         })
         .collect();
-    let response = serve_page(req, account, query.clone(), emulator).await;
+    let response = serve_page(req, api, account, query.clone(), emulator).await;
     let retry_after = response
         .headers()
         .get(actix_web::http::header::RETRY_AFTER)
@@ -654,6 +749,7 @@ fn parse_bound(value: &str) -> Option<DateTime<Utc>> {
 
 async fn serve_page(
     req: &HttpRequest,
+    api: Api,
     account: Option<String>,
     query: Vec<(String, String)>,
     emulator: &Emulator,
@@ -664,16 +760,22 @@ async fn serve_page(
         let mut state = emulator.state.lock().unwrap();
         state.requests += 1;
         let request_no = state.requests;
-        let due: Vec<StoreAction> = {
+        let due: Vec<(Api, StoreAction)> = {
             let (due, later) = std::mem::take(&mut state.on_request)
                 .into_iter()
-                .partition(|(n, _)| *n <= request_no);
+                .partition(|(n, _, _)| *n <= request_no);
             state.on_request = later;
-            due.into_iter().map(|(_, action)| action).collect()
+            due.into_iter()
+                .map(|(_, api, action)| (api, action))
+                .collect()
         };
-        for action in due {
-            action(&mut state.events);
-            sort(&mut state.events);
+        for (api, action) in due {
+            let store = match api {
+                Api::V1 => &mut state.events,
+                Api::V2 => &mut state.v2_events,
+            };
+            action(store);
+            sort(store);
         }
         (request_no, state.faults.clone())
     };
@@ -750,16 +852,30 @@ async fn serve_page(
         injected("fault_success_false_every");
         return Failure::new(StatusCode::OK, 10001, "Temporary failure, please retry").response();
     }
-    let previous = emulator.state.lock().unwrap().previous_page.clone();
+    let previous = emulator
+        .state
+        .lock()
+        .unwrap()
+        .previous_page
+        .get(&api)
+        .cloned();
     let body = match previous {
         Some(previous) if every(faults.fault_repeat_every) => {
             injected("fault_repeat_every");
             Ok(previous)
         }
-        _ => page_body(&query, emulator),
+        _ => match api {
+            Api::V1 => page_body(&query, emulator),
+            Api::V2 => v2::page_body(&query, &emulator.state.lock().unwrap().v2_events, config),
+        },
     };
     if let Ok(body) = &body {
-        emulator.state.lock().unwrap().previous_page = Some(body.clone());
+        emulator
+            .state
+            .lock()
+            .unwrap()
+            .previous_page
+            .insert(api, body.clone());
     }
     let mut response = match body {
         Ok(body) if every(faults.fault_reset_every) => {
