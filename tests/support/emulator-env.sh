@@ -1,13 +1,14 @@
 # Sourced by demo.sh and bench.sh: starts the emulator in the background (stopped when the
 # calling script exits) and exports the environment that points cfaudit at it.
-# usage: start_emulator EMULATOR_BIN PORT EVENTS LOGFILE (the cfaudit-emulator binary)
+# usage: start_emulator EMULATOR_BIN PORT EVENTS LOGFILE [EMULATOR OPTIONS…] (the cfaudit-emulator binary)
 start_emulator() {
   local bin=$1 port=$2 events=$3 log=$4
+  shift 4
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is taken by another program: stop it or choose another port" >&2
     exit 1
   fi
-  "$bin" --listen "127.0.0.1:$port" --events "$events" >/dev/null 2>"$log" &
+  "$bin" --listen "127.0.0.1:$port" --events "$events" "$@" >/dev/null 2>"$log" &
   EMULATOR_PID=$!
   trap 'kill $EMULATOR_PID 2>/dev/null || true' EXIT
   for _ in $(seq 1 100); do
