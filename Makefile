@@ -37,7 +37,7 @@ services:
 bench: services release
 	tests/support/bench.sh
 
-## chaos: SIGKILL the service at random moments during a faulty backfill, oldest first on the local filesystem and newest first on S3, then count (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED)
+## chaos: SIGKILL the service at random moments during a faulty backfill, oldest first on the local filesystem, newest first on S3, v1 and v2 side by side, then count (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED)
 chaos: services
 	CHAOS_KILLS=$${CHAOS_KILLS:-20} CHAOS_EVENTS=$${CHAOS_EVENTS:-200000} \
 	  $(CARGO) test --features failpoints --test integration chaos:: -- --nocapture --test-threads=1

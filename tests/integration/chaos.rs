@@ -2,7 +2,8 @@
 //! backfill with API faults on (429, 5xx, truncated bodies, connection resets), then one run to
 //! the end, then counting: nothing missing, nothing doubled, in PostgreSQL and in Parquet.
 //!
-//! Twice: oldest first on the local filesystem, and newest first on S3 with stale pages too.
+//! Three times: oldest first on the local filesystem, newest first on S3 with stale pages too,
+//! and both API versions side by side (v2 by cursor) on the local filesystem.
 //! Sized for CI by default; `make chaos` runs at least 20 kills over 200,000 events each
 //! (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED).
 
@@ -26,15 +27,22 @@ enum Lake {
 
 #[actix_web::test]
 async fn repeated_sigkills_during_a_faulty_backfill_end_exact() {
-    chaos(Lake::Local, "asc").await;
+    chaos(Lake::Local, "asc", "v1").await;
 }
 
 #[actix_web::test]
 async fn repeated_sigkills_during_a_faulty_newest_first_backfill_on_s3_end_exact() {
-    chaos(Lake::S3, "desc").await;
+    chaos(Lake::S3, "desc", "v1").await;
 }
 
-async fn chaos(lake: Lake, direction: &str) {
+/// v1 and v2 collected side by side, each stream its own checkpoint, both killed together;
+/// the API's faults hit both (the emulator counts requests across versions).
+#[actix_web::test]
+async fn repeated_sigkills_while_collecting_v1_and_v2_end_exact() {
+    chaos(Lake::Local, "asc", "v1,v2").await;
+}
+
+async fn chaos(lake: Lake, direction: &str, versions: &str) {
     let kills: usize = env_or("CHAOS_KILLS", 6);
     let events: usize = env_or("CHAOS_EVENTS", 40_000);
     let seed: u64 = env_or("CHAOS_SEED", rand::random());
@@ -46,6 +54,10 @@ async fn chaos(lake: Lake, direction: &str) {
     config.faults.fault_reset_every = 23;
     config.faults.latency_ms = 15;
     config.invalid_every = 997;
+    let with_v2 = versions.contains("v2");
+    if with_v2 {
+        config.v2_events = Some(events / 2);
+    }
     if direction == "desc" {
         // Stale pages: with newest first, a page from before the last one.
         config.faults.fault_repeat_every = 31;
@@ -57,7 +69,12 @@ async fn chaos(lake: Lake, direction: &str) {
     h.set("CLOUDFLARE_DIRECTION", direction);
     h.set("CLOUDFLARE_PER_PAGE", "500");
     h.set("BATCH_MAX_EVENTS", "1000");
-    let expected = valid_ids(&h.emu.emulator);
+    h.set("CLOUDFLARE_API_VERSIONS", versions);
+    h.set("CLOUDFLARE_V2_LIMIT", "500");
+    let mut expected = valid_ids(&h.emu.emulator);
+    if with_v2 {
+        expected.extend(valid_ids_v2(&h.emu.emulator));
+    }
     assert!(finish(cfaudit(&["migrate"], &h.env)).await.success);
     let pool = h.db.pool().await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -110,7 +127,7 @@ async fn chaos(lake: Lake, direction: &str) {
         - parquet["pyarrow_distinct_ids"].as_i64().unwrap();
     let recover_ms: Vec<u128> = recoveries.iter().map(|d| d.as_millis()).collect();
     println!(
-        "chaos: lake={lake:?} direction={direction} seed={seed} kills={killed} events={} expected_rows={} missing_pg={missing_pg} missing_parquet={missing_parquet} \
+        "chaos: lake={lake:?} direction={direction} versions={versions} seed={seed} kills={killed} events={} expected_rows={} missing_pg={missing_pg} missing_parquet={missing_parquet} \
          duplicated_pg={doubled_pg} duplicated_parquet={doubled_parquet} staged_orphans={} faults={faults:?} total_s={:.1} \
          recover_ms(min/median/max)={}/{}/{} recover_ms={recover_ms:?}",
         events,
@@ -129,7 +146,15 @@ async fn chaos(lake: Lake, direction: &str) {
         (missing_pg, missing_parquet, doubled_pg, doubled_parquet),
         (0, 0, 0, 0)
     );
-    h.assert_exact().await;
+    h.assert_exact_ids(&expected).await;
+    if with_v2 {
+        let v2_rows = count(
+            &pool,
+            "SELECT count(*) FROM audit_logs WHERE api_version = 'v2'",
+        )
+        .await;
+        assert_eq!(v2_rows as usize, valid_ids_v2(&h.emu.emulator).len());
+    }
     pool.close().await;
     h.finish().await;
 }

@@ -287,7 +287,8 @@ pub async fn pg_ids(pool: &sqlx::PgPool) -> std::collections::BTreeSet<String> {
     ids.into_iter().map(|(id,)| id).collect()
 }
 
-fn python() -> PathBuf {
+/// The Python with the independent Parquet readers (pyarrow, DuckDB).
+pub fn python() -> PathBuf {
     if let Ok(python) = std::env::var("CFAUDIT_PYTHON") {
         return python.into();
     }

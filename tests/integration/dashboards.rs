@@ -127,9 +127,9 @@ fn every_panel_is_well_formed_and_on_a_provisioned_datasource() {
     );
 }
 
-/// Grafana's PostgreSQL macros and the `account` variable, as Grafana expands them for the
-/// last 60 days and "All" (or one account).
-fn expand_sql(sql: &str, account: &str) -> String {
+/// Grafana's PostgreSQL macros and the `account` and `version` variables, as Grafana expands
+/// them for the last 60 days and "All" (or one account, one version).
+fn expand_sql(sql: &str, account: &str, version: &str) -> String {
     let (from, to) = ("now() - interval '60 days'", "now()");
     let mut out = String::new();
     let mut rest = sql;
@@ -144,7 +144,8 @@ fn expand_sql(sql: &str, account: &str) -> String {
     let out = out
         .replace("$__timeFrom()", from)
         .replace("$__timeTo()", to)
-        .replace("$account", account);
+        .replace("$account", account)
+        .replace("$version", version);
     assert!(
         !out.contains('$'),
         "a macro or variable this test does not know: {sql}"
@@ -152,16 +153,28 @@ fn expand_sql(sql: &str, account: &str) -> String {
     out
 }
 
-/// The test data of the panel tests: dead letters included, for their panel.
+/// The `version` variable's "All" and one version, as Grafana expands them.
+const ALL_VERSIONS: &str = "'v1','v2'";
+const V2: &str = "'v2'";
+
+/// The test data of the panel tests: both API versions (v2 has the logins and products),
+/// dead letters included, for their panel.
 fn panel_data() -> cfaudit_emulator::EmulatorConfig {
     let mut config = emulator_config(3_000);
+    config.v2_events = Some(2_000);
     config.invalid_every = 97;
     config
 }
 
+/// The panel tests' harness collects both versions.
+fn both_versions(mut h: Harness) -> Harness {
+    h.set("CLOUDFLARE_API_VERSIONS", "v1,v2");
+    h
+}
+
 #[actix_rt::test]
 async fn every_panel_sql_runs_on_real_data_and_returns_rows() {
-    every_panel_sql_returns_rows(Harness::new(panel_data()).await).await;
+    every_panel_sql_returns_rows(both_versions(Harness::new(panel_data()).await)).await;
 }
 
 /// On TimescaleDB the aggregates are continuous aggregates, not views.
@@ -169,7 +182,7 @@ async fn every_panel_sql_runs_on_real_data_and_returns_rows() {
 async fn every_panel_sql_runs_on_timescaledb_and_returns_rows() {
     let test = "every_panel_sql_runs_on_timescaledb_and_returns_rows";
     if let Some(h) = Harness::on_timescale(test, panel_data()).await {
-        every_panel_sql_returns_rows(h).await;
+        every_panel_sql_returns_rows(both_versions(h)).await;
     }
 }
 
@@ -179,15 +192,20 @@ async fn every_panel_sql_returns_rows(h: Harness) {
     let sql = queries(POSTGRES_UID);
     assert!(sql.len() >= 10, "{sql:?}");
     let mut report = Vec::new();
-    for account in ["'%'", &format!("'{DEMO_ACCOUNT}'")] {
+    let one_account = format!("'{DEMO_ACCOUNT}'");
+    for (account, version) in [
+        ("'%'", ALL_VERSIONS),
+        (one_account.as_str(), ALL_VERSIONS),
+        (one_account.as_str(), V2),
+    ] {
         for (file, title, query) in &sql {
-            let expanded = expand_sql(query, account);
+            let expanded = expand_sql(query, account, version);
             let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(expanded.clone()))
                 .fetch_all(&pool)
                 .await
                 .unwrap_or_else(|e| panic!("{file}: {title}: {e}\n{expanded}"));
             assert!(!rows.is_empty(), "{file}: {title}: no rows\n{expanded}");
-            report.push(format!("{title}: {} rows", rows.len()));
+            report.push(format!("{title} ({version}): {} rows", rows.len()));
         }
     }
     println!("{}", report.join("\n"));
@@ -195,14 +213,15 @@ async fn every_panel_sql_returns_rows(h: Harness) {
     h.finish().await;
 }
 
-/// The rows a panel's query returns over the test's range, each column as text.
-async fn panel_rows(pool: &sqlx::PgPool, title: &str) -> Vec<Vec<String>> {
+/// The rows a panel's query returns over the test's range for the `version` variable's value,
+/// each column as text.
+async fn panel_rows(pool: &sqlx::PgPool, title: &str, version: &str) -> Vec<Vec<String>> {
     use sqlx::Row;
     let (_, _, query) = queries(POSTGRES_UID)
         .into_iter()
         .find(|(_, t, _)| t == title)
         .unwrap_or_else(|| panic!("no panel {title:?}"));
-    let expanded = expand_sql(&query, &format!("'{DEMO_ACCOUNT}'"));
+    let expanded = expand_sql(&query, &format!("'{DEMO_ACCOUNT}'"), version);
     let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(expanded.clone()))
         .fetch_all(pool)
         .await
@@ -226,7 +245,7 @@ async fn panel_rows(pool: &sqlx::PgPool, title: &str) -> Vec<Vec<String>> {
 /// breakdown by action type, and the dead letters.
 #[actix_rt::test]
 async fn panels_show_the_counts_of_the_test_data() {
-    panels_show_the_counts(Harness::new(panel_data()).await).await;
+    panels_show_the_counts(both_versions(Harness::new(panel_data()).await)).await;
 }
 
 /// The same on TimescaleDB: its continuous aggregates agree with the data after a backfill.
@@ -234,14 +253,16 @@ async fn panels_show_the_counts_of_the_test_data() {
 async fn panels_show_the_counts_of_the_test_data_on_timescaledb() {
     let test = "panels_show_the_counts_of_the_test_data_on_timescaledb";
     if let Some(h) = Harness::on_timescale(test, panel_data()).await {
-        panels_show_the_counts(h).await;
+        panels_show_the_counts(both_versions(h)).await;
     }
 }
 
 async fn panels_show_the_counts(h: Harness) {
     use std::collections::{BTreeMap, BTreeSet};
     run_once(h.config()).await.unwrap();
-    let events = h.emu.emulator.events();
+    let mut events = h.emu.emulator.events();
+    let v2_events = h.emu.emulator.events_v2();
+    events.extend(v2_events.iter().cloned());
     let oldest = events.iter().map(|e| e.when).min().unwrap();
     assert!(
         oldest > chrono::Utc::now() - chrono::Duration::days(59),
@@ -252,8 +273,35 @@ async fn panels_show_the_counts(h: Harness) {
         .filter_map(|e| expected_row(&e.json))
         .collect();
     let unreadable = events.len() - truth.len();
-    assert!(unreadable > 0 && truth.len() > 2_000, "{unreadable}");
+    assert!(unreadable > 0 && truth.len() > 4_000, "{unreadable}");
     let text = |row: &BTreeMap<&str, Value>, column: &str| row[column].as_str().map(str::to_owned);
+    let v2 = |row: &&BTreeMap<&str, Value>| text(row, "api_version").as_deref() == Some("v2");
+    let v2_rows = truth.iter().filter(v2).count();
+    assert!(v2_rows > 1_500 && v2_rows < truth.len(), "{v2_rows}");
+    // v2's products and logins, from the events as received (`resource.product`,
+    // `action.type` login), not from the columns the mapping fills.
+    let mut by_product: BTreeMap<String, u64> = BTreeMap::new();
+    let mut logins: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for r in truth.iter().filter(v2) {
+        let raw = &r["raw_event"];
+        let product = raw["resource"]["product"].as_str().unwrap_or("(none)");
+        *by_product.entry(product.to_owned()).or_default() += 1;
+        if raw["action"]["type"] == "login" {
+            let actor = text(r, "actor_email").unwrap_or_else(|| {
+                format!(
+                    "({})",
+                    text(r, "actor_type").unwrap_or_else(|| "unknown".into())
+                )
+            });
+            let key = (actor, text(r, "ip_address").unwrap_or_default());
+            let entry = logins.entry(key).or_default();
+            entry.0 += 1;
+            entry.1 += u64::from(raw["action"]["result"] == "failure");
+        }
+    }
+    let all_logins: u64 = logins.values().map(|(all, _)| all).sum();
+    let failed_logins: u64 = logins.values().map(|(_, failed)| failed).sum();
+    assert!(by_product.len() > 2 && failed_logins > 0, "{by_product:?}");
     let failed = truth
         .iter()
         .filter(|r| {
@@ -287,36 +335,87 @@ async fn panels_show_the_counts(h: Harness) {
     let pool = h.db.pool().await;
     let one = |rows: Vec<Vec<String>>| rows[0][0].clone();
     assert_eq!(
-        one(panel_rows(&pool, "Events").await),
+        one(panel_rows(&pool, "Events", ALL_VERSIONS).await),
         truth.len().to_string()
     );
     assert_eq!(
-        one(panel_rows(&pool, "Failed events").await),
+        one(panel_rows(&pool, "Failed events", ALL_VERSIONS).await),
         failed.to_string()
     );
     assert_eq!(
-        one(panel_rows(&pool, "Distinct actors").await),
+        one(panel_rows(&pool, "Distinct actors", ALL_VERSIONS).await),
         actors.len().to_string()
     );
     assert_eq!(
-        one(panel_rows(&pool, "Distinct IP addresses").await),
+        one(panel_rows(&pool, "Distinct IP addresses", ALL_VERSIONS).await),
         ips.len().to_string()
     );
-    let shown: BTreeMap<String, u64> = panel_rows(&pool, "Activity by action type")
+    let shown: BTreeMap<String, u64> = panel_rows(&pool, "Activity by action type", ALL_VERSIONS)
         .await
         .into_iter()
         .map(|row| (row[0].clone(), row[1].parse().unwrap()))
         .collect();
     assert_eq!(shown, by_action);
     assert_eq!(
-        panel_rows(&pool, "Latest dead letters (PostgreSQL)")
+        one(panel_rows(&pool, "Events", V2).await),
+        v2_rows.to_string(),
+        "the version variable selects one version's events"
+    );
+    let shown: BTreeMap<String, u64> = panel_rows(&pool, "Activity by product", V2)
+        .await
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().unwrap()))
+        .collect();
+    assert_eq!(shown, by_product);
+    let shown: BTreeMap<(String, String), (u64, u64)> =
+        panel_rows(&pool, "Logins by actor and IP address", V2)
+            .await
+            .into_iter()
+            .map(|row| {
+                (
+                    (row[0].clone(), row[1].clone()),
+                    (row[2].parse().unwrap(), row[3].parse().unwrap()),
+                )
+            })
+            .collect();
+    // The table shows the 50 pairs with the most failed (then all) logins, each as counted
+    // here; which of equally ranked pairs make the cut depends on the database's collation.
+    assert_eq!(shown.len(), logins.len().min(50));
+    for (pair, counts) in &shown {
+        assert_eq!(logins.get(pair), Some(counts), "{pair:?}");
+    }
+    let ranked = |counts: Vec<(u64, u64)>| {
+        let mut ranks: Vec<(u64, u64)> = counts.into_iter().map(|(a, f)| (f, a)).collect();
+        ranks.sort_unstable_by(|a, b| b.cmp(a));
+        ranks.truncate(50);
+        ranks
+    };
+    assert_eq!(
+        ranked(shown.values().copied().collect()),
+        ranked(logins.values().copied().collect()),
+        "the most failed logins first"
+    );
+    let per_hour = panel_rows(&pool, "Logins per hour", V2).await;
+    let column = |i: usize| -> u64 {
+        per_hour
+            .iter()
+            .map(|row| row[i].parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (column(1) + column(2), column(2)),
+        (all_logins, failed_logins)
+    );
+    assert_eq!(
+        panel_rows(&pool, "Latest dead letters (PostgreSQL)", ALL_VERSIONS)
             .await
             .len(),
         unreadable.min(50)
     );
     println!(
-        "panels: {} events, {failed} failed, {} actors, {} IPs, {} action types, {unreadable} dead letters",
+        "panels: {} events ({v2_rows} v2, {} products, {failed_logins} failed logins), {failed} failed, {} actors, {} IPs, {} action types, {unreadable} dead letters",
         truth.len(),
+        by_product.len(),
         actors.len(),
         ips.len(),
         by_action.len()

@@ -2,7 +2,7 @@
 //! and the emulator: exactly once, counted.
 
 use crate::common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[actix_web::test]
 async fn a_50k_backfill_lands_exactly_once_and_a_second_run_adds_nothing() {
@@ -416,8 +416,21 @@ const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 
 /// Turns a database written by this release back into the previous release's: what migrations
 /// 5, 6 and 8 added is dropped (7 only comments on columns, which the comparison leaves aside), and what they converted is restored (the overlap ids of events at
-/// and after each stream's checkpoint, the dead letters' text digest).
+/// and after each stream's checkpoint, the dead letters' text digest); the aggregates 9
+/// recreated are dropped here and created again by migrations 2 and 4
+/// ([`AGGREGATES_OF_PREVIOUS_RELEASE`]).
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+    DROP MATERIALIZED VIEW audit_events_hourly;
+    DROP MATERIALIZED VIEW audit_actors_hourly;
+  ELSE
+    DROP VIEW audit_events_hourly;
+    DROP VIEW audit_actors_hourly;
+  END IF;
+END
+$$;
 ALTER TABLE audit_logs DROP COLUMN api_version, DROP COLUMN actor_id, DROP COLUMN actor_context,
   DROP COLUMN actor_token_id, DROP COLUMN actor_token_name, DROP COLUMN action_description,
   DROP COLUMN resource_product, DROP COLUMN resource_scope, DROP COLUMN zone_id, DROP COLUMN zone_name,
@@ -439,6 +452,51 @@ ALTER TABLE cfaudit_dead_letters
 ALTER TABLE cfaudit_dead_letters DROP COLUMN raw_bytes;
 DELETE FROM _sqlx_migrations WHERE version > 20260101000004;
 ";
+
+/// Rewrites every Parquet file under the folder `argv[1]` with the previous release's columns
+/// only (those before `api_version`), as that release wrote them; prints `{path: bytes}`.
+const PARQUET_OF_PREVIOUS_RELEASE: &str = r#"
+import json, pathlib, sys
+import pyarrow.parquet as pq
+sizes = {}
+for path in pathlib.Path(sys.argv[1]).rglob("*.parquet"):
+    table = pq.read_table(path, partitioning=None)
+    names = table.schema.names
+    table = table.select(names[: names.index("api_version")])
+    pq.write_table(table, path, compression="zstd")
+    sizes[str(path.relative_to(sys.argv[1]))] = path.stat().st_size
+print(json.dumps(sizes))
+"#;
+
+/// DuckDB over old and new files together, schemas merged by name: `[rows, rows without
+/// api_version, rows that are v1 once the old ones count as v1]`.
+const DUCKDB_OLD_AND_NEW: &str = r#"
+import json, sys, duckdb
+rows = duckdb.sql(
+    "SELECT count(*), count(*) FILTER (WHERE api_version IS NULL), "
+    "count(*) FILTER (WHERE coalesce(api_version, 'v1') = 'v1') FROM read_parquet('"
+    + sys.argv[1] + "/**/*.parquet', hive_partitioning = true, union_by_name = true)").fetchall()[0]
+print(json.dumps(list(rows)))
+"#;
+
+fn run_python(script: &str, root: &str) -> Value {
+    let out = std::process::Command::new(python())
+        .args(["-c", script, root])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The aggregates as the previous release had them: its own migrations' text.
+const AGGREGATES_OF_PREVIOUS_RELEASE: [&str; 2] = [
+    include_str!("../../migrations/20260101000002_aggregates.sql"),
+    include_str!("../../migrations/20260101000004_realtime_aggregates.sql"),
+];
 
 /// The public schema, order aside: every column with its type, nullability and default, every
 /// index and constraint, every table and view by name.
@@ -495,6 +553,23 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
         .execute(&pool)
         .await
         .unwrap();
+    for migration in AGGREGATES_OF_PREVIOUS_RELEASE {
+        sqlx::raw_sql(migration).execute(&pool).await.unwrap();
+    }
+    // The dataset as the previous release wrote it: its columns only, its byte counts.
+    let sizes = run_python(PARQUET_OF_PREVIOUS_RELEASE, &h.lake);
+    let old_files = sizes.as_object().unwrap();
+    assert!(old_files.len() > 10, "{sizes}");
+    for (path, bytes) in old_files {
+        let updated = sqlx::query("UPDATE cfaudit_parquet_files SET bytes = $1 WHERE final_path = $2 OR final_path LIKE '%/' || $2")
+            .bind(bytes.as_i64().unwrap())
+            .bind(path)
+            .execute(&pool)
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(updated, 1, "{path}");
+    }
 
     // The downgraded database has exactly the schema the previous release's migrations give.
     let reference = TestDb::on(&h.db.admin).await;
@@ -573,6 +648,12 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
     let counts = h.assert_exact().await;
     let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
     assert_eq!(rows, before.1 + 3);
+    let read = run_python(DUCKDB_OLD_AND_NEW, &h.lake);
+    assert_eq!(
+        read,
+        json!([rows, before.1, rows]),
+        "DuckDB reads the previous release's files with the new ones; theirs are v1"
+    );
     assert_eq!(
         count(
             &pool,
@@ -595,6 +676,17 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
         .await,
         dead_letters
     );
+    // The aggregates came back by version and hold every row, the compressed history too
+    // (on TimescaleDB materialized by the run's refresh and the real-time part).
+    for (view, column) in [
+        ("audit_events_hourly", "events"),
+        ("audit_actors_hourly", "events"),
+    ] {
+        let sql = format!(
+            "SELECT coalesce(sum({column}), 0)::bigint FROM {view} WHERE api_version = 'v1'"
+        );
+        assert_eq!(count(&pool, &sql).await, rows, "{view} after the upgrade");
+    }
     if timescale {
         assert_eq!(
             count(&pool, policies_sql).await,
