@@ -133,6 +133,8 @@ struct Sweep {
     /// a new chain from its bound.
     cursor: Option<String>,
     chain: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// v2: whether a page of the chain being read moved the bound.
+    chain_moved: bool,
 }
 
 impl Sweep {
@@ -163,6 +165,7 @@ impl Sweep {
             announcing: None,
             cursor: None,
             chain: None,
+            chain_moved: false,
         }
     }
 
@@ -178,7 +181,7 @@ impl Sweep {
     /// with the window of its chain.
     fn request(&self, config: &PollerConfig, before_inclusive: bool) -> PageRequest {
         let (since, before) = match (&self.cursor, self.chain) {
-            (Some(_), Some(window)) => window,
+            (_, Some(window)) => window,
             _ => {
                 let (since, before) = match (self.run, self.direction) {
                     (Some(at), _) => (at, at + tick()),
@@ -218,6 +221,7 @@ impl Sweep {
     fn end_chain(&mut self) {
         self.cursor = None;
         self.chain = None;
+        self.chain_moved = false;
     }
 
     /// Whether a page cannot be the answer to `request`: it holds an event on the far side of
@@ -284,20 +288,35 @@ impl Sweep {
         whens: &[Option<DateTime<Utc>>],
         verifies_end: bool,
         config: &PollerConfig,
-        before_inclusive: bool,
     ) -> Option<SweepEnd> {
         let moved = self.advance(whens);
         let confirmed = self.confirm.take().is_some_and(|c| &c == request);
+        if self.chain.is_none() {
+            self.chain_moved = false;
+        }
+        self.chain_moved |= moved;
         if let Some(cursor) = next_cursor {
             self.chain.get_or_insert((request.since, request.before));
             self.cursor = Some(cursor);
-            return (self.pages >= config.max_pages_per_sweep).then_some(SweepEnd::CutShort);
+            // A cursor cannot be committed, so a sweep cut short resumes from its bound. Cut
+            // where the bound has not moved (more events at one instant than the cap's pages
+            // hold), every sweep would read the same pages again and never get past them: the
+            // chain goes on past the cap until the bound moves.
+            let capped = self.pages >= config.max_pages_per_sweep;
+            return (capped && self.progressed()).then_some(SweepEnd::CutShort);
         }
+        let moved = self.chain_moved;
         self.end_chain();
-        if (moved && !verifies_end) || (!moved && confirmed) {
+        if (moved && !verifies_end) || confirmed {
             return Some(SweepEnd::Complete);
         }
-        self.confirm = Some(self.request(config, before_inclusive));
+        // The confirmation is the request that ended the chain, sent again as it was (its
+        // cursor and window): an API that dropped a page answers it right the second time,
+        // while a new chain from the bound is another request that may be dropped as well.
+        self.cursor = request.cursor.clone();
+        self.chain = Some((request.since, request.before));
+        self.chain_moved = moved;
+        self.confirm = Some(request.clone());
         None
     }
 
@@ -761,14 +780,8 @@ impl Poller {
         sweep.repeats = 0;
         sweep.pages += 1;
         if self.config.api_version == ApiVersion::V2 {
-            let end = sweep.after_cursor_page(
-                &request,
-                next_cursor,
-                &whens,
-                verifies_end,
-                &self.config,
-                self.before_inclusive,
-            );
+            let end =
+                sweep.after_cursor_page(&request, next_cursor, &whens, verifies_end, &self.config);
             if end == Some(SweepEnd::CutShort) {
                 warn!(account = %self.config.account_id, pages = sweep.pages,
                     "page cap reached; the next sweep goes on from here");
@@ -1238,14 +1251,7 @@ mod tests {
             "v2 may read `since` as exclusive: the bound's instant is asked for too"
         );
         // A short page with a cursor: not the end.
-        let end = s.after_cursor_page(
-            &first,
-            Some("c1".into()),
-            &[Some(at(2))],
-            false,
-            &config,
-            false,
-        );
+        let end = s.after_cursor_page(&first, Some("c1".into()), &[Some(at(2))], false, &config);
         assert_eq!(end, None);
         let second = s.request(&config, false);
         assert_eq!(
@@ -1254,7 +1260,7 @@ mod tests {
             "the cursor goes with its chain's window, not the moved bound"
         );
         assert_eq!((s.anchor, s.reached), (at(2), Some(at(2))));
-        let end = s.after_cursor_page(&second, None, &[Some(at(7))], false, &config, false);
+        let end = s.after_cursor_page(&second, None, &[Some(at(7))], false, &config);
         assert_eq!(
             end,
             Some(SweepEnd::Complete),
@@ -1270,26 +1276,48 @@ mod tests {
         let config = v2_config();
         let mut s = sweep(Direction::Desc);
         let first = s.request(&config, false);
-        let end = s.after_cursor_page(
-            &first,
-            None,
-            &[Some(at(20)), Some(at(10))],
-            true,
-            &config,
-            false,
-        );
+        let end = s.after_cursor_page(&first, None, &[Some(at(20)), Some(at(10))], true, &config);
         assert_eq!(end, None, "not yet: confirmed first");
         let confirm = s.request(&config, false);
-        assert_eq!(confirm.cursor, None);
         assert_eq!(
-            (confirm.since, confirm.before),
-            (at(0) - tick(), at(10) + tick()),
-            "a new chain from the bound, the bound's instant included"
+            confirm, first,
+            "the request that ended the chain, again (an API that dropped a page answers it right)"
         );
-        // The confirmation finds only the bound's instant again, and no cursor: the end.
-        let end = s.after_cursor_page(&confirm, None, &[Some(at(10))], true, &config, false);
+        // The same request answered again without a cursor: the end.
+        let end = s.after_cursor_page(&confirm, None, &[Some(at(20)), Some(at(10))], true, &config);
         assert_eq!(end, Some(SweepEnd::Complete));
         assert_eq!(s.newest, Some(at(20)));
+    }
+
+    /// Oldest first, the newest instant holding more events than a page: a chain that moved
+    /// nothing ends on a page without a cursor, and that page's request, sent again with its
+    /// cursor, confirms the end (found by the simulation: confirmed by a new chain from the
+    /// bound, every chain's end asked for another one, for ever).
+    #[test]
+    fn a_confirmation_spans_the_pages_of_its_chain() {
+        let config = v2_config();
+        let mut s = sweep(Direction::Asc);
+        let first = s.request(&config, false);
+        let end = s.after_cursor_page(&first, None, &[Some(at(9))], false, &config);
+        assert_eq!(end, Some(SweepEnd::Complete), "moved, live: the end");
+        let mut s = sweep(Direction::Asc);
+        s.move_anchor(at(9));
+        let request = s.request(&config, false);
+        let end = s.after_cursor_page(
+            &request,
+            Some("tie-2".into()),
+            &[Some(at(9)), Some(at(9))],
+            false,
+            &config,
+        );
+        assert_eq!(end, None);
+        let second = s.request(&config, false);
+        let end = s.after_cursor_page(&second, None, &[Some(at(9))], false, &config);
+        assert_eq!(end, None, "nothing moved: confirmed first");
+        let again = s.request(&config, false);
+        assert_eq!(again, second, "the same request, its cursor included");
+        let end = s.after_cursor_page(&again, None, &[Some(at(9))], false, &config);
+        assert_eq!(end, Some(SweepEnd::Complete));
     }
 
     /// The page cap cuts a chain; the sweep resumes from its bound with a new chain, started
@@ -1300,30 +1328,60 @@ mod tests {
         let mut s = sweep(Direction::Asc);
         let request = s.request(&config, false);
         s.pages = 1;
-        let end = s.after_cursor_page(
-            &request,
-            Some("c1".into()),
-            &[Some(at(5))],
-            false,
-            &config,
-            false,
-        );
+        let end = s.after_cursor_page(&request, Some("c1".into()), &[Some(at(5))], false, &config);
         assert_eq!(end, None);
         let request = s.request(&config, false);
         s.pages = 3; // counted by the Poller for each page answered
-        let end = s.after_cursor_page(
-            &request,
-            Some("c2".into()),
-            &[Some(at(6))],
-            false,
-            &config,
-            false,
-        );
+        let end = s.after_cursor_page(&request, Some("c2".into()), &[Some(at(6))], false, &config);
         assert_eq!(end, Some(SweepEnd::CutShort));
         let resumed = Sweep::resume(&s.progress().position, 100);
         let request = resumed.request(&config, false);
         assert_eq!(request.cursor, None, "cursors are never committed");
         assert_eq!(request.since, at(6) - tick());
         assert_eq!(request.before, at(30));
+    }
+
+    /// Newest first, resumed at an instant that holds more events than the cap's pages: the
+    /// chain goes on past the cap until the bound moves, or every sweep would read the same
+    /// pages (found by the simulation).
+    #[test]
+    fn a_v2_chain_is_not_cut_where_the_bound_has_not_moved() {
+        let config = v2_config();
+        let mut fresh = sweep(Direction::Desc);
+        let request = fresh.request(&config, false);
+        fresh.pages = 1;
+        let end = fresh.after_cursor_page(
+            &request,
+            Some("c1".into()),
+            &[Some(at(20)), Some(at(20))],
+            false,
+            &config,
+        );
+        assert_eq!(end, None);
+        let mut s = Sweep::resume(&fresh.progress().position, 100);
+        assert_eq!(s.anchor, at(20) + tick());
+        for page in 1..=5 {
+            let request = s.request(&config, false);
+            s.pages = page;
+            let end = s.after_cursor_page(
+                &request,
+                Some(format!("c{page}")),
+                &[Some(at(20)), Some(at(20))],
+                false,
+                &config,
+            );
+            assert_eq!(end, None, "page {page}: cut where nothing moved");
+        }
+        let request = s.request(&config, false);
+        s.pages = 6;
+        let end = s.after_cursor_page(
+            &request,
+            Some("c6".into()),
+            &[Some(at(20)), Some(at(19))],
+            false,
+            &config,
+        );
+        assert_eq!(end, Some(SweepEnd::CutShort), "the bound moved: cut");
+        assert_eq!(s.progress().position.anchor, at(19) + tick());
     }
 }

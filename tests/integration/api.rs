@@ -314,3 +314,31 @@ async fn late_events_inside_the_safety_lag_are_not_missed_in_live_mode() {
     pool.close().await;
     h.finish().await;
 }
+
+/// v1 and v2 collected side by side share one budget: Cloudflare counts both versions'
+/// requests against the same token, so the pace holds over the two streams' requests together.
+#[actix_web::test]
+async fn one_request_budget_paces_both_api_versions_together() {
+    let mut config = emulator_config(1_000);
+    config.v2_events = Some(1_000);
+    let mut h = harness(config).await;
+    h.set("CLOUDFLARE_API_VERSIONS", "v1,v2");
+    h.set("CLOUDFLARE_V2_LIMIT", "100");
+    h.set("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "600");
+    h.set("CLOUDFLARE_REQUEST_BURST", "2");
+    run_once(h.config()).await.unwrap();
+    let log = h.emu.emulator.request_log();
+    let v2 = log
+        .iter()
+        .filter(|r| r.path.ends_with("/logs/audit"))
+        .count();
+    assert!(v2 >= 10 && log.len() - v2 >= 10, "{v2} of {}", log.len());
+    for (k, at) in arrivals(&log).into_iter().enumerate().skip(2) {
+        let earliest = Duration::from_millis(500 * (k as u64 - 1)).saturating_sub(TIMER_SLACK);
+        assert!(at >= earliest, "request {k} came {at:?} after the first");
+    }
+    let mut both = valid_ids(&h.emu.emulator);
+    both.extend(valid_ids_v2(&h.emu.emulator));
+    h.assert_exact_ids(&both).await;
+    h.finish().await;
+}

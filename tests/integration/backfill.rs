@@ -230,3 +230,92 @@ async fn backfills_and_the_live_stream_cover_adjacent_ranges_exactly_once(cluste
     pool.close().await;
     h.finish().await;
 }
+
+/// The valid v2 events whose time lies in `[since, until)`.
+fn v2_ids_in(h: &Harness, since: DateTime<Utc>, until: DateTime<Utc>) -> BTreeSet<String> {
+    let valid = valid_ids_v2(&h.emu.emulator);
+    h.emu
+        .emulator
+        .events_v2()
+        .into_iter()
+        .filter(|e| e.when >= since && e.when < until && valid.contains(&e.id))
+        .map(|e| e.id)
+        .collect()
+}
+
+/// `cfaudit backfill --api-version v2`: a range of v2's own log, exact in both sinks and
+/// complete on a second call. With both versions configured a backfill must name its version;
+/// a v1 backfill of the same range is another log's stream and is allowed.
+#[actix_web::test]
+async fn a_v2_backfill_is_a_stream_of_its_own() {
+    let mut config = emulator_config(2_000);
+    config.v2_events = Some(3_000);
+    config.faults.fault_5xx_every = 7;
+    let mut h = Harness::new(config).await;
+    h.set("CLOUDFLARE_API_VERSIONS", "v1,v2");
+    h.set("CLOUDFLARE_V2_LIMIT", "100");
+    let first = h
+        .emu
+        .emulator
+        .events_v2()
+        .iter()
+        .map(|e| e.when)
+        .min()
+        .unwrap();
+    let since = first.duration_trunc(Duration::hours(1)).unwrap() + Duration::days(2);
+    let until = since + Duration::days(10);
+    let expected_v2 = v2_ids_in(&h, since, until);
+    assert!(expected_v2.len() > 500, "{}", expected_v2.len());
+    let (since_arg, until_arg) = (since.to_rfc3339(), until.to_rfc3339());
+    let range = ["--since", since_arg.as_str(), "--until", until_arg.as_str()];
+    let with_version = |version: &'static str| {
+        let mut args = vec!["--api-version", version];
+        args.extend_from_slice(&range);
+        args
+    };
+
+    let unclear = backfill(&h, &range).await;
+    assert!(!unclear.success, "{}", unclear.stdout);
+    assert!(
+        unclear
+            .stderr
+            .contains("--api-version v1 or --api-version v2"),
+        "{}",
+        unclear.stderr
+    );
+    assert_eq!(h.emu.emulator.requests(), 0, "refused before any request");
+
+    let done = backfill(&h, &with_version("v2")).await;
+    assert!(done.success, "{}", done.stderr);
+    assert_faults_hit(&h.emu.emulator);
+    let summary = json(&done.stdout);
+    assert_eq!(summary["rows_in_postgres"], expected_v2.len());
+    assert_eq!(summary["parquet_rows"], expected_v2.len());
+    let requests = h.emu.emulator.request_log();
+    assert!(requests.iter().all(|r| r.path.ends_with("/logs/audit")));
+    let pool = h.db.pool().await;
+    assert_exact(&pool, &h.lake, &h.reader_env, &expected_v2).await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM cfaudit_checkpoints WHERE account_id LIKE '%.v2.backfill.%'"
+        )
+        .await,
+        1,
+        "the v2 backfill's stream"
+    );
+
+    let again = backfill(&h, &with_version("v2")).await;
+    assert!(again.success, "{}", again.stderr);
+    assert_eq!(json(&again.stdout)["already_complete"], true);
+
+    // The same range of v1: another log, another stream; both land, each once.
+    let v1 = backfill(&h, &with_version("v1")).await;
+    assert!(v1.success, "{}", v1.stderr);
+    let mut both = expected_v2.clone();
+    both.extend(ids_in(&h, since, until));
+    assert!(both.len() > expected_v2.len() + 300);
+    assert_exact(&pool, &h.lake, &h.reader_env, &both).await;
+    pool.close().await;
+    h.finish().await;
+}
