@@ -133,8 +133,6 @@ struct Sweep {
     /// a new chain from its bound.
     cursor: Option<String>,
     chain: Option<(DateTime<Utc>, DateTime<Utc>)>,
-    /// v2: whether a page of the chain being read moved the bound.
-    chain_moved: bool,
 }
 
 impl Sweep {
@@ -165,7 +163,6 @@ impl Sweep {
             announcing: None,
             cursor: None,
             chain: None,
-            chain_moved: false,
         }
     }
 
@@ -221,7 +218,6 @@ impl Sweep {
     fn end_chain(&mut self) {
         self.cursor = None;
         self.chain = None;
-        self.chain_moved = false;
     }
 
     /// Whether a page cannot be the answer to `request`: it holds an event on the far side of
@@ -286,15 +282,10 @@ impl Sweep {
         request: &PageRequest,
         next_cursor: Option<String>,
         whens: &[Option<DateTime<Utc>>],
-        verifies_end: bool,
         config: &PollerConfig,
     ) -> Option<SweepEnd> {
-        let moved = self.advance(whens);
+        self.advance(whens);
         let confirmed = self.confirm.take().is_some_and(|c| &c == request);
-        if self.chain.is_none() {
-            self.chain_moved = false;
-        }
-        self.chain_moved |= moved;
         if let Some(cursor) = next_cursor {
             self.chain.get_or_insert((request.since, request.before));
             self.cursor = Some(cursor);
@@ -305,9 +296,11 @@ impl Sweep {
             let capped = self.pages >= config.max_pages_per_sweep;
             return (capped && self.progressed()).then_some(SweepEnd::CutShort);
         }
-        let moved = self.chain_moved;
         self.end_chain();
-        if (moved && !verifies_end) || confirmed {
+        // Every end is confirmed, as v1's short pages are: an end taken on a dropped page
+        // would leave the rest of the window unread, and a run that ends there (`--once`, a
+        // re-read after a rewind) would never read it (found by the simulation).
+        if confirmed {
             return Some(SweepEnd::Complete);
         }
         // The confirmation is the request that ended the chain, sent again as it was (its
@@ -315,7 +308,6 @@ impl Sweep {
         // while a new chain from the bound is another request that may be dropped as well.
         self.cursor = request.cursor.clone();
         self.chain = Some((request.since, request.before));
-        self.chain_moved = moved;
         self.confirm = Some(request.clone());
         None
     }
@@ -780,8 +772,7 @@ impl Poller {
         sweep.repeats = 0;
         sweep.pages += 1;
         if self.config.api_version == ApiVersion::V2 {
-            let end =
-                sweep.after_cursor_page(&request, next_cursor, &whens, verifies_end, &self.config);
+            let end = sweep.after_cursor_page(&request, next_cursor, &whens, &self.config);
             if end == Some(SweepEnd::CutShort) {
                 warn!(account = %self.config.account_id, pages = sweep.pages,
                     "page cap reached; the next sweep goes on from here");
@@ -1251,7 +1242,7 @@ mod tests {
             "v2 may read `since` as exclusive: the bound's instant is asked for too"
         );
         // A short page with a cursor: not the end.
-        let end = s.after_cursor_page(&first, Some("c1".into()), &[Some(at(2))], false, &config);
+        let end = s.after_cursor_page(&first, Some("c1".into()), &[Some(at(2))], &config);
         assert_eq!(end, None);
         let second = s.request(&config, false);
         assert_eq!(
@@ -1260,12 +1251,15 @@ mod tests {
             "the cursor goes with its chain's window, not the moved bound"
         );
         assert_eq!((s.anchor, s.reached), (at(2), Some(at(2))));
-        let end = s.after_cursor_page(&second, None, &[Some(at(7))], false, &config);
+        let end = s.after_cursor_page(&second, None, &[Some(at(7))], &config);
         assert_eq!(
-            end,
-            Some(SweepEnd::Complete),
-            "no cursor, oldest first, live: the end"
+            end, None,
+            "no cursor: the same request again confirms the end"
         );
+        let again = s.request(&config, false);
+        assert_eq!(again, second);
+        let end = s.after_cursor_page(&again, None, &[Some(at(7))], &config);
+        assert_eq!(end, Some(SweepEnd::Complete), "confirmed: the end");
         assert_eq!(s.reached, Some(at(7)));
     }
 
@@ -1276,7 +1270,7 @@ mod tests {
         let config = v2_config();
         let mut s = sweep(Direction::Desc);
         let first = s.request(&config, false);
-        let end = s.after_cursor_page(&first, None, &[Some(at(20)), Some(at(10))], true, &config);
+        let end = s.after_cursor_page(&first, None, &[Some(at(20)), Some(at(10))], &config);
         assert_eq!(end, None, "not yet: confirmed first");
         let confirm = s.request(&config, false);
         assert_eq!(
@@ -1284,7 +1278,7 @@ mod tests {
             "the request that ended the chain, again (an API that dropped a page answers it right)"
         );
         // The same request answered again without a cursor: the end.
-        let end = s.after_cursor_page(&confirm, None, &[Some(at(20)), Some(at(10))], true, &config);
+        let end = s.after_cursor_page(&confirm, None, &[Some(at(20)), Some(at(10))], &config);
         assert_eq!(end, Some(SweepEnd::Complete));
         assert_eq!(s.newest, Some(at(20)));
     }
@@ -1298,8 +1292,8 @@ mod tests {
         let config = v2_config();
         let mut s = sweep(Direction::Asc);
         let first = s.request(&config, false);
-        let end = s.after_cursor_page(&first, None, &[Some(at(9))], false, &config);
-        assert_eq!(end, Some(SweepEnd::Complete), "moved, live: the end");
+        let end = s.after_cursor_page(&first, None, &[Some(at(9))], &config);
+        assert_eq!(end, None, "every end is confirmed, moved or not");
         let mut s = sweep(Direction::Asc);
         s.move_anchor(at(9));
         let request = s.request(&config, false);
@@ -1307,16 +1301,15 @@ mod tests {
             &request,
             Some("tie-2".into()),
             &[Some(at(9)), Some(at(9))],
-            false,
             &config,
         );
         assert_eq!(end, None);
         let second = s.request(&config, false);
-        let end = s.after_cursor_page(&second, None, &[Some(at(9))], false, &config);
+        let end = s.after_cursor_page(&second, None, &[Some(at(9))], &config);
         assert_eq!(end, None, "nothing moved: confirmed first");
         let again = s.request(&config, false);
         assert_eq!(again, second, "the same request, its cursor included");
-        let end = s.after_cursor_page(&again, None, &[Some(at(9))], false, &config);
+        let end = s.after_cursor_page(&again, None, &[Some(at(9))], &config);
         assert_eq!(end, Some(SweepEnd::Complete));
     }
 
@@ -1328,11 +1321,11 @@ mod tests {
         let mut s = sweep(Direction::Asc);
         let request = s.request(&config, false);
         s.pages = 1;
-        let end = s.after_cursor_page(&request, Some("c1".into()), &[Some(at(5))], false, &config);
+        let end = s.after_cursor_page(&request, Some("c1".into()), &[Some(at(5))], &config);
         assert_eq!(end, None);
         let request = s.request(&config, false);
         s.pages = 3; // counted by the Poller for each page answered
-        let end = s.after_cursor_page(&request, Some("c2".into()), &[Some(at(6))], false, &config);
+        let end = s.after_cursor_page(&request, Some("c2".into()), &[Some(at(6))], &config);
         assert_eq!(end, Some(SweepEnd::CutShort));
         let resumed = Sweep::resume(&s.progress().position, 100);
         let request = resumed.request(&config, false);
@@ -1354,7 +1347,6 @@ mod tests {
             &request,
             Some("c1".into()),
             &[Some(at(20)), Some(at(20))],
-            false,
             &config,
         );
         assert_eq!(end, None);
@@ -1367,7 +1359,6 @@ mod tests {
                 &request,
                 Some(format!("c{page}")),
                 &[Some(at(20)), Some(at(20))],
-                false,
                 &config,
             );
             assert_eq!(end, None, "page {page}: cut where nothing moved");
@@ -1378,7 +1369,6 @@ mod tests {
             &request,
             Some("c6".into()),
             &[Some(at(20)), Some(at(19))],
-            false,
             &config,
         );
         assert_eq!(end, Some(SweepEnd::CutShort), "the bound moved: cut");
