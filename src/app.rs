@@ -358,19 +358,18 @@ pub async fn run(config: Settings, options: RunOptions) -> anyhow::Result<Option
     };
 
     // Each API version is a stream of its own, collected side by side (one request budget).
+    // The first stream to fail ends the run, the others cut short as by a crash (they resume
+    // from their checkpoints): a failed stream must not stop silently while another runs on.
     let collecting = streams.iter().map(|stream| {
         info!(account = %account_id, api_version = %stream.api_version(), once = options.once,
             start = ?stream.covers_since, "collecting");
         adapters.collect(&config, stream, options.once)
     });
-    let outcomes = futures::future::join_all(collecting).await;
+    let outcome = futures::future::try_join_all(collecting).await;
     if let Some(handle) = http {
         handle.stop(true).await;
     }
-    let mut interrupted = false;
-    for outcome in outcomes {
-        interrupted |= outcome?;
-    }
+    let interrupted = outcome?.into_iter().any(|interrupted| interrupted);
     if !options.once {
         return Ok(None);
     }

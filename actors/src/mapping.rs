@@ -2,7 +2,6 @@
 //! or a dead-letter reason, never a panic.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -13,17 +12,62 @@ use crate::event::{ApiVersion, AuditRow, DeadLetter, EventDetail};
 /// Why an event could not be mapped. The text lands in the dead-letter table.
 pub type Rejection = String;
 
-/// Maps one raw event of `version`. `account_id` is the account of the request path.
+/// Maps one raw event of `version`. `account_id` is the account of the request path. The core
+/// columns mean the same for both versions and are read from fields of the same names; only
+/// the event's time, the actor's address field and the detail columns differ.
 pub fn map_event(
     version: ApiVersion,
     raw: &str,
     account_id: &str,
     ingestion_time: DateTime<Utc>,
 ) -> Result<AuditRow, Rejection> {
-    match version {
-        ApiVersion::V1 => map_v1(raw, account_id, ingestion_time),
-        ApiVersion::V2 => map_v2(raw, account_id, ingestion_time),
-    }
+    let (raw, event) = parse(raw)?;
+    let event_id = event_id(&event)?;
+    let (time, time_field, ip_field) = match version {
+        ApiVersion::V1 => (event.get("when"), "`when`", "ip"),
+        ApiVersion::V2 => (
+            event.get("action").and_then(|a| a.get("time")),
+            "`action.time`",
+            "ip_address",
+        ),
+    };
+    let timestamp = match time {
+        Some(Value::String(time)) => parse_when(time)?,
+        None | Some(Value::Null) => return Err(format!("{time_field} is missing")),
+        Some(other) => {
+            return Err(format!(
+                "{time_field} is {} instead of a string",
+                kind(other)
+            ))
+        }
+    };
+    let (metadata, detail) = match version {
+        ApiVersion::V1 => (
+            event
+                .get("metadata")
+                .filter(|m| !m.is_null())
+                .map(Value::to_string),
+            detail_v1(&event),
+        ),
+        ApiVersion::V2 => (None, detail_v2(&event)),
+    };
+    Ok(AuditRow {
+        event_id,
+        timestamp,
+        account_id: account_id.to_owned(),
+        api_version: version,
+        actor_email: text_at(&event, "actor", "email"),
+        actor_type: text_at(&event, "actor", "type"),
+        action_type: text_at(&event, "action", "type"),
+        action_result: text_at(&event, "action", "result"),
+        resource_type: text_at(&event, "resource", "type"),
+        resource_id: text_at(&event, "resource", "id"),
+        ip_address: text_at(&event, "actor", ip_field).and_then(|ip| ip.trim().parse().ok()),
+        metadata,
+        detail,
+        raw_event: Arc::from(raw.as_ref()),
+        ingestion_time,
+    })
 }
 
 /// Maps one raw v1 event. `account_id` is the account of the request path.
@@ -32,42 +76,7 @@ pub fn map_v1(
     account_id: &str,
     ingestion_time: DateTime<Utc>,
 ) -> Result<AuditRow, Rejection> {
-    let (raw, event) = parse(raw)?;
-    let event_id = event_id(&event)?;
-    let timestamp = match event.get("when") {
-        Some(Value::String(when)) => parse_when(when)?,
-        None | Some(Value::Null) => return Err("`when` is missing".into()),
-        Some(other) => return Err(format!("`when` is {} instead of a string", kind(other))),
-    };
-    let metadata = match event.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(value) => Some(value.to_string()),
-    };
-    let zone_name = match event.get("metadata").and_then(|m| m.get("zone_name")) {
-        Some(Value::String(name)) if !name.is_empty() => Some(name.clone()),
-        _ => None,
-    };
-    Ok(AuditRow {
-        event_id,
-        timestamp,
-        account_id: account_id.to_owned(),
-        api_version: ApiVersion::V1,
-        actor_email: text_at(&event, "actor", "email"),
-        actor_type: text_at(&event, "actor", "type"),
-        action_type: text_at(&event, "action", "type"),
-        action_result: text_at(&event, "action", "result"),
-        resource_type: text_at(&event, "resource", "type"),
-        resource_id: text_at(&event, "resource", "id"),
-        ip_address: ip_at(&event, "ip"),
-        metadata,
-        detail: EventDetail {
-            actor_id: text_at(&event, "actor", "id"),
-            zone_name,
-            ..EventDetail::default()
-        },
-        raw_event: Arc::from(raw.as_ref()),
-        ingestion_time,
-    })
+    map_event(ApiVersion::V1, raw, account_id, ingestion_time)
 }
 
 /// Maps one raw v2 event. `account_id` is the account of the request path.
@@ -76,57 +85,45 @@ pub fn map_v2(
     account_id: &str,
     ingestion_time: DateTime<Utc>,
 ) -> Result<AuditRow, Rejection> {
-    let (raw, event) = parse(raw)?;
-    let event_id = event_id(&event)?;
-    let timestamp = match event.get("action").map(|a| a.get("time")) {
-        Some(Some(Value::String(time))) => parse_when(time)?,
-        None | Some(None) | Some(Some(Value::Null)) => {
-            return Err("`action.time` is missing".into())
-        }
-        Some(Some(other)) => {
-            return Err(format!(
-                "`action.time` is {} instead of a string",
-                kind(other)
-            ))
-        }
+    map_event(ApiVersion::V2, raw, account_id, ingestion_time)
+}
+
+/// v1 fills the detail columns it has: the actor's id and `metadata.zone_name`.
+fn detail_v1(event: &Map<String, Value>) -> EventDetail {
+    let zone_name = match event.get("metadata").and_then(|m| m.get("zone_name")) {
+        Some(Value::String(name)) if !name.is_empty() => Some(name.clone()),
+        _ => None,
     };
-    let status = match event.get("raw").and_then(|r| r.get("status_code")) {
+    EventDetail {
+        actor_id: text_at(event, "actor", "id"),
+        zone_name,
+        ..EventDetail::default()
+    }
+}
+
+/// v2 fills every detail column the event has; `raw.status_code` comes as a number or a string.
+fn detail_v2(event: &Map<String, Value>) -> EventDetail {
+    let raw_status_code = match event.get("raw").and_then(|r| r.get("status_code")) {
         Some(Value::Number(n)) => n.as_i64().and_then(|n| i32::try_from(n).ok()),
         Some(Value::String(s)) => s.trim().parse().ok(),
         _ => None,
     };
-    Ok(AuditRow {
-        event_id,
-        timestamp,
-        account_id: account_id.to_owned(),
-        api_version: ApiVersion::V2,
-        actor_email: text_at(&event, "actor", "email"),
-        actor_type: text_at(&event, "actor", "type"),
-        action_type: text_at(&event, "action", "type"),
-        action_result: text_at(&event, "action", "result"),
-        resource_type: text_at(&event, "resource", "type"),
-        resource_id: text_at(&event, "resource", "id"),
-        ip_address: ip_at(&event, "ip_address"),
-        metadata: None,
-        detail: EventDetail {
-            actor_id: text_at(&event, "actor", "id"),
-            actor_context: text_at(&event, "actor", "context"),
-            actor_token_id: text_at(&event, "actor", "token_id"),
-            actor_token_name: text_at(&event, "actor", "token_name"),
-            action_description: text_at(&event, "action", "description"),
-            resource_product: text_at(&event, "resource", "product"),
-            resource_scope: text_at(&event, "resource", "scope"),
-            zone_id: text_at(&event, "zone", "id"),
-            zone_name: text_at(&event, "zone", "name"),
-            raw_method: text_at(&event, "raw", "method"),
-            raw_uri: text_at(&event, "raw", "uri"),
-            raw_status_code: status,
-            raw_cf_ray_id: text_at(&event, "raw", "cf_ray_id"),
-            raw_user_agent: text_at(&event, "raw", "user_agent"),
-        },
-        raw_event: Arc::from(raw.as_ref()),
-        ingestion_time,
-    })
+    EventDetail {
+        actor_id: text_at(event, "actor", "id"),
+        actor_context: text_at(event, "actor", "context"),
+        actor_token_id: text_at(event, "actor", "token_id"),
+        actor_token_name: text_at(event, "actor", "token_name"),
+        action_description: text_at(event, "action", "description"),
+        resource_product: text_at(event, "resource", "product"),
+        resource_scope: text_at(event, "resource", "scope"),
+        zone_id: text_at(event, "zone", "id"),
+        zone_name: text_at(event, "zone", "name"),
+        raw_method: text_at(event, "raw", "method"),
+        raw_uri: text_at(event, "raw", "uri"),
+        raw_status_code,
+        raw_cf_ray_id: text_at(event, "raw", "cf_ray_id"),
+        raw_user_agent: text_at(event, "raw", "user_agent"),
+    }
 }
 
 /// The event as text PostgreSQL can hold and as a JSON object. PostgreSQL can store a NUL
@@ -149,10 +146,6 @@ fn event_id(event: &Map<String, Value>) -> Result<String, Rejection> {
         None | Some(Value::Null) => Err("`id` is missing".into()),
         Some(other) => Err(format!("`id` is {} instead of a string", kind(other))),
     }
-}
-
-fn ip_at(event: &Map<String, Value>, field: &str) -> Option<IpAddr> {
-    text_at(event, "actor", field).and_then(|ip| ip.trim().parse().ok())
 }
 
 /// The event with every real NUL (the JSON escape `\u0000`, not the text `\\u0000`) written

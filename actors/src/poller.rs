@@ -129,8 +129,9 @@ struct Sweep {
     announce: bool,
     announcing: Option<u64>,
     /// v2: the cursor of the next page of the chain being read, and the window the chain was
-    /// started with (a cursor belongs to its query). Never committed: a resumed sweep starts
-    /// a new chain from its bound.
+    /// started with (a cursor belongs to its query); while an end is confirmed, the request
+    /// that ended the chain, sent again as it was. Never committed: a resumed sweep starts a
+    /// new chain from its bound.
     cursor: Option<String>,
     chain: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
@@ -174,12 +175,12 @@ impl Sweep {
     }
 
     /// The request for the sweep's position. `before` is sent as the exclusive bound it is,
-    /// or one microsecond less to an API found to treat it as inclusive. A v2 cursor is sent
-    /// with the window of its chain.
+    /// or one microsecond less to an API found to treat it as inclusive. A v2 chain's pages
+    /// (and its confirmation) are sent with the chain's window.
     fn request(&self, config: &PollerConfig, before_inclusive: bool) -> PageRequest {
-        let (since, before) = match (&self.cursor, self.chain) {
-            (_, Some(window)) => window,
-            _ => {
+        let (since, before) = match self.chain {
+            Some(window) => window,
+            None => {
                 let (since, before) = match (self.run, self.direction) {
                     (Some(at), _) => (at, at + tick()),
                     (None, Direction::Asc) => (self.anchor, self.before),

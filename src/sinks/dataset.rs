@@ -19,23 +19,65 @@ use chrono::{DateTime, Utc};
 
 /// How one text column of [`EventDetail`] is read.
 pub type DetailField = fn(&EventDetail) -> Option<&str>;
+/// How one text column of [`EventDetail`] is filled when a file is read back.
+pub type DetailSetter = fn(&mut EventDetail, Option<String>);
 
 /// The text columns of [`EventDetail`], in the order of the Parquet schema and of the
-/// `audit_logs` insert, with how to read them.
-pub const DETAIL_TEXT: [(&str, DetailField); 13] = [
-    ("actor_id", |d| d.actor_id.as_deref()),
-    ("actor_context", |d| d.actor_context.as_deref()),
-    ("actor_token_id", |d| d.actor_token_id.as_deref()),
-    ("actor_token_name", |d| d.actor_token_name.as_deref()),
-    ("action_description", |d| d.action_description.as_deref()),
-    ("resource_product", |d| d.resource_product.as_deref()),
-    ("resource_scope", |d| d.resource_scope.as_deref()),
-    ("zone_id", |d| d.zone_id.as_deref()),
-    ("zone_name", |d| d.zone_name.as_deref()),
-    ("raw_method", |d| d.raw_method.as_deref()),
-    ("raw_uri", |d| d.raw_uri.as_deref()),
-    ("raw_cf_ray_id", |d| d.raw_cf_ray_id.as_deref()),
-    ("raw_user_agent", |d| d.raw_user_agent.as_deref()),
+/// `audit_logs` insert, with how to read and fill them.
+pub const DETAIL_TEXT: [(&str, DetailField, DetailSetter); 13] = [
+    ("actor_id", |d| d.actor_id.as_deref(), |d, v| d.actor_id = v),
+    (
+        "actor_context",
+        |d| d.actor_context.as_deref(),
+        |d, v| d.actor_context = v,
+    ),
+    (
+        "actor_token_id",
+        |d| d.actor_token_id.as_deref(),
+        |d, v| d.actor_token_id = v,
+    ),
+    (
+        "actor_token_name",
+        |d| d.actor_token_name.as_deref(),
+        |d, v| d.actor_token_name = v,
+    ),
+    (
+        "action_description",
+        |d| d.action_description.as_deref(),
+        |d, v| d.action_description = v,
+    ),
+    (
+        "resource_product",
+        |d| d.resource_product.as_deref(),
+        |d, v| d.resource_product = v,
+    ),
+    (
+        "resource_scope",
+        |d| d.resource_scope.as_deref(),
+        |d, v| d.resource_scope = v,
+    ),
+    ("zone_id", |d| d.zone_id.as_deref(), |d, v| d.zone_id = v),
+    (
+        "zone_name",
+        |d| d.zone_name.as_deref(),
+        |d, v| d.zone_name = v,
+    ),
+    (
+        "raw_method",
+        |d| d.raw_method.as_deref(),
+        |d, v| d.raw_method = v,
+    ),
+    ("raw_uri", |d| d.raw_uri.as_deref(), |d, v| d.raw_uri = v),
+    (
+        "raw_cf_ray_id",
+        |d| d.raw_cf_ray_id.as_deref(),
+        |d, v| d.raw_cf_ray_id = v,
+    ),
+    (
+        "raw_user_agent",
+        |d| d.raw_user_agent.as_deref(),
+        |d, v| d.raw_user_agent = v,
+    ),
 ];
 
 /// The Parquet schema of the original spec plus `raw_event` (replay needs it), then the
@@ -61,7 +103,7 @@ pub fn schema() -> SchemaRef {
         // in every row.
         text("api_version"),
     ];
-    fields.extend(DETAIL_TEXT.iter().map(|(name, _)| text(name)));
+    fields.extend(DETAIL_TEXT.iter().map(|(name, _, _)| text(name)));
     fields.push(Field::new("raw_status_code", DataType::Int32, true));
     Arc::new(Schema::new(fields))
 }
@@ -102,7 +144,7 @@ pub fn record_batch(rows: &[&AuditRow]) -> Result<RecordBatch, arrow::error::Arr
         ts(|r| r.ingestion_time),
         text(&|r| Some(r.api_version.as_str())),
     ];
-    for (_, field) in DETAIL_TEXT {
+    for (_, field, _) in DETAIL_TEXT {
         columns.push(text(&|r| field(&r.detail)));
     }
     columns.push(Arc::new(
@@ -153,7 +195,7 @@ pub fn rows_from(batch: &RecordBatch) -> Result<Vec<AuditRow>, String> {
     let api_version = added_text("api_version")?;
     let detail: Vec<Option<&StringArray>> = DETAIL_TEXT
         .iter()
-        .map(|(name, _)| added_text(name))
+        .map(|(name, _, _)| added_text(name))
         .collect::<Result<_, _>>()?;
     let status = match batch.column_by_name("raw_status_code") {
         None => None,
@@ -174,7 +216,13 @@ pub fn rows_from(batch: &RecordBatch) -> Result<Vec<AuditRow>, String> {
                 Some(text) => ApiVersion::parse(&text)
                     .ok_or_else(|| format!("api_version {text:?} is neither v1 nor v2"))?,
             };
-            let d = |index: usize| added(detail[index], i);
+            let mut detail_of_row = EventDetail {
+                raw_status_code: status.and_then(|s| (!s.is_null(i)).then(|| s.value(i))),
+                ..EventDetail::default()
+            };
+            for ((_, _, set), column) in DETAIL_TEXT.iter().zip(&detail) {
+                set(&mut detail_of_row, added(*column, i));
+            }
             Ok(AuditRow {
                 event_id: event_id.value(i).to_owned(),
                 timestamp: at(timestamp.value(i)),
@@ -188,22 +236,7 @@ pub fn rows_from(batch: &RecordBatch) -> Result<Vec<AuditRow>, String> {
                 resource_id: opt(resource_id, i),
                 ip_address: opt(ip_address, i).and_then(|ip| ip.parse().ok()),
                 metadata: opt(metadata, i),
-                detail: EventDetail {
-                    actor_id: d(0),
-                    actor_context: d(1),
-                    actor_token_id: d(2),
-                    actor_token_name: d(3),
-                    action_description: d(4),
-                    resource_product: d(5),
-                    resource_scope: d(6),
-                    zone_id: d(7),
-                    zone_name: d(8),
-                    raw_method: d(9),
-                    raw_uri: d(10),
-                    raw_cf_ray_id: d(11),
-                    raw_user_agent: d(12),
-                    raw_status_code: status.and_then(|s| (!s.is_null(i)).then(|| s.value(i))),
-                },
+                detail: detail_of_row,
                 raw_event: Arc::from(raw_event.value(i)),
                 ingestion_time: if ingestion_time.is_null(i) {
                     Utc::now()

@@ -605,7 +605,7 @@ impl RowSink for Postgres {
         .bind(rows.iter().map(|r| r.api_version.as_str()).collect::<Vec<_>>());
         let query = DETAIL_TEXT
             .iter()
-            .fold(query, |query, (_, field)| query.bind(details(*field)));
+            .fold(query, |query, (_, field, _)| query.bind(details(*field)));
         let (fenced_in, inserted): (bool, i64) = query
             .bind(
                 rows.iter()

@@ -310,21 +310,24 @@ pub fn parquet_rows(root: &str, env: &[(String, String)]) -> Value {
 /// microseconds, JSON columns as parsed values).
 pub fn expected_row(raw: &[u8]) -> Option<BTreeMap<&'static str, Value>> {
     let event: Value = serde_json::from_slice(raw).ok()?;
-    if event.get("when").is_none() && event.get("action").and_then(|a| a.get("time")).is_some() {
-        return expected_row_v2(&event);
-    }
+    // v1 events have `when`, v2 events `action.time`.
+    let v2 =
+        event.get("when").is_none() && event.get("action").and_then(|a| a.get("time")).is_some();
     let id = event
         .get("id")?
         .as_str()
         .filter(|id| !id.trim().is_empty())?;
-    let when = chrono::DateTime::parse_from_rfc3339(event.get("when")?.as_str()?.trim()).ok()?;
-    let micros = when.with_timezone(&chrono::Utc).timestamp_micros();
-    let stamp = |micros: i64| {
-        chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros)
-            .unwrap()
-            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-            .to_string()
+    let time = match v2 {
+        false => event.get("when")?.as_str()?,
+        true => event["action"]["time"].as_str()?,
     };
+    let when = chrono::DateTime::parse_from_rfc3339(time.trim()).ok()?;
+    let stamp = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(
+        when.with_timezone(&chrono::Utc).timestamp_micros(),
+    )
+    .unwrap()
+    .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+    .to_string();
     // PostgreSQL cannot hold a NUL: the design stores it as the text `\u0000`.
     fn without_nul(value: &Value) -> Value {
         match value {
@@ -344,92 +347,21 @@ pub fn expected_row(raw: &[u8]) -> Option<BTreeMap<&'static str, Value>> {
         Some(Value::String(s)) => Value::String(s.clone()),
         Some(other) => Value::String(other.to_string()),
     };
-    let ip = match text("actor", "ip") {
+    let ip = match text("actor", if v2 { "ip_address" } else { "ip" }) {
         Value::String(ip) => ip
             .trim()
             .parse::<std::net::IpAddr>()
             .map_or(Value::Null, |ip| Value::String(ip.to_string())),
         _ => Value::Null,
     };
-    Some(BTreeMap::from([
+    let mut row = BTreeMap::from([
         ("event_id", Value::String(id.replace('\0', "\\u0000"))),
-        ("timestamp", Value::String(stamp(micros))),
-        ("account_id", Value::String(DEMO_ACCOUNT.to_owned())),
-        ("actor_email", text("actor", "email")),
-        ("actor_type", text("actor", "type")),
-        ("action_type", text("action", "type")),
-        ("action_result", text("action", "result")),
-        ("resource_type", text("resource", "type")),
-        ("resource_id", text("resource", "id")),
-        ("ip_address", ip),
-        (
-            "metadata",
-            match event.get("metadata") {
-                None | Some(Value::Null) => Value::Null,
-                Some(value) => value.clone(),
-            },
-        ),
-        ("raw_event", event.clone()),
-        ("api_version", Value::String("v1".into())),
-        ("actor_id", text("actor", "id")),
-        (
-            "zone_name",
-            match event.get("metadata").and_then(|m| m.get("zone_name")) {
-                Some(Value::String(name)) if !name.is_empty() => Value::String(name.clone()),
-                _ => Value::Null,
-            },
-        ),
-        ("actor_context", Value::Null),
-        ("actor_token_id", Value::Null),
-        ("actor_token_name", Value::Null),
-        ("action_description", Value::Null),
-        ("resource_product", Value::Null),
-        ("resource_scope", Value::Null),
-        ("zone_id", Value::Null),
-        ("raw_method", Value::Null),
-        ("raw_uri", Value::Null),
-        ("raw_cf_ray_id", Value::Null),
-        ("raw_user_agent", Value::Null),
-        ("raw_status_code", Value::Null),
-    ]))
-}
-
-/// The row a v2 event must become, decided from the API facts (not by the mapping's code).
-fn expected_row_v2(event: &Value) -> Option<BTreeMap<&'static str, Value>> {
-    let id = event
-        .get("id")?
-        .as_str()
-        .filter(|id| !id.trim().is_empty())?;
-    let time =
-        chrono::DateTime::parse_from_rfc3339(event["action"]["time"].as_str()?.trim()).ok()?;
-    let stamp = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(
-        time.with_timezone(&chrono::Utc).timestamp_micros(),
-    )
-    .unwrap()
-    .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-    .to_string();
-    let text = |object: &str, field: &str| match event.get(object).and_then(|o| o.get(field)) {
-        None | Some(Value::Null) => Value::Null,
-        Some(Value::String(s)) => Value::String(s.clone()),
-        Some(other) => Value::String(other.to_string()),
-    };
-    let ip = match text("actor", "ip_address") {
-        Value::String(ip) => ip
-            .trim()
-            .parse::<std::net::IpAddr>()
-            .map_or(Value::Null, |ip| Value::String(ip.to_string())),
-        _ => Value::Null,
-    };
-    let status = match event.get("raw").and_then(|r| r.get("status_code")) {
-        Some(Value::Number(n)) => n.as_i64().map_or(Value::Null, |n| json!(n)),
-        Some(Value::String(s)) => s.trim().parse::<i64>().map_or(Value::Null, |n| json!(n)),
-        _ => Value::Null,
-    };
-    Some(BTreeMap::from([
-        ("event_id", Value::String(id.to_owned())),
         ("timestamp", Value::String(stamp)),
         ("account_id", Value::String(DEMO_ACCOUNT.to_owned())),
-        ("api_version", Value::String("v2".into())),
+        (
+            "api_version",
+            Value::String(if v2 { "v2" } else { "v1" }.into()),
+        ),
         ("actor_email", text("actor", "email")),
         ("actor_type", text("actor", "type")),
         ("action_type", text("action", "type")),
@@ -437,23 +369,50 @@ fn expected_row_v2(event: &Value) -> Option<BTreeMap<&'static str, Value>> {
         ("resource_type", text("resource", "type")),
         ("resource_id", text("resource", "id")),
         ("ip_address", ip),
-        ("metadata", Value::Null),
         ("raw_event", event.clone()),
-        ("actor_id", text("actor", "id")),
-        ("actor_context", text("actor", "context")),
-        ("actor_token_id", text("actor", "token_id")),
-        ("actor_token_name", text("actor", "token_name")),
-        ("action_description", text("action", "description")),
-        ("resource_product", text("resource", "product")),
-        ("resource_scope", text("resource", "scope")),
-        ("zone_id", text("zone", "id")),
-        ("zone_name", text("zone", "name")),
-        ("raw_method", text("raw", "method")),
-        ("raw_uri", text("raw", "uri")),
-        ("raw_cf_ray_id", text("raw", "cf_ray_id")),
-        ("raw_user_agent", text("raw", "user_agent")),
-        ("raw_status_code", status),
-    ]))
+    ]);
+    // The detail columns: v2's from its fields of those names; v1 has only the actor's id and
+    // `metadata.zone_name`, and its metadata.
+    const DETAIL: [(&str, &str, &str); 13] = [
+        ("actor_id", "actor", "id"),
+        ("actor_context", "actor", "context"),
+        ("actor_token_id", "actor", "token_id"),
+        ("actor_token_name", "actor", "token_name"),
+        ("action_description", "action", "description"),
+        ("resource_product", "resource", "product"),
+        ("resource_scope", "resource", "scope"),
+        ("zone_id", "zone", "id"),
+        ("zone_name", "zone", "name"),
+        ("raw_method", "raw", "method"),
+        ("raw_uri", "raw", "uri"),
+        ("raw_cf_ray_id", "raw", "cf_ray_id"),
+        ("raw_user_agent", "raw", "user_agent"),
+    ];
+    for (column, object, field) in DETAIL {
+        row.insert(column, if v2 { text(object, field) } else { Value::Null });
+    }
+    if v2 {
+        let status = match event.get("raw").and_then(|r| r.get("status_code")) {
+            Some(Value::Number(n)) => n.as_i64().map_or(Value::Null, |n| json!(n)),
+            Some(Value::String(s)) => s.trim().parse::<i64>().map_or(Value::Null, |n| json!(n)),
+            _ => Value::Null,
+        };
+        row.insert("raw_status_code", status);
+        row.insert("metadata", Value::Null);
+    } else {
+        row.insert("raw_status_code", Value::Null);
+        row.insert(
+            "metadata",
+            event.get("metadata").cloned().unwrap_or(Value::Null),
+        );
+        row.insert("actor_id", text("actor", "id"));
+        let zone_name = match event.get("metadata").and_then(|m| m.get("zone_name")) {
+            Some(Value::String(name)) if !name.is_empty() => Value::String(name.clone()),
+            _ => Value::Null,
+        };
+        row.insert("zone_name", zone_name);
+    }
+    Some(row)
 }
 
 /// Every column of every row in both sinks equals the ground truth of the API's events

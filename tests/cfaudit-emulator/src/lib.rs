@@ -269,12 +269,17 @@ pub struct RequestRecord {
 impl RequestRecord {
     /// The last value of a query parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        last_param(&self.query, name)
     }
+}
+
+/// The last value of a query parameter (a repeated one counts as given last).
+pub(crate) fn last_param<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    query
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 struct State {
@@ -948,13 +953,7 @@ fn too_many(wait: Duration) -> HttpResponse {
 /// The success body for one page, or a 400 failure for a bad parameter.
 fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<Vec<u8>, Failure> {
     let config = &emulator.config;
-    let param = |name: &str| {
-        query
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let param = |name: &str| last_param(query, name);
     let number =
         |name: &str, default: usize| -> Result<usize, Failure> {
             match param(name) {

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::{parse_bound, uuid_from, EmulatorConfig, Failure, StoredEvent};
+use crate::{last_param, parse_bound, uuid_from, EmulatorConfig, Failure, StoredEvent};
 
 /// The filters v2 takes (each also as `<name>.not`, and as `<name>[]`), with where the value
 /// sits in an event.
@@ -213,13 +213,7 @@ pub(crate) fn page_body(
     events: &[StoredEvent],
     config: &EmulatorConfig,
 ) -> Result<Vec<u8>, Failure> {
-    let param = |name: &str| {
-        query
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let param = |name: &str| last_param(query, name);
     let bound = |name: &str| -> Result<DateTime<Utc>, Failure> {
         let value =
             param(name).ok_or_else(|| Failure::bad_request(format!("{name} is required")))?;
