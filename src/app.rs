@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use cfaudit_actors::{
     ApiVersion, CheckpointStore, Clock, Metrics, ParquetTarget, PgTarget, Pipeline, PipelineEvent,
@@ -14,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::settings::{DatabaseSettings, Settings};
 use crate::sinks::lake::ParquetLake;
-use crate::sinks::postgres::{Lease, Postgres};
+use crate::sinks::postgres::{Lease, LeaseSession, Postgres};
 use crate::sources::cloudflare::CloudflareClient;
 use crate::streams::{live_key, live_start, Stream};
 
@@ -42,12 +41,38 @@ pub struct RunSummary {
 }
 
 /// The adapters a pipeline runs on, opened from the configuration.
+#[derive(Clone)]
 pub struct Adapters {
-    pub account_id: String,
+    /// The accounts configured, in order.
+    pub accounts: Vec<String>,
     pub metrics: Arc<Metrics>,
     pub postgres: Postgres,
     pub lake: Arc<ParquetLake>,
     pub source: Arc<CloudflareClient>,
+}
+
+/// The accounts to collect: those configured, then, with discovery on, every other account
+/// the token is a member of (`GET /accounts`), in the order listed.
+pub async fn discover_accounts(
+    config: &Settings,
+    source: &CloudflareClient,
+) -> anyhow::Result<Vec<String>> {
+    let mut accounts = config.cloudflare.require_accounts()?;
+    if !config.cloudflare.discover_accounts {
+        return Ok(accounts);
+    }
+    let listed = source.list_accounts().await.map_err(|error| {
+        anyhow::anyhow!(
+            "listing the token's accounts (CLOUDFLARE_DISCOVER_ACCOUNTS) failed: {error}. Fix: \
+             check the token and CLOUDFLARE_API_BASE_URL, or name the accounts in CLOUDFLARE_ACCOUNT_IDS"
+        )
+    })?;
+    for account in listed {
+        if !accounts.contains(&account) {
+            accounts.push(account);
+        }
+    }
+    Ok(accounts)
 }
 
 /// Forgets the indexed events the API no longer has; a failure only delays that.
@@ -76,7 +101,7 @@ impl Adapters {
     /// Connects to the database (applying the migrations unless told not to), the object
     /// store and the API client.
     pub async fn open(config: &Settings, migrate: bool) -> anyhow::Result<Adapters> {
-        let account_id = config.cloudflare.require_source()?.to_owned();
+        let accounts = config.cloudflare.require_accounts()?;
         for warning in config.warnings() {
             warn!("{warning}");
         }
@@ -104,13 +129,48 @@ impl Adapters {
         let lake = Arc::new(ParquetLake::open(&config.lake)?);
         lake.check_layout()?;
         let source = Arc::new(CloudflareClient::new(&config.cloudflare, metrics.clone())?);
+        let accounts = match discover_accounts(config, &source).await {
+            Ok(all) => all,
+            Err(error) if accounts.is_empty() => return Err(error),
+            Err(error) => {
+                warn!(
+                    error = format!("{error:#}"),
+                    "collecting the accounts configured only, until a listing succeeds"
+                );
+                accounts
+            }
+        };
         Ok(Adapters {
-            account_id,
+            accounts,
             metrics,
             postgres,
             lake,
             source,
         })
+    }
+
+    /// The one account configured; commands that act on one account (a backfill) name it
+    /// with `--account` where several are configured.
+    pub fn account(&self, asked: Option<&str>) -> anyhow::Result<String> {
+        match (asked, self.accounts.as_slice()) {
+            (Some(asked), accounts) if accounts.iter().any(|a| a == asked) => Ok(asked.to_owned()),
+            (Some(asked), accounts) => Err(crate::settings::config_error(
+                "--account",
+                format!("{asked} is not among the accounts configured"),
+                format!("name one of {}", accounts.join(", ")),
+            )
+            .into()),
+            (None, [only]) => Ok(only.clone()),
+            (None, accounts) => Err(crate::settings::config_error(
+                "--account",
+                format!(
+                    "{} accounts are configured: which one is not clear",
+                    accounts.len()
+                ),
+                format!("name one of {}", accounts.join(", ")),
+            )
+            .into()),
+        }
     }
 
     /// Starts the pipeline on one stream under `lease`; `once` ends it after the first sweep
@@ -122,20 +182,16 @@ impl Adapters {
         once: bool,
         lease: u64,
     ) -> Pipeline {
+        let account = stream.account();
         Pipeline::start(PipelineParts {
             poller: config.poller(
-                &self.account_id,
+                account,
                 stream.api_version(),
                 stream.covers_since,
                 stream.covers_until,
                 once,
             ),
-            checkpointer: config.checkpointer(
-                &self.account_id,
-                stream.api_version(),
-                &stream.key,
-                lease,
-            ),
+            checkpointer: config.checkpointer(account, stream.api_version(), &stream.key, lease),
             source: self.source.clone(),
             sinks: vec![
                 Arc::new(PgTarget(Arc::new(self.postgres.clone()))),
@@ -149,101 +205,50 @@ impl Adapters {
         })
     }
 
-    /// Collects `stream` under its lease until the run ends: with `once`, the first sweep
-    /// that reaches the end of its window; otherwise a signal. A lease lost to another process
-    /// halts the pipeline; the service then waits to take the stream again, `once` fails.
-    /// `Ok(true)` when a signal cut it short.
-    pub async fn collect(
+    /// Collects `stream` once, under its lease in `session`, to the end of its window (a
+    /// backfill's range, or now for a live stream): the stream held by another process is
+    /// refused, with who holds it. `Ok(true)` when a signal cut it short.
+    pub async fn collect_once(
         &self,
         config: &Settings,
+        session: &LeaseSession,
         stream: &Stream,
-        once: bool,
     ) -> anyhow::Result<bool> {
-        let holder = holder_name();
         let mut signals = Signals::new()?;
-        let timeout = config.service.shutdown_timeout;
-        loop {
-            let Some(mut lease) = self.lease(stream, &holder, once, &mut signals).await? else {
-                return Ok(true);
-            };
-            info!(stream = %stream.key, lease = lease.token, holder = %holder, "stream leased");
-            let mut pipeline = self.start_pipeline(config, stream, once, lease.token);
-            let end = drive(
-                &mut pipeline,
-                once,
-                &self.postgres,
-                &stream.key,
-                &mut lease,
-                &mut signals,
-            )
-            .await;
-            match end {
-                Ok(RunEnd::Lost(reason)) => {
-                    pipeline.halt();
-                    lease.release().await;
-                    if once {
-                        anyhow::bail!(
-                            "{reason}; run the command again once the other process has finished"
-                        );
-                    }
-                    warn!(stream = %stream.key, %reason, "the stream was taken over; waiting to take it again");
-                    continue;
-                }
-                end => {
-                    if matches!(end, Ok(RunEnd::Signal)) {
-                        info!(
-                            ?timeout,
-                            "signal received: no new pages; committing what is in flight"
-                        );
-                    }
-                    if !pipeline.shutdown(timeout).await {
-                        warn!(?timeout, "in-flight batches did not commit in time; they are abandoned and fetched again next run");
-                    }
-                    lease.release().await;
-                    return end.map(|end| end == RunEnd::Signal);
-                }
-            }
+        let mut lease = match session.try_lease(&stream.key).await? {
+            Ok(lease) => lease,
+            Err(busy) => anyhow::bail!(
+                "stream {} is being collected by {busy}: another cfaudit (a service replica, `run --once` or the same backfill) holds it, and two processes on one stream would interfere. Stop it, or run this again when it has finished",
+                stream.key
+            ),
+        };
+        info!(stream = %stream.key, lease = lease.token, holder = %session.holder(), "stream leased");
+        let mut pipeline = self.start_pipeline(config, stream, true, lease.token);
+        let end = drive(
+            &mut pipeline,
+            true,
+            &self.postgres,
+            &stream.key,
+            &mut lease,
+            signals.recv(),
+        )
+        .await;
+        if let Ok(RunEnd::Lost(reason)) = end {
+            pipeline.halt();
+            lease.release().await;
+            anyhow::bail!("{reason}; run the command again once the other process has finished");
         }
-    }
-
-    /// The stream's lease. Held by another process: `once` refuses with who holds it, the
-    /// service waits (a rolling update: the old process lets go when it stops). `None` when
-    /// a signal came while waiting.
-    async fn lease(
-        &self,
-        stream: &Stream,
-        holder: &str,
-        once: bool,
-        signals: &mut Signals,
-    ) -> anyhow::Result<Option<Lease>> {
-        let mut told = None;
-        loop {
-            let wait = match self.postgres.try_lease(&stream.key, holder).await {
-                Ok(Ok(lease)) => return Ok(Some(lease)),
-                Ok(Err(busy)) if once => anyhow::bail!(
-                    "stream {} is being collected by {busy}: another cfaudit (a service replica, `run --once` or the same backfill) holds it, and two processes on one stream would interfere. Stop it, or run this again when it has finished",
-                    stream.key
-                ),
-                Ok(Err(busy)) => {
-                    let now = std::time::Instant::now();
-                    if told.is_none_or(|at: std::time::Instant| now - at > Duration::from_secs(60)) {
-                        info!(stream = %stream.key, holder = %busy,
-                            "the stream is held by another process; waiting to take it over when it stops");
-                        told = Some(now);
-                    }
-                    Duration::from_secs(1)
-                }
-                Err(error) if once => return Err(error),
-                Err(error) => {
-                    warn!(%error, stream = %stream.key, "could not take the stream's lease; retrying");
-                    Duration::from_secs(5)
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = signals.recv() => return Ok(None),
-            }
+        if matches!(end, Ok(RunEnd::Stopped)) {
+            info!(
+                timeout = ?config.service.shutdown_timeout,
+                "signal received: no new pages; committing what is in flight"
+            );
         }
+        if !pipeline.shutdown(config.service.shutdown_timeout).await {
+            warn!(timeout = ?config.service.shutdown_timeout, "in-flight batches did not commit in time; they are abandoned and fetched again next run");
+        }
+        lease.release().await;
+        end.map(|end| end == RunEnd::Stopped)
     }
 }
 
@@ -289,26 +294,26 @@ impl Signals {
 pub enum RunEnd {
     /// `once`: a sweep reached the end of its window.
     Done,
-    Signal,
+    /// Asked to stop: a signal, or the stream handed over to another replica.
+    Stopped,
     /// Another process holds the stream now.
     Lost(String),
 }
 
-/// Registers the live stream of one API version: it starts at INITIAL_CHECKPOINT (default one
-/// poll interval ago), or after the version's latest backfill if one ends later; a committed
-/// stream keeps its start.
-async fn register_live_stream(
-    adapters: &Adapters,
+/// Registers the live stream of one account's log of one API version: it starts at
+/// INITIAL_CHECKPOINT (default one poll interval ago), or after the log's latest backfill if
+/// one ends later; a committed stream keeps its start.
+pub async fn register_live_stream(
+    postgres: &Postgres,
     config: &Settings,
+    account: &str,
     api_version: ApiVersion,
 ) -> anyhow::Result<Stream> {
     let wanted = config.sweep.initial_checkpoint.unwrap_or_else(|| {
         Utc::now() - chrono::Duration::from_std(config.sweep.poll_interval).unwrap_or_default()
     });
-    let account = adapters.account_id.clone();
-    let key = live_key(&account, api_version);
-    let stream = adapters
-        .postgres
+    let key = live_key(account, api_version);
+    let stream = postgres
         .register_stream(&key, |streams| {
             let start = live_start(wanted, streams);
             let fresh = !streams.iter().any(|s| s.key == key && s.checkpoint.is_some());
@@ -329,53 +334,68 @@ async fn register_live_stream(
     Ok(stream)
 }
 
-/// Runs the service until a signal (or one sweep with `once`). The counts summary is for
-/// `--once` only: a service stopped by SIGTERM while its database is down still exits cleanly.
-pub async fn run(config: Settings, options: RunOptions) -> anyhow::Result<Option<RunSummary>> {
-    let adapters = Adapters::open(&config, !options.skip_migrations).await?;
+/// The live streams of the configuration: each account's log of each API version.
+pub async fn register_live_streams(
+    adapters: &Adapters,
+    config: &Settings,
+) -> anyhow::Result<Vec<Stream>> {
     let mut streams = Vec::new();
-    for &api_version in &config.cloudflare.api_versions.0 {
-        streams.push(register_live_stream(&adapters, &config, api_version).await?);
+    for account in &adapters.accounts {
+        for &api_version in &config.cloudflare.api_versions.0 {
+            streams.push(
+                register_live_stream(&adapters.postgres, config, account, api_version).await?,
+            );
+        }
     }
-    let account_id = adapters.account_id.clone();
+    Ok(streams)
+}
 
-    let http = if options.once {
-        None
-    } else {
-        let state = crate::http::HealthState {
-            metrics: adapters.metrics.clone(),
-            database: Postgres::lazy_pool(&config.database.url)?,
-            max_sweep_age: config.sweep.poll_interval * 3
-                + config.cloudflare.request_timeout * 4
-                + Duration::from_secs(60),
-            started: Utc::now(),
-        };
-        let (addr, server) = crate::http::serve(config.service.metrics_addr, state)?;
-        info!(%addr, "serving /metrics, /healthz and /readyz");
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        Some(handle)
-    };
-
-    // Each API version is a stream of its own, collected side by side (one request budget).
-    // The first stream to fail ends the run, the others cut short as by a crash (they resume
-    // from their checkpoints): a failed stream must not stop silently while another runs on.
-    let collecting = streams.iter().map(|stream| {
-        info!(account = %account_id, api_version = %stream.api_version(), once = options.once,
-            start = ?stream.covers_since, "collecting");
-        adapters.collect(&config, stream, options.once)
-    });
-    let outcome = futures::future::try_join_all(collecting).await;
-    if let Some(handle) = http {
-        handle.stop(true).await;
-    }
-    let interrupted = outcome?.into_iter().any(|interrupted| interrupted);
+/// Runs the service until a signal, or with `once` one sweep of every live stream up to now;
+/// then the counts of each account (`once` only: a service stopped by SIGTERM while its
+/// database is down still exits cleanly). Every stream is collected on its own: one that
+/// fails (an account the token may not read, a deleted account) is reported and never stops
+/// the others.
+pub async fn run(config: Settings, options: RunOptions) -> anyhow::Result<Vec<RunSummary>> {
+    let adapters = Adapters::open(&config, !options.skip_migrations).await?;
+    let streams = register_live_streams(&adapters, &config).await?;
     if !options.once {
-        return Ok(None);
+        crate::service::serve(adapters, config, streams).await?;
+        return Ok(Vec::new());
     }
-    summary(&adapters.postgres, &account_id, &streams, interrupted)
-        .await
-        .map(Some)
+    let session = LeaseSession::open(&adapters.postgres, &holder_name()).await?;
+    let collecting = streams.iter().map(|stream| {
+        info!(account = %stream.account(), api_version = %stream.api_version(), once = true,
+            start = ?stream.covers_since, "collecting");
+        adapters.collect_once(&config, &session, stream)
+    });
+    let outcomes = futures::future::join_all(collecting).await;
+    session.close().await;
+    let mut failures = Vec::new();
+    let mut interrupted = false;
+    for (stream, outcome) in streams.iter().zip(outcomes) {
+        match outcome {
+            Ok(cut_short) => interrupted |= cut_short,
+            Err(error) => failures.push(format!("stream {}: {error:#}", stream.key)),
+        }
+    }
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "{} of {} streams failed (the others completed): {}",
+            failures.len(),
+            streams.len(),
+            failures.join("; ")
+        );
+    }
+    let mut summaries = Vec::new();
+    for account in &adapters.accounts {
+        let own: Vec<Stream> = streams
+            .iter()
+            .filter(|s| s.account() == account)
+            .cloned()
+            .collect();
+        summaries.push(summary(&adapters.postgres, account, &own, interrupted).await?);
+    }
+    Ok(summaries)
 }
 
 /// TimescaleDB's compression and retention policies from the configuration.
@@ -403,23 +423,24 @@ pub async fn apply_policies(
 }
 
 /// Waits for the end of the run (with `once`, the first sweep that reaches the end of its
-/// window), recording each completed sweep of `stream`.
+/// window; otherwise `stop`), recording each completed sweep of `stream`.
 pub async fn drive(
     pipeline: &mut Pipeline,
     once: bool,
     postgres: &Postgres,
     stream: &str,
     lease: &mut Lease,
-    signals: &mut Signals,
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<RunEnd> {
     // In the background, one at a time: a first refresh over a long backlog takes a while,
-    // and signals and a lost lease must still be heard meanwhile.
+    // and a stop and a lost lease must still be heard meanwhile.
     let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
+    let mut stop = std::pin::pin!(stop);
     loop {
         tokio::select! {
             event = pipeline.next_event() => match event {
                 Some(PipelineEvent::SweepCompleted { account_id, checkpoint }) => {
-                    info!(account = %account_id, ?checkpoint, "sweep committed");
+                    info!(account = %account_id, %stream, ?checkpoint, "sweep committed");
                     if let Err(error) = postgres.record_sweep(stream).await {
                         warn!(%error, "could not record the sweep's time (cfaudit status shows it)");
                     }
@@ -440,7 +461,7 @@ pub async fn drive(
                 None => anyhow::bail!("the pipeline stopped unexpectedly"),
             },
             reason = lease.lost() => return Ok(RunEnd::Lost(reason)),
-            _ = signals.recv() => return Ok(RunEnd::Signal),
+            _ = &mut stop => return Ok(RunEnd::Stopped),
         }
     }
 }

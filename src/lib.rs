@@ -11,6 +11,7 @@
 pub mod app;
 pub mod cli;
 pub mod http;
+pub mod service;
 pub mod settings;
 pub mod sinks;
 pub mod sources;

@@ -50,6 +50,9 @@ enum Command {
         /// CLOUDFLARE_API_VERSIONS names; required when it names both.
         #[arg(long, value_parser = version_arg)]
         api_version: Option<ApiVersion>,
+        /// The account to backfill. Default: the one configured; required when several are.
+        #[arg(long)]
+        account: Option<String>,
     },
     /// Create the database if missing and apply the migrations.
     Migrate,
@@ -100,8 +103,9 @@ async fn main() -> ExitCode {
             },
         )
         .await
-        .map(|summary| {
-            if let Some(summary) = summary {
+        .map(|summaries| {
+            // One line per account.
+            for summary in summaries {
                 println!("{}", serde_json::to_string(&summary).expect("plain data"));
             }
         }),
@@ -109,11 +113,14 @@ async fn main() -> ExitCode {
             since,
             until,
             api_version,
-        } => cfaudit::cli::backfill::backfill(config, since, until, api_version)
-            .await
-            .map(|summary| {
-                println!("{}", serde_json::to_string(&summary).expect("plain data"));
-            }),
+            account,
+        } => {
+            cfaudit::cli::backfill::backfill(config, since, until, api_version, account.as_deref())
+                .await
+                .map(|summary| {
+                    println!("{}", serde_json::to_string(&summary).expect("plain data"));
+                })
+        }
         Command::Migrate => migrate(&config).await,
         Command::Status { json } => cfaudit::cli::status::status(&config).await.map(|status| {
             if json {

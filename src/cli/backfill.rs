@@ -12,8 +12,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
 use tracing::info;
 
-use crate::app::Adapters;
+use crate::app::{holder_name, Adapters};
 use crate::settings::{ConfigError, Settings};
+use crate::sinks::postgres::LeaseSession;
 use crate::streams::{backfill_key, live_key, Stream};
 
 /// What a backfill did, printed as one JSON line.
@@ -48,10 +49,11 @@ pub async fn backfill(
     since: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
     api_version: Option<ApiVersion>,
+    account: Option<&str>,
 ) -> anyhow::Result<BackfillSummary> {
     let api_version = which_version(&config, api_version)?;
     let adapters = Adapters::open(&config, true).await?;
-    let account = adapters.account_id.clone();
+    let account = adapters.account(account)?;
     let live = live_key(&account, api_version);
     // Whole seconds: the default --until (now) must pass the range check itself.
     let now = Utc::now().trunc_subsecs(0);
@@ -82,7 +84,9 @@ pub async fn backfill(
 
     let source = SourceKey::new(&account, api_version);
     let progress = Progress::start(adapters.metrics.clone(), source.clone(), since, until);
-    let outcome = adapters.collect(&config, &stream, true).await;
+    let session = LeaseSession::open(&adapters.postgres, &holder_name()).await?;
+    let outcome = adapters.collect_once(&config, &session, &stream).await;
+    session.close().await;
     progress.finish();
     let reached = adapters
         .metrics

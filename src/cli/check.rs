@@ -49,13 +49,18 @@ pub async fn run_checks(config: &Settings) -> Vec<Check> {
 }
 
 fn check_config(config: &Settings) -> Result<String, String> {
-    config
+    let accounts = config
         .cloudflare
-        .require_source()
+        .require_accounts()
         .map_err(|e| e.to_string())?;
     Ok(format!(
-        "account {}, API {}, Parquet {}",
-        config.cloudflare.account_id.as_deref().unwrap_or_default(),
+        "{} {}, API {}, Parquet {}",
+        if accounts.len() == 1 {
+            "account"
+        } else {
+            "accounts"
+        },
+        accounts.join(", "),
         config.cloudflare.api_base_url,
         config.lake.parquet_url
     ))
@@ -99,44 +104,52 @@ async fn check_object_store(config: &Settings) -> Result<String, String> {
 }
 
 async fn check_api(config: &Settings) -> Result<String, String> {
+    let accounts = config
+        .cloudflare
+        .require_accounts()
+        .map_err(|e| e.to_string())?;
     let client =
         CloudflareClient::new(&config.cloudflare, Metrics::new()).map_err(|e| format!("{e:#}"))?;
     let client: Arc<dyn AuditSource> = Arc::new(client);
     let now = Utc::now();
     let mut read = Vec::new();
-    // Each configured API once: a token may read one and not the other.
-    for &api_version in &config.cloudflare.api_versions.0 {
-        let request = PageRequest {
-            account_id: config.cloudflare.account_id.clone().unwrap_or_default(),
-            api_version,
-            since: now - chrono::Duration::days(1),
-            before: now,
-            direction: Direction::Desc,
-            page: 1,
-            per_page: 1,
-            cursor: None,
-            hide_user_logs: config.cloudflare.hide_user_logs,
-        };
-        match client.fetch_page(&request).await {
-            Ok(events) => read.push(format!(
-                "{api_version}: {} event(s) in the last day's first page",
-                events.len()
-            )),
-            Err(SourceError::Auth(reason)) => {
-                return Err(format!(
-                    "{api_version}: {reason}. Fix: use a token with 'Account Settings: Read' for account {}",
-                    request.account_id
-                ))
-            }
-            Err(other) => {
-                return Err(format!(
-                    "{api_version}: {other}. Fix: check CLOUDFLARE_API_BASE_URL and the network"
-                ))
+    let mut refused = Vec::new();
+    // Each account and each configured API once: a token may read one and not the other.
+    for account_id in &accounts {
+        for &api_version in &config.cloudflare.api_versions.0 {
+            let request = PageRequest {
+                account_id: account_id.clone(),
+                api_version,
+                since: now - chrono::Duration::days(1),
+                before: now,
+                direction: Direction::Desc,
+                page: 1,
+                per_page: 1,
+                cursor: None,
+                hide_user_logs: config.cloudflare.hide_user_logs,
+            };
+            match client.fetch_page(&request).await {
+                Ok(events) => read.push(format!(
+                    "{account_id} {api_version}: {} event(s) in the last day's first page",
+                    events.len()
+                )),
+                Err(SourceError::Auth(reason)) => refused.push(format!(
+                    "{account_id} {api_version}: {reason}. Fix: use a token with 'Account Settings: Read' \
+                     for account {account_id}, or remove the account from the configuration"
+                )),
+                Err(other) => {
+                    return Err(format!(
+                        "{account_id} {api_version}: {other}. Fix: check CLOUDFLARE_API_BASE_URL and the network"
+                    ))
+                }
             }
         }
     }
+    if !refused.is_empty() {
+        return Err(refused.join("; "));
+    }
     Ok(format!(
-        "the token can read the account's audit logs ({})",
+        "the token can read the audit logs ({})",
         read.join("; ")
     ))
 }

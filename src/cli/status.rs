@@ -7,11 +7,15 @@ use cfaudit_actors::ApiVersion;
 
 use crate::settings::Settings;
 use crate::sinks::lake::ParquetLake;
-use crate::sinks::postgres::{AccountStatus, Postgres, TimescaleState};
+use crate::sinks::postgres::{AccountStatus, Postgres, Replica, StreamOwner, TimescaleState};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub accounts: Vec<AccountStatus>,
+    /// The service replicas running now.
+    pub replicas: Vec<Replica>,
+    /// Every stream: who collects it now (or collected it last).
+    pub streams: Vec<StreamOwner>,
     /// Files in the staging area: uncommitted work, or leftovers a start-up will clean.
     pub staged_files: usize,
     /// TimescaleDB's chunks and policies; `None` on plain PostgreSQL.
@@ -21,6 +25,8 @@ pub struct Status {
 pub async fn status(config: &Settings) -> anyhow::Result<Status> {
     let postgres = Postgres::connect(&config.database.url, 2, None).await?;
     let accounts = postgres.account_statuses().await?;
+    let replicas = postgres.live_replicas().await?;
+    let streams = postgres.stream_owners().await?;
     let lake = ParquetLake::open(&config.lake)?;
     let staged_files = lake
         .staged_names("")
@@ -30,6 +36,8 @@ pub async fn status(config: &Settings) -> anyhow::Result<Status> {
     let timescaledb = postgres.timescale_state().await?;
     Ok(Status {
         accounts,
+        replicas,
+        streams,
         staged_files,
         timescaledb,
     })
@@ -65,6 +73,19 @@ impl std::fmt::Display for Status {
                     .map_or("none".to_owned(), |c| c.to_rfc3339());
                 writeln!(f, "  {} checkpoint   {checkpoint}", live.api_version())?;
             }
+            for owner in self
+                .streams
+                .iter()
+                .filter(|o| o.stream.split('.').next() == Some(a.account_id.as_str()))
+            {
+                let who = owner.holder.as_deref().unwrap_or("nobody yet");
+                let state = if owner.held {
+                    format!("collected by {who}")
+                } else {
+                    format!("not collected now (last by {who})")
+                };
+                writeln!(f, "  stream          {} {state}", owner.stream)?;
+            }
             writeln!(
                 f,
                 "  last commit     {} ({} commits)",
@@ -99,6 +120,16 @@ impl std::fmt::Display for Status {
                     b.range()
                 )?;
             }
+        }
+        let names: Vec<&str> = self.replicas.iter().map(|r| r.name.as_str()).collect();
+        match names.as_slice() {
+            [] => writeln!(f, "replicas        none running")?,
+            names => writeln!(
+                f,
+                "replicas        {} running: {}",
+                names.len(),
+                names.join(", ")
+            )?,
         }
         match &self.timescaledb {
             Some(state) => writeln!(f, "database        {state}")?,

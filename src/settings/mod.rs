@@ -80,9 +80,25 @@ pub struct CloudflareSettings {
     /// Legacy global API key (`X-Auth-Key`). Also from `CLOUDFLARE_API_KEY_FILE`.
     #[serde(rename = "cloudflare_api_key")]
     pub api_key: Option<Secret>,
-    /// The account whose audit logs are collected (32 hex characters).
+    /// The account whose audit logs are collected (32 hex characters). For several, use
+    /// `CLOUDFLARE_ACCOUNT_IDS`; both may be set (the union is collected).
     #[serde(rename = "cloudflare_account_id")]
     pub account_id: Option<String>,
+    /// Several accounts, comma-separated: each is collected as streams of its own (its own
+    /// checkpoint, dead letters and failures), all on the one token and its request budget.
+    #[serde(rename = "cloudflare_account_ids")]
+    #[schemars(with = "Option<String>")]
+    pub account_ids: Option<AccountIds>,
+    /// Also collect every account the token is a member of (`GET /accounts`), listed again
+    /// every `CLOUDFLARE_DISCOVERY_INTERVAL_SECONDS`: new accounts are collected from then on,
+    /// accounts that left the list stop being collected (what they stored stays).
+    #[serde(rename = "cloudflare_discover_accounts")]
+    pub discover_accounts: bool,
+    /// Seconds between two listings of the token's accounts (with discovery on).
+    #[serde(rename = "cloudflare_discovery_interval_seconds")]
+    #[serde_as(as = "DurationSeconds<u64>")]
+    #[schemars(with = "u64")]
+    pub discovery_interval: Duration,
     /// API base URL; point it at the emulator for demos and tests.
     #[serde(rename = "cloudflare_api_base_url")]
     pub api_base_url: String,
@@ -246,6 +262,9 @@ impl Default for CloudflareSettings {
             api_email: None,
             api_key: None,
             account_id: None,
+            account_ids: None,
+            discover_accounts: false,
+            discovery_interval: Duration::from_secs(3600),
             api_base_url: "https://api.cloudflare.com/client/v4".into(),
             per_page: 1000,
             direction: Direction::Asc,
@@ -263,26 +282,32 @@ impl Default for CloudflareSettings {
 }
 
 impl CloudflareSettings {
-    /// The account to collect, once what polling needs is checked: credentials and an
-    /// account id.
-    pub fn require_source(&self) -> Result<&str, ConfigError> {
-        let account_id = match &self.account_id {
-            None => {
-                return Err(config_error(
-                    "cloudflare_account_id",
-                    "not set",
-                    "set it to the 32-hex account id from the dashboard URL",
-                ))
+    /// The accounts configured, in order, once what polling needs is checked: credentials,
+    /// and at least one account id unless discovery is on.
+    pub fn require_accounts(&self) -> Result<Vec<String>, ConfigError> {
+        let mut accounts: Vec<String> = Vec::new();
+        let listed = self.account_ids.iter().flat_map(|ids| ids.0.iter());
+        for id in self.account_id.iter().chain(listed) {
+            if !accounts.contains(id) {
+                accounts.push(id.clone());
             }
-            Some(id) if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) => {
-                return Err(config_error(
-                    "cloudflare_account_id",
-                    format!("{id:?} is not an account id"),
-                    "use the 32-hex account id from the dashboard URL",
-                ));
-            }
-            Some(id) => id,
-        };
+        }
+        if let Some(id) = accounts.iter().find(|id| !is_account_id(id)) {
+            return Err(config_error(
+                "cloudflare_account_id",
+                format!("{id:?} is not an account id"),
+                "use the 32-hex account id from the dashboard URL",
+            ));
+        }
+        if accounts.is_empty() && !self.discover_accounts {
+            return Err(config_error(
+                "cloudflare_account_id",
+                "not set",
+                "set CLOUDFLARE_ACCOUNT_ID to the 32-hex account id from the dashboard URL, \
+                 CLOUDFLARE_ACCOUNT_IDS to several, comma-separated, or \
+                 CLOUDFLARE_DISCOVER_ACCOUNTS=true for every account the token is a member of",
+            ));
+        }
         let key_auth = self.api_email.is_some() && self.api_key.is_some();
         if self.api_token.is_none() && !key_auth {
             return Err(config_error(
@@ -291,7 +316,42 @@ impl CloudflareSettings {
                 "create an API token with 'Account Settings: Read' and set CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_TOKEN_FILE)",
             ));
         }
-        Ok(account_id)
+        Ok(accounts)
+    }
+}
+
+/// Account ids are alphanumeric: stream keys put a `.` after them and never a `-`.
+fn is_account_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Accounts, comma-separated; blanks around commas are ignored.
+#[derive(Clone, Debug, PartialEq, Eq, SerializeDisplay, DeserializeFromStr)]
+pub struct AccountIds(pub Vec<String>);
+
+impl std::str::FromStr for AccountIds {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut ids: Vec<String> = Vec::new();
+        for id in text.split(',').map(str::trim).filter(|id| !id.is_empty()) {
+            if !is_account_id(id) {
+                return Err(format!(
+                    "{id:?} is not an account id (32 hex characters from the dashboard URL)"
+                ));
+            }
+            if ids.iter().any(|known| known == id) {
+                return Err(format!("{id} is named twice"));
+            }
+            ids.push(id.to_owned());
+        }
+        Ok(AccountIds(ids))
+    }
+}
+
+impl fmt::Display for AccountIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(","))
     }
 }
 
@@ -472,6 +532,17 @@ pub struct ServiceSettings {
     /// `text`, `json`, or `auto` (text on a terminal, JSON otherwise). The level comes from
     /// `RUST_LOG` (default `info,sqlx=warn`).
     pub log_format: LogFormat,
+    /// This process's name among the replicas sharing the database (each must differ).
+    /// Default: the host name and process id.
+    #[serde(rename = "cfaudit_replica_name")]
+    pub replica_name: Option<String>,
+    /// How often a replica looks at which replicas are alive and takes or hands over streams:
+    /// a stream of a replica that died is taken over within this time, plus the start of its
+    /// pipeline.
+    #[serde(rename = "cfaudit_rebalance_interval_seconds")]
+    #[serde_as(as = "DurationSeconds<u64>")]
+    #[schemars(with = "u64")]
+    pub rebalance_interval: Duration,
 }
 
 impl Default for ServiceSettings {
@@ -480,6 +551,8 @@ impl Default for ServiceSettings {
             metrics_addr: "127.0.0.1:9464".parse().expect("valid"),
             shutdown_timeout: Duration::from_secs(30),
             log_format: LogFormat::Auto,
+            replica_name: None,
+            rebalance_interval: Duration::from_secs(2),
         }
     }
 }

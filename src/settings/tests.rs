@@ -40,7 +40,7 @@ fn the_original_env_names_work() {
         settings.sweep.initial_checkpoint.unwrap().to_rfc3339(),
         "2026-01-02T00:00:00+00:00"
     );
-    assert_eq!(settings.cloudflare.require_source().unwrap(), "abc123");
+    assert_eq!(settings.cloudflare.require_accounts().unwrap(), ["abc123"]);
 }
 
 #[test]
@@ -167,13 +167,47 @@ fn a_budget_above_cloudflares_limit_is_allowed_but_warned_about() {
 #[test]
 fn missing_credentials_are_named() {
     let settings = Settings::load_from(None, env(&[("CLOUDFLARE_ACCOUNT_ID", "abc")])).unwrap();
-    let error = settings.cloudflare.require_source().unwrap_err();
+    let error = settings.cloudflare.require_accounts().unwrap_err();
     assert_eq!(error.key, "CLOUDFLARE_API_TOKEN");
     let settings = Settings::load_from(None, env(&[("CLOUDFLARE_API_TOKEN", "t")])).unwrap();
     assert_eq!(
-        settings.cloudflare.require_source().unwrap_err().key,
+        settings.cloudflare.require_accounts().unwrap_err().key,
         "CLOUDFLARE_ACCOUNT_ID"
     );
+}
+
+/// Several accounts: the list, the single one beside it (the union, in order, once each), and
+/// a bad entry named with the variable that holds it.
+#[test]
+fn account_lists_are_read_checked_and_joined() {
+    let load = |vars: &[(&str, &str)]| {
+        let mut all = vec![("CLOUDFLARE_API_TOKEN", "t")];
+        all.extend_from_slice(vars);
+        Settings::load_from(None, env(&all))
+    };
+    let settings = load(&[
+        ("CLOUDFLARE_ACCOUNT_ID", "aaa1"),
+        ("CLOUDFLARE_ACCOUNT_IDS", " bbb2, aaa1 ,ccc3,"),
+    ])
+    .unwrap();
+    assert_eq!(
+        settings.cloudflare.require_accounts().unwrap(),
+        ["aaa1", "bbb2", "ccc3"]
+    );
+    let settings = load(&[("CLOUDFLARE_ACCOUNT_IDS", "bbb2")]).unwrap();
+    assert_eq!(settings.cloudflare.require_accounts().unwrap(), ["bbb2"]);
+    for (bad, problem) in [("bbb2,not-an-id", "not-an-id"), ("bbb2,bbb2", "twice")] {
+        let error = load(&[("CLOUDFLARE_ACCOUNT_IDS", bad)]).unwrap_err();
+        assert_eq!(error.key, "CLOUDFLARE_ACCOUNT_IDS", "{error}");
+        assert!(error.to_string().contains(problem), "{error}");
+    }
+    let error = load(&[("CLOUDFLARE_ACCOUNT_IDS", " , ")])
+        .unwrap()
+        .cloudflare
+        .require_accounts()
+        .unwrap_err();
+    assert_eq!(error.key, "CLOUDFLARE_ACCOUNT_ID");
+    assert!(error.fix.contains("CLOUDFLARE_ACCOUNT_IDS"), "{error}");
 }
 
 #[test]

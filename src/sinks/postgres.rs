@@ -15,13 +15,15 @@ use ipnetwork::IpNetwork;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::{Connection, PgConnection, PgPool};
-use tokio::sync::{oneshot, watch};
+use sqlx::PgPool;
 use tracing::{info, warn};
 
 use crate::settings::Secret;
+
+mod leases;
 use crate::sinks::dataset::{DetailField, DETAIL_TEXT};
 use crate::streams::{backfill_key_prefix, Stream};
+pub use leases::{Lease, LeaseHolder, LeaseSession, Replica, StreamOwner};
 
 /// Embedded at compile time: the binary carries its schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -543,9 +545,10 @@ pub async fn answers(pool: &PgPool) -> bool {
 #[async_trait]
 impl RowSink for Postgres {
     /// One statement per batch: UNNEST keeps the bind count fixed whatever the batch size.
-    /// A row already present (left by an attempt that never committed) takes the new
-    /// `ingestion_time`: the one the Parquet file of the committing batch carries, so both
-    /// sinks agree column for column; a committed row keeps the one of the dataset, except
+    /// A row already present (left by an attempt that never committed, of this stream or of
+    /// another account that sees the same user-level event) takes the new `ingestion_time`
+    /// and `account_id`: those the Parquet file of the committing batch carries, so both
+    /// sinks agree column for column; a committed row keeps the dataset's, except
     /// in a replay (no fence), which copies the dataset's. `xmax = 0` tells inserted rows
     /// from updated.
     /// With a fence, nothing is written unless the fence's lease is the stream's: a process
@@ -579,7 +582,8 @@ impl RowSink for Postgres {
                   AS u(e, t, a, ae, aty, ty, r, rt, ri, ip, m, raw, it, \
                        v, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, sc) \
              WHERE (SELECT ok FROM fence) \
-             ON CONFLICT (timestamp, event_id) DO UPDATE SET ingestion_time = EXCLUDED.ingestion_time \
+             ON CONFLICT (timestamp, event_id) DO UPDATE SET ingestion_time = EXCLUDED.ingestion_time, \
+                                                             account_id = EXCLUDED.account_id \
                 WHERE $14::text IS NULL OR NOT cfaudit_in_lake(audit_logs.timestamp, audit_logs.event_id) \
              RETURNING (xmax = 0) AS inserted, timestamp, event_id), \
              rewritten AS (INSERT INTO cfaudit_rewritten_rows (event_time, event_id) \
@@ -766,13 +770,16 @@ impl CheckpointStore for Postgres {
                                     WHERE r.event_time = u.t AND r.event_id = u.id \
                                       AND EXISTS (SELECT 1 FROM cfaudit_rewritten_rows) \
                                     RETURNING r.event_time, r.event_id) \
-                     UPDATE audit_logs a SET ingestion_time = $3 FROM fixed f \
+                     UPDATE audit_logs a SET ingestion_time = $3, account_id = split_part($4, '.', 1) \
+                     FROM fixed f \
                      WHERE a.timestamp = f.event_time AND a.event_id = f.event_id \
-                       AND a.ingestion_time IS DISTINCT FROM $3",
+                       AND (a.ingestion_time IS DISTINCT FROM $3 \
+                            OR a.account_id IS DISTINCT FROM split_part($4, '.', 1))",
                 )
                 .bind(e.iter().map(|x| x.id.as_str()).collect::<Vec<_>>())
                 .bind(e.iter().map(|x| x.when).collect::<Vec<_>>())
                 .bind(ingestion_time)
+                .bind(stream)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| sink_error("set the batch's ingestion_time", e))?;
@@ -797,8 +804,8 @@ impl CheckpointStore for Postgres {
         if !record.files.is_empty() {
             let f = &record.files;
             sqlx::query(
-                "INSERT INTO cfaudit_parquet_files (final_path, account_id, commit_seq, staged_path, partition, rows, bytes) \
-                 SELECT u.final_path, $2, $3, u.staged_path, u.partition, u.rows, u.bytes \
+                "INSERT INTO cfaudit_parquet_files (final_path, account_id, commit_seq, staged_path, partition, rows, bytes, lease_token) \
+                 SELECT u.final_path, $2, $3, u.staged_path, u.partition, u.rows, u.bytes, $8 \
                  FROM UNNEST($1::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[]) \
                       AS u(final_path, staged_path, partition, rows, bytes)",
             )
@@ -809,6 +816,7 @@ impl CheckpointStore for Postgres {
             .bind(f.iter().map(|(s, _)| s.partition.as_str()).collect::<Vec<_>>())
             .bind(f.iter().map(|(s, _)| s.rows as i64).collect::<Vec<_>>())
             .bind(f.iter().map(|(s, _)| s.bytes as i64).collect::<Vec<_>>())
+            .bind(record.fence.lease as i64)
             .execute(&mut *tx)
             .await
             .map_err(|e| sink_error("record parquet files", e))?;
@@ -934,243 +942,6 @@ impl std::fmt::Display for TimescaleState {
         match &self.drop_after {
             Some(age) => write!(f, "retention {age}"),
             None => write!(f, "no retention policy"),
-        }
-    }
-}
-
-/// Who holds a stream's lease, as far as the database knows.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LeaseHolder {
-    pub holder: Option<String>,
-    pub since: Option<DateTime<Utc>>,
-}
-
-impl std::fmt::Display for LeaseHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.holder, self.since) {
-            (Some(holder), Some(since)) => write!(f, "{holder} (since {})", since.to_rfc3339()),
-            (Some(holder), None) => write!(f, "{holder}"),
-            _ => write!(f, "another process"),
-        }
-    }
-}
-
-/// A stream's lease held by this process: a PostgreSQL advisory lock on a connection of its
-/// own (released by the server the moment that connection dies: a killed process frees its
-/// streams at once), and the token every write and commit is fenced on. A task keeps the
-/// connection alive; if it breaks, the task takes the lock again, unless another process
-/// took the stream meanwhile: then [`Lease::lost`] fires.
-pub struct Lease {
-    pub token: u64,
-    lost: watch::Receiver<Option<String>>,
-    release: Option<oneshot::Sender<()>>,
-    done: Option<oneshot::Receiver<()>>,
-}
-
-impl Lease {
-    /// Resolves when the lease is gone to another process, with why.
-    pub async fn lost(&mut self) -> String {
-        loop {
-            if let Some(reason) = self.lost.borrow().clone() {
-                return reason;
-            }
-            if self.lost.changed().await.is_err() {
-                return "the lease keeper stopped".into();
-            }
-        }
-    }
-
-    /// Unlocks and closes the lease's connection.
-    pub async fn release(mut self) {
-        if let Some(release) = self.release.take() {
-            let _ = release.send(());
-        }
-        if let Some(done) = self.done.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
-        }
-    }
-}
-
-/// How often the lease's connection is checked.
-const LEASE_CHECK: Duration = Duration::from_secs(2);
-
-fn lease_key_sql() -> &'static str {
-    "hashtextextended('cfaudit.stream.' || $1, 0)"
-}
-
-impl Postgres {
-    /// A connection for a lease: the server probes it every few seconds, so the lock of a
-    /// process cut off by the network is released within half a minute.
-    async fn lease_connection(&self) -> Result<PgConnection, sqlx::Error> {
-        let mut conn = PgConnection::connect_with(&self.options).await?;
-        sqlx::raw_sql(
-            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
-        )
-        .execute(&mut conn)
-        .await?;
-        Ok(conn)
-    }
-
-    /// Takes the stream's lease if no other process holds it; otherwise says who does.
-    pub async fn try_lease(
-        &self,
-        stream: &str,
-        holder: &str,
-    ) -> anyhow::Result<Result<Lease, LeaseHolder>> {
-        let mut conn = self.lease_connection().await?;
-        let (locked,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT pg_try_advisory_lock({})",
-            lease_key_sql()
-        )))
-        .bind(stream)
-        .fetch_one(&mut conn)
-        .await?;
-        if !locked {
-            let held: Option<(Option<String>, Option<DateTime<Utc>>)> = sqlx::query_as(
-                "SELECT lease_holder, leased_at FROM cfaudit_checkpoints WHERE account_id = $1",
-            )
-            .bind(stream)
-            .fetch_optional(&mut conn)
-            .await?;
-            let _ = conn.close().await;
-            let (holder, since) = held.unwrap_or_default();
-            return Ok(Err(LeaseHolder { holder, since }));
-        }
-        sqlx::query(
-            "INSERT INTO cfaudit_checkpoints (account_id) VALUES ($1) ON CONFLICT DO NOTHING",
-        )
-        .bind(stream)
-        .execute(&mut conn)
-        .await?;
-        let (token,): (i64,) = sqlx::query_as(
-            "UPDATE cfaudit_checkpoints SET lease_token = lease_token + 1, lease_holder = $2, leased_at = NOW() \
-             WHERE account_id = $1 RETURNING lease_token",
-        )
-        .bind(stream)
-        .bind(holder)
-        .fetch_one(&mut conn)
-        .await?;
-        let token = token as u64;
-        let (lost_tx, lost) = watch::channel(None);
-        let (release, released) = oneshot::channel();
-        let (done_tx, done) = oneshot::channel();
-        let keeper = LeaseKeeper {
-            postgres: self.clone(),
-            stream: stream.to_owned(),
-            holder: holder.to_owned(),
-            token,
-        };
-        actix_rt::spawn(async move {
-            keeper.keep(conn, released, lost_tx).await;
-            let _ = done_tx.send(());
-        });
-        Ok(Ok(Lease {
-            token,
-            lost,
-            release: Some(release),
-            done: Some(done),
-        }))
-    }
-
-    /// Who holds (or last held) each stream's lease: `(stream, holder)`.
-    pub async fn lease_holders(&self) -> anyhow::Result<Vec<(String, LeaseHolder)>> {
-        let rows: Vec<(String, Option<String>, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT account_id, lease_holder, leased_at FROM cfaudit_checkpoints ORDER BY account_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(stream, holder, since)| (stream, LeaseHolder { holder, since }))
-            .collect())
-    }
-}
-
-struct LeaseKeeper {
-    postgres: Postgres,
-    stream: String,
-    holder: String,
-    token: u64,
-}
-
-impl LeaseKeeper {
-    async fn keep(
-        &self,
-        mut conn: PgConnection,
-        mut released: oneshot::Receiver<()>,
-        lost: watch::Sender<Option<String>>,
-    ) {
-        loop {
-            tokio::select! {
-                _ = &mut released => {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT pg_advisory_unlock({})", lease_key_sql())))
-                        .bind(&self.stream)
-                        .execute(&mut conn)
-                        .await;
-                    let _ = conn.close().await;
-                    return;
-                }
-                _ = tokio::time::sleep(LEASE_CHECK) => {}
-            }
-            if conn.ping().await.is_ok() {
-                continue;
-            }
-            // The connection broke, and the lock went with it: take it again, unless another
-            // process took the stream meanwhile.
-            warn!(stream = %self.stream, "the lease's database connection broke; taking the lease again");
-            loop {
-                match self.retake().await {
-                    Ok(Some(fresh)) => {
-                        info!(stream = %self.stream, "lease taken again");
-                        conn = fresh;
-                        break;
-                    }
-                    Ok(None) => {
-                        let _ = lost.send(Some(format!(
-                            "stream {} was taken over by another process while this one's database connection was down",
-                            self.stream
-                        )));
-                        return;
-                    }
-                    Err(_) => {
-                        tokio::select! {
-                            _ = &mut released => return,
-                            _ = tokio::time::sleep(LEASE_CHECK) => {}
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// `Some(connection)` with the lock taken again and the token unchanged; `None` when
-    /// another process holds the lock or has held it (the token moved).
-    async fn retake(&self) -> Result<Option<PgConnection>, sqlx::Error> {
-        let mut conn = self.postgres.lease_connection().await?;
-        let (locked,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT pg_try_advisory_lock({})",
-            lease_key_sql()
-        )))
-        .bind(&self.stream)
-        .fetch_one(&mut conn)
-        .await?;
-        if !locked {
-            return Ok(None);
-        }
-        let kept = sqlx::query(
-            "UPDATE cfaudit_checkpoints SET lease_holder = $2, leased_at = NOW() \
-             WHERE account_id = $1 AND lease_token = $3",
-        )
-        .bind(&self.stream)
-        .bind(&self.holder)
-        .bind(self.token as i64)
-        .execute(&mut conn)
-        .await?;
-        if kept.rows_affected() == 1 {
-            Ok(Some(conn))
-        } else {
-            let _ = conn.close().await;
-            Ok(None)
         }
     }
 }

@@ -23,6 +23,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
+use tracing::warn;
 
 use crate::settings::{CloudflareSettings, Secret};
 
@@ -57,14 +58,14 @@ pub struct CloudflareClient {
 
 impl CloudflareClient {
     pub fn new(settings: &CloudflareSettings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        settings.require_source()?;
+        settings.require_accounts()?;
         let credential = match (&settings.api_token, &settings.api_email, &settings.api_key) {
             (Some(token), _, _) => Credential::Token(token.clone()),
             (None, Some(email), Some(key)) => Credential::Key {
                 email: email.clone(),
                 key: key.clone(),
             },
-            _ => unreachable!("require_source checked the credentials"),
+            _ => unreachable!("require_accounts checked the credentials"),
         };
         let http = reqwest::Client::builder()
             .timeout(settings.request_timeout)
@@ -140,7 +141,16 @@ impl CloudflareClient {
                 )
             }
         };
-        let builder = self.http.get(&url).query(&query);
+        self.send(&url, &query).await
+    }
+
+    /// One GET with the credential; the body read up to the size limit.
+    async fn send(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), SourceError> {
+        let builder = self.http.get(url).query(query);
         let builder = match &self.credential {
             Credential::Token(token) => {
                 builder.header(AUTHORIZATION, format!("Bearer {}", token.expose()))
@@ -216,15 +226,85 @@ impl AuditSource for CloudflareClient {
                 return Err(error);
             }
         };
-        let class = match status.as_u16() {
-            429 => "429",
-            s if s >= 500 => "5xx",
-            s if s >= 400 => "4xx",
-            s if s >= 300 => "3xx",
-            _ => "2xx",
-        };
-        self.observe(started, class, Some(&headers));
+        self.observe(started, status_class(status), Some(&headers));
         classify(status, &headers, body.as_ref())
+    }
+}
+
+/// `GET /accounts` is paged by number; past its last page some API versions repeat the last
+/// one (or the first) for ever. At most this many pages of [`ACCOUNTS_PER_PAGE`] are read.
+const MAX_ACCOUNT_PAGES: u32 = 200;
+const ACCOUNTS_PER_PAGE: u32 = 50;
+
+impl CloudflareClient {
+    /// Every account the credential is a member of (`GET /accounts`), through the request
+    /// budget. The listing ends on a short page; a page that repeats the one before it (the
+    /// API's known pagination loop) ends it too, and more than [`MAX_ACCOUNT_PAGES`] pages is
+    /// an error, never a loop.
+    pub async fn list_accounts(&self) -> Result<Vec<String>, SourceError> {
+        #[derive(Deserialize)]
+        struct Account {
+            id: String,
+        }
+        let url = format!("{}/accounts", self.base_url);
+        let mut accounts: Vec<String> = Vec::new();
+        let mut previous: Option<Vec<String>> = None;
+        for page in 1..=MAX_ACCOUNT_PAGES {
+            self.wait_for_budget().await;
+            let started = Instant::now();
+            let query = [
+                ("page", page.to_string()),
+                ("per_page", ACCOUNTS_PER_PAGE.to_string()),
+            ];
+            let (status, headers, body) = self.send(&url, &query).await?;
+            self.observe(started, status_class(status), Some(&headers));
+            let listed = classify(status, &headers, body.as_ref())?;
+            let ids = listed
+                .events
+                .iter()
+                .map(|raw| {
+                    serde_json::from_str::<Account>(raw.get())
+                        .map(|account| account.id)
+                        .map_err(|e| {
+                            SourceError::Transient(format!(
+                                "GET /accounts: an account without an id: {e}"
+                            ))
+                        })
+                })
+                .collect::<Result<Vec<String>, SourceError>>()?;
+            if previous.as_ref() == Some(&ids) && !ids.is_empty() {
+                warn!(
+                    page,
+                    "GET /accounts repeated its previous page: the listing ends here"
+                );
+                return Ok(accounts);
+            }
+            let short = (ids.len() as u32) < ACCOUNTS_PER_PAGE;
+            for id in &ids {
+                if !accounts.contains(id) {
+                    accounts.push(id.clone());
+                }
+            }
+            if short {
+                return Ok(accounts);
+            }
+            previous = Some(ids);
+        }
+        Err(SourceError::Transient(format!(
+            "GET /accounts did not end within {MAX_ACCOUNT_PAGES} pages of {ACCOUNTS_PER_PAGE}: \
+             the listing is not trusted; name the accounts in CLOUDFLARE_ACCOUNT_IDS"
+        )))
+    }
+}
+
+/// The `class` label of `cfaudit_api_requests_total`.
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        429 => "429",
+        s if s >= 500 => "5xx",
+        s if s >= 400 => "4xx",
+        s if s >= 300 => "3xx",
+        _ => "2xx",
     }
 }
 

@@ -359,7 +359,15 @@ fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
             assert_eq!(command, ["run"]);
             let port = config.service.metrics_addr.port().to_string();
             let ports: Vec<String> = serde_json::from_value(service["ports"].clone()).unwrap();
-            assert_eq!(ports, [format!("127.0.0.1:{port}:{port}")], "{name}");
+            // One host port per replica, from a range that starts at the service's port.
+            assert_eq!(ports.len(), 1, "{name}");
+            let (host, container) = ports[0].rsplit_once(':').unwrap();
+            assert_eq!(container, port, "{name}");
+            assert!(
+                host.strip_prefix("127.0.0.1:")
+                    .is_some_and(|range| range == port || range.starts_with(&format!("{port}-"))),
+                "{name}: {host}"
+            );
             scraped = Some(port.clone());
             let bucket = config
                 .lake
@@ -384,7 +392,7 @@ fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
             if name == "cfaudit-demo" {
                 config
                     .cloudflare
-                    .require_source()
+                    .require_accounts()
                     .expect("the demo needs no account");
                 assert_eq!(
                     config.cloudflare.api_token.as_ref().unwrap().expose(),

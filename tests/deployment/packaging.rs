@@ -201,5 +201,5 @@ fn the_systemd_unit_matches_the_binary_and_its_configuration() {
     settings.push(("CLOUDFLARE_API_TOKEN".into(), "t".into()));
     settings.push(("CLOUDFLARE_ACCOUNT_ID".into(), "0123abcd".into()));
     let loaded = cfaudit::settings::Settings::load_from(None, settings).unwrap();
-    loaded.cloudflare.require_source().unwrap();
+    loaded.cloudflare.require_accounts().unwrap();
 }

@@ -225,8 +225,16 @@ pub fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
 /// non-empty string `id` and an RFC 3339 `when`. Decided here from the API facts, not by the
 /// mapper under test.
 pub fn valid_ids(emulator: &Emulator) -> std::collections::BTreeSet<String> {
-    emulator
-        .events()
+    valid_v1_ids(&emulator.events())
+}
+
+/// As [`valid_ids`], for the v1 events of one of the emulator's accounts.
+pub fn valid_ids_of(emulator: &Emulator, account: &str) -> std::collections::BTreeSet<String> {
+    valid_v1_ids(&emulator.events_of(account, cfaudit_emulator::Api::V1))
+}
+
+fn valid_v1_ids(events: &[cfaudit_emulator::StoredEvent]) -> std::collections::BTreeSet<String> {
+    events
         .iter()
         .filter_map(|e| {
             let event: Value = serde_json::from_slice(&e.json).ok()?;
@@ -912,6 +920,26 @@ pub fn cfaudit(args: &[&str], env: &[(String, String)]) -> tokio::process::Child
         .expect("spawn cfaudit")
 }
 
+/// As [`cfaudit`], for a process that runs long: its output goes to `log` (a pipe nobody reads
+/// fills up and stops the process at its next log line).
+pub fn cfaudit_logged(
+    args: &[&str],
+    env: &[(String, String)],
+    log: &Path,
+) -> tokio::process::Child {
+    let file = std::fs::File::create(log).expect("create the log file");
+    tokio::process::Command::new(cfaudit_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cfaudit")
+}
+
 pub fn signal(child: &tokio::process::Child, signal: &str) {
     let pid = child.id().expect("running").to_string();
     let status = std::process::Command::new("kill")
@@ -963,15 +991,20 @@ pub async fn finish(child: tokio::process::Child) -> Finished {
     }
 }
 
-/// `cfaudit run --once` in this process; its counts summary.
+/// `cfaudit run --once` in this process, on one account; its counts summary.
 pub async fn run_once(config: Settings) -> anyhow::Result<cfaudit::app::RunSummary> {
+    let mut summaries = run_once_all(config).await?;
+    assert_eq!(summaries.len(), 1, "one account configured");
+    Ok(summaries.remove(0))
+}
+
+/// `cfaudit run --once` in this process; the counts summary of each account.
+pub async fn run_once_all(config: Settings) -> anyhow::Result<Vec<cfaudit::app::RunSummary>> {
     let options = cfaudit::app::RunOptions {
         once: true,
         skip_migrations: false,
     };
-    Ok(cfaudit::app::run(config, options)
-        .await?
-        .expect("--once returns its summary"))
+    cfaudit::app::run(config, options).await
 }
 
 /// The service's `/metrics` page.

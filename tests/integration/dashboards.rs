@@ -141,9 +141,16 @@ fn expand_sql(sql: &str, account: &str, version: &str) -> String {
         rest = &after[close + 1..];
     }
     out.push_str(rest);
+    // `${account:regex}`: the pipeline dashboard's Prometheus variable in SQL, as a regex
+    // (`.*` for "All").
+    let regex = match account {
+        "'%'" => ".*".to_owned(),
+        quoted => quoted.trim_matches('\'').to_owned(),
+    };
     let out = out
         .replace("$__timeFrom()", from)
         .replace("$__timeTo()", to)
+        .replace("${account:regex}", &regex)
         .replace("$account", account)
         .replace("$version", version);
     assert!(
@@ -412,6 +419,34 @@ async fn panels_show_the_counts(h: Harness) {
             .len(),
         unreadable.min(50)
     );
+    // Ownership: the replica holding a stream now (a lease session of this test), and a
+    // stream nobody collects.
+    let postgres = cfaudit::sinks::postgres::Postgres::connect(&secret(&h.db.url), 2, None)
+        .await
+        .unwrap();
+    let session = cfaudit::sinks::postgres::LeaseSession::open(&postgres, "panel-replica")
+        .await
+        .unwrap();
+    let lease = session.try_lease(DEMO_ACCOUNT).await.unwrap().unwrap();
+    let streams = panel_rows(&pool, "Stream ownership and lag (PostgreSQL)", ALL_VERSIONS).await;
+    let owners: BTreeMap<String, String> = streams
+        .iter()
+        .map(|row| (row[1].clone(), row[2].clone()))
+        .collect();
+    assert_eq!(
+        owners,
+        BTreeMap::from([
+            (DEMO_ACCOUNT.to_owned(), "panel-replica".to_owned()),
+            (format!("{DEMO_ACCOUNT}.v2"), "not collected".to_owned()),
+        ])
+    );
+    for row in &streams {
+        assert_eq!(row[0], DEMO_ACCOUNT);
+        assert!(row[4].parse::<i64>().unwrap() >= 0, "lag of {row:?}");
+    }
+    lease.release().await;
+    session.close().await;
+    postgres.pool().close().await;
     println!(
         "panels: {} events ({v2_rows} v2, {} products, {failed_logins} failed logins), {failed} failed, {} actors, {} IPs, {} action types, {unreadable} dead letters",
         truth.len(),
@@ -441,7 +476,14 @@ impl Prometheus {
             assert!(text.contains(from), "prometheus.yml no longer has {from}");
             text.replace(from, to)
         };
-        let config = replace(config, "\"cfaudit:9464\"", &format!("\"{target}\""));
+        let discovery =
+            "dns_sd_configs:\n      - names: [\"cfaudit\"]\n        type: A\n        port: 9464";
+        let config = replace(
+            config,
+            discovery,
+            &format!("static_configs:\n      - targets: [\"{target}\"]"),
+        );
+        let config = replace(config, "        refresh_interval: 15s\n", "");
         let config = replace(config, "scrape_interval: 15s", "scrape_interval: 1s");
         let rules = project.join("alerts.yml");
         let config = replace(config, "- alerts.yml", &format!("- {}", rules.display()));

@@ -487,3 +487,68 @@ async fn the_emulator_answers_the_health_check_it_is_given() {
     }
     running.handle.stop(true).await;
 }
+
+/// Several accounts on one token: each with a data set of its own, listed by `/accounts` page
+/// by page with the one the token may not read; a deleted account answers as the API does for
+/// an identifier that no longer exists.
+#[actix_web::test]
+async fn accounts_are_listed_page_by_page_and_each_serves_its_own_events() {
+    let mut config = emulator_config(50);
+    config.extra_accounts = 2;
+    config.no_access_account = Some("feedfacefeedfacefeedfacefeedface".into());
+    config.deleted_account = Some("deadbeefdeadbeefdeadbeefdeadbeef".into());
+    let (api, emu) = Api::new(config);
+    let readable = emu.emulator.accounts();
+    assert_eq!(readable.len(), 3);
+    let mut listed = Vec::new();
+    for page in ["1", "2"] {
+        let (status, _, body) = api
+            .get("/accounts", &[("page", page), ("per_page", "3")])
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["result_info"]["total_count"], 4, "{body}");
+        assert_eq!(body["result_info"]["total_pages"], 2, "{body}");
+        for account in body["result"].as_array().unwrap() {
+            listed.push(account["id"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut wanted = readable.clone();
+    wanted.push("feedfacefeedfacefeedfacefeedface".into());
+    assert_eq!(listed, wanted, "the deleted account is not listed");
+    let (status, _, _) = api.get("/accounts", &[("per_page", "51")]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let mut seen = std::collections::BTreeSet::new();
+    for account in &readable {
+        let (status, _, body) = api
+            .get(
+                &format!("/accounts/{account}/audit_logs"),
+                &[("per_page", "1000"), ("since", "2000-01-01")],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let ids: Vec<String> = body["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 50, "{account}");
+        for id in ids {
+            assert!(
+                seen.insert(id),
+                "{account}: an id of another account's data set"
+            );
+        }
+    }
+    let (status, _, body) = api
+        .get("/accounts/feedfacefeedfacefeedfacefeedface/audit_logs", &[])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["errors"][0]["code"], 10000, "{body}");
+    let (status, _, body) = api
+        .get("/accounts/deadbeefdeadbeefdeadbeefdeadbeef/logs/audit", &[])
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["errors"][0]["code"], 7003, "{body}");
+}

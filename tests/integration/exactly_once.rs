@@ -6,7 +6,7 @@
 //! `CFAUDIT_BIN=<an older build>` runs them against another binary (each failed before its
 //! fix).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::common::*;
@@ -420,7 +420,10 @@ async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote
         return;
     };
     let stream = "acct-ingestion";
-    let lease = pg.try_lease(stream, "test").await.unwrap().unwrap();
+    let session = cfaudit::sinks::postgres::LeaseSession::open(&pg, "test")
+        .await
+        .unwrap();
+    let lease = session.try_lease(stream).await.unwrap().unwrap();
     let fence = Fence {
         stream: stream.into(),
         lease: lease.token,
@@ -508,3 +511,109 @@ async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote
 }
 
 on_both_clusters!(a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last);
+
+/// A user-level event is visible in every account its user belongs to: one row for the
+/// organisation, attributed to the account whose stream committed it, in PostgreSQL as in the
+/// dataset, whatever order the two accounts' attempts wrote and committed in.
+async fn an_event_two_accounts_see_is_one_row_of_the_account_that_committed_it(cluster: Cluster) {
+    use cfaudit_actors::ports::{
+        CheckpointStore, CommitRecord, CommittedState, Fence, RowSink, SinkError,
+    };
+    let test = "an_event_two_accounts_see_is_one_row_of_the_account_that_committed_it";
+    let Some((db, pg)) = TestDb::migrated(cluster, test).await else {
+        return;
+    };
+    let session = cfaudit::sinks::postgres::LeaseSession::open(&pg, "test")
+        .await
+        .unwrap();
+    let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+    let mut fences = BTreeMap::new();
+    let mut leases = Vec::new();
+    for account in ["accta", "acctb"] {
+        let lease = session.try_lease(account).await.unwrap().unwrap();
+        fences.insert(
+            account,
+            Fence {
+                stream: account.into(),
+                lease: lease.token,
+            },
+        );
+        leases.push(lease);
+    }
+    let time_of = |account: &str| match account {
+        "accta" => at("2026-06-01T00:00:00Z"),
+        _ => at("2026-06-02T00:00:00Z"),
+    };
+    let row = |id: &str, account: &str| {
+        let raw = format!(
+            r#"{{"id":"{id}","when":"2026-05-01T00:00:00Z","resource":{{"type":"user"}}}}"#
+        );
+        cfaudit_actors::mapping::map_v1(&raw, account, time_of(account)).unwrap()
+    };
+    let mut seqs: BTreeMap<&str, u64> = BTreeMap::new();
+    let commit = |account: &'static str, id: &str, seq: u64| CommitRecord {
+        fence: fences[account].clone(),
+        previous_commit_seq: seq - 1,
+        state: CommittedState {
+            checkpoint: Some(at("2026-05-01T00:00:00Z")),
+            commit_seq: seq,
+            ..CommittedState::default()
+        },
+        events: vec![cfaudit_actors::SeenId {
+            id: id.into(),
+            when: at("2026-05-01T00:00:00Z"),
+        }],
+        ingestion_time: Some(time_of(account)),
+        dead_letters: vec![],
+        files: vec![],
+    };
+    // For each event: both accounts write it, `first` commits it, the other is refused.
+    for (id, first, second) in [("e1", "acctb", "accta"), ("e2", "accta", "acctb")] {
+        pg.write_rows(Some(&fences["accta"]), &[row(id, "accta")])
+            .await
+            .unwrap();
+        pg.write_rows(Some(&fences["acctb"]), &[row(id, "acctb")])
+            .await
+            .unwrap();
+        let seq = *seqs.entry(first).and_modify(|s| *s += 1).or_insert(1);
+        pg.commit(&commit(first, id, seq)).await.unwrap();
+        let next = seqs.get(second).copied().unwrap_or(0) + 1;
+        let refused = pg.commit(&commit(second, id, next)).await;
+        assert!(
+            matches!(refused, Err(SinkError::Conflict(_))),
+            "{refused:?}"
+        );
+        // The refused account's next attempt writes it again: the committed row stays.
+        pg.write_rows(Some(&fences[second]), &[row(id, second)])
+            .await
+            .unwrap();
+        let (account, ingestion_time, rows): (String, DateTime<Utc>, i64) = sqlx::query_as(
+            "SELECT min(account_id), min(ingestion_time), count(*) FROM audit_logs WHERE event_id = $1",
+        )
+        .bind(id)
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+        assert_eq!(rows, 1, "{id}: one row for the organisation");
+        assert_eq!(
+            (account.as_str(), ingestion_time),
+            (first, time_of(first)),
+            "{id}: the row is the committing account's, as its Parquet file says"
+        );
+        let (indexed_by,): (String,) =
+            sqlx::query_as("SELECT stream FROM cfaudit_lake_events WHERE event_id = $1")
+                .bind(id)
+                .fetch_one(pg.pool())
+                .await
+                .unwrap();
+        assert_eq!(indexed_by, first, "{id}");
+    }
+    for lease in leases {
+        lease.release().await;
+    }
+    session.close().await;
+    pg.pool().close().await;
+    db.drop_db().await;
+}
+
+on_both_clusters!(an_event_two_accounts_see_is_one_row_of_the_account_that_committed_it);

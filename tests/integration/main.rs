@@ -7,6 +7,7 @@
 #[macro_use]
 mod common;
 
+mod accounts;
 mod api;
 mod backfill;
 mod chaos;
@@ -17,6 +18,7 @@ mod exactly_once;
 mod observability;
 mod outage;
 mod process;
+mod replicas;
 mod storage;
 mod timescaledb;
 mod v2;

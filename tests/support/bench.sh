@@ -76,3 +76,79 @@ if [ -n "$timescale" ]; then
     bench_once "$timescale" "$version, TimescaleDB (${timescale#postgres://postgres@})" $version
   done
 fi
+
+# Many accounts on one token: ACCOUNTS (20) accounts of ACCOUNT_EVENTS (10,000) v1 events each,
+# in one `run --once`, on plain PostgreSQL; then the resident memory of an idle service with
+# IDLE_ACCOUNTS (100) accounts, and with one, read from /proc after its first sweeps.
+accounts=${BENCH_ACCOUNTS:-20}
+account_events=${BENCH_ACCOUNT_EVENTS:-10000}
+idle_accounts=${BENCH_IDLE_ACCOUNTS:-100}
+kill "$EMULATOR_PID" 2>/dev/null || true
+wait "$EMULATOR_PID" 2>/dev/null || true
+start_emulator "$(dirname "$bin")/cfaudit-emulator" "$port" "$account_events" "$out/emulator.log" \
+  --extra-accounts $((idle_accounts > accounts ? idle_accounts - 1 : accounts - 1))
+# The emulator's accounts, as `GET /accounts` lists them (50 a page).
+all_accounts=$(python3 - "$CLOUDFLARE_API_BASE_URL" "$CLOUDFLARE_API_TOKEN" <<'PY'
+import json, sys, urllib.request
+base, token, ids, page = sys.argv[1], sys.argv[2], [], 1
+while True:
+    request = urllib.request.Request(f"{base}/accounts?per_page=50&page={page}",
+                                     headers={"Authorization": f"Bearer {token}"})
+    body = json.load(urllib.request.urlopen(request))
+    ids += [a["id"] for a in body["result"]]
+    if page >= body["result_info"]["total_pages"]:
+        break
+    page += 1
+print(",".join(ids))
+PY
+)
+first_accounts() { echo "$all_accounts" | tr ',' '\n' | head -n "$1" | paste -sd, -; }
+unset CLOUDFLARE_ACCOUNT_ID
+export CLOUDFLARE_API_VERSIONS=v1
+admin=postgres://postgres@127.0.0.1:5432/postgres
+export DATABASE_URL="${admin%/*}/$db"
+psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
+rm -rf "$out/parquet" "$out/parquet.staging"
+export CLOUDFLARE_ACCOUNT_IDS=$(first_accounts "$accounts")
+"$bin" migrate
+/usr/bin/time -v "$bin" run --once >"$out/summary.json" 2>"$out/time.txt"
+elapsed=$(grep 'Elapsed (wall clock)' "$out/time.txt" | awk '{print $NF}')
+rss_kb=$(grep 'Maximum resident set size' "$out/time.txt" | awk '{print $NF}')
+python3 - "$out/summary.json" "$elapsed" "$rss_kb" "$accounts" "$account_events" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+elapsed, rss_kb, accounts, each = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(elapsed.split(":"))))
+rows = sum(s["rows_in_postgres"] for s in lines)
+print(f"== {accounts} accounts x {each} events (v1), plain PostgreSQL, one process")
+print(f"accounts summarised: {len(lines)}   rows in postgres: {rows}   parquet rows: {sum(s['parquet_rows'] for s in lines)}")
+print(f"wall time:          {seconds:.1f} s")
+print(f"throughput:         {rows / seconds:,.0f} events/s")
+print(f"peak RSS:           {rss_kb / 1024:.1f} MiB")
+PY
+
+# An idle service: its accounts' backlogs are behind INITIAL_CHECKPOINT (now), so each sweep
+# finds nothing new; RSS after 30 s of sweeps every 5 s.
+idle_rss() {
+  local n=$1 pid kb
+  psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
+  rm -rf "$out/parquet" "$out/parquet.staging"
+  "$bin" migrate
+  CLOUDFLARE_ACCOUNT_IDS=$(first_accounts "$n") INITIAL_CHECKPOINT=$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+    POLL_INTERVAL_SECONDS=5 METRICS_ADDR=127.0.0.1:0 "$bin" run >"$out/idle.log" 2>&1 &
+  pid=$!
+  sleep 30
+  kb=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  kill -TERM "$pid"
+  wait "$pid" || true
+  echo "$kb"
+}
+one=$(idle_rss 1)
+many=$(idle_rss "$idle_accounts")
+python3 - "$one" "$many" "$idle_accounts" <<'PY'
+import sys
+one, many, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+print(f"== idle service (live, nothing new), v1, plain PostgreSQL")
+print(f"RSS with 1 account:    {one / 1024:.1f} MiB")
+print(f"RSS with {n} accounts:  {many / 1024:.1f} MiB   ({(many - one) / (n - 1):.0f} KiB per further account)")
+PY

@@ -101,6 +101,20 @@ pub struct EmulatorConfig {
     /// v2: treat `since` as exclusive ("newer than", as its documentation now says).
     #[arg(long)]
     pub v2_since_exclusive: bool,
+    /// More accounts the token may read, each with data sets of its own (as many events as
+    /// the first, another seed); their ids are [`Emulator::accounts`].
+    #[arg(long, default_value_t = 0)]
+    pub extra_accounts: usize,
+    /// An account the token is a member of but may not read audit logs of: 403, code 10000.
+    #[arg(long)]
+    pub no_access_account: Option<String>,
+    /// An account that no longer exists: 404, code 7003, and not in `/accounts`.
+    #[arg(long)]
+    pub deleted_account: Option<String>,
+    /// `/accounts` ignores `page` and serves the first page for every page number (the
+    /// pagination loop clients of that endpoint have met).
+    #[arg(long)]
+    pub accounts_ignore_page: bool,
 }
 
 /// Injected faults, by request number: "every Nth request". 0 switches a fault off.
@@ -282,9 +296,17 @@ pub(crate) fn last_param<'a>(query: &'a [(String, String)], name: &str) -> Optio
         .map(|(_, v)| v.as_str())
 }
 
+/// The data sets of one more account.
+struct AccountStores {
+    events: Vec<StoredEvent>,
+    v2_events: Vec<StoredEvent>,
+}
+
 struct State {
     events: Vec<StoredEvent>,
     v2_events: Vec<StoredEvent>,
+    /// The extra accounts' data sets, by account id.
+    others: BTreeMap<String, AccountStores>,
     faults: Faults,
     requests: u64,
     log: Vec<RequestRecord>,
@@ -317,12 +339,31 @@ impl Emulator {
             .map(|(time, event)| v2::stored(event, *time))
             .collect();
         sort(&mut v2_events);
+        let others = (1..=config.extra_accounts)
+            .map(|n| {
+                let mut own = config.clone();
+                own.account_id = extra_account_id(&config, n);
+                own.seed = config.seed.wrapping_add(n as u64 * 7919);
+                let mut events: Vec<StoredEvent> = generate(&own)
+                    .iter()
+                    .map(|(when, event)| StoredEvent::from_json(event, *when))
+                    .collect();
+                sort(&mut events);
+                let mut v2_events: Vec<StoredEvent> = v2::generate(&own)
+                    .iter()
+                    .map(|(time, event)| v2::stored(event, *time))
+                    .collect();
+                sort(&mut v2_events);
+                (own.account_id, AccountStores { events, v2_events })
+            })
+            .collect();
         let faults = config.faults.clone();
         Emulator {
             config: Arc::new(config),
             state: Arc::new(Mutex::new(State {
                 events,
                 v2_events,
+                others,
                 faults,
                 requests: 0,
                 log: Vec::new(),
@@ -332,6 +373,33 @@ impl Emulator {
                 on_request: Vec::new(),
             })),
         }
+    }
+
+    /// The accounts the token may read: the first (`--account-id`), then the extra ones.
+    pub fn accounts(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        std::iter::once(self.config.account_id.clone())
+            .chain(state.others.keys().cloned())
+            .collect()
+    }
+
+    /// Every stored event of `account` for `api`.
+    pub fn events_of(&self, account: &str, api: Api) -> Vec<StoredEvent> {
+        let state = self.state.lock().unwrap();
+        state
+            .store(&self.config, account, api)
+            .map(<[StoredEvent]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Adds v1 events to `account` (an event several accounts see, such as a user's login).
+    pub fn insert_into(&self, account: &str, events: &[Value]) {
+        let mut state = self.state.lock().unwrap();
+        let store = state
+            .store_mut(&self.config, account, Api::V1)
+            .expect("an account of the emulator");
+        store.extend(events.iter().map(|e| StoredEvent::from_json(e, Utc::now())));
+        sort(store);
     }
 
     /// Adds events (tests of late arrivals and of pages that shift).
@@ -489,6 +557,11 @@ impl Emulator {
                         .default_service(web::to(method_not_allowed)),
                 )
                 .service(
+                    web::resource("/client/v4/accounts")
+                        .route(web::get().to(list_accounts))
+                        .default_service(web::to(method_not_allowed)),
+                )
+                .service(
                     web::resource("/client/v4/user/audit_logs")
                         .route(web::get().to(user_audit_logs))
                         .default_service(web::to(method_not_allowed)),
@@ -506,6 +579,45 @@ impl Emulator {
         let addr = server.addrs()[0];
         Ok((addr, server.run()))
     }
+}
+
+impl State {
+    /// The data set of `account` for `api`; `None` for an account the emulator does not have.
+    fn store(&self, config: &EmulatorConfig, account: &str, api: Api) -> Option<&[StoredEvent]> {
+        let (v1, v2) = if account == config.account_id {
+            (&self.events, &self.v2_events)
+        } else {
+            let other = self.others.get(account)?;
+            (&other.events, &other.v2_events)
+        };
+        Some(match api {
+            Api::V1 => v1,
+            Api::V2 => v2,
+        })
+    }
+
+    fn store_mut(
+        &mut self,
+        config: &EmulatorConfig,
+        account: &str,
+        api: Api,
+    ) -> Option<&mut Vec<StoredEvent>> {
+        let (v1, v2) = if account == config.account_id {
+            (&mut self.events, &mut self.v2_events)
+        } else {
+            let other = self.others.get_mut(account)?;
+            (&mut other.events, &mut other.v2_events)
+        };
+        Some(match api {
+            Api::V1 => v1,
+            Api::V2 => v2,
+        })
+    }
+}
+
+/// The id of extra account `n` (1-based): 32 hex characters, deterministic for the seed.
+pub fn extra_account_id(config: &EmulatorConfig, n: usize) -> String {
+    format!("{:016x}{:016x}", config.seed ^ 0xacc0_acc0, n)
 }
 
 fn sort(events: &mut [StoredEvent]) {
@@ -580,6 +692,46 @@ async fn admin_expire(
         }
         None => Failure::bad_request("give oldest=N".into()).response(),
     }
+}
+
+/// `GET /accounts`: the accounts the token is a member of (those it may read, and the one it
+/// may not read audit logs of), by `page` and `per_page` (default 20, at most 50).
+async fn list_accounts(
+    req: HttpRequest,
+    query: web::Query<Vec<(String, String)>>,
+    emulator: web::Data<Emulator>,
+) -> HttpResponse {
+    let config = &emulator.config;
+    if let Err(failure) = authenticate(&req, config, None, &[]) {
+        return failure.response();
+    }
+    let number = |name: &str, default: usize| {
+        last_param(&query, name).map_or(Some(default), |v| {
+            v.parse::<usize>().ok().filter(|n| *n >= 1)
+        })
+    };
+    let (Some(page), Some(per_page)) = (number("page", 1), number("per_page", 20)) else {
+        return Failure::bad_request("page and per_page must be positive integers".into())
+            .response();
+    };
+    if per_page > 50 {
+        return Failure::bad_request("per_page must be at most 50".into()).response();
+    }
+    let mut members = emulator.accounts();
+    members.extend(config.no_access_account.clone());
+    let total = members.len();
+    let served = if config.accounts_ignore_page { 1 } else { page };
+    let result: Vec<Value> = members
+        .iter()
+        .skip((served - 1) * per_page)
+        .take(per_page)
+        .map(|id| json!({"id": id, "name": format!("Account {}", &id[..8.min(id.len())]), "type": "standard"}))
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "success": true, "errors": [], "messages": [], "result": result,
+        "result_info": {"page": page, "per_page": per_page, "count": result.len(),
+                        "total_count": total, "total_pages": total.div_ceil(per_page)}
+    }))
 }
 
 async fn no_route() -> HttpResponse {
@@ -677,6 +829,7 @@ fn authenticate(
     req: &HttpRequest,
     config: &EmulatorConfig,
     account: Option<&str>,
+    known_accounts: &[String],
 ) -> Result<String, Failure> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let credential = if let Some(authorization) = header("authorization") {
@@ -724,12 +877,24 @@ fn authenticate(
             "Invalid format for Authorization header",
         ));
     };
-    if account.is_some_and(|a| a != config.account_id) {
-        return Err(Failure::new(
-            StatusCode::FORBIDDEN,
-            10000,
-            "Authentication error",
-        ));
+    if let Some(account) = account {
+        if config.deleted_account.as_deref() == Some(account) {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                7003,
+                &format!(
+                    "Could not route to {}, perhaps your object identifier is invalid?",
+                    req.path()
+                ),
+            ));
+        }
+        if !known_accounts.iter().any(|a| a == account) {
+            return Err(Failure::new(
+                StatusCode::FORBIDDEN,
+                10000,
+                "Authentication error",
+            ));
+        }
     }
     Ok(credential)
 }
@@ -784,7 +949,7 @@ async fn serve_page(
         }
         (request_no, state.faults.clone())
     };
-    let credential = match authenticate(req, config, account.as_deref()) {
+    let credential = match authenticate(req, config, account.as_deref(), &emulator.accounts()) {
         Ok(credential) => credential,
         Err(failure) => return failure.response(),
     };
@@ -869,10 +1034,15 @@ async fn serve_page(
             injected("fault_repeat_every");
             Ok(previous)
         }
-        _ => match api {
-            Api::V1 => page_body(&query, emulator),
-            Api::V2 => v2::page_body(&query, &emulator.state.lock().unwrap().v2_events, config),
-        },
+        _ => {
+            let state = emulator.state.lock().unwrap();
+            let account = account.as_deref().unwrap_or(&config.account_id);
+            let store = state.store(config, account, api).unwrap_or_default();
+            match api {
+                Api::V1 => page_body(&query, store, config),
+                Api::V2 => v2::page_body(&query, store, config),
+            }
+        }
     };
     if let Ok(body) = &body {
         emulator
@@ -951,8 +1121,11 @@ fn too_many(wait: Duration) -> HttpResponse {
 }
 
 /// The success body for one page, or a 400 failure for a bad parameter.
-fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<Vec<u8>, Failure> {
-    let config = &emulator.config;
+fn page_body(
+    query: &[(String, String)],
+    events: &[StoredEvent],
+    config: &EmulatorConfig,
+) -> Result<Vec<u8>, Failure> {
     let param = |name: &str| last_param(query, name);
     let number =
         |name: &str, default: usize| -> Result<usize, Failure> {
@@ -997,8 +1170,6 @@ fn page_body(query: &[(String, String)], emulator: &Emulator) -> Result<Vec<u8>,
         };
     let retention = Utc::now() - chrono::Duration::days(548);
 
-    let state = emulator.state.lock().unwrap();
-    let events = &state.events;
     let start = events.partition_point(|e| e.when < since.unwrap_or(retention).max(retention));
     let end = match before {
         Some(b) if config.before_inclusive => events.partition_point(|e| e.when <= b),

@@ -1,0 +1,217 @@
+//! Many accounts in one service: each collected as streams of its own, exactly once, attributed
+//! to its account in both sinks; an account the token may not read and a deleted account are
+//! reported and stop none of the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use serde_json::Value;
+
+/// An account the token is a member of, without the right to read its audit logs.
+const NO_ACCESS: &str = "feedfacefeedfacefeedfacefeedface";
+/// An account that no longer exists.
+const DELETED: &str = "deadbeefdeadbeefdeadbeefdeadbeef";
+
+/// An emulator with four readable accounts (of `events` each) and the two failing ones; the
+/// harness configured with all six.
+async fn six_accounts(events: usize) -> (Harness, Vec<String>) {
+    let mut config = emulator_config(events);
+    config.extra_accounts = 3;
+    config.no_access_account = Some(NO_ACCESS.into());
+    config.deleted_account = Some(DELETED.into());
+    let mut h = Harness::new(config).await;
+    let readable = h.emu.emulator.accounts();
+    assert_eq!(readable.len(), 4);
+    let mut all = readable.clone();
+    all.extend([NO_ACCESS.to_owned(), DELETED.to_owned()]);
+    h.set("CLOUDFLARE_ACCOUNT_IDS", &all.join(","));
+    (h, readable)
+}
+
+/// Each account's valid event ids.
+fn expected_by_account(h: &Harness, accounts: &[String]) -> BTreeMap<String, BTreeSet<String>> {
+    accounts
+        .iter()
+        .map(|a| (a.clone(), valid_ids_of(&h.emu.emulator, a)))
+        .collect()
+}
+
+/// Both sinks hold every account's events once, each row attributed to its account.
+async fn assert_exact_by_account(h: &Harness, expected: &BTreeMap<String, BTreeSet<String>>) {
+    let all: BTreeSet<String> = expected.values().flatten().cloned().collect();
+    assert_eq!(
+        all.len(),
+        expected.values().map(BTreeSet::len).sum::<usize>(),
+        "the accounts' data sets share no id"
+    );
+    h.assert_exact_ids(&all).await;
+    let pool = h.db.pool().await;
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, account_id FROM audit_logs")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let parquet = parquet_rows(&h.lake, &h.reader_env);
+    for (id, account) in rows {
+        let owner = expected
+            .iter()
+            .find(|(_, ids)| ids.contains(&id))
+            .map(|(a, _)| a)
+            .unwrap();
+        assert_eq!(&account, owner, "postgres: {id} attributed to its account");
+        assert_eq!(
+            parquet[&id]["account_id"],
+            Value::String(owner.clone()),
+            "parquet: {id} attributed to its account"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn run_once_collects_every_readable_account_and_names_the_failing_ones() {
+    let (h, readable) = six_accounts(3_000).await;
+    let error = format!("{:#}", run_once_all(h.config()).await.unwrap_err());
+    assert!(error.contains("2 of 6 streams failed"), "{error}");
+    assert!(
+        error.contains(NO_ACCESS) && error.contains("10000"),
+        "the account without access is named with the API's code: {error}"
+    );
+    assert!(
+        error.contains(DELETED) && error.contains("7003"),
+        "the deleted account is named with the API's code: {error}"
+    );
+    let expected = expected_by_account(&h, &readable);
+    assert_exact_by_account(&h, &expected).await;
+    // Again with the failing accounts removed: nothing new, every account's summary.
+    let mut again = h.config();
+    again.cloudflare.account_ids = Some(cfaudit::settings::AccountIds(readable.clone()));
+    let summaries = run_once_all(again).await.unwrap();
+    assert_eq!(summaries.len(), 4);
+    for summary in &summaries {
+        let own = expected[&summary.account_id].len() as i64;
+        assert_eq!(summary.rows_in_postgres, own, "{summary:?}");
+        assert_eq!(summary.parquet_rows, own, "{summary:?}");
+    }
+    assert_exact_by_account(&h, &expected).await;
+    h.finish().await;
+}
+
+/// What `/readyz` answers, with its body.
+async fn readyz(addr: &str) -> Option<(u16, Value)> {
+    let response = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
+#[actix_web::test]
+async fn the_service_collects_every_readable_account_and_reports_the_failing_ones() {
+    let (mut h, readable) = six_accounts(2_000).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    h.set("METRICS_ADDR", &addr);
+    h.set("POLL_INTERVAL_SECONDS", "1");
+    h.set("CFAUDIT_REPLICA_NAME", "only");
+    let expected = expected_by_account(&h, &readable);
+    let total: usize = expected.values().map(BTreeSet::len).sum();
+    let child = cfaudit(&["run"], &h.env);
+    let pool = h.db.pool().await;
+    wait_for_rows(&pool, total as i64).await;
+
+    // Both failing accounts are named by /readyz, none of the readable ones.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let problems = loop {
+        if let Some((503, body)) = readyz(&addr).await {
+            let problems = body["problems"].to_string();
+            if problems.contains(NO_ACCESS) && problems.contains(DELETED) {
+                break problems;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named both failing accounts"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for account in &readable {
+        assert!(
+            !problems.contains(account.as_str()),
+            "{account}: {problems}"
+        );
+    }
+    let metrics = scrape(&addr).await;
+    for (account, failed) in readable
+        .iter()
+        .map(|a| (a.as_str(), 0.0))
+        .chain([(NO_ACCESS, 1.0), (DELETED, 1.0)])
+    {
+        let series = format!("cfaudit_auth_failed{{account=\"{account}\",api_version=\"v1\"}}");
+        assert_eq!(metric(&metrics, &series), failed, "{series}");
+    }
+    // `status` shows each stream and the replica collecting it.
+    let status = finish(cfaudit(&["status"], &h.env)).await;
+    assert!(status.success, "{}", status.stderr);
+    for account in readable
+        .iter()
+        .map(String::as_str)
+        .chain([NO_ACCESS, DELETED])
+    {
+        assert!(
+            status
+                .stdout
+                .contains(&format!("stream          {account} collected by only")),
+            "{account}: {}",
+            status.stdout
+        );
+    }
+    assert!(
+        status.stdout.contains("replicas        1 running: only"),
+        "{}",
+        status.stdout
+    );
+
+    signal(&child, "-TERM");
+    let stopped = finish(child).await;
+    assert!(stopped.success, "{}", stopped.stderr);
+    pool.close().await;
+    assert_exact_by_account(&h, &expected).await;
+    h.finish().await;
+}
+
+/// Discovery: every account the token is a member of is collected (the one it may not read is
+/// named), with none configured.
+#[actix_web::test]
+async fn discovery_collects_every_account_the_token_lists() {
+    let (mut h, readable) = six_accounts(500).await;
+    h.set("CLOUDFLARE_ACCOUNT_IDS", "");
+    h.env.retain(|(k, _)| k != "CLOUDFLARE_ACCOUNT_ID");
+    h.set("CLOUDFLARE_DISCOVER_ACCOUNTS", "true");
+    let error = format!("{:#}", run_once_all(h.config()).await.unwrap_err());
+    assert!(
+        error.contains("1 of 5 streams failed"),
+        "the deleted account is not listed: {error}"
+    );
+    assert!(error.contains(NO_ACCESS), "{error}");
+    assert_exact_by_account(&h, &expected_by_account(&h, &readable)).await;
+    h.finish().await;
+}
+
+/// `GET /accounts` that serves its first page for every page number ends after the repeat,
+/// never in a loop through the request budget.
+#[actix_web::test]
+async fn an_accounts_listing_that_repeats_its_pages_ends() {
+    let mut config = emulator_config(1);
+    config.extra_accounts = 59;
+    config.accounts_ignore_page = true;
+    let h = Harness::new(config).await;
+    let mut settings = h.config();
+    settings.cloudflare.discover_accounts = true;
+    let client = cfaudit::sources::cloudflare::CloudflareClient::new(
+        &settings.cloudflare,
+        cfaudit_actors::Metrics::new(),
+    )
+    .unwrap();
+    let listed = client.list_accounts().await.unwrap();
+    // Without the repeat check the listing would read 200 pages and fail.
+    assert_eq!(listed.len(), 50, "the first page, once");
+    h.finish().await;
+}
