@@ -419,12 +419,15 @@ fn cfaudit_services_get_a_valid_configuration_and_real_subcommands() {
             );
         }
     }
-    // Prometheus scrapes that port under the name `cfaudit`, which the demo answers to.
+    // Prometheus finds every replica by the name `cfaudit` (which the demo answers to too) and
+    // scrapes that port.
     let prometheus = read("grafana/prometheus/prometheus.yml");
     let port = scraped.expect("a service runs cfaudit");
     assert!(
-        prometheus.contains(&format!("\"cfaudit:{port}\"")),
-        "prometheus.yml scrapes another port"
+        prometheus.contains(&format!(
+            "- names: [\"cfaudit\"]\n        type: A\n        port: {port}\n"
+        )),
+        "prometheus.yml scrapes another name or port"
     );
     assert!(read("Dockerfile").contains(&format!("EXPOSE {port}")));
     let demo = &services()["cfaudit-demo"];
