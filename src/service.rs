@@ -114,18 +114,11 @@ pub async fn serve(
             _ = tick.tick() => {}
             _ = signals.recv() => break,
         }
-        if coordinator
-            .next_discovery
-            .is_some_and(|at| at <= Instant::now())
-        {
-            if let Err(error) = coordinator.refresh_accounts().await {
-                warn!(error = format!("{error:#}"), "could not list the token's accounts; the streams go on, listing again at the next interval");
-            }
-            coordinator.next_discovery =
-                Some(Instant::now() + coordinator.config.cloudflare.discovery_interval);
-        }
-        if let Err(error) = coordinator.rebalance().await {
-            warn!(error = format!("{error:#}"), "could not read the replicas and streams; the streams held go on, looking again shortly");
+        // A signal cuts a look short (the database may be down, each statement then waits
+        // for its timeout): what it took is released with the session.
+        tokio::select! {
+            _ = coordinator.look() => {}
+            _ = signals.recv() => break,
         }
     }
     info!(
@@ -152,6 +145,19 @@ struct Coordinator {
 }
 
 impl Coordinator {
+    /// One look: the accounts listed again when due, then the streams rebalanced.
+    async fn look(&mut self) {
+        if self.next_discovery.is_some_and(|at| at <= Instant::now()) {
+            if let Err(error) = self.refresh_accounts().await {
+                warn!(error = format!("{error:#}"), "could not list the token's accounts; the streams go on, listing again at the next interval");
+            }
+            self.next_discovery = Some(Instant::now() + self.config.cloudflare.discovery_interval);
+        }
+        if let Err(error) = self.rebalance().await {
+            warn!(error = format!("{error:#}"), "could not read the replicas and streams; the streams held go on, looking again shortly");
+        }
+    }
+
     /// Lists the token's accounts again: streams of new accounts are registered (and taken
     /// at the next look by whoever they are dealt to), those of accounts no longer listed stop.
     async fn refresh_accounts(&mut self) -> anyhow::Result<()> {
@@ -208,6 +214,8 @@ impl Coordinator {
             // This replica's session is reconnecting: not counted among the live ones now.
             return Ok(());
         };
+        // Every live replica is taken to share the token (one configuration, one token).
+        self.adapters.source.share_budget(replicas.len() as u32);
         let peers: Vec<&str> = replicas
             .iter()
             .filter(|r| r.config_digest == me.config_digest)

@@ -119,7 +119,7 @@ pub struct CloudflareSettings {
     pub request_timeout: Duration,
     /// Client-side request budget per 5 minutes, kept below Cloudflare's 1,200 (whose breach
     /// blocks the token for 5 minutes). At most `budget + burst` requests go out in any
-    /// 5-minute window.
+    /// 5-minute window. The token's: N service replicas running take 1/N of it each.
     #[serde(rename = "cloudflare_requests_per_5_minutes")]
     pub requests_per_5_minutes: u32,
     /// Requests that may go out back to back before the budget's pace applies.

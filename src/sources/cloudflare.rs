@@ -23,7 +23,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::settings::{CloudflareSettings, Secret};
 
@@ -44,8 +44,12 @@ pub struct CloudflareClient {
     base_url: String,
     credential: Credential,
     metrics: Arc<Metrics>,
-    /// The client-side budget (GCRA): below Cloudflare's 1,200 requests per 5 minutes.
-    budget: DefaultDirectRateLimiter,
+    /// The client-side budget (GCRA): below Cloudflare's 1,200 requests per 5 minutes. This
+    /// process's share of it: replaced when the number of replicas on the token changes.
+    budget: Mutex<Arc<DefaultDirectRateLimiter>>,
+    /// The token's budget (requests per 5 minutes, burst) and how many replicas share it.
+    token_budget: (u32, u32),
+    sharing: std::sync::atomic::AtomicU32,
     /// Set when a `Ratelimit` header said nothing is left: no request before this instant.
     paused_until: Mutex<Option<Instant>>,
     /// The longest wait a server may impose through its headers.
@@ -74,17 +78,15 @@ impl CloudflareClient {
             // The API never redirects; following one would send the credential elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        let per_request =
-            Duration::from_secs(300).div_f64(f64::from(settings.requests_per_5_minutes));
-        let quota = Quota::with_period(per_request)
-            .expect("a positive period")
-            .allow_burst(NonZeroU32::new(settings.request_burst).expect("validated"));
+        let token_budget = (settings.requests_per_5_minutes, settings.request_burst);
         Ok(CloudflareClient {
             http,
             base_url: settings.api_base_url.trim_end_matches('/').to_owned(),
             credential,
             metrics,
-            budget: RateLimiter::direct(quota),
+            budget: Mutex::new(Arc::new(share_of(token_budget, 1))),
+            token_budget,
+            sharing: std::sync::atomic::AtomicU32::new(1),
             paused_until: Mutex::new(None),
             max_server_wait: settings.max_retry_after,
             max_response_bytes: settings.max_response_bytes,
@@ -101,7 +103,26 @@ impl CloudflareClient {
                 tokio::time::sleep(until - now).await;
             }
         }
-        self.budget.until_ready().await;
+        let budget = self.budget.lock().unwrap().clone();
+        budget.until_ready().await;
+    }
+
+    /// Divides the token's request budget among `replicas` processes (at least one): each
+    /// paces its requests at its share, so together they stay within the budget.
+    pub fn share_budget(&self, replicas: u32) {
+        use std::sync::atomic::Ordering;
+        let replicas = replicas.max(1);
+        if self.sharing.swap(replicas, Ordering::Relaxed) == replicas {
+            return;
+        }
+        *self.budget.lock().unwrap() = Arc::new(share_of(self.token_budget, replicas));
+        let (per_5_minutes, burst) = self.token_budget;
+        info!(
+            replicas,
+            requests_per_5_minutes = per_5_minutes / replicas,
+            burst = (burst / replicas).max(1),
+            "the token's request budget is shared by the replicas running"
+        );
     }
 
     async fn request(
@@ -229,6 +250,17 @@ impl AuditSource for CloudflareClient {
         self.observe(started, status_class(status), Some(&headers));
         classify(status, &headers, body.as_ref())
     }
+}
+
+/// One of `replicas` equal shares of a budget of `per_5_minutes` requests and `burst`.
+fn share_of((per_5_minutes, burst): (u32, u32), replicas: u32) -> DefaultDirectRateLimiter {
+    let per_request = Duration::from_secs(300).div_f64(f64::from(per_5_minutes)) * replicas.max(1);
+    let burst = NonZeroU32::new((burst / replicas.max(1)).max(1)).expect("at least one");
+    RateLimiter::direct(
+        Quota::with_period(per_request)
+            .expect("a positive period")
+            .allow_burst(burst),
+    )
 }
 
 /// `GET /accounts` is paged by number; past its last page some API versions repeat the last
@@ -762,5 +794,16 @@ mod tests {
             HeaderValue::from_static("\"default\";r=1187;t=42"),
         );
         assert_eq!(ratelimit(&headers), Some((1187, 42)));
+    }
+
+    /// Replicas divide the token's budget: each lets out its share of the burst at once and
+    /// paces the rest at its share of the rate.
+    #[test]
+    fn a_replica_takes_its_share_of_the_tokens_budget() {
+        for (replicas, burst) in [(1, 100), (4, 25), (300, 1)] {
+            let share = share_of((1200, 100), replicas);
+            let allowed = (0..200).take_while(|_| share.check().is_ok()).count();
+            assert_eq!(allowed, burst, "{replicas} replicas");
+        }
     }
 }

@@ -581,6 +581,9 @@ async fn every_panel_promql_runs_against_a_real_prometheus_and_returns_data() {
     prometheus
         .wait_for("cfaudit_last_successful_sweep_timestamp_seconds")
         .await;
+    // The series above exist from the start (at 0); the lag only after a first commit, which
+    // a loaded machine may not have reached yet.
+    prometheus.wait_for("cfaudit_checkpoint_lag_seconds").await;
     prometheus
         .wait_for("cfaudit_api_rate_limited_total > 0")
         .await;

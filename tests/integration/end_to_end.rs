@@ -415,7 +415,7 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
 const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 
 /// Turns a database written by this release back into the previous release's: what migrations
-/// 5, 6 and 8 added is dropped (7 only comments on columns, which the comparison leaves aside), and what they converted is restored (the overlap ids of events at
+/// 5, 6, 8 and 10 added is dropped (7 only comments on columns, which the comparison leaves aside), and what they converted is restored (the overlap ids of events at
 /// and after each stream's checkpoint, the dead letters' text digest); the aggregates 9
 /// recreated are dropped here and created again by migrations 2 and 4
 /// ([`AGGREGATES_OF_PREVIOUS_RELEASE`]).
@@ -441,6 +441,10 @@ UPDATE cfaudit_checkpoints c SET overlap_ids = coalesce((
     FROM audit_logs a
     WHERE a.account_id = split_part(c.account_id, '.', 1) AND a.timestamp >= c.checkpoint), '[]');
 DROP FUNCTION cfaudit_in_lake;
+DROP FUNCTION cfaudit_lock_held;
+DROP TABLE cfaudit_replicas;
+DROP TABLE cfaudit_lease_log;
+ALTER TABLE cfaudit_parquet_files DROP COLUMN lease_token;
 DROP TABLE cfaudit_lake_events;
 DROP TABLE cfaudit_rewritten_rows;
 ALTER TABLE cfaudit_checkpoints DROP COLUMN lease_token, DROP COLUMN lease_holder,

@@ -333,8 +333,8 @@ async fn a_rolling_update_hands_the_stream_over() {
     let new = finish(new).await;
     assert_eq!(new.code, Some(0), "{}", new.stderr);
     assert!(
-        new.stderr.contains("held by another process"),
-        "the new process said it waited: {}",
+        new.stderr.contains("stream leased"),
+        "the new process took the stream over: {}",
         new.stderr
     );
     pool.close().await;

@@ -93,9 +93,10 @@ async fn replicas_share_the_accounts_survive_a_sigkill_and_a_newcomer_and_end_ex
     h.set("POLL_INTERVAL_SECONDS", &POLL_SECONDS.to_string());
     h.set("CFAUDIT_REBALANCE_INTERVAL_SECONDS", "1");
     h.set("CLOUDFLARE_PER_PAGE", "100");
-    // A paced budget per replica, so the backlog lasts through the kills and the newcomer.
-    h.set("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "3000");
-    h.set("CLOUDFLARE_REQUEST_BURST", "5");
+    // A paced budget (the token's, divided among the replicas running: about 10 requests a
+    // second each with three), so the backlog lasts through the kill and the newcomer.
+    h.set("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "9000");
+    h.set("CLOUDFLARE_REQUEST_BURST", "15");
     // Batches of 5 pages: every stream commits as it goes, so a stream taken over has commits
     // of two replicas.
     h.set("BATCH_MAX_EVENTS", "500");
