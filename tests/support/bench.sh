@@ -66,6 +66,8 @@ print(f"peak RSS:           {rss_kb / 1024:.1f} MiB")
 PY
 }
 
+# BENCH_ACCOUNTS_ONLY=1: the many-accounts figures below only.
+if [ -z "${BENCH_ACCOUNTS_ONLY:-}" ]; then
 for version in v1 v2; do
   bench_once "postgres://postgres@127.0.0.1:5432/postgres" "$version, plain PostgreSQL (127.0.0.1:5432)" $version
 done
@@ -76,6 +78,7 @@ if [ -n "$timescale" ]; then
     bench_once "$timescale" "$version, TimescaleDB (${timescale#postgres://postgres@})" $version
   done
 fi
+fi
 
 # Many accounts on one token: ACCOUNTS (20) accounts of ACCOUNT_EVENTS (10,000) v1 events each,
 # in one `run --once`, on plain PostgreSQL; then the resident memory of an idle service with
@@ -83,12 +86,14 @@ fi
 accounts=${BENCH_ACCOUNTS:-20}
 account_events=${BENCH_ACCOUNT_EVENTS:-10000}
 idle_accounts=${BENCH_IDLE_ACCOUNTS:-100}
-kill "$EMULATOR_PID" 2>/dev/null || true
-wait "$EMULATOR_PID" 2>/dev/null || true
-start_emulator "$(dirname "$bin")/cfaudit-emulator" "$port" "$account_events" "$out/emulator.log" \
-  --extra-accounts $((idle_accounts > accounts ? idle_accounts - 1 : accounts - 1))
-# The emulator's accounts, as `GET /accounts` lists them (50 a page).
-all_accounts=$(python3 - "$CLOUDFLARE_API_BASE_URL" "$CLOUDFLARE_API_TOKEN" <<'PY'
+# An emulator with $1 accounts of $2 v1 events each (and next to no v2 events).
+accounts_emulator() {
+  kill "$EMULATOR_PID" 2>/dev/null || true
+  wait "$EMULATOR_PID" 2>/dev/null || true
+  start_emulator "$(dirname "$bin")/cfaudit-emulator" "$port" "$2" "$out/emulator.log" \
+    --extra-accounts $(($1 - 1)) --v2-events 1
+  # The emulator's accounts, as `GET /accounts` lists them (50 a page).
+  all_accounts=$(python3 - "$CLOUDFLARE_API_BASE_URL" "$CLOUDFLARE_API_TOKEN" <<'PY'
 import json, sys, urllib.request
 base, token, ids, page = sys.argv[1], sys.argv[2], [], 1
 while True:
@@ -102,6 +107,8 @@ while True:
 print(",".join(ids))
 PY
 )
+}
+accounts_emulator "$accounts" "$account_events"
 first_accounts() { echo "$all_accounts" | tr ',' '\n' | head -n "$1" | paste -sd, -; }
 unset CLOUDFLARE_ACCOUNT_ID
 export CLOUDFLARE_API_VERSIONS=v1
@@ -143,6 +150,7 @@ idle_rss() {
   wait "$pid" || true
   echo "$kb"
 }
+accounts_emulator "$idle_accounts" 10
 one=$(idle_rss 1)
 many=$(idle_rss "$idle_accounts")
 python3 - "$one" "$many" "$idle_accounts" <<'PY'

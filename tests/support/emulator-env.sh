@@ -11,7 +11,8 @@ start_emulator() {
   "$bin" --listen "127.0.0.1:$port" --events "$events" "$@" >/dev/null 2>"$log" &
   EMULATOR_PID=$!
   trap 'kill $EMULATOR_PID 2>/dev/null || true' EXIT
-  for _ in $(seq 1 100); do
+  # Up to a minute: many accounts' data sets take a while to generate.
+  for _ in $(seq 1 600); do
     if ! kill -0 "$EMULATOR_PID" 2>/dev/null; then
       echo "the emulator did not start (is port $port taken?):" >&2
       cat "$log" >&2
