@@ -215,3 +215,82 @@ async fn an_accounts_listing_that_repeats_its_pages_ends() {
     assert_eq!(listed.len(), 50, "the first page, once");
     h.finish().await;
 }
+
+/// One request budget, shared fairly: while one account works through a backlog that takes
+/// most of the budget for a minute, the live sweeps of the others keep their pace (each sweep
+/// within two poll intervals of the one before).
+#[actix_web::test]
+async fn a_backlog_on_one_account_does_not_hold_back_the_others_live_sweeps() {
+    const POLL_SECONDS: i64 = 3;
+    let mut config = emulator_config(6_000);
+    config.extra_accounts = 2;
+    config.extra_account_events = Some(20);
+    let mut h = Harness::new(config).await;
+    let accounts = h.emu.emulator.accounts();
+    h.set("CLOUDFLARE_ACCOUNT_IDS", &accounts.join(","));
+    h.set("POLL_INTERVAL_SECONDS", &POLL_SECONDS.to_string());
+    h.set("CLOUDFLARE_PER_PAGE", "100");
+    // 2 requests a second: the first account's 60 pages take about 30 s of it.
+    h.set("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "600");
+    h.set("CLOUDFLARE_REQUEST_BURST", "1");
+    h.set("METRICS_ADDR", &format!("127.0.0.1:{}", free_port()));
+    cfaudit(&["migrate"], &h.env).wait().await.unwrap();
+    let child = cfaudit(&["run"], &h.env);
+    let pool = h.db.pool().await;
+    let backlog = valid_ids_of(&h.emu.emulator, &accounts[0]).len() as i64;
+    // Each quiet account's sweep times, sampled while the backlog lasts.
+    let mut sweeps: BTreeMap<String, BTreeSet<chrono::DateTime<chrono::Utc>>> = BTreeMap::new();
+    let started = Instant::now();
+    loop {
+        let rows: Vec<(String, Option<chrono::DateTime<chrono::Utc>>)> =
+            sqlx::query_as("SELECT account_id, last_sweep_at FROM cfaudit_checkpoints")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        for (account, at) in rows {
+            if account != accounts[0] {
+                sweeps.entry(account).or_default().extend(at);
+            }
+        }
+        let (done,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM audit_logs WHERE account_id = $1")
+                .bind(&accounts[0])
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if done >= backlog {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "the backlog took over 240 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let backlog_took = started.elapsed();
+    signal(&child, "-TERM");
+    assert!(finish(child).await.success);
+    pool.close().await;
+    assert!(
+        backlog_took > Duration::from_secs(15),
+        "a backlog long enough: {backlog_took:?}"
+    );
+    assert_eq!(sweeps.len(), 2, "{sweeps:?}");
+    for (account, times) in &sweeps {
+        let times: Vec<_> = times.iter().collect();
+        assert!(
+            times.len() as u64 >= backlog_took.as_secs() / (2 * POLL_SECONDS as u64),
+            "{account}: {} sweeps in {backlog_took:?}",
+            times.len()
+        );
+        let widest = times.windows(2).map(|w| *w[1] - *w[0]).max().unwrap();
+        assert!(
+            widest <= chrono::Duration::seconds(2 * POLL_SECONDS),
+            "{account}: {widest} between two sweeps while another account's backlog ran"
+        );
+        eprintln!(
+            "{account}: {} sweeps, at most {widest} apart, during {backlog_took:?}",
+            times.len()
+        );
+    }
+}

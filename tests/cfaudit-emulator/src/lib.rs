@@ -105,6 +105,9 @@ pub struct EmulatorConfig {
     /// the first, another seed); their ids are [`Emulator::accounts`].
     #[arg(long, default_value_t = 0)]
     pub extra_accounts: usize,
+    /// Events of each extra account (v1 and v2); default: as many as the first account's.
+    #[arg(long)]
+    pub extra_account_events: Option<usize>,
     /// An account the token is a member of but may not read audit logs of: 403, code 10000.
     #[arg(long)]
     pub no_access_account: Option<String>,
@@ -344,6 +347,10 @@ impl Emulator {
                 let mut own = config.clone();
                 own.account_id = extra_account_id(&config, n);
                 own.seed = config.seed.wrapping_add(n as u64 * 7919);
+                if let Some(events) = config.extra_account_events {
+                    own.events = events;
+                    own.v2_events = Some(events);
+                }
                 let mut events: Vec<StoredEvent> = generate(&own)
                     .iter()
                     .map(|(when, event)| StoredEvent::from_json(event, *when))
