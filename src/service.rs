@@ -26,7 +26,7 @@ use crate::app::{
 };
 use crate::settings::Settings;
 use crate::sinks::postgres::{Lease, LeaseSession, Postgres};
-use crate::streams::Stream;
+use crate::streams::{account_of, Stream};
 
 /// The streams (by key) that replica `me` collects: streams sorted by key are dealt to the
 /// live replicas sorted by name in turn, so each has the same number, give or take one, and
@@ -192,8 +192,7 @@ impl Coordinator {
         self.streams
             .retain(|s| !removed.iter().any(|a| a == s.account()));
         for (key, running) in &mut self.running {
-            let account = key.split('.').next().unwrap_or(key);
-            if removed.iter().any(|a| a == account) && !running.handing_over {
+            if removed.iter().any(|a| a == account_of(key)) && !running.handing_over {
                 let _ = running.stop.send(true);
                 running.handing_over = true;
             }

@@ -34,7 +34,7 @@ impl Stream {
 
     /// The account the stream collects.
     pub fn account(&self) -> &str {
-        self.key.split('.').next().unwrap_or(&self.key)
+        account_of(&self.key)
     }
 
     /// The API the stream reads: v2 keys carry `.v2` after the account (see [`live_key`]).
@@ -54,6 +54,11 @@ impl Stream {
         let show = |t: Option<DateTime<Utc>>| t.map_or("…".to_owned(), |t| t.to_rfc3339());
         format!("[{}, {})", show(self.covers_since), show(self.covers_until))
     }
+}
+
+/// The account a stream key belongs to: what comes before its first `.`.
+pub fn account_of(key: &str) -> &str {
+    key.split('.').next().unwrap_or(key)
 }
 
 /// The key of an account's live stream of one API version: the account id for v1 (as before

@@ -8,6 +8,7 @@ use cfaudit_actors::ApiVersion;
 use crate::settings::Settings;
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::{AccountStatus, Postgres, Replica, StreamOwner, TimescaleState};
+use crate::streams::account_of;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -76,7 +77,7 @@ impl std::fmt::Display for Status {
             for owner in self
                 .streams
                 .iter()
-                .filter(|o| o.stream.split('.').next() == Some(a.account_id.as_str()))
+                .filter(|o| account_of(&o.stream) == a.account_id)
             {
                 let who = owner.holder.as_deref().unwrap_or("nobody yet");
                 let state = if owner.held {

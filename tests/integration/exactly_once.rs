@@ -617,3 +617,85 @@ async fn an_event_two_accounts_see_is_one_row_of_the_account_that_committed_it(c
 }
 
 on_both_clusters!(an_event_two_accounts_see_is_one_row_of_the_account_that_committed_it);
+
+/// A process cut off from the database (its lease session killed by the server, as after a
+/// partition) loses its stream to another process: from then on its writes and commits are
+/// refused by the fence, and its session reports the lease lost instead of taking it again.
+async fn a_process_cut_off_from_the_database_cannot_write_or_commit_after_a_takeover(
+    cluster: Cluster,
+) {
+    use cfaudit::sinks::postgres::LeaseSession;
+    use cfaudit_actors::ports::{
+        CheckpointStore, CommitRecord, CommittedState, Fence, RowSink, SinkError,
+    };
+    let test = "a_process_cut_off_from_the_database_cannot_write_or_commit_after_a_takeover";
+    let Some((db, pg)) = TestDb::migrated(cluster, test).await else {
+        return;
+    };
+    let stream = "acctpartition";
+    let cut_off = LeaseSession::open(&pg, "cut-off").await.unwrap();
+    let mut old = cut_off.try_lease(stream).await.unwrap().unwrap();
+    // The server drops the session, as it does when keepalives fail across a partition.
+    let (killed,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'cfaudit leases' AND datname = current_database()) k",
+    )
+    .fetch_one(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(killed, 1);
+    let other = LeaseSession::open(&pg, "other").await.unwrap();
+    let new = other.try_lease(stream).await.unwrap().unwrap();
+    assert!(new.token > old.token);
+
+    let at = DateTime::parse_from_rfc3339("2026-05-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let raw = r#"{"id":"late","when":"2026-05-01T00:00:00Z"}"#;
+    let row = cfaudit_actors::mapping::map_v1(raw, stream, at).unwrap();
+    let fence = Fence {
+        stream: stream.into(),
+        lease: old.token,
+    };
+    let written = pg.write_rows(Some(&fence), &[row]).await;
+    assert!(matches!(written, Err(SinkError::Fenced(_))), "{written:?}");
+    let committed = pg
+        .commit(&CommitRecord {
+            fence,
+            previous_commit_seq: 0,
+            state: CommittedState {
+                checkpoint: Some(at),
+                commit_seq: 1,
+                ..CommittedState::default()
+            },
+            events: vec![cfaudit_actors::SeenId {
+                id: "late".into(),
+                when: at,
+            }],
+            ingestion_time: Some(at),
+            dead_letters: vec![],
+            files: vec![],
+        })
+        .await;
+    assert!(
+        matches!(committed, Err(SinkError::Fenced(_))),
+        "{committed:?}"
+    );
+    assert_eq!(count(pg.pool(), "SELECT count(*) FROM audit_logs").await, 0);
+    assert_eq!(
+        count(pg.pool(), "SELECT count(*) FROM cfaudit_lake_events").await,
+        0
+    );
+    // Its session comes back, finds the token moved and reports the stream lost.
+    let lost = tokio::time::timeout(Duration::from_secs(20), old.lost())
+        .await
+        .expect("the cut-off session noticed within 20 s");
+    assert!(lost.contains("taken over"), "{lost}");
+    new.release().await;
+    other.close().await;
+    cut_off.close().await;
+    pg.pool().close().await;
+    db.drop_db().await;
+}
+
+on_both_clusters!(a_process_cut_off_from_the_database_cannot_write_or_commit_after_a_takeover);

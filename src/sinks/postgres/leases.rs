@@ -341,11 +341,6 @@ impl LeaseSession {
             let _ = conn.close().await;
         }
     }
-
-    /// The streams this session holds.
-    pub async fn held(&self) -> Vec<String> {
-        self.inner.state.lock().await.held.keys().cloned().collect()
-    }
 }
 
 /// Keeps the session's connection alive while the session exists. A broken connection took

@@ -299,10 +299,27 @@ pub(crate) fn last_param<'a>(query: &'a [(String, String)], name: &str) -> Optio
         .map(|(_, v)| v.as_str())
 }
 
-/// The data sets of one more account.
+/// The data sets of one account.
 struct AccountStores {
     events: Vec<StoredEvent>,
     v2_events: Vec<StoredEvent>,
+}
+
+impl AccountStores {
+    /// The synthetic events of `config`'s account, both versions, sorted.
+    fn generate(config: &EmulatorConfig) -> AccountStores {
+        let mut events: Vec<StoredEvent> = generate(config)
+            .iter()
+            .map(|(when, event)| StoredEvent::from_json(event, *when))
+            .collect();
+        sort(&mut events);
+        let mut v2_events: Vec<StoredEvent> = v2::generate(config)
+            .iter()
+            .map(|(time, event)| v2::stored(event, *time))
+            .collect();
+        sort(&mut v2_events);
+        AccountStores { events, v2_events }
+    }
 }
 
 struct State {
@@ -332,16 +349,7 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Emulator {
-        let mut events: Vec<StoredEvent> = generate(&config)
-            .iter()
-            .map(|(when, event)| StoredEvent::from_json(event, *when))
-            .collect();
-        sort(&mut events);
-        let mut v2_events: Vec<StoredEvent> = v2::generate(&config)
-            .iter()
-            .map(|(time, event)| v2::stored(event, *time))
-            .collect();
-        sort(&mut v2_events);
+        let AccountStores { events, v2_events } = AccountStores::generate(&config);
         let others = (1..=config.extra_accounts)
             .map(|n| {
                 let mut own = config.clone();
@@ -351,17 +359,7 @@ impl Emulator {
                     own.events = events;
                     own.v2_events = Some(events);
                 }
-                let mut events: Vec<StoredEvent> = generate(&own)
-                    .iter()
-                    .map(|(when, event)| StoredEvent::from_json(event, *when))
-                    .collect();
-                sort(&mut events);
-                let mut v2_events: Vec<StoredEvent> = v2::generate(&own)
-                    .iter()
-                    .map(|(time, event)| v2::stored(event, *time))
-                    .collect();
-                sort(&mut v2_events);
-                (own.account_id, AccountStores { events, v2_events })
+                (own.account_id.clone(), AccountStores::generate(&own))
             })
             .collect();
         let faults = config.faults.clone();
