@@ -97,13 +97,6 @@ async fn run_once_collects_every_readable_account_and_names_the_failing_ones() {
     h.finish().await;
 }
 
-/// What `/readyz` answers, with its body.
-async fn readyz(addr: &str) -> Option<(u16, Value)> {
-    let response = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.json().await.ok()?))
-}
-
 #[actix_web::test]
 async fn the_service_collects_every_readable_account_and_reports_the_failing_ones() {
     let (mut h, readable) = six_accounts(2_000).await;

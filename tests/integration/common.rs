@@ -1007,6 +1007,13 @@ pub async fn run_once_all(config: Settings) -> anyhow::Result<Vec<cfaudit::app::
     cfaudit::app::run(config, options).await
 }
 
+/// What the service's `/readyz` answers: status and body (`None` while it does not answer).
+pub async fn readyz(addr: &str) -> Option<(u16, Value)> {
+    let response = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
 /// The service's `/metrics` page.
 pub async fn scrape(addr: &str) -> String {
     reqwest::get(format!("http://{addr}/metrics"))

@@ -7,12 +7,6 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use serde_json::Value;
 
-async fn readyz(addr: &str) -> Option<(u16, Value)> {
-    let response = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.json().await.ok()?))
-}
-
 /// Waits until `/readyz` answers `status` with a problem containing `needle` (any when empty).
 async fn wait_ready(addr: &str, status: u16, needle: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
