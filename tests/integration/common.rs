@@ -907,37 +907,92 @@ pub fn cfaudit_bin() -> String {
     std::env::var("CFAUDIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cfaudit").to_owned())
 }
 
-pub fn cfaudit(args: &[&str], env: &[(String, String)]) -> tokio::process::Child {
+/// A running `cfaudit`. Its output goes to files, never to a pipe: a pipe nobody reads fills
+/// up and stops a long-running process at its next log line.
+pub struct Process {
+    child: tokio::process::Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Process {
+    /// What the process wrote to stderr (its log) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the log, to show in a failure.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl std::ops::Deref for Process {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.child
+    }
+}
+
+/// The binary with only `env` (and PATH) for environment.
+fn spawn(
+    args: &[&str],
+    env: &[(String, String)],
+    stdout: std::fs::File,
+    stderr: std::fs::File,
+) -> tokio::process::Child {
     tokio::process::Command::new(cfaudit_bin())
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().cloned())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(stdout)
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .expect("spawn cfaudit")
 }
 
-/// As [`cfaudit`], for a process that runs long: its output goes to `log` (a pipe nobody reads
-/// fills up and stops the process at its next log line).
-pub fn cfaudit_logged(
-    args: &[&str],
-    env: &[(String, String)],
-    log: &Path,
-) -> tokio::process::Child {
+pub fn cfaudit(args: &[&str], env: &[(String, String)]) -> Process {
+    let dir = tempfile::Builder::new()
+        .prefix("cfaudit-out")
+        .tempdir()
+        .unwrap();
+    let stdout = dir.path().join("stdout");
+    let stderr = dir.path().join("stderr");
+    let child = spawn(
+        args,
+        env,
+        std::fs::File::create(&stdout).unwrap(),
+        std::fs::File::create(&stderr).unwrap(),
+    );
+    Process {
+        child,
+        stdout,
+        stderr,
+        _dir: Some(dir),
+    }
+}
+
+/// As [`cfaudit`], with stdout and stderr both in `log` (kept after the process is gone).
+pub fn cfaudit_logged(args: &[&str], env: &[(String, String)], log: &Path) -> Process {
     let file = std::fs::File::create(log).expect("create the log file");
-    tokio::process::Command::new(cfaudit_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().cloned())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn cfaudit")
+    let child = spawn(args, env, file.try_clone().unwrap(), file);
+    Process {
+        child,
+        stdout: log.to_owned(),
+        stderr: log.to_owned(),
+        _dir: None,
+    }
 }
 
 pub fn signal(child: &tokio::process::Child, signal: &str) {
@@ -975,19 +1030,16 @@ pub struct Finished {
     pub stderr: String,
 }
 
-pub async fn finish(child: tokio::process::Child) -> Finished {
-    let output = tokio::time::timeout(
-        std::time::Duration::from_secs(180),
-        child.wait_with_output(),
-    )
-    .await
-    .expect("cfaudit exited within 180 s")
-    .unwrap();
+pub async fn finish(mut process: Process) -> Finished {
+    let status = tokio::time::timeout(std::time::Duration::from_secs(180), process.child.wait())
+        .await
+        .expect("cfaudit exited within 180 s")
+        .unwrap();
     Finished {
-        success: output.status.success(),
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        success: status.success(),
+        code: status.code(),
+        stdout: std::fs::read_to_string(&process.stdout).unwrap_or_default(),
+        stderr: process.log(),
     }
 }
 

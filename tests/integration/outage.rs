@@ -50,12 +50,13 @@ async fn count_rows(url: &str) -> i64 {
     }
 }
 
-async fn wait_rows(url: &str, at_least: i64, within: Duration) {
+async fn wait_rows(service: &Process, url: &str, at_least: i64, within: Duration) {
     let deadline = Instant::now() + within;
     while count_rows(url).await < at_least {
         assert!(
             Instant::now() < deadline,
-            "fewer than {at_least} rows after {within:?}"
+            "fewer than {at_least} rows after {within:?}; the service's log ends:\n{}",
+            service.log_tail(40)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -88,7 +89,7 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact(cluster: C
     let child = cfaudit(&["run"], &h.env);
     let pid = child.id().unwrap();
 
-    wait_rows(&pg.url(), 3_000, Duration::from_secs(120)).await;
+    wait_rows(&child, &pg.url(), 3_000, Duration::from_secs(120)).await;
     let rows_at_stop = count_rows(&pg.url()).await;
     pg.stop();
     wait_ready(&addr, 503, "database unreachable", Duration::from_secs(30)).await;
@@ -103,7 +104,13 @@ async fn postgres_stopped_and_started_mid_run_recovers_and_ends_exact(cluster: C
     pg.start_again();
     let restarted = Instant::now();
 
-    wait_rows(&pg.url(), expected.len() as i64, Duration::from_secs(180)).await;
+    wait_rows(
+        &child,
+        &pg.url(),
+        expected.len() as i64,
+        Duration::from_secs(180),
+    )
+    .await;
     let caught_up = restarted.elapsed();
     wait_ready(&addr, 200, "", Duration::from_secs(60)).await;
     let metrics = scrape(&addr).await;
@@ -140,7 +147,7 @@ async fn the_s3_server_down_for_a_minute_recovers_and_ends_exact() {
     let pid = child.id().unwrap();
     let db_url = h.db.url.clone();
 
-    wait_rows(&db_url, 3_000, Duration::from_secs(120)).await;
+    wait_rows(&child, &db_url, 3_000, Duration::from_secs(120)).await;
     h.s3.as_mut().unwrap().stop();
     let body = wait_ready(&addr, 503, "parquet", Duration::from_secs(30)).await;
     assert!(
@@ -172,11 +179,9 @@ async fn the_s3_server_down_for_a_minute_recovers_and_ends_exact() {
         }
         if Instant::now() > deadline {
             signal(&child, "-KILL");
-            let log = finish(child).await.stderr;
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             panic!(
                 "not recovered after the S3 outage: {counts}\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                child.log_tail(40)
             );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -215,7 +220,7 @@ async fn sigterm_while_postgres_is_down_exits_0_within_the_shutdown_timeout() {
     outage_env(&mut h);
     h.set("SHUTDOWN_TIMEOUT_SECONDS", "3");
     let child = cfaudit(&["run"], &h.env);
-    wait_rows(&pg.url(), 2_000, Duration::from_secs(120)).await;
+    wait_rows(&child, &pg.url(), 2_000, Duration::from_secs(120)).await;
     pg.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let asked = Instant::now();

@@ -135,7 +135,7 @@ async fn replicas_share_the_accounts_survive_a_sigkill_and_a_newcomer_and_end_ex
     let killed = running.remove("r2").unwrap();
     signal(&killed, "-KILL");
     let takeover = wait_all_held(&pool, ACCOUNTS, "r2").await;
-    let _ = killed.wait_with_output().await;
+    let _ = finish(killed).await;
     eprintln!("takeover after SIGKILL: {takeover:?}");
     assert!(
         takeover < Duration::from_secs(2 * POLL_SECONDS),
