@@ -1,7 +1,7 @@
 //! Start-up and the run loop: build the adapters from the configuration, start the pipeline,
 //! and stop it cleanly on a signal or, with `--once`, after one committed sweep.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cfaudit_actors::{
@@ -11,7 +11,7 @@ use cfaudit_actors::{
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
-use crate::settings::{DatabaseSettings, Settings};
+use crate::settings::{DatabaseSettings, Settings, TokenAccounts};
 use crate::sinks::lake::ParquetLake;
 use crate::sinks::postgres::{Lease, LeaseSession, Postgres};
 use crate::sources::cloudflare::CloudflareClient;
@@ -43,36 +43,90 @@ pub struct RunSummary {
 /// The adapters a pipeline runs on, opened from the configuration.
 #[derive(Clone)]
 pub struct Adapters {
-    /// The accounts configured, in order.
+    /// The accounts collected, in order.
     pub accounts: Vec<String>,
     pub metrics: Arc<Metrics>,
     pub postgres: Postgres,
     pub lake: Arc<ParquetLake>,
-    pub source: Arc<CloudflareClient>,
+    /// Every credential configured, with its client and request budget.
+    pub tokens: Arc<Vec<TokenSource>>,
+    /// Which of `tokens` collects each account.
+    token_of: HashMap<String, usize>,
 }
 
-/// The accounts to collect: those configured, then, with discovery on, every other account
-/// the token is a member of (`GET /accounts`), in the order listed.
-pub async fn discover_accounts(
-    config: &Settings,
-    source: &CloudflareClient,
-) -> anyhow::Result<Vec<String>> {
-    let mut accounts = config.cloudflare.require_accounts()?;
-    if !config.cloudflare.discover_accounts {
-        return Ok(accounts);
+/// One credential, with its client (and so its request budget) and its accounts.
+pub struct TokenSource {
+    pub accounts: TokenAccounts,
+    pub client: Arc<CloudflareClient>,
+}
+
+impl TokenSource {
+    /// Its accounts: those named for it, then, with discovery on, every other account the
+    /// token is a member of (`GET /accounts`), in the order listed.
+    async fn accounts(&self) -> anyhow::Result<Vec<String>> {
+        let mut accounts = self.accounts.listed.clone();
+        if !self.accounts.discover {
+            return Ok(accounts);
+        }
+        let listed = self.client.list_accounts().await.map_err(|error| {
+            anyhow::anyhow!(
+                "listing the accounts of token {} failed: {error}. Fix: check the token and \
+                 CLOUDFLARE_API_BASE_URL, or name its accounts instead of discovering them",
+                self.accounts.label
+            )
+        })?;
+        for account in listed {
+            if !accounts.contains(&account) {
+                accounts.push(account);
+            }
+        }
+        Ok(accounts)
     }
-    let listed = source.list_accounts().await.map_err(|error| {
-        anyhow::anyhow!(
-            "listing the token's accounts (CLOUDFLARE_DISCOVER_ACCOUNTS) failed: {error}. Fix: \
-             check the token and CLOUDFLARE_API_BASE_URL, or name the accounts in CLOUDFLARE_ACCOUNT_IDS"
-        )
-    })?;
-    for account in listed {
-        if !accounts.contains(&account) {
-            accounts.push(account);
+}
+
+/// The accounts of every token, each with the index of the first token that has it. A token
+/// whose listing fails keeps the accounts it had in `known` and those named for it; only when
+/// that leaves no account at all is it an error.
+pub async fn discover_accounts(
+    tokens: &[TokenSource],
+    known: &HashMap<String, usize>,
+) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut found: Vec<(String, usize)> = Vec::new();
+    let mut failed = None;
+    for (index, token) in tokens.iter().enumerate() {
+        let accounts = match token.accounts().await {
+            Ok(accounts) => accounts,
+            Err(error) => {
+                warn!(
+                    error = format!("{error:#}"),
+                    token = %token.accounts.label,
+                    "collecting the accounts this token had until a listing succeeds"
+                );
+                failed.get_or_insert(error);
+                let mut had: Vec<String> = known
+                    .iter()
+                    .filter(|(_, t)| **t == index)
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                had.sort_unstable();
+                let mut kept = token.accounts.listed.clone();
+                kept.extend(
+                    had.into_iter()
+                        .filter(|a| !token.accounts.listed.contains(a)),
+                );
+                kept
+            }
+        };
+        for account in accounts {
+            if !found.iter().any(|(a, _)| *a == account) {
+                found.push((account, index));
+            }
         }
     }
-    Ok(accounts)
+    match failed {
+        Some(error) if found.is_empty() => Err(error),
+        _ => Ok(found),
+    }
 }
 
 /// Forgets the indexed events the API no longer has; a failure only delays that.
@@ -101,7 +155,8 @@ impl Adapters {
     /// Connects to the database (applying the migrations unless told not to), the object
     /// store and the API client.
     pub async fn open(config: &Settings, migrate: bool) -> anyhow::Result<Adapters> {
-        let accounts = config.cloudflare.require_accounts()?;
+        // Checked before any connection: a configuration error is told first.
+        config.cloudflare.tokens()?;
         for warning in config.warnings() {
             warn!("{warning}");
         }
@@ -128,25 +183,55 @@ impl Adapters {
         }
         let lake = Arc::new(ParquetLake::open(&config.lake)?);
         lake.check_layout()?;
-        let source = Arc::new(CloudflareClient::new(&config.cloudflare, metrics.clone())?);
-        let accounts = match discover_accounts(config, &source).await {
-            Ok(all) => all,
-            Err(error) if accounts.is_empty() => return Err(error),
-            Err(error) => {
-                warn!(
-                    error = format!("{error:#}"),
-                    "collecting the accounts configured only, until a listing succeeds"
-                );
-                accounts
-            }
-        };
-        Ok(Adapters {
-            accounts,
+        let tokens = config
+            .cloudflare
+            .tokens()?
+            .into_iter()
+            .map(|accounts| {
+                let client = CloudflareClient::new(&config.cloudflare, &accounts, metrics.clone())?;
+                Ok(TokenSource {
+                    accounts,
+                    client: Arc::new(client),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let found = discover_accounts(&tokens, &HashMap::new()).await?;
+        let mut adapters = Adapters {
+            accounts: Vec::new(),
             metrics,
             postgres,
             lake,
-            source,
-        })
+            tokens: Arc::new(tokens),
+            token_of: HashMap::new(),
+        };
+        adapters.set_accounts(found);
+        Ok(adapters)
+    }
+
+    /// The accounts collected and the token of each, as [`discover_accounts`] found them.
+    pub fn set_accounts(&mut self, found: Vec<(String, usize)>) {
+        self.accounts = found.iter().map(|(a, _)| a.clone()).collect();
+        self.token_of = found.into_iter().collect();
+    }
+
+    /// Which token collects each account, by index in `tokens`.
+    pub fn token_of(&self) -> &HashMap<String, usize> {
+        &self.token_of
+    }
+
+    /// The client of the token that collects `account`.
+    pub fn source(&self, account: &str) -> Arc<CloudflareClient> {
+        let token = self.token_of.get(account).copied().unwrap_or_else(|| {
+            panic!("account {account} is collected, so some token was found for it")
+        });
+        self.tokens[token].client.clone()
+    }
+
+    /// Divides every token's request budget among `replicas` processes.
+    pub fn share_budget(&self, replicas: u32) {
+        for token in self.tokens.iter() {
+            token.client.share_budget(replicas);
+        }
     }
 
     /// The one account configured; commands that act on one account (a backfill) name it
@@ -192,7 +277,7 @@ impl Adapters {
                 once,
             ),
             checkpointer: config.checkpointer(account, stream.api_version(), &stream.key, lease),
-            source: self.source.clone(),
+            source: self.source(account),
             sinks: vec![
                 Arc::new(PgTarget(Arc::new(self.postgres.clone()))),
                 Arc::new(ParquetTarget(self.lake.clone())),

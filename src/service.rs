@@ -103,7 +103,12 @@ pub async fn serve(
         told_mismatch: false,
         next_discovery: None,
     };
-    if coordinator.config.cloudflare.discover_accounts {
+    if coordinator
+        .adapters
+        .tokens
+        .iter()
+        .any(|t| t.accounts.discover)
+    {
         coordinator.next_discovery =
             Some(Instant::now() + coordinator.config.cloudflare.discovery_interval);
     }
@@ -140,7 +145,7 @@ struct Coordinator {
     /// Free streams that are not this replica's: how many looks they have been free.
     free_looks: HashMap<String, u32>,
     told_mismatch: bool,
-    /// When the token's accounts are listed next (discovery on).
+    /// When the tokens' accounts are listed next (discovery on for one at least).
     next_discovery: Option<Instant>,
 }
 
@@ -161,7 +166,8 @@ impl Coordinator {
     /// Lists the token's accounts again: streams of new accounts are registered (and taken
     /// at the next look by whoever they are dealt to), those of accounts no longer listed stop.
     async fn refresh_accounts(&mut self) -> anyhow::Result<()> {
-        let accounts = discover_accounts(&self.config, &self.adapters.source).await?;
+        let found = discover_accounts(&self.adapters.tokens, self.adapters.token_of()).await?;
+        let accounts: Vec<String> = found.iter().map(|(a, _)| a.clone()).collect();
         let added: Vec<String> = accounts
             .iter()
             .filter(|a| !self.adapters.accounts.contains(a))
@@ -175,6 +181,7 @@ impl Coordinator {
             .cloned()
             .collect();
         if added.is_empty() && removed.is_empty() {
+            self.adapters.set_accounts(found);
             return Ok(());
         }
         for account in &added {
@@ -197,7 +204,7 @@ impl Coordinator {
                 running.handing_over = true;
             }
         }
-        self.adapters.accounts = accounts;
+        self.adapters.set_accounts(found);
         let keys: Vec<String> = self.streams.iter().map(|s| s.key.clone()).collect();
         self.session.announce_streams(&keys).await?;
         info!(added = ?added, removed = ?removed, "the token's accounts changed");
@@ -213,8 +220,8 @@ impl Coordinator {
             // This replica's session is reconnecting: not counted among the live ones now.
             return Ok(());
         };
-        // Every live replica is taken to share the token (one configuration, one token).
-        self.adapters.source.share_budget(replicas.len() as u32);
+        // Every live replica is taken to share the tokens (one configuration).
+        self.adapters.share_budget(replicas.len() as u32);
         let peers: Vec<&str> = replicas
             .iter()
             .filter(|r| r.config_digest == me.config_digest)

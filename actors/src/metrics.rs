@@ -56,7 +56,7 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     pub api_request_duration: Histogram,
     pub api_rate_limited: IntCounter,
-    pub api_ratelimit_remaining: IntGauge,
+    pub api_ratelimit_remaining: IntGaugeVec,
     pub api_retries: IntCounterVec,
     pub batches_committed: IntCounterVec,
     pub pipeline_rewinds: IntCounterVec,
@@ -169,9 +169,12 @@ impl Metrics {
             ),
             api_ratelimit_remaining: reg(
                 &r,
-                IntGauge::new(
-                    "cfaudit_api_ratelimit_remaining",
-                    "Requests left in the current window, from the Ratelimit header (-1: unknown).",
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cfaudit_api_ratelimit_remaining",
+                        "Requests left in the token's current window, from the Ratelimit header (-1: unknown).",
+                    ),
+                    &["token"],
                 )
                 .unwrap(),
             ),

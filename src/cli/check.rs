@@ -49,18 +49,28 @@ pub async fn run_checks(config: &Settings) -> Vec<Check> {
 }
 
 fn check_config(config: &Settings) -> Result<String, String> {
-    let accounts = config
-        .cloudflare
-        .require_accounts()
-        .map_err(|e| e.to_string())?;
+    let tokens = config.cloudflare.tokens().map_err(|e| e.to_string())?;
+    let accounts: Vec<&str> = tokens
+        .iter()
+        .flat_map(|t| t.listed.iter().map(String::as_str))
+        .chain(tokens.iter().filter(|t| t.discover).map(|t| {
+            if t.label == "api_token" {
+                "every account of the token"
+            } else {
+                "every account of another token"
+            }
+        }))
+        .collect();
     Ok(format!(
-        "{} {}, API {}, Parquet {}",
+        "{} {} ({} token{}), API {}, Parquet {}",
         if accounts.len() == 1 {
             "account"
         } else {
             "accounts"
         },
         accounts.join(", "),
+        tokens.len(),
+        if tokens.len() == 1 { "" } else { "s" },
         config.cloudflare.api_base_url,
         config.lake.parquet_url
     ))
@@ -104,21 +114,24 @@ async fn check_object_store(config: &Settings) -> Result<String, String> {
 }
 
 async fn check_api(config: &Settings) -> Result<String, String> {
-    let accounts = config
-        .cloudflare
-        .require_accounts()
-        .map_err(|e| e.to_string())?;
-    let client =
-        CloudflareClient::new(&config.cloudflare, Metrics::new()).map_err(|e| format!("{e:#}"))?;
-    let client: Arc<dyn AuditSource> = Arc::new(client);
+    let tokens = config.cloudflare.tokens().map_err(|e| e.to_string())?;
+    let mut clients = Vec::new();
+    for token in &tokens {
+        let client = CloudflareClient::new(&config.cloudflare, token, Metrics::new())
+            .map_err(|e| format!("{e:#}"))?;
+        let client: Arc<dyn AuditSource> = Arc::new(client);
+        for account_id in &token.listed {
+            clients.push((account_id, token.label.as_str(), client.clone()));
+        }
+    }
     let now = Utc::now();
     let mut read = Vec::new();
     let mut refused = Vec::new();
     // Each account and each configured API once: a token may read one and not the other.
-    for account_id in &accounts {
+    for (account_id, token, client) in &clients {
         for &api_version in &config.cloudflare.api_versions.0 {
             let request = PageRequest {
-                account_id: account_id.clone(),
+                account_id: account_id.to_string(),
                 api_version,
                 since: now - chrono::Duration::days(1),
                 before: now,
@@ -134,7 +147,7 @@ async fn check_api(config: &Settings) -> Result<String, String> {
                     events.len()
                 )),
                 Err(SourceError::Auth(reason)) => refused.push(format!(
-                    "{account_id} {api_version}: {reason}. Fix: use a token with 'Account Settings: Read' \
+                    "{account_id} {api_version}: {reason}. Fix: give token {token} 'Account Settings: Read' \
                      for account {account_id}, or remove the account from the configuration"
                 )),
                 Err(other) => {

@@ -85,7 +85,8 @@ pub struct CloudflareSettings {
     #[serde(rename = "cloudflare_account_id")]
     pub account_id: Option<String>,
     /// Several accounts, comma-separated: each is collected as streams of its own (its own
-    /// checkpoint, dead letters and failures), all on the one token and its request budget.
+    /// checkpoint, dead letters and failures), all on `CLOUDFLARE_API_TOKEN` and its request
+    /// budget (accounts of other tokens: `CLOUDFLARE_API_TOKENS`).
     #[serde(rename = "cloudflare_account_ids")]
     #[schemars(with = "Option<String>")]
     pub account_ids: Option<AccountIds>,
@@ -94,6 +95,16 @@ pub struct CloudflareSettings {
     /// accounts that left the list stop being collected (what they stored stays).
     #[serde(rename = "cloudflare_discover_accounts")]
     pub discover_accounts: bool,
+    /// Further tokens, for accounts that do not share one: entries `token=account,account`
+    /// (those accounts) or `token=*` (every account the token is a member of, listed again
+    /// every discovery interval), separated by `;` or new lines; `#` starts a comment line.
+    /// Each token has its own request budget. Best given as a file
+    /// (`CLOUDFLARE_API_TOKENS_FILE`). An account belongs to one token: listed under two, it
+    /// is refused; found by two listings, the first token in order collects it
+    /// (`CLOUDFLARE_API_TOKEN` first).
+    #[serde(rename = "cloudflare_api_tokens")]
+    #[schemars(with = "Option<String>")]
+    pub api_tokens: Option<TokenList>,
     /// Seconds between two listings of the token's accounts (with discovery on).
     #[serde(rename = "cloudflare_discovery_interval_seconds")]
     #[serde_as(as = "DurationSeconds<u64>")]
@@ -264,6 +275,7 @@ impl Default for CloudflareSettings {
             account_id: None,
             account_ids: None,
             discover_accounts: false,
+            api_tokens: None,
             discovery_interval: Duration::from_secs(3600),
             api_base_url: "https://api.cloudflare.com/client/v4".into(),
             per_page: 1000,
@@ -281,42 +293,202 @@ impl Default for CloudflareSettings {
     }
 }
 
+/// How a request is authorised.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    Token(Secret),
+    Key { email: String, key: Secret },
+}
+
+/// One credential and the accounts collected with it.
+#[derive(Clone, Debug)]
+pub struct TokenAccounts {
+    /// How the token is named in logs, errors and metrics (never the token itself):
+    /// `api_token` for `CLOUDFLARE_API_TOKEN` (or the global key), `api_tokens.N` for the Nth
+    /// entry of `CLOUDFLARE_API_TOKENS`.
+    pub label: String,
+    pub credential: Credential,
+    /// The accounts named for it, in order.
+    pub listed: Vec<String>,
+    /// Also every account the token is a member of.
+    pub discover: bool,
+}
+
 impl CloudflareSettings {
-    /// The accounts configured, in order, once what polling needs is checked: credentials,
-    /// and at least one account id unless discovery is on.
-    pub fn require_accounts(&self) -> Result<Vec<String>, ConfigError> {
-        let mut accounts: Vec<String> = Vec::new();
-        let listed = self.account_ids.iter().flat_map(|ids| ids.0.iter());
-        for id in self.account_id.iter().chain(listed) {
-            if !accounts.contains(id) {
-                accounts.push(id.clone());
+    /// The credentials and the accounts of each, once what polling needs is checked: at least
+    /// one credential, and for each at least one account or discovery; no account named
+    /// under two tokens.
+    pub fn tokens(&self) -> Result<Vec<TokenAccounts>, ConfigError> {
+        let mut listed: Vec<String> = Vec::new();
+        let named = self.account_ids.iter().flat_map(|ids| ids.0.iter());
+        for id in self.account_id.iter().chain(named) {
+            if !listed.contains(id) {
+                listed.push(id.clone());
             }
         }
-        if let Some(id) = accounts.iter().find(|id| !is_account_id(id)) {
+        if let Some(id) = listed.iter().find(|id| !is_account_id(id)) {
             return Err(config_error(
                 "cloudflare_account_id",
                 format!("{id:?} is not an account id"),
                 "use the 32-hex account id from the dashboard URL",
             ));
         }
-        if accounts.is_empty() && !self.discover_accounts {
-            return Err(config_error(
-                "cloudflare_account_id",
-                "not set",
-                "set CLOUDFLARE_ACCOUNT_ID to the 32-hex account id from the dashboard URL, \
-                 CLOUDFLARE_ACCOUNT_IDS to several, comma-separated, or \
-                 CLOUDFLARE_DISCOVER_ACCOUNTS=true for every account the token is a member of",
-            ));
+        let extra = self.api_tokens.as_ref().map_or(&[][..], |t| &t.0[..]);
+        let credential = match (&self.api_token, &self.api_email, &self.api_key) {
+            (Some(token), _, _) => Some(Credential::Token(token.clone())),
+            (None, Some(email), Some(key)) => Some(Credential::Key {
+                email: email.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        let mut tokens = Vec::new();
+        let has_accounts = !listed.is_empty() || self.discover_accounts;
+        match credential {
+            Some(credential) if has_accounts => tokens.push(TokenAccounts {
+                label: "api_token".to_owned(),
+                credential,
+                listed,
+                discover: self.discover_accounts,
+            }),
+            _ if !has_accounts && extra.is_empty() => {
+                return Err(config_error(
+                    "cloudflare_account_id",
+                    "not set",
+                    "set CLOUDFLARE_ACCOUNT_ID to the 32-hex account id from the dashboard URL, \
+                     CLOUDFLARE_ACCOUNT_IDS to several, comma-separated, or \
+                     CLOUDFLARE_DISCOVER_ACCOUNTS=true for every account the token is a member of",
+                ))
+            }
+            Some(_) => {
+                return Err(config_error(
+                    "cloudflare_api_token",
+                    "set, but no account is collected with it",
+                    "name its accounts in CLOUDFLARE_ACCOUNT_IDS, set CLOUDFLARE_DISCOVER_ACCOUNTS=true, \
+                     or leave it unset when CLOUDFLARE_API_TOKENS lists every token",
+                ))
+            }
+            None if has_accounts => {
+                return Err(config_error(
+                    "cloudflare_api_token",
+                    "not set",
+                    "create an API token with 'Account Settings: Read' and set CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_TOKEN_FILE)",
+                ))
+            }
+            None => {}
         }
-        let key_auth = self.api_email.is_some() && self.api_key.is_some();
-        if self.api_token.is_none() && !key_auth {
-            return Err(config_error(
-                "cloudflare_api_token",
-                "not set",
-                "create an API token with 'Account Settings: Read' and set CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_TOKEN_FILE)",
-            ));
+        for (n, entry) in extra.iter().enumerate() {
+            let label = format!("api_tokens.{}", n + 1);
+            for account in entry.accounts.iter() {
+                if let Some(first) = tokens.iter().find(|t| t.listed.contains(account)) {
+                    return Err(config_error(
+                        "cloudflare_api_tokens",
+                        format!(
+                            "account {account} is named for two tokens ({} and {label})",
+                            first.label
+                        ),
+                        "name each account for one token only",
+                    ));
+                }
+            }
+            tokens.push(TokenAccounts {
+                label,
+                credential: Credential::Token(entry.token.clone()),
+                listed: entry.accounts.clone(),
+                discover: entry.discover,
+            });
         }
-        Ok(accounts)
+        Ok(tokens)
+    }
+
+    /// The accounts named in the configuration, in order, once what polling needs is checked
+    /// ([`CloudflareSettings::tokens`]).
+    pub fn require_accounts(&self) -> Result<Vec<String>, ConfigError> {
+        Ok(self.tokens()?.into_iter().flat_map(|t| t.listed).collect())
+    }
+}
+
+/// `CLOUDFLARE_API_TOKENS`: further tokens, each with its accounts.
+#[derive(Clone, Debug, PartialEq, Eq, DeserializeFromStr)]
+pub struct TokenList(pub Vec<TokenEntry>);
+
+/// One entry of `CLOUDFLARE_API_TOKENS`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub token: Secret,
+    /// The accounts named for the token.
+    pub accounts: Vec<String>,
+    /// `*`: every account the token is a member of.
+    pub discover: bool,
+}
+
+impl std::str::FromStr for TokenList {
+    type Err = String;
+
+    /// Errors name the entry by its number, never by its token.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut entries: Vec<TokenEntry> = Vec::new();
+        let lines = text
+            .split(['\n', ';'])
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'));
+        for (n, line) in lines.enumerate() {
+            let n = n + 1;
+            let Some((token, accounts)) = line.split_once('=') else {
+                return Err(format!(
+                    "entry {n} has no `=`: write token=account,account or token=*"
+                ));
+            };
+            let token = token.trim();
+            if token.is_empty() || token.chars().any(char::is_whitespace) {
+                return Err(format!("entry {n} has no token before its `=`"));
+            }
+            let (accounts, discover) = match accounts.trim() {
+                "*" => (Vec::new(), true),
+                "" => {
+                    return Err(format!(
+                        "entry {n} names no account: write token=account,account or token=*"
+                    ))
+                }
+                ids => (
+                    ids.parse::<AccountIds>()
+                        .map_err(|problem| format!("entry {n}: {problem}"))?
+                        .0,
+                    false,
+                ),
+            };
+            if entries.iter().any(|e| e.token.expose() == token) {
+                return Err(format!(
+                    "entry {n} repeats the token of an earlier entry: give each token one entry"
+                ));
+            }
+            entries.push(TokenEntry {
+                token: Secret::new(token),
+                accounts,
+                discover,
+            });
+        }
+        Ok(TokenList(entries))
+    }
+}
+
+/// Serialised without its tokens: settings are serialised only for defaults and the
+/// reference, never to be read back.
+impl Serialize for TokenList {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let entries: Vec<String> = self
+            .0
+            .iter()
+            .map(|e| {
+                let accounts = if e.discover {
+                    "*".to_owned()
+                } else {
+                    e.accounts.join(",")
+                };
+                format!("[redacted]={accounts}")
+            })
+            .collect();
+        serializer.serialize_str(&entries.join(";"))
     }
 }
 
@@ -600,7 +772,12 @@ pub fn default_of(name: &str) -> Option<String> {
 }
 
 /// Secrets that may be given as a path in `<NAME>_FILE` instead.
-const FILE_SECRETS: &[&str] = &["cloudflare_api_token", "cloudflare_api_key", "database_url"];
+const FILE_SECRETS: &[&str] = &[
+    "cloudflare_api_token",
+    "cloudflare_api_tokens",
+    "cloudflare_api_key",
+    "database_url",
+];
 
 /// A configuration error, always naming the setting and the fix.
 #[derive(Debug, thiserror::Error)]

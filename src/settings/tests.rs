@@ -210,6 +210,112 @@ fn account_lists_are_read_checked_and_joined() {
     assert!(error.fix.contains("CLOUDFLARE_ACCOUNT_IDS"), "{error}");
 }
 
+/// Several tokens: each entry's accounts or `*`, read from a file with comments and blank
+/// lines; the main token beside them or not at all; an account named for two tokens, a bad
+/// entry and a main token with no account refused by name, never showing a token.
+#[test]
+fn several_tokens_each_with_its_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(
+        &file,
+        "# finance\nsecret-one = aaa1, bbb2\n\nsecret-two=*\n",
+    )
+    .unwrap();
+    let settings = Settings::load_from(
+        None,
+        env(&[
+            ("CLOUDFLARE_API_TOKEN", "secret-main"),
+            ("CLOUDFLARE_ACCOUNT_ID", "ccc3"),
+            ("CLOUDFLARE_API_TOKENS_FILE", file.to_str().unwrap()),
+        ]),
+    )
+    .unwrap();
+    let tokens = settings.cloudflare.tokens().unwrap();
+    let seen: Vec<(&str, Vec<String>, bool)> = tokens
+        .iter()
+        .map(|t| (t.label.as_str(), t.listed.clone(), t.discover))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("api_token", vec!["ccc3".to_owned()], false),
+            (
+                "api_tokens.1",
+                vec!["aaa1".to_owned(), "bbb2".to_owned()],
+                false
+            ),
+            ("api_tokens.2", vec![], true),
+        ]
+    );
+    assert!(matches!(&tokens[1].credential, Credential::Token(t) if t.expose() == "secret-one"));
+    assert_eq!(
+        settings.cloudflare.require_accounts().unwrap(),
+        ["ccc3", "aaa1", "bbb2"]
+    );
+    let debug = format!("{settings:?} {tokens:?}");
+    assert!(!debug.contains("secret-"), "{debug}");
+
+    // Without the main token: only the list's.
+    let alone = Settings::load_from(None, env(&[("CLOUDFLARE_API_TOKENS", "secret-one=aaa1")]))
+        .unwrap()
+        .cloudflare
+        .tokens()
+        .unwrap();
+    assert_eq!(alone.len(), 1);
+    assert_eq!(alone[0].label, "api_tokens.1");
+
+    let refused = |vars: &[(&str, &str)]| -> ConfigError {
+        match Settings::load_from(None, env(vars)) {
+            Err(error) => error,
+            Ok(settings) => settings.cloudflare.tokens().unwrap_err(),
+        }
+    };
+    for (tokens, key, problem) in [
+        (
+            "secret-one=aaa1;secret-two=bbb2,aaa1",
+            "CLOUDFLARE_API_TOKENS",
+            "aaa1 is named for two tokens",
+        ),
+        ("secret-one", "CLOUDFLARE_API_TOKENS", "entry 1 has no `=`"),
+        (
+            "secret-one=aaa1;secret-two=",
+            "CLOUDFLARE_API_TOKENS",
+            "entry 2 names no account",
+        ),
+        (
+            "secret-one=aaa1;secret-two=x-y",
+            "CLOUDFLARE_API_TOKENS",
+            "entry 2: \"x-y\" is not an account id",
+        ),
+        (
+            "secret-one=aaa1;secret-one=bbb2",
+            "CLOUDFLARE_API_TOKENS",
+            "repeats the token",
+        ),
+    ] {
+        let error = refused(&[("CLOUDFLARE_API_TOKENS", tokens)]);
+        assert_eq!(error.key, key, "{error}");
+        assert!(error.to_string().contains(problem), "{error}");
+        assert!(!error.to_string().contains("secret-"), "{error}");
+    }
+    let error = refused(&[
+        ("CLOUDFLARE_API_TOKEN", "secret-main"),
+        ("CLOUDFLARE_API_TOKENS", "secret-one=aaa1"),
+    ]);
+    assert_eq!(error.key, "CLOUDFLARE_API_TOKEN", "{error}");
+    assert!(error.problem.contains("no account"), "{error}");
+    let error = refused(&[
+        ("CLOUDFLARE_API_TOKEN", "secret-main"),
+        ("CLOUDFLARE_ACCOUNT_ID", "aaa1"),
+        ("CLOUDFLARE_API_TOKENS", "secret-one=aaa1"),
+    ]);
+    assert!(
+        error.problem.contains("api_token and api_tokens.1"),
+        "{error}"
+    );
+}
+
 #[test]
 fn secrets_from_files_and_never_in_debug() {
     let dir = tempfile::tempdir().unwrap();

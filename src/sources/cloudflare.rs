@@ -25,7 +25,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::settings::{CloudflareSettings, Secret};
+use crate::settings::{CloudflareSettings, Credential, TokenAccounts};
 
 /// Error codes that mean "this credential cannot read this account", or that there is no such
 /// account (7000/7003: no route, e.g. a wrong account id): retrying soon cannot help.
@@ -33,16 +33,12 @@ const AUTH_CODES: &[i64] = &[
     6003, 6100, 6101, 6102, 6103, 6111, 7000, 7003, 9106, 9107, 9109, 9300, 10000,
 ];
 
-#[derive(Clone)]
-enum Credential {
-    Token(Secret),
-    Key { email: String, key: Secret },
-}
-
 pub struct CloudflareClient {
     http: reqwest::Client,
     base_url: String,
     credential: Credential,
+    /// The token's label in metrics and logs (never the token).
+    token: String,
     metrics: Arc<Metrics>,
     /// The client-side budget (GCRA): below Cloudflare's 1,200 requests per 5 minutes. This
     /// process's share of it: replaced when the number of replicas on the token changes.
@@ -52,6 +48,10 @@ pub struct CloudflareClient {
     sharing: std::sync::atomic::AtomicU32,
     /// Set when a `Ratelimit` header said nothing is left: no request before this instant.
     paused_until: Mutex<Option<Instant>>,
+    /// Requests wait for the budget in the order they ask (tokio's mutex is first come, first
+    /// served): a stream working through a backlog, always asking again, cannot win every
+    /// free slot against the live sweeps of the token's other accounts.
+    queue: tokio::sync::Mutex<()>,
     /// The longest wait a server may impose through its headers.
     max_server_wait: Duration,
     /// Bodies longer than this are not read.
@@ -61,16 +61,17 @@ pub struct CloudflareClient {
 }
 
 impl CloudflareClient {
-    pub fn new(settings: &CloudflareSettings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        settings.require_accounts()?;
-        let credential = match (&settings.api_token, &settings.api_email, &settings.api_key) {
-            (Some(token), _, _) => Credential::Token(token.clone()),
-            (None, Some(email), Some(key)) => Credential::Key {
-                email: email.clone(),
-                key: key.clone(),
-            },
-            _ => unreachable!("require_accounts checked the credentials"),
-        };
+    /// A client of the API with one credential (`token`, of [`CloudflareSettings::tokens`]),
+    /// with that token's request budget.
+    pub fn new(
+        settings: &CloudflareSettings,
+        token: &TokenAccounts,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        metrics
+            .api_ratelimit_remaining
+            .with_label_values(&[token.label.as_str()])
+            .set(-1);
         let http = reqwest::Client::builder()
             .timeout(settings.request_timeout)
             .connect_timeout(Duration::from_secs(10))
@@ -82,12 +83,14 @@ impl CloudflareClient {
         Ok(CloudflareClient {
             http,
             base_url: settings.api_base_url.trim_end_matches('/').to_owned(),
-            credential,
+            credential: token.credential.clone(),
+            token: token.label.clone(),
             metrics,
             budget: Mutex::new(Arc::new(share_of(token_budget, 1))),
             token_budget,
             sharing: std::sync::atomic::AtomicU32::new(1),
             paused_until: Mutex::new(None),
+            queue: tokio::sync::Mutex::new(()),
             max_server_wait: settings.max_retry_after,
             max_response_bytes: settings.max_response_bytes,
             v2_filters: settings.v2_filters.0.clone(),
@@ -103,6 +106,7 @@ impl CloudflareClient {
                 tokio::time::sleep(until - now).await;
             }
         }
+        let _turn = self.queue.lock().await;
         let budget = self.budget.lock().unwrap().clone();
         budget.until_ready().await;
     }
@@ -118,6 +122,7 @@ impl CloudflareClient {
         *self.budget.lock().unwrap() = Arc::new(share_of(self.token_budget, replicas));
         let (per_5_minutes, burst) = self.token_budget;
         info!(
+            token = %self.token,
             replicas,
             requests_per_5_minutes = per_5_minutes / replicas,
             burst = (burst / replicas).max(1),
@@ -214,7 +219,10 @@ impl CloudflareClient {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.api_requests.with_label_values(&[class]).inc();
         if let Some((remaining, reset)) = headers.and_then(ratelimit) {
-            self.metrics.api_ratelimit_remaining.set(remaining);
+            self.metrics
+                .api_ratelimit_remaining
+                .with_label_values(&[self.token.as_str()])
+                .set(remaining);
             if remaining <= 0 {
                 // The window is used up: wait for its reset rather than earn a 5-minute block
                 // (never longer than a server may impose).

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use cfaudit_emulator::DEMO_TOKEN;
 use serde_json::Value;
 
 /// An account the token is a member of, without the right to read its audit logs.
@@ -198,8 +199,10 @@ async fn an_accounts_listing_that_repeats_its_pages_ends() {
     let h = Harness::new(config).await;
     let mut settings = h.config();
     settings.cloudflare.discover_accounts = true;
+    let token = settings.cloudflare.tokens().unwrap().remove(0);
     let client = cfaudit::sources::cloudflare::CloudflareClient::new(
         &settings.cloudflare,
+        &token,
         cfaudit_actors::Metrics::new(),
     )
     .unwrap();
@@ -286,4 +289,63 @@ async fn a_backlog_on_one_account_does_not_hold_back_the_others_live_sweeps() {
             times.len()
         );
     }
+}
+
+/// Two tokens that share no account: each account is collected with its own token (the
+/// emulator refuses an account to the other token), both discovered through their own
+/// `/accounts`, each token's requests within its own rate-limit window; exactly once.
+#[actix_web::test]
+async fn two_tokens_each_collect_their_own_accounts() {
+    const SECOND: &str = "second-token-not-a-secret";
+    let mut config = emulator_config(2_000);
+    config.extra_accounts = 3;
+    config.second_token = Some(SECOND.into());
+    config.second_token_accounts = 2;
+    let mut h = Harness::new(config).await;
+    let accounts = h.emu.emulator.accounts();
+    let (first, second) = accounts.split_at(2);
+    h.set("CLOUDFLARE_DISCOVER_ACCOUNTS", "true");
+    h.set(
+        "CLOUDFLARE_API_TOKENS",
+        &format!("# the second\n{SECOND}=*"),
+    );
+    let expected = expected_by_account(&h, &accounts);
+
+    let summaries = run_once_all(h.config()).await.unwrap();
+    let collected: BTreeSet<String> = summaries.iter().map(|s| s.account_id.clone()).collect();
+    assert_eq!(collected, accounts.iter().cloned().collect());
+    assert_exact_by_account(&h, &expected).await;
+
+    // Every audit-log request went out with the token of its account, and none was refused.
+    let mut by_token: BTreeMap<String, usize> = BTreeMap::new();
+    for request in h.emu.emulator.request_log() {
+        let Some(account) = request
+            .path
+            .strip_prefix("/client/v4/accounts/")
+            .and_then(|rest| rest.split('/').next())
+        else {
+            continue;
+        };
+        let authorization = request
+            .auth_headers
+            .iter()
+            .find(|(name, _)| name == "authorization")
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
+        let token = if second.iter().any(|a| a == account) {
+            SECOND
+        } else {
+            assert!(first.iter().any(|a| a == account), "{account} is known");
+            DEMO_TOKEN
+        };
+        assert_eq!(authorization, format!("Bearer {token}"), "{}", request.path);
+        assert_eq!(request.status, 200, "{}", request.path);
+        *by_token.entry(token.to_owned()).or_default() += 1;
+    }
+    assert_eq!(by_token.len(), 2, "both tokens were used: {by_token:?}");
+
+    // Again: nothing new.
+    run_once_all(h.config()).await.unwrap();
+    assert_exact_by_account(&h, &expected).await;
+    h.finish().await;
 }

@@ -118,6 +118,14 @@ pub struct EmulatorConfig {
     /// pagination loop clients of that endpoint have met).
     #[arg(long)]
     pub accounts_ignore_page: bool,
+    /// A second valid API token: it reads only the last `--second-token-accounts` accounts
+    /// (of [`Emulator::accounts`]), which the first token then no longer reads or lists. Each
+    /// token has its own rate-limit window.
+    #[arg(long)]
+    pub second_token: Option<String>,
+    /// How many accounts, the last ones, are the second token's.
+    #[arg(long, default_value_t = 0)]
+    pub second_token_accounts: usize,
 }
 
 /// Injected faults, by request number: "every Nth request". 0 switches a fault off.
@@ -707,9 +715,10 @@ async fn list_accounts(
     emulator: web::Data<Emulator>,
 ) -> HttpResponse {
     let config = &emulator.config;
-    if let Err(failure) = authenticate(&req, config, None, &[]) {
-        return failure.response();
-    }
+    let credential = match authenticate(&req, config, None, &[]) {
+        Ok(credential) => credential,
+        Err(failure) => return failure.response(),
+    };
     let number = |name: &str, default: usize| {
         last_param(&query, name).map_or(Some(default), |v| {
             v.parse::<usize>().ok().filter(|n| *n >= 1)
@@ -722,8 +731,11 @@ async fn list_accounts(
     if per_page > 50 {
         return Failure::bad_request("per_page must be at most 50".into()).response();
     }
-    let mut members = emulator.accounts();
-    members.extend(config.no_access_account.clone());
+    let all = emulator.accounts();
+    let mut members = readable(config, &credential, &all).to_vec();
+    if config.second_token.as_ref() != Some(&credential) {
+        members.extend(config.no_access_account.clone());
+    }
     let total = members.len();
     let served = if config.accounts_ignore_page { 1 } else { page };
     let result: Vec<Value> = members
@@ -847,7 +859,7 @@ fn authenticate(
                 "Invalid format for Authorization header",
             ));
         };
-        if token != config.token {
+        if token != config.token && config.second_token.as_deref() != Some(token) {
             return Err(Failure::new(
                 StatusCode::UNAUTHORIZED,
                 9109,
@@ -893,7 +905,10 @@ fn authenticate(
                 ),
             ));
         }
-        if !known_accounts.iter().any(|a| a == account) {
+        if !readable(config, &credential, known_accounts)
+            .iter()
+            .any(|a| a == account)
+        {
             return Err(Failure::new(
                 StatusCode::FORBIDDEN,
                 10000,
@@ -902,6 +917,18 @@ fn authenticate(
         }
     }
     Ok(credential)
+}
+
+/// The accounts (of `known`, in order) `credential` may read: the second token the last
+/// `--second-token-accounts`, every other credential the rest.
+fn readable<'a>(config: &EmulatorConfig, credential: &str, known: &'a [String]) -> &'a [String] {
+    let (first, second) =
+        known.split_at(known.len() - config.second_token_accounts.min(known.len()));
+    if config.second_token.as_deref() == Some(credential) {
+        second
+    } else {
+        first
+    }
 }
 
 /// `EMAIL:KEY` of `--key-credential`.
