@@ -52,6 +52,8 @@ pub struct Adapters {
     pub tokens: Arc<Vec<TokenSource>>,
     /// Which of `tokens` collects each account.
     token_of: HashMap<String, usize>,
+    /// Batch slots shared by every pipeline (`MAX_INFLIGHT_BATCHES_TOTAL`).
+    process_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// One credential, with its client (and so its request budget) and its accounts.
@@ -203,6 +205,9 @@ impl Adapters {
             lake,
             tokens: Arc::new(tokens),
             token_of: HashMap::new(),
+            process_budget: Arc::new(tokio::sync::Semaphore::new(
+                config.pipeline.max_inflight_batches_total,
+            )),
         };
         adapters.set_accounts(found);
         Ok(adapters)
@@ -287,6 +292,7 @@ impl Adapters {
             metrics: self.metrics.clone(),
             clock: Clock::system(),
             rng_seed: None,
+            process_budget: Some(self.process_budget.clone()),
         })
     }
 

@@ -12,6 +12,8 @@ use chrono::{DateTime, Utc};
 use crate::epoch::Stamped;
 use crate::event::{AuditRow, DeadLetter, RawEvent, SeenId};
 use crate::ports::{CommittedState, SinkError, UnfinishedSweep, UnreadableEvent};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::sink::WriteOutcome;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,11 +28,55 @@ pub struct BatchId {
 /// back when the last holder drops it. A batch abandoned by a rewind keeps its slot until a
 /// hung sink lets go of it, so rewinds never raise the memory in flight.
 #[derive(Clone, Debug)]
-pub struct BatchPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+pub struct BatchPermit(
+    #[allow(dead_code)] Arc<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+);
 
 impl BatchPermit {
-    pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        BatchPermit(Arc::new(permit))
+    /// A slot of the stream's budget alone (unit tests make batches without a Poller).
+    #[cfg(test)]
+    pub(crate) fn new(permit: OwnedSemaphorePermit) -> Self {
+        BatchPermit(Arc::new((permit, None)))
+    }
+}
+
+/// The slots a batch takes before its first page is fetched: one of its stream's
+/// (`max_inflight_batches`) and, where the process bounds the memory of all its streams
+/// together, one of the process's (shared by every pipeline; tokio's semaphore hands slots out
+/// first come, first served, so no stream starves).
+#[derive(Clone, Debug)]
+pub struct InflightBudget {
+    stream: Arc<Semaphore>,
+    process: Option<Arc<Semaphore>>,
+}
+
+impl InflightBudget {
+    pub fn new(stream_slots: usize, process: Option<Arc<Semaphore>>) -> Self {
+        InflightBudget {
+            stream: Arc::new(Semaphore::new(stream_slots)),
+            process,
+        }
+    }
+
+    /// Both slots at once, or none.
+    pub(crate) fn try_acquire(&self) -> Option<BatchPermit> {
+        let stream = self.stream.clone().try_acquire_owned().ok()?;
+        let process = match &self.process {
+            Some(process) => Some(process.clone().try_acquire_owned().ok()?),
+            None => None,
+        };
+        Some(BatchPermit(Arc::new((stream, process))))
+    }
+
+    /// Both slots, the stream's first (a stream waits for the process's slot with one of its
+    /// own, so it holds at most one it is not using); `None` once a semaphore is closed.
+    pub(crate) async fn acquire(self) -> Option<BatchPermit> {
+        let stream = self.stream.acquire_owned().await.ok()?;
+        let process = match self.process {
+            Some(process) => Some(process.acquire_owned().await.ok()?),
+            None => None,
+        };
+        Some(BatchPermit(Arc::new((stream, process))))
     }
 }
 

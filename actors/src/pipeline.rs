@@ -16,7 +16,7 @@ use crate::checkpointer::{Checkpointer, CheckpointerConfig, CheckpointerDeps, Co
 use crate::clock::{jitter_rng, Clock};
 use crate::epoch::{Epoch, EpochView};
 use crate::mapper::{Mapper, MapperDeps};
-use crate::messages::{Drain, Flush, PipelineEvent, SinkId};
+use crate::messages::{Drain, Flush, InflightBudget, PipelineEvent, SinkId};
 use crate::metrics::{Metrics, SourceKey};
 use crate::outbox::{Outbox, WeakOutbox};
 use crate::poller::{Poller, PollerConfig, PollerDeps};
@@ -40,6 +40,10 @@ pub struct PipelineParts {
     pub clock: Clock,
     /// Seeds the back-off jitter; `None`: from the OS.
     pub rng_seed: Option<u64>,
+    /// Batch slots shared by every pipeline of the process, beside the stream's own
+    /// `max_inflight_batches`: one memory bound whatever the number of streams (`None`: the
+    /// stream's alone).
+    pub process_budget: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A running pipeline; [`Pipeline::shutdown`] stops it. Dropped, it halts, and its actors stop
@@ -67,13 +71,14 @@ impl Pipeline {
             metrics,
             clock,
             rng_seed,
+            process_budget,
         } = parts;
         let account: Arc<str> = Arc::from(poller.account_id.as_str());
         metrics.expose_source(&SourceKey::new(&account, poller.api_version));
         // Credits (in-flight batches) never exceed the mailbox capacity, so hot-path sends
         // never wait on a full mailbox and batches stay in order.
         let capacity = poller.max_inflight_batches + 16;
-        let budget = Arc::new(tokio::sync::Semaphore::new(poller.max_inflight_batches));
+        let budget = InflightBudget::new(poller.max_inflight_batches, process_budget);
         let epoch = Epoch::default();
         let (events_tx, events) = mpsc::unbounded_channel();
         let sink_timeout = checkpointer.sink_timeout;
@@ -313,6 +318,7 @@ mod tests {
             metrics: metrics.clone(),
             clock: Clock::system(),
             rng_seed: Some(7),
+            process_budget: None,
         });
         (
             pipeline,

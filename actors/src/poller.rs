@@ -386,7 +386,7 @@ pub struct Poller {
     /// Joined by [`Resume`]: the sweep and the batches in flight are of that epoch.
     epoch: EpochView,
     /// The in-flight budget: one permit per batch holding data.
-    budget: Arc<tokio::sync::Semaphore>,
+    budget: InflightBudget,
     /// The permit of the batch being filled.
     permit: Option<BatchPermit>,
     waiting_for_permit: bool,
@@ -424,7 +424,7 @@ pub(crate) struct PollerDeps {
     pub clock: Clock,
     pub rng: StdRng,
     pub epoch: EpochView,
-    pub budget: Arc<tokio::sync::Semaphore>,
+    pub budget: InflightBudget,
 }
 
 impl Poller {
@@ -538,9 +538,9 @@ impl Poller {
             return;
         }
         if self.permit.is_none() {
-            match self.budget.clone().try_acquire_owned() {
-                Ok(permit) => self.permit = Some(BatchPermit::new(permit)),
-                Err(_) => {
+            match self.budget.try_acquire() {
+                Some(permit) => self.permit = Some(permit),
+                None => {
                     self.wait_for_permit(ctx);
                     return;
                 }
@@ -585,19 +585,15 @@ impl Poller {
         }
         self.waiting_for_permit = true;
         let budget = self.budget.clone();
-        ctx.spawn(
-            async move { budget.acquire_owned().await }
-                .into_actor(self)
-                .map(|permit, act, ctx| {
-                    act.waiting_for_permit = false;
-                    if let Ok(permit) = permit {
-                        if act.permit.is_none() {
-                            act.permit = Some(BatchPermit::new(permit));
-                        }
-                        act.fetch_next(ctx);
-                    }
-                }),
-        );
+        ctx.spawn(budget.acquire().into_actor(self).map(|permit, act, ctx| {
+            act.waiting_for_permit = false;
+            if let Some(permit) = permit {
+                if act.permit.is_none() {
+                    act.permit = Some(permit);
+                }
+                act.fetch_next(ctx);
+            }
+        }));
     }
 
     fn on_page(

@@ -96,6 +96,7 @@ impl World {
             metrics: self.metrics.clone(),
             clock: Clock::system(),
             rng_seed: None,
+            process_budget: None,
         }
     }
 
@@ -783,4 +784,45 @@ async fn a_v2_sweep_pages_by_cursor_and_lands_every_event_once() {
         expected.push(arrived);
         world.assert_exact_ids(&expected);
     }
+}
+
+/// Streams sharing one process budget of two batch slots (fewer than one stream alone may
+/// take): every stream completes exactly once, the slots are used, never more than two, and
+/// all come back.
+#[actix_rt::test]
+async fn streams_sharing_one_process_budget_all_complete_within_it() {
+    const SLOTS: usize = 2;
+    let process = Arc::new(tokio::sync::Semaphore::new(SLOTS));
+    let events = events(400);
+    let worlds: Vec<World> = (0..4).map(|_| World::new(events.clone())).collect();
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (process, watching) = (process.clone(), watching.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(SLOTS - process.available_permits());
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            most
+        })
+    };
+    let runs = worlds.iter().map(|world| {
+        let process = process.clone();
+        world.once_with(Direction::Asc, move |parts| {
+            parts.process_budget = Some(process);
+        })
+    });
+    let ends = futures::future::join_all(runs).await;
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let most_in_use = watcher.await.unwrap();
+    for (end, world) in ends.iter().zip(&worlds) {
+        assert!(
+            matches!(end, PipelineEvent::SweepCompleted { .. }),
+            "{end:?}"
+        );
+        world.assert_exact(&events);
+    }
+    assert!(most_in_use >= 1, "the process's slots were taken");
+    assert_eq!(process.available_permits(), SLOTS, "every slot came back");
 }

@@ -830,6 +830,7 @@ fn parts(
         metrics: Metrics::new(),
         clock: world.clock.clone(),
         rng_seed: Some(s.seed ^ process.id as u64),
+        process_budget: None,
     }
 }
 

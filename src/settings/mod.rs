@@ -624,13 +624,20 @@ impl Default for LakeSettings {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
 pub struct PipelineSettings {
-    /// Batches fetched but not yet committed, at most. Bounds memory when a sink is slow.
+    /// Batches of one stream fetched but not yet committed, at most. Bounds memory when a
+    /// sink is slow.
     pub max_inflight_batches: usize,
+    /// Batches of all streams of the process together (every account and API version)
+    /// fetched but not yet committed, at most: one memory bound whatever the number of
+    /// accounts. Handed out first come, first served, so a backlog on one account cannot hold
+    /// them all.
+    pub max_inflight_batches_total: usize,
     /// Pages are coalesced into one batch (one commit, one Parquet file per touched hour) of
     /// up to this many events…
     pub batch_max_events: usize,
     /// …or this many bytes of raw JSON. Memory in flight is bounded by
-    /// `MAX_INFLIGHT_BATCHES × BATCH_MAX_BYTES`.
+    /// `MAX_INFLIGHT_BATCHES_TOTAL × BATCH_MAX_BYTES` (and, for one stream,
+    /// `MAX_INFLIGHT_BATCHES × BATCH_MAX_BYTES`).
     pub batch_max_bytes: usize,
     /// A batch not acknowledged by every writer within this many seconds is retried.
     #[serde(rename = "ack_timeout_seconds")]
@@ -659,6 +666,7 @@ impl Default for PipelineSettings {
     fn default() -> Self {
         PipelineSettings {
             max_inflight_batches: 4,
+            max_inflight_batches_total: 8,
             batch_max_events: 10_000,
             batch_max_bytes: 32 << 20,
             ack_timeout: Duration::from_secs(300),
@@ -883,9 +891,10 @@ impl Settings {
                 "use 1 or more (defaults: 1000 per 5 minutes, burst 100: at most 1100 in any window, below Cloudflare's 1200)",
             ));
         }
-        let at_least_one: [(&str, bool, &str); 8] = [
+        let at_least_one: [(&str, bool, &str); 9] = [
             ("poll_interval_seconds", self.sweep.poll_interval.is_zero(), "0 would poll in a busy loop"),
             ("max_inflight_batches", self.pipeline.max_inflight_batches == 0, "0 would never fetch"),
+            ("max_inflight_batches_total", self.pipeline.max_inflight_batches_total == 0, "0 would never fetch"),
             ("max_pages_per_sweep", self.sweep.max_pages == 0, "0 pages would never sweep"),
             ("ack_timeout_seconds", self.pipeline.ack_timeout.is_zero(), "0 s would fail every batch before its writers could answer"),
             ("sink_timeout_seconds", self.pipeline.sink_timeout.is_zero(), "0 s would fail every write"),
