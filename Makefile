@@ -5,10 +5,10 @@ CARGO ?= cargo
 VENV  ?= .venv
 export CFAUDIT_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo test lint unit services bench chaos build release clean-data
+.PHONY: demo test lint unit postgres services bench chaos build release clean-data
 
-## demo: emulator + local PostgreSQL + local Parquet folder (data/parquet), one backfill, counts
-demo: services build
+## demo: emulator + local PostgreSQL + local Parquet folder (data/parquet), one backfill, counts; installs nothing the demo does not use
+demo: postgres build
 	@mkdir -p data
 	tests/support/demo.sh
 
@@ -25,6 +25,10 @@ lint:
 ## unit: the in-memory tests only (no services needed)
 unit:
 	$(CARGO) test -p cfaudit-actors
+
+## postgres: start (or install) PostgreSQL on 127.0.0.1:5432
+postgres:
+	tests/support/ensure-postgres.sh
 
 ## services: start (or install) PostgreSQL on 127.0.0.1:5432, install the S3 test server, Prometheus and systemd-analyze, create the Python readers' venv
 services:
