@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV  ?= .venv
 export CFAUDIT_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo test lint unit postgres services bench chaos build release clean-data
+.PHONY: demo test lint unit postgres services bench bench-queries chaos build release clean-data
 
 ## demo: emulator + local PostgreSQL + local Parquet folder (data/parquet), one backfill, counts; installs nothing the demo does not use
 demo: postgres build
@@ -40,6 +40,10 @@ services:
 ## bench: 200,000-event backfill with the release build; events/s and peak RSS (BENCH_EVENTS=n)
 bench: services release
 	tests/support/bench.sh
+
+## bench-queries: 10,000,000 synthetic rows over 90 days on plain PostgreSQL and TimescaleDB (built once, BENCH_QUERY_ROWS=n), then the typical audit queries and the dashboards' own, best of 5, ms
+bench-queries: postgres release
+	CFAUDIT_PYTHON=python3 tests/support/bench-queries.sh
 
 ## chaos: SIGKILL the service at random moments during a faulty backfill, oldest first on the local filesystem, newest first on S3, v1 and v2 side by side, then count (CHAOS_KILLS, CHAOS_EVENTS, CHAOS_SEED)
 chaos: services

@@ -138,9 +138,29 @@ impl Postgres {
         Ok(())
     }
 
+    /// Applies the migrations not applied yet, each in its own transaction.
+    ///
+    /// On TimescaleDB a fresh database's migrations start the aggregates' refresh jobs and a
+    /// later one replaces those aggregates: a job running at that moment fails it ("tuple
+    /// concurrently deleted"). Rolled back whole, it is applied again after a pause.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        let mut attempt = 1;
+        loop {
+            let mut connection = self.pool.acquire().await?;
+            let error = match MIGRATOR.run(&mut *connection).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            // The migrator keeps its advisory lock when it fails: the connection is closed
+            // rather than handed back to the pool, which releases the lock.
+            let _ = connection.close().await;
+            if attempt >= MIGRATION_ATTEMPTS || !met_a_background_job(&error) {
+                return Err(error.into());
+            }
+            warn!(attempt, %error, "a migration met a TimescaleDB background job; applying it again");
+            tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+            attempt += 1;
+        }
     }
 
     /// Forgets the indexed events older than the API's retention: no sweep can fetch them
@@ -535,6 +555,22 @@ impl Postgres {
                 .unwrap_or(0);
         Ok((version, applied))
     }
+}
+
+/// Attempts at the migrations when one meets a background job.
+const MIGRATION_ATTEMPTS: u64 = 6;
+
+/// A migration failed because a TimescaleDB background job changed a catalog row it was
+/// changing too (an internal error of PostgreSQL's, known by its message only).
+fn met_a_background_job(error: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let (MigrateError::Execute(sqlx::Error::Database(db))
+    | MigrateError::ExecuteMigration(sqlx::Error::Database(db), _)) = error
+    else {
+        return false;
+    };
+    db.message().contains("tuple concurrently deleted")
+        || db.message().contains("tuple concurrently updated")
 }
 
 /// Whether the database behind `pool` answers.
