@@ -254,8 +254,8 @@ impl Postgres {
 
     /// TimescaleDB only: materializes the hourly aggregates over `[since, until)`, widened to
     /// whole hours. Their refresh policy only looks at the last [`AGGREGATE_POLICY_DAYS`], so
-    /// rows written further back (a backfill, a replay) need this. Plain PostgreSQL's views are
-    /// always current. A failure loses nothing (the rows are committed): it is logged with the
+    /// rows written further back (a backfill, a replay) need this. Plain PostgreSQL's aggregates are
+    /// kept current by triggers. A failure loses nothing (the rows are committed): it is logged with the
     /// command that fixes it.
     pub async fn refresh_aggregates(&self, since: DateTime<Utc>, until: DateTime<Utc>) {
         match self.try_refresh_aggregates(Some(since), until).await {

@@ -1116,3 +1116,39 @@ pub async fn table_fingerprint(pool: &sqlx::PgPool) -> (Option<String>, i64) {
     .await
     .unwrap()
 }
+
+/// Groups where an hourly aggregate and a GROUP BY over `audit_logs` disagree, in either
+/// direction, for (`audit_events_hourly`, `audit_actors_hourly`): every grouped column and
+/// every count. Hours are UTC, as both databases bucket them.
+pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> (i64, i64) {
+    let events: (i64,) = sqlx::query_as(
+        "WITH raw AS (SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
+                             action_type, action_result, resource_type, resource_product, \
+                             count(*) AS events \
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6, 7), \
+              agg AS (SELECT bucket, account_id, api_version, action_type, action_result, \
+                             resource_type, resource_product, events FROM audit_events_hourly) \
+         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
+                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let actors: (i64,) = sqlx::query_as(
+        "WITH raw AS (SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
+                             actor_email, actor_type, ip_address, count(*) AS events, \
+                             count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
+                             count(*) FILTER (WHERE action_type = 'login') AS logins, \
+                             count(*) FILTER (WHERE action_type = 'login' \
+                                                AND action_result IN ('false', 'failure')) AS failed_logins \
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6), \
+              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
+                             events, failed_events, logins, failed_logins FROM audit_actors_hourly) \
+         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
+                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (events.0, actors.0)
+}

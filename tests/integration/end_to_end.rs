@@ -415,10 +415,11 @@ async fn hostile_events_are_stored_or_dead_lettered_and_never_block() {
 const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 
 /// Turns a database written by this release back into the previous release's: what migrations
-/// 5, 6, 8 and 10 added is dropped (7 only comments on columns, which the comparison leaves aside), and what they converted is restored (the overlap ids of events at
-/// and after each stream's checkpoint, the dead letters' text digest); the aggregates 9
-/// recreated are dropped here and created again by migrations 2 and 4
-/// ([`AGGREGATES_OF_PREVIOUS_RELEASE`]).
+/// 5, 6, 8, 10 and 11 added is dropped (7 only comments on columns, which the comparison leaves
+/// aside), and what they converted is restored (the overlap ids of events at and after each
+/// stream's checkpoint, the dead letters' text digest); the aggregates 9 and 12 recreated (12:
+/// tables kept by triggers, on plain PostgreSQL) are dropped here and created again as views by
+/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]).
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
 DO $$
 BEGIN
@@ -426,11 +427,18 @@ BEGIN
     DROP MATERIALIZED VIEW audit_events_hourly;
     DROP MATERIALIZED VIEW audit_actors_hourly;
   ELSE
-    DROP VIEW audit_events_hourly;
-    DROP VIEW audit_actors_hourly;
+    DROP TRIGGER audit_logs_count_inserted ON audit_logs;
+    DROP TRIGGER audit_logs_count_updated ON audit_logs;
+    DROP TRIGGER audit_logs_count_deleted ON audit_logs;
+    DROP TRIGGER audit_logs_count_truncated ON audit_logs;
+    DROP FUNCTION cfaudit_count_rows;
+    DROP TABLE audit_events_hourly;
+    DROP TABLE audit_actors_hourly;
   END IF;
 END
 $$;
+DROP INDEX audit_logs_actor_time_idx, audit_logs_ip_time_idx, audit_logs_resource_time_idx,
+  audit_logs_zone_time_idx, audit_logs_failed_time_idx;
 ALTER TABLE audit_logs DROP COLUMN api_version, DROP COLUMN actor_id, DROP COLUMN actor_context,
   DROP COLUMN actor_token_id, DROP COLUMN actor_token_name, DROP COLUMN action_description,
   DROP COLUMN resource_product, DROP COLUMN resource_scope, DROP COLUMN zone_id, DROP COLUMN zone_name,

@@ -8,6 +8,7 @@
 mod common;
 
 mod accounts;
+mod aggregates;
 mod api;
 mod backfill;
 mod chaos;

@@ -253,37 +253,6 @@ async fn a_late_event_into_a_compressed_chunk_is_stored() {
     h.finish().await;
 }
 
-/// Hours where an hourly aggregate and `audit_logs` disagree, in either direction, for
-/// (`audit_events_hourly`, `audit_actors_hourly`).
-async fn aggregate_mismatches(pool: &sqlx::PgPool) -> (i64, i64) {
-    let events: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('hour', timestamp) AS bucket, account_id, action_type, \
-                             action_result, resource_type, count(*) AS events \
-                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5), \
-              agg AS (SELECT bucket, account_id, action_type, action_result, resource_type, events \
-                      FROM audit_events_hourly) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let actors: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('hour', timestamp) AS bucket, account_id, actor_email, \
-                             actor_type, ip_address, count(*) AS events, \
-                             count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed \
-                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5), \
-              agg AS (SELECT bucket, account_id, actor_email, actor_type, ip_address, events, \
-                             failed_events FROM audit_actors_hourly) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    (events.0, actors.0)
-}
-
 /// Does now what each aggregate's refresh policy does every five minutes: refreshes the window
 /// its configuration names (from `start_offset` to `end_offset` before now). Not `run_job`:
 /// the background jobs of the TimescaleDB build the tests use fail as they finish ("cannot

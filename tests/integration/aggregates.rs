@@ -1,0 +1,145 @@
+//! The dashboards' hourly aggregates on plain PostgreSQL: tables that statement triggers on
+//! `audit_logs` keep current (TimescaleDB's continuous aggregates are tested in `timescaledb`).
+//! After a real run and after every kind of write that can reach `audit_logs` (racing writers
+//! on the same hours, rows moved between accounts, deletes, a truncate), they equal a GROUP BY
+//! over the table, group for group and count for count.
+
+use crate::common::*;
+
+/// The run's rows of one hour moved to writer `$1`'s own account by an upsert, as the
+/// pipeline's moves them.
+const MOVE_AN_HOUR: &str = "INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, \
+                                                    action_type, action_result, api_version) \
+     SELECT event_id, timestamp, 'writer-' || $1, actor_email, action_type, action_result, api_version \
+     FROM audit_logs \
+     WHERE date_trunc('hour', timestamp) = (SELECT date_trunc('hour', min(timestamp)) \
+                                                   + make_interval(hours => $2 % 4) FROM audit_logs) \
+     ORDER BY timestamp, event_id \
+     ON CONFLICT (timestamp, event_id) DO UPDATE SET account_id = EXCLUDED.account_id";
+
+/// Ten new rows of writer `$1`, round `$2`, in the same hours.
+const ADD_ROWS: &str = "INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, \
+                                                action_type, action_result) \
+     SELECT format('new-%s-%s-%s', $1, $2, i), min_t + make_interval(mins => i * 7), \
+            'writer-' || $1, 'racer@example.com', \
+            (ARRAY['login', 'update'])[1 + i % 2], (ARRAY['success', 'failure'])[1 + i % 3 / 2] \
+     FROM generate_series(1, 10) AS i, (SELECT min(timestamp) AS min_t FROM audit_logs) m \
+     ORDER BY 2, 1";
+
+/// One round of writer `w`. Writers moving the same rows can deadlock on `audit_logs` itself,
+/// as any two upserts may: the pipeline retries such an error, and so does this writer.
+async fn write_round(pool: &sqlx::PgPool, w: i32, round: i32) -> u32 {
+    let mut deadlocks = 0;
+    for sql in [MOVE_AN_HOUR, ADD_ROWS] {
+        loop {
+            match sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(w)
+                .bind(round)
+                .execute(pool)
+                .await
+            {
+                Ok(_) => break,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("40P01") => {
+                    deadlocks += 1
+                }
+                Err(e) => panic!("writer {w}: {e}"),
+            }
+        }
+    }
+    deadlocks
+}
+
+async fn sum_of_events(pool: &sqlx::PgPool) -> i64 {
+    count(
+        pool,
+        "SELECT coalesce(sum(events), 0)::bigint FROM audit_events_hourly",
+    )
+    .await
+}
+
+#[actix_rt::test]
+async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
+    let mut h = Harness::new(emulator_config(3_000)).await;
+    h.set("CLOUDFLARE_API_VERSIONS", "v1,v2");
+    run_once(h.config()).await.unwrap();
+    let pool = h.db.pool().await;
+    let kind: (String,) =
+        sqlx::query_as("SELECT relkind::text FROM pg_class WHERE relname = 'audit_events_hourly'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kind.0, "r", "a table on plain PostgreSQL, not a view");
+    let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
+    assert_eq!(sum_of_events(&pool).await, rows);
+    assert_eq!(aggregate_mismatches(&pool).await, (0, 0), "after the run");
+
+    // Four writers at once, ten rounds each, on the same hours.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let pool = pool.clone();
+            actix_rt::spawn(async move {
+                let mut deadlocks = 0;
+                for round in 0..10 {
+                    deadlocks += write_round(&pool, w, round).await;
+                }
+                deadlocks
+            })
+        })
+        .collect();
+    let mut deadlocks = 0;
+    for writer in writers {
+        deadlocks += writer.await.unwrap();
+    }
+    let rows_now = count(&pool, "SELECT count(*) FROM audit_logs").await;
+    assert_eq!(rows_now, rows + 4 * 10 * 10, "every new row once");
+    assert!(
+        count(
+            &pool,
+            "SELECT count(DISTINCT account_id) FROM audit_logs WHERE account_id LIKE 'writer-%'"
+        )
+        .await
+            > 0
+    );
+    assert_eq!(
+        aggregate_mismatches(&pool).await,
+        (0, 0),
+        "after racing writers ({deadlocks} deadlocks retried)"
+    );
+
+    // An operator's retention by hand, and an update that moves nothing.
+    sqlx::query("DELETE FROM audit_logs WHERE timestamp < (SELECT min(timestamp) + interval '3 hours' FROM audit_logs)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_logs SET ingestion_time = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(aggregate_mismatches(&pool).await, (0, 0), "after a delete");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM audit_events_hourly WHERE events = 0"
+        )
+        .await,
+        0,
+        "no empty groups left behind"
+    );
+
+    // A replay into an emptied table counts every row again, once.
+    sqlx::query("TRUNCATE audit_logs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sum_of_events(&pool).await, 0, "after a truncate");
+    let replayed = cfaudit::cli::replay::replay(&h.config()).await.unwrap();
+    assert_eq!(replayed.inserted as i64, rows);
+    assert_eq!(sum_of_events(&pool).await, rows);
+    assert_eq!(aggregate_mismatches(&pool).await, (0, 0), "after a replay");
+    println!(
+        "aggregates: exact after a run of {rows} rows, 4 racing writers ({deadlocks} deadlocks \
+         retried), a delete, a truncate and a replay"
+    );
+    pool.close().await;
+    h.finish().await;
+}
