@@ -3,7 +3,10 @@
 # build, measured by /usr/bin/time -v: events/s and peak RSS, plus the run's counts; on plain
 # PostgreSQL, then the same on TimescaleDB where ../shared/tools/timescaledb provides it; each
 # for v1 (1,000 events a page) and v2 (its own data set of as many events, limit 1,000).
-# BENCH_S3=1: the dataset in a bucket of a local S3-compatible server instead of a folder.
+# BENCH_S3=1: the dataset in a bucket of a local S3-compatible server instead of a folder throughout;
+# otherwise (where s3s-fs is installed) the v2 backfill runs once more on it, for the comparison.
+# Each backfill is followed by psql's \copy of the rows it stored into a fresh table of the same
+# schema, timed: the database's own bulk-load speed, the yardstick. One table of figures ends it.
 set -euo pipefail
 bin=target/release/cfaudit
 events=${BENCH_EVENTS:-200000}
@@ -11,25 +14,38 @@ port=${BENCH_EMULATOR_PORT:-18788}
 db=cfaudit_bench
 out=data/bench
 mkdir -p "$out"
+# Every figure, one "what<TAB>value" line each, printed as one table at the end.
+figures=$out/figures.tsv
+: >"$figures"
+figure() { printf '%s\t%s\n' "$1" "$2" >>"$figures"; }
 
 source "$(dirname "$0")/emulator-env.sh"
 # v2 pages as large as v1's (the emulator caps them at 100 unless told, as one collector reports).
 start_emulator "$(dirname "$bin")/cfaudit-emulator" "$port" "$events" "$out/emulator.log" \
   --v2-page-cap 1000
-export PARQUET_URL="file://$PWD/$out/parquet"
-if [ -n "${BENCH_S3:-}" ]; then
-  # The dataset in a bucket of the S3-compatible test server (s3s-fs), on this machine.
-  s3_port=${BENCH_S3_PORT:-18789}
-  rm -rf "$out/s3" && mkdir -p "$out/s3/bench"
-  "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" --host 127.0.0.1 --port "$s3_port" \
-    --access-key bench-access --secret-key bench-secret-0123456789 "$out/s3" >"$out/s3.log" 2>&1 &
-  S3_PID=$!
-  trap 'kill $EMULATOR_PID $S3_PID 2>/dev/null || true' EXIT
+# The dataset in a local folder, or from use_s3 on in a bucket of the S3-compatible test server
+# (s3s-fs) on this machine.
+use_folder() {
+  export PARQUET_URL="file://$PWD/$out/parquet"
+  unset AWS_ENDPOINT_URL AWS_ALLOW_HTTP AWS_REGION AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+}
+s3s=${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs
+use_s3() {
+  if [ -z "${S3_PID:-}" ]; then
+    s3_port=${BENCH_S3_PORT:-18789}
+    rm -rf "$out/s3" && mkdir -p "$out/s3/bench"
+    "$s3s" --host 127.0.0.1 --port "$s3_port" \
+      --access-key bench-access --secret-key bench-secret-0123456789 "$out/s3" >"$out/s3.log" 2>&1 &
+    S3_PID=$!
+    trap 'kill $EMULATOR_PID ${S3_PID:-} 2>/dev/null || true' EXIT
+    sleep 1
+  fi
   export PARQUET_URL=s3://bench/lake AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" \
     AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
     AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-0123456789
-  sleep 1
-fi
+}
+use_folder
+if [ -n "${BENCH_S3:-}" ]; then use_s3; fi
 export LOG_FORMAT=json RUST_LOG=warn
 # The pipeline's own speed: without this, the client-side request budget (1,000 requests per
 # 5 minutes plus a burst of 100, kept below Cloudflare's limit) sets the pace after 100 pages.
@@ -45,12 +61,13 @@ bench_once() {
   url="${admin%/*}/$db"
   psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
   rm -rf "$out/parquet" "$out/parquet.staging"
-  if [ -n "${BENCH_S3:-}" ]; then rm -rf "$out/s3/bench" && mkdir -p "$out/s3/bench"; fi
+  if [[ $PARQUET_URL == s3://* ]]; then rm -rf "$out/s3/bench" && mkdir -p "$out/s3/bench"; fi
   export DATABASE_URL=$url
   "$bin" migrate
   /usr/bin/time -v "$bin" run --once >"$out/summary.json" 2>"$out/time.txt"
   elapsed=$(grep 'Elapsed (wall clock)' "$out/time.txt" | awk '{print $NF}')
   rss_kb=$(grep 'Maximum resident set size' "$out/time.txt" | awk '{print $NF}')
+  # The wall time of the last run, for the S3 comparison.
   seconds=$(python3 -c "import sys; p=sys.argv[1].split(':'); print(sum(float(x)*60**i for i,x in enumerate(reversed(p))))" "$elapsed")
   python3 - "$out/summary.json" "$seconds" "$rss_kb" "$events" "$label" <<'PY'
 import json, sys
@@ -64,6 +81,29 @@ print(f"wall time:          {seconds:.1f} s")
 print(f"throughput:         {rows / seconds:,.0f} events/s")
 print(f"peak RSS:           {rss_kb / 1024:.1f} MiB")
 PY
+  # The database's own bulk load, in the same run: the rows cfaudit stored, exported and loaded
+  # by psql's \copy into a fresh table of the same schema (indexes and triggers included).
+  local copy_db=${db}_copy copy_url t0 t1
+  copy_url="${admin%/*}/$copy_db"
+  psql -X -q "$url" -c "\\copy audit_logs TO '$out/rows.copy'"
+  psql -q "$admin" -c "DROP DATABASE IF EXISTS $copy_db WITH (FORCE)" 2>/dev/null
+  DATABASE_URL=$copy_url "$bin" migrate
+  t0=$(date +%s.%N)
+  psql -X -q "$copy_url" -c "\\copy audit_logs FROM '$out/rows.copy'"
+  t1=$(date +%s.%N)
+  psql -q "$admin" -c "DROP DATABASE $copy_db WITH (FORCE)" 2>/dev/null
+  rm -f "$out/rows.copy"
+  python3 - "$out/summary.json" "$seconds" "$rss_kb" "$t0" "$t1" "$label" "$figures" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows_in_postgres"]
+seconds, rss_kb, t0, t1, label = float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+copy = t1 - t0
+print(f"psql \\copy, same rows: {copy:.1f} s   cfaudit at {copy / seconds:.2f}x its speed")
+with open(sys.argv[7], "a") as figures:
+    figures.write(f"{label}: events/s\t{rows / seconds:,.0f}\n")
+    figures.write(f"{label}: speed against psql \\copy of the same rows (goal >= 0.9)\t{copy / seconds:.2f}\n")
+    figures.write(f"{label}: peak RSS, MiB (goal <= 64)\t{rss_kb / 1024:.1f}\n")
+PY
 }
 
 # BENCH_ACCOUNTS_ONLY=1: the many-accounts figures below only.
@@ -71,6 +111,15 @@ if [ -z "${BENCH_ACCOUNTS_ONLY:-}" ]; then
 for version in v1 v2; do
   bench_once "postgres://postgres@127.0.0.1:5432/postgres" "$version, plain PostgreSQL (127.0.0.1:5432)" $version
 done
+# The v1 backfill again with the dataset on the S3-compatible server, against the folder's time.
+if [ -z "${BENCH_S3:-}" ] && [ -x "$s3s" ]; then
+  folder_seconds=$seconds
+  use_s3
+  bench_once "postgres://postgres@127.0.0.1:5432/postgres" "v2, plain PostgreSQL, dataset on S3" v2
+  use_folder
+  figure "v2, plain PostgreSQL: time with the dataset on S3 / in a folder (goal <= 1.2)" \
+    "$(python3 -c "print(f'{$seconds / $folder_seconds:.2f}')")"
+fi
 # The same on TimescaleDB (a hypertable with 1-day chunks), where ../shared provides it.
 timescale=$("$(dirname "$0")/ensure-timescaledb.sh")
 if [ -n "$timescale" ]; then
@@ -121,7 +170,7 @@ export CLOUDFLARE_ACCOUNT_IDS=$(first_accounts "$accounts")
 /usr/bin/time -v "$bin" run --once >"$out/summary.json" 2>"$out/time.txt"
 elapsed=$(grep 'Elapsed (wall clock)' "$out/time.txt" | awk '{print $NF}')
 rss_kb=$(grep 'Maximum resident set size' "$out/time.txt" | awk '{print $NF}')
-python3 - "$out/summary.json" "$elapsed" "$rss_kb" "$accounts" "$account_events" <<'PY'
+python3 - "$out/summary.json" "$elapsed" "$rss_kb" "$accounts" "$account_events" "$figures" <<'PY'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 elapsed, rss_kb, accounts, each = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -132,31 +181,50 @@ print(f"accounts summarised: {len(lines)}   rows in postgres: {rows}   parquet r
 print(f"wall time:          {seconds:.1f} s")
 print(f"throughput:         {rows / seconds:,.0f} events/s")
 print(f"peak RSS:           {rss_kb / 1024:.1f} MiB")
+with open(sys.argv[6], "a") as figures:
+    figures.write(f"{accounts} accounts x {each} events, one process: events/s\t{rows / seconds:,.0f}\n")
+    figures.write(f"{accounts} accounts x {each} events, one process: peak RSS, MiB\t{rss_kb / 1024:.1f}\n")
 PY
 
 # An idle service: its accounts' backlogs are behind INITIAL_CHECKPOINT (now), so each sweep
-# finds nothing new; RSS after 30 s of sweeps every 5 s.
+# finds nothing new; RSS after 30 s of sweeps every 5 s, and the share of a core it used
+# between 10 s and 30 s (after start-up), from /proc.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 idle_rss() {
-  local n=$1 pid kb
+  local n=$1 pid kb ticks
   psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" 2>/dev/null
   rm -rf "$out/parquet" "$out/parquet.staging"
   "$bin" migrate
   CLOUDFLARE_ACCOUNT_IDS=$(first_accounts "$n") INITIAL_CHECKPOINT=$(date -u +%Y-%m-%dT%H:%M:%SZ) \
     POLL_INTERVAL_SECONDS=5 METRICS_ADDR=127.0.0.1:0 "$bin" run >"$out/idle.log" 2>&1 &
   pid=$!
-  sleep 30
+  sleep 10
+  ticks=$(cpu_ticks "$pid")
+  sleep 20
   kb=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  ticks=$(($(cpu_ticks "$pid") - ticks))
   kill -TERM "$pid"
   wait "$pid" || true
-  echo "$kb"
+  echo "$kb $ticks"
 }
 accounts_emulator "$idle_accounts" 10
-one=$(idle_rss 1)
-many=$(idle_rss "$idle_accounts")
-python3 - "$one" "$many" "$idle_accounts" <<'PY'
+read -r one one_ticks < <(idle_rss 1)
+read -r many many_ticks < <(idle_rss "$idle_accounts")
+python3 - "$one" "$many" "$idle_accounts" "$one_ticks" "$many_ticks" "$(getconf CLK_TCK)" "$figures" <<'PY'
 import sys
-one, many, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+one, many, n, one_ticks, many_ticks, hz = (int(x) for x in sys.argv[1:7])
+cpu = lambda ticks: 100 * ticks / hz / 20
 print(f"== idle service (live, nothing new), v1, plain PostgreSQL")
-print(f"RSS with 1 account:    {one / 1024:.1f} MiB")
-print(f"RSS with {n} accounts:  {many / 1024:.1f} MiB   ({(many - one) / (n - 1):.0f} KiB per further account)")
+print(f"RSS with 1 account:    {one / 1024:.1f} MiB   CPU {cpu(one_ticks):.2f} % of a core")
+print(f"RSS with {n} accounts:  {many / 1024:.1f} MiB   ({(many - one) / (n - 1):.0f} KiB per further account)   CPU {cpu(many_ticks):.2f} % of a core")
+with open(sys.argv[7], "a") as figures:
+    figures.write(f"idle, 1 account: RSS, MiB (goal < 20)\t{one / 1024:.1f}\n")
+    figures.write(f"idle, 1 account: CPU, % of a core (goal < 0.5)\t{cpu(one_ticks):.2f}\n")
+    figures.write(f"idle, {n} accounts: RSS, MiB\t{many / 1024:.1f}\n")
+    figures.write(f"idle, {n} accounts: CPU, % of a core\t{cpu(many_ticks):.2f}\n")
 PY
+
+echo
+echo "| figure ($(date -u +%Y-%m-%d), $(nproc) cores, BENCH_EVENTS=$events$([ -n "${BENCH_S3:-}" ] && echo ", S3")) | value |"
+echo "|---|---:|"
+awk -F'\t' '{printf "| %s | %s |\n", $1, $2}' "$figures"
