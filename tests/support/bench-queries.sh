@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The query benchmark: BENCH_QUERY_ROWS (10,000,000) synthetic audit rows over 90 days, built
+# The query benchmark: BENCH_QUERY_ROWS (10,000,000) synthetic audit rows over 90 days (one
+# account; 500 actors, skewed so that a few do most; 2,000 IP addresses, four per actor and one
+# event in twenty from any; 50,000 resources; 300 zones), built
 # reproducibly (every value a hash of the row number) in a database of its own on plain
 # PostgreSQL and on TimescaleDB (where ../shared/tools/timescaledb provides it), with cfaudit's
 # own migrations; then the typical audit questions and the dashboards' own queries (read from
@@ -15,7 +17,7 @@ db=cfaudit_bench_queries
 python=${CFAUDIT_PYTHON:-python3}
 out=$(mktemp -d)
 # Says which rows a database holds: changed whenever the generator below changes.
-generator="bench-rows-2"
+generator="bench-rows-3"
 migrations=$(ls migrations | sed -n 's/^\([0-9]*\)_.*/\1/p' | sort | tail -1)
 trap 'rm -rf "$out"' EXIT
 
@@ -60,15 +62,17 @@ SELECT 'bench-' || lpad(i::text, 9, '0'), at, '0123456789abcdef0123456789abcdef'
 FROM generate_series(:lo::bigint, :hi::bigint) AS i,
 LATERAL (SELECT abs(hashint8(i)) AS h1, abs(hashint8(i + 1000000000)) AS h2,
                 abs(hashint8(i + 2000000000)) AS h3, abs(hashint8(i + 3000000000)) AS h4) AS hashes,
+LATERAL (SELECT floor(500 * power((h1 % 1000000) / 1000000.0, 3))::int AS actor) AS who,
+LATERAL (SELECT CASE WHEN h4 % 20 = 0 THEN h4 % 2000
+                     ELSE (who.actor * 4 + (h4 / 20) % 4) % 2000 END AS ip_n) AS addr,
 LATERAL (SELECT
   :'anchor'::timestamptz - (i - 1) * (interval '90 days' / :n) AS at,
-  -- 500 actors, skewed: a few do most (the cube of a uniform draw).
-  floor(500 * power((h1 % 1000000) / 1000000.0, 3))::int AS actor,
   (ARRAY['login','update','create','delete','rotate','purge','deploy','read'])[1 + h2 % 8] AS action,
   CASE WHEN h2 % 50 = 7 THEN 'failure' ELSE 'success' END AS result,
   (ARRAY['zone','dns_record','worker','firewall_rule','account','member'])[1 + (h2 / 8) % 6] AS resource_type,
   'res-' || lpad((h3 % 50000)::text, 5, '0') AS resource_id,
-  ('10.' || (h4 % 2000) / 250 || '.' || (h4 % 2000) % 250 || '.1')::inet AS ip,
+  -- 2,000 addresses; an actor works from its own four, one event in twenty from anywhere.
+  ('10.' || ip_n / 250 || '.' || ip_n % 250 || '.1')::inet AS ip,
   jsonb_build_object('zone_name', 'zone-' || (h3 / 50000) % 300 || '.example',
                      'reason', 'bench') AS metadata) AS v;
 SQL

@@ -111,7 +111,35 @@ if [ -z "${BENCH_ACCOUNTS_ONLY:-}" ]; then
 for version in v1 v2; do
   bench_once "postgres://postgres@127.0.0.1:5432/postgres" "$version, plain PostgreSQL (127.0.0.1:5432)" $version
 done
-# The v1 backfill again with the dataset on the S3-compatible server, against the folder's time.
+# Lake queries: DuckDB counting one hour and one day by action type in the dataset of the last
+# run reads only that hour's or that day's files (hive partition pruning), from its profile.
+pruning() {
+  local python=${CFAUDIT_PYTHON:-python3}
+  if ! "$python" -c "import duckdb" 2>/dev/null; then
+    echo "DuckDB partition pruning: not measured ($python has no duckdb; make bench installs it)"
+    return
+  fi
+  "$python" - "$out/parquet" "$figures" <<'PY'
+import duckdb, pathlib, re, sys
+root, figures = sys.argv[1], sys.argv[2]
+files = sorted(str(p.relative_to(root)) for p in pathlib.Path(root).rglob("*.parquet"))
+year, month, day, hour = re.match(r"year=(\d+)/month=(\d+)/day=(\d+)/hour=(\d+)", files[len(files) // 2]).groups()
+con = duckdb.connect()
+source = f"read_parquet('{root}/**/*.parquet', hive_partitioning = true)"
+for label, where in [(f"one hour ({year}-{month}-{day} {hour}h)",
+                      f"year = {year} AND month = {month} AND day = {day} AND hour = {hour}"),
+                     (f"one day ({year}-{month}-{day})", f"year = {year} AND month = {month} AND day = {day}")]:
+    plan = con.execute(f"EXPLAIN ANALYZE SELECT action_type, count(*) FROM {source} "
+                       f"WHERE {where} GROUP BY 1").fetchall()[0][1]
+    read = re.search(r"Total Files Read: (\d+)", plan).group(1)
+    print(f"DuckDB, {label} by action type: {read} of {len(files)} files read")
+    with open(figures, "a") as f:
+        f.write(f"DuckDB, count by action type of {label}: files read of {len(files)}\t{read}\n")
+PY
+}
+pruning
+
+# The v2 backfill again with the dataset on the S3-compatible server, against the folder's time.
 if [ -z "${BENCH_S3:-}" ] && [ -x "$s3s" ]; then
   folder_seconds=$seconds
   use_s3
