@@ -133,7 +133,12 @@ BEGIN
       '       coalesce(sum(sign) FILTER (WHERE action_type = ''login''), 0), '
       '       coalesce(sum(sign) FILTER (WHERE action_type = ''login'' '
       '                                    AND action_result IN (''false'', ''failure'')), 0) '
-      'FROM (%s) c GROUP BY 1, 2, 3, 4, 5, 6 HAVING sum(sign) <> 0 ORDER BY 1, 2, 3, 4, 5, 6 '
+      'FROM (%s) c GROUP BY 1, 2, 3, 4, 5, 6 '
+      -- A failed row leaving a group as a succeeded one joins it changes its failures only.
+      'HAVING sum(sign) <> 0 '
+      '    OR sum(sign) FILTER (WHERE action_result IN (''false'', ''failure'')) <> 0 '
+      '    OR sum(sign) FILTER (WHERE action_type = ''login'') <> 0 '
+      'ORDER BY 1, 2, 3, 4, 5, 6 '
       'ON CONFLICT (bucket, account_id, api_version, actor_email, actor_type, ip_address) '
       'DO UPDATE SET events = h.events + EXCLUDED.events, '
       '              failed_events = h.failed_events + EXCLUDED.failed_events, '

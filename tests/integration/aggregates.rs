@@ -106,6 +106,34 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         "after racing writers ({deadlocks} deadlocks retried)"
     );
 
+    // One statement swaps two rows of the same hour, actor and address between accounts: a
+    // failed one leaves a group as a succeeded one joins it, so only its failures change.
+    sqlx::query(
+        "INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, action_type, \
+                                 action_result, ip_address) \
+         SELECT id, t, acc, 'swapper@example.com', 'login', result, '10.9.9.9' \
+         FROM (SELECT date_trunc('hour', max(timestamp)) AS hour FROM audit_logs) h, \
+              (VALUES ('swap-a', 'acct-x', 'failure', 1), ('swap-b', 'acct-y', 'success', 2)) \
+                AS v(id, acc, result, second), \
+              LATERAL (SELECT h.hour + make_interval(secs => v.second) AS t) s",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE audit_logs SET account_id = CASE account_id WHEN 'acct-x' THEN 'acct-y' \
+                                                            ELSE 'acct-x' END \
+         WHERE event_id IN ('swap-a', 'swap-b')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        aggregate_mismatches(&pool).await,
+        (0, 0),
+        "after a swap that changes failures only"
+    );
+
     // An operator's retention by hand, and an update that moves nothing.
     sqlx::query("DELETE FROM audit_logs WHERE timestamp < (SELECT min(timestamp) + interval '3 hours' FROM audit_logs)")
         .execute(&pool)
