@@ -6,7 +6,9 @@
 -- (cfaudit sets account_id on commit) takes it from the old group to the new one. Every path
 -- that writes audit_logs (the pipeline, `cfaudit replay`, an operator's DELETE for retention,
 -- TRUNCATE) keeps them exact, in the writing transaction.
--- Upserts go in key order, so concurrent writers of the same hour wait rather than deadlock.
+-- Upserts go in key order, so concurrent writers of the same hour wait rather than deadlock
+-- (two statements that each insert and move rows can still meet in reverse order: PostgreSQL
+-- breaks the tie and the pipeline retries the batch, as after any transient error).
 -- Filling them from existing rows reads the whole table once; writers wait for it (the trigger
 -- creation locks audit_logs against writes until this migration commits).
 -- TimescaleDB keeps its continuous aggregates (hypertables refuse transition tables): nothing
