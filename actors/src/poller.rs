@@ -285,6 +285,7 @@ impl Sweep {
         whens: &[Option<DateTime<Utc>>],
         config: &PollerConfig,
     ) -> Option<SweepEnd> {
+        let read_from = (self.anchor, self.reached);
         self.advance(whens);
         let confirmed = self.confirm.take().is_some_and(|c| &c == request);
         if let Some(cursor) = next_cursor {
@@ -310,6 +311,14 @@ impl Sweep {
         self.cursor = request.cursor.clone();
         self.chain = Some((request.since, request.before));
         self.confirm = Some(request.clone());
+        // The confirmation reads again from where this request did, so it can bring events
+        // that arrived behind the bound this page moved. A batch sent meanwhile commits the
+        // position the confirmation reads from: committed past them, a rewind would never read
+        // them again while a failed batch may have written them to one sink (found by the
+        // simulation).
+        let (anchor, reached) = read_from;
+        self.move_anchor(anchor);
+        self.reached = reached;
         None
     }
 
@@ -1308,6 +1317,60 @@ mod tests {
         assert_eq!(again, second, "the same request, its cursor included");
         let end = s.after_cursor_page(&again, None, &[Some(at(9))], &config);
         assert_eq!(end, Some(SweepEnd::Complete));
+    }
+
+    /// A chain's end is confirmed by its last request sent again, which reads from the bound
+    /// before that page: a batch sent while it is out commits that bound (and no checkpoint
+    /// past it), so an event that arrived behind the page's last one, read by the confirmation
+    /// and lost with a failed batch, is read again after the rewind (found by the simulation:
+    /// it stayed in one sink only).
+    #[test]
+    fn while_an_end_is_confirmed_the_position_is_where_the_confirmation_reads() {
+        let config = v2_config();
+        for direction in [Direction::Asc, Direction::Desc] {
+            let (first, later, last) = match direction {
+                Direction::Asc => (at(2), at(10), at(20)),
+                Direction::Desc => (at(20), at(10), at(2)),
+            };
+            let mut s = sweep(direction);
+            let request = s.request(&config, false);
+            s.after_cursor_page(&request, Some("c1".into()), &[Some(first)], &config);
+            let bound = s.progress().position.anchor;
+            let ending = s.request(&config, false);
+            let end = s.after_cursor_page(&ending, None, &[Some(last)], &config);
+            assert_eq!(end, None, "{direction:?}: confirmed first");
+            let position = s.progress();
+            assert_eq!(
+                position.position.anchor, bound,
+                "{direction:?}: not past what the confirmation reads"
+            );
+            if direction == Direction::Asc {
+                assert_eq!(
+                    position.reached,
+                    Some(first),
+                    "no checkpoint past it either"
+                );
+            }
+            // The confirmation brings a late event behind `last`, and a cursor: the chain
+            // goes on from that event.
+            let again = s.request(&config, false);
+            assert_eq!(again, ending);
+            let end = s.after_cursor_page(&again, Some("c2".into()), &[Some(later)], &config);
+            assert_eq!(end, None);
+            let expected = match direction {
+                Direction::Asc => later,
+                Direction::Desc => later + tick(),
+            };
+            assert_eq!(s.progress().position.anchor, expected, "{direction:?}");
+            let ending = s.request(&config, false);
+            assert_eq!(
+                s.after_cursor_page(&ending, None, &[Some(last)], &config),
+                None
+            );
+            let again = s.request(&config, false);
+            let end = s.after_cursor_page(&again, None, &[Some(last)], &config);
+            assert_eq!(end, Some(SweepEnd::Complete), "{direction:?}");
+        }
     }
 
     /// The page cap cuts a chain; the sweep resumes from its bound with a new chain, started
