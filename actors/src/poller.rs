@@ -119,6 +119,10 @@ struct Sweep {
     /// `when`): a short, unmoved answer to exactly this request is that confirmation.
     confirm: Option<PageRequest>,
     repeats: u32,
+    /// Whether this sweep has read its run of equal `when` again from its first page (see
+    /// [`Sweep::restart_run`]); once per sweep, so an API that ignores the page number cannot
+    /// keep it going.
+    run_restarted: bool,
     /// Sequence number of the sweep's last batch and how the sweep ended, once sent.
     last_seq: Option<u64>,
     end: Option<SweepEnd>,
@@ -157,6 +161,7 @@ impl Sweep {
             previous_full: false,
             confirm: None,
             repeats: 0,
+            run_restarted: false,
             last_seq: None,
             end: None,
             failed_attempts: 0,
@@ -340,6 +345,23 @@ impl Sweep {
         self.move_anchor(next);
     }
 
+    /// A page of a run of equal `when` keeps answering like the page before it. Besides an API
+    /// that ignores the page number, events added at that instant since the offsets were
+    /// counted do this: they sort before the offset and shift every page of the run by their
+    /// number, so the next page holds what the page before held (the simulation found a stream
+    /// stuck for good at such a committed offset). The run is read again from its first page
+    /// (what is read twice is deduplicated); `false` when this sweep did so already.
+    fn restart_run(&mut self) -> bool {
+        if !self.in_run() || self.page == 1 || self.run_restarted {
+            return false;
+        }
+        self.run_restarted = true;
+        self.page = 1;
+        self.previous_page = None;
+        self.repeats = 0;
+        true
+    }
+
     fn progress(&self) -> SweepProgress {
         // Page offsets in the whole window (after pages with no usable `when`) shift when
         // events expire or arrive before them: a resumed sweep starts such pages again from the
@@ -370,10 +392,16 @@ impl Sweep {
         self.in_run() || self.page == 1
     }
 
-    /// Whether the sweep moved what the next sweep resumes from.
+    /// Whether the sweep moved what the next sweep resumes from forwards (a run read again
+    /// from its first page and left at an earlier page than it started from did not).
     fn progressed(&self) -> bool {
         let at = self.progress().position;
-        (at.anchor, at.page) != self.first
+        let (anchor, page) = self.first;
+        match self.direction {
+            Direction::Asc if at.anchor != anchor => at.anchor > anchor,
+            Direction::Desc if at.anchor != anchor => at.anchor < anchor,
+            _ => at.page > page,
+        }
     }
 }
 
@@ -768,6 +796,11 @@ impl Poller {
                 warn!(account = %self.config.account_id, page = request.page, retry_in = ?delay,
                     "the API answered with a page seen before (or out of the requested range); asking again");
                 self.retry_later(epoch, delay, ctx);
+            } else if repeated && sweep.restart_run() {
+                warn!(account = %self.config.account_id, page = request.page,
+                    "a page of events sharing one time keeps answering like the page before it \
+                     (events added at that time shift the pages); reading them again from the first page");
+                self.fetch_next(ctx);
             } else {
                 warn!(account = %self.config.account_id, page = request.page,
                     "the API keeps answering with a page seen before; the sweep ends here and the next one goes on from it");

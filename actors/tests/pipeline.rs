@@ -588,13 +588,60 @@ async fn an_api_that_ignores_page_cannot_loop_for_ever() {
         }
         other => panic!("{other:?}"),
     }
+    // Per sweep: the repeated page and its retries, the run read again from its first page
+    // once, and its repeated second page with retries; two sweeps (the second makes no
+    // progress).
     let requests = world.source.requests.lock().unwrap().len();
-    assert!(requests < 20, "{requests} requests");
+    assert!(requests < 30, "{requests} requests");
     let before: Vec<_> = all.iter().filter(|(w, _)| *w < tie).cloned().collect();
     let rows = world.rows.rows.lock().unwrap();
     assert!(before
         .iter()
         .all(|(w, id)| rows.contains_key(&(*w, id.clone()))));
+}
+
+/// A source that adds events at one instant just before it answers the second page of the
+/// run of events at that instant (as an API does when they arrive late).
+struct AddsToRun {
+    source: MemorySource,
+    at: DateTime<Utc>,
+    late: std::sync::Mutex<Vec<(DateTime<Utc>, String)>>,
+}
+
+#[async_trait::async_trait]
+impl AuditSource for AddsToRun {
+    async fn fetch_page(&self, request: &PageRequest) -> Result<Page, SourceError> {
+        if request.page == 2 && request.since == self.at {
+            self.source
+                .add(std::mem::take(&mut *self.late.lock().unwrap()));
+        }
+        self.source.fetch_page(request).await
+    }
+}
+
+/// Events added at an instant whose run of events is being paged sort before the page
+/// reached and shift every page after it: page 2 then answers what page 1 did. The sweep
+/// reads the run again from its first page instead of taking it for a repeated page at the
+/// same offset for ever (found by the simulation: a stream stuck at such a committed
+/// offset), and every event, the added ones included, lands once.
+#[actix_rt::test]
+async fn events_added_inside_a_run_of_equal_when_do_not_stall_the_sweep() {
+    let mut all = events(100);
+    let tie = all[60].0 + chrono::Duration::seconds(1);
+    all.extend((100..220).map(|i| (tie, format!("tie-{i:03}"))));
+    let late: Vec<_> = (0..50).map(|i| (tie, format!("tie-{i:03}"))).collect();
+    let world = World::new(all.clone());
+    let mut parts = world.parts(Direction::Asc, Some(1000));
+    parts.source = Arc::new(AddsToRun {
+        source: world.source.clone(),
+        at: tie,
+        late: std::sync::Mutex::new(late.clone()),
+    });
+    let mut pipeline = Pipeline::start(parts);
+    completed(&wait_for(&mut pipeline, |_| true).await);
+    assert!(pipeline.shutdown(Duration::from_secs(10)).await);
+    all.extend(late);
+    world.assert_exact_ids(&all);
 }
 
 #[actix_rt::test]
