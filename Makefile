@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV  ?= .venv
 export CFAUDIT_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo test lint unit postgres services bench bench-queries chaos build release clean-data
+.PHONY: demo test lint unit simulate postgres services bench bench-queries chaos build release clean-data
 
 ## demo: emulator + local PostgreSQL + local Parquet folder (data/parquet), one backfill, counts; installs nothing the demo does not use
 demo: postgres build
@@ -16,6 +16,10 @@ demo: postgres build
 test: services lint
 	url=$$(tests/support/ensure-timescaledb.sh) && \
 	  CFAUDIT_TEST_TIMESCALE_URL=$$url $(CARGO) test --workspace --all-targets --features failpoints
+
+## simulate: the deterministic simulation at 100,000 seeds with the release build (about 2.5 min on 2 cores; SIM_SEEDS=n, SIM_FIRST_SEED=n); `make test` runs 2,000
+simulate:
+	SIM_SEEDS=$${SIM_SEEDS:-100000} $(CARGO) test --release -p cfaudit-actors --test simulation seeded_worlds -- --nocapture
 
 ## lint: formatting and clippy, warnings are errors
 lint:
