@@ -252,8 +252,8 @@ impl Postgres {
         Ok(true)
     }
 
-    /// TimescaleDB only: materializes the hourly aggregates over `[since, until)`, widened to
-    /// whole hours. Their refresh policy only looks at the last [`AGGREGATE_POLICY_DAYS`], so
+    /// TimescaleDB only: materializes the aggregates over `[since, until)`, widened to whole
+    /// buckets (hours, days). Their refresh policy only looks at the last [`AGGREGATE_POLICY_DAYS`], so
     /// rows written further back (a backfill, a replay) need this. Plain PostgreSQL's aggregates are
     /// kept current by triggers. A failure loses nothing (the rows are committed): it is logged with the
     /// command that fixes it.
@@ -262,11 +262,11 @@ impl Postgres {
             Ok(true) => info!(%since, %until, "continuous aggregates refreshed over the range"),
             Ok(false) => {}
             Err(error) => warn!(%error, %since, %until,
-                "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate('audit_events_hourly', since, until) and the same for audit_actors_hourly"),
+                "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate('audit_events_hourly', since, until) and the same for audit_actors_hourly and audit_actors_daily"),
         }
     }
 
-    /// TimescaleDB only: brings the hourly aggregates up to date everywhere their refresh
+    /// TimescaleDB only: brings the aggregates up to date everywhere their refresh
     /// policy does not look (older than [`AGGREGATE_POLICY_DAYS`]). Once the policy has run,
     /// the aggregates read as materialized everything before its window, so rows the live
     /// stream commits there (its first catch-up, a late event reached by the safety lag) would
@@ -286,12 +286,6 @@ impl Postgres {
         if !self.has_timescaledb().await? {
             return Ok(false);
         }
-        let hour = chrono::Duration::hours(1);
-        let floor = |t: DateTime<Utc>| t.duration_trunc(hour).expect("an hour divides any time");
-        let since = since.map_or("NULL".to_owned(), |since| {
-            format!("'{}'::timestamptz", floor(since).to_rfc3339())
-        });
-        let until = floor(until) + hour;
         // Materializing a long backlog can take longer than one statement of the pipeline
         // may: no timeout on a connection of its own, closed afterwards.
         let mut connection = self.pool.acquire().await?;
@@ -299,7 +293,20 @@ impl Postgres {
         sqlx::raw_sql("SET statement_timeout = 0")
             .execute(&mut *connection)
             .await?;
-        for view in ["audit_events_hourly", "audit_actors_hourly"] {
+        let hour = chrono::Duration::hours(1);
+        let day = chrono::Duration::days(1);
+        for (view, bucket) in [
+            ("audit_events_hourly", hour),
+            ("audit_actors_hourly", hour),
+            ("audit_actors_daily", day),
+        ] {
+            // A bucket is materialized only when the window covers it whole: the range
+            // widened to whole buckets.
+            let floor = |t: DateTime<Utc>| t.duration_trunc(bucket).expect("a bucket divides time");
+            let since = since.map_or("NULL".to_owned(), |since| {
+                format!("'{}'::timestamptz", floor(since).to_rfc3339())
+            });
+            let until = floor(until) + bucket;
             // CALL refuses to run in a transaction block: simple protocol, and the bounds are
             // our own timestamps, not input.
             let call = format!(

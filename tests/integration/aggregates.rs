@@ -1,8 +1,9 @@
-//! The dashboards' hourly aggregates on plain PostgreSQL: tables that statement triggers on
-//! `audit_logs` keep current (TimescaleDB's continuous aggregates are tested in `timescaledb`).
-//! After a real run and after every kind of write that can reach `audit_logs` (racing writers
-//! on the same hours, rows moved between accounts, deletes, a truncate), they equal a GROUP BY
-//! over the table, group for group and count for count.
+//! The dashboards' aggregates on plain PostgreSQL (hourly, and the daily actor rollup): tables
+//! that statement triggers on `audit_logs` keep current (TimescaleDB's continuous aggregates
+//! are tested in `timescaledb`). After a real run and after every kind of write that can reach
+//! `audit_logs` (racing writers on the same hours, rows moved between accounts, deletes, a
+//! truncate), they equal a GROUP BY over the table, group for group and count for count, and
+//! the panels' reading of whole days from the daily rollup equals their reading of the hours.
 
 use crate::common::*;
 
@@ -71,7 +72,12 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     assert_eq!(kind.0, "r", "a table on plain PostgreSQL, not a view");
     let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
     assert_eq!(sum_of_events(&pool).await, rows);
-    assert_eq!(aggregate_mismatches(&pool).await, (0, 0), "after the run");
+    assert_eq!(
+        aggregate_mismatches(&pool).await,
+        (0, 0, 0),
+        "after the run"
+    );
+    assert_eq!(rollup_mismatches(&pool).await, [], "after the run");
 
     // Four writers at once, ten rounds each, on the same hours.
     let writers: Vec<_> = (0..4)
@@ -102,9 +108,10 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     );
     assert_eq!(
         aggregate_mismatches(&pool).await,
-        (0, 0),
+        (0, 0, 0),
         "after racing writers ({deadlocks} deadlocks retried)"
     );
+    assert_eq!(rollup_mismatches(&pool).await, [], "after racing writers");
 
     // One statement swaps two rows of the same hour, actor and address between accounts: a
     // failed one leaves a group as a succeeded one joins it, so only its failures change.
@@ -130,7 +137,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     .unwrap();
     assert_eq!(
         aggregate_mismatches(&pool).await,
-        (0, 0),
+        (0, 0, 0),
         "after a swap that changes failures only"
     );
 
@@ -143,7 +150,12 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(aggregate_mismatches(&pool).await, (0, 0), "after a delete");
+    assert_eq!(
+        aggregate_mismatches(&pool).await,
+        (0, 0, 0),
+        "after a delete"
+    );
+    assert_eq!(rollup_mismatches(&pool).await, [], "after a delete");
     assert_eq!(
         count(
             &pool,
@@ -160,10 +172,19 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         .await
         .unwrap();
     assert_eq!(sum_of_events(&pool).await, 0, "after a truncate");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM audit_actors_daily").await,
+        0,
+        "after a truncate"
+    );
     let replayed = cfaudit::cli::replay::replay(&h.config()).await.unwrap();
     assert_eq!(replayed.inserted as i64, rows);
     assert_eq!(sum_of_events(&pool).await, rows);
-    assert_eq!(aggregate_mismatches(&pool).await, (0, 0), "after a replay");
+    assert_eq!(
+        aggregate_mismatches(&pool).await,
+        (0, 0, 0),
+        "after a replay"
+    );
     println!(
         "aggregates: exact after a run of {rows} rows, 4 racing writers ({deadlocks} deadlocks \
          retried), a delete, a truncate and a replay"

@@ -1117,10 +1117,11 @@ pub async fn table_fingerprint(pool: &sqlx::PgPool) -> (Option<String>, i64) {
     .unwrap()
 }
 
-/// Groups where an hourly aggregate and a GROUP BY over `audit_logs` disagree, in either
-/// direction, for (`audit_events_hourly`, `audit_actors_hourly`): every grouped column and
-/// every count. Hours are UTC, as both databases bucket them.
-pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> (i64, i64) {
+/// Groups where an aggregate and a GROUP BY over `audit_logs` disagree, in either direction,
+/// for (`audit_events_hourly`, `audit_actors_hourly`, `audit_actors_daily`): every grouped
+/// column, every count and (daily) every last hour. Hours and days are UTC, as both databases
+/// bucket them.
+pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> (i64, i64, i64) {
     let events: (i64,) = sqlx::query_as(
         "WITH raw AS (SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              action_type, action_result, resource_type, resource_product, \
@@ -1150,5 +1151,93 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> (i64, i64) {
     .fetch_one(pool)
     .await
     .unwrap();
-    (events.0, actors.0)
+    let daily: (i64,) = sqlx::query_as(
+        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+                             actor_email, actor_type, ip_address, count(*) AS events, \
+                             count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
+                             count(*) FILTER (WHERE action_type = 'login') AS logins, \
+                             count(*) FILTER (WHERE action_type = 'login' \
+                                                AND action_result IN ('false', 'failure')) AS failed_logins, \
+                             max(date_trunc('hour', timestamp, 'UTC')) AS last_hour, \
+                             max(date_trunc('hour', timestamp, 'UTC')) \
+                               FILTER (WHERE action_result IN ('false', 'failure')) AS last_failure_hour, \
+                             max(date_trunc('hour', timestamp, 'UTC')) \
+                               FILTER (WHERE action_type = 'login') AS last_login_hour \
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6), \
+              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
+                             events, failed_events, logins, failed_logins, last_hour, \
+                             last_failure_hour, last_login_hour FROM audit_actors_daily) \
+         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
+                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (events.0, actors.0, daily.0)
+}
+
+/// Ranges over the rows' own span, whole days and hours in the middle of days alike, where
+/// `audit_actors_between` (whole days from the daily aggregate, the rest from the hourly one)
+/// grouped by actor and address disagrees with the same grouping of the hourly aggregate's
+/// hours in the range, as the dashboards group them: `(since, until, mismatched groups)` of
+/// every range that disagrees. Also checks that some range read whole days (a daily row's
+/// last hour is after its bucket; an hourly row's is its bucket).
+pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, i64)> {
+    let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM audit_logs")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let hours = |h: i64| chrono::Duration::hours(h);
+    let midnight =
+        |t: chrono::DateTime<chrono::Utc>| t.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let ranges = [
+        (first - hours(48), last + hours(48)),
+        (midnight(first), midnight(last) + hours(24)),
+        (
+            first + hours(1) + chrono::Duration::minutes(30),
+            last - hours(2),
+        ),
+        (midnight(first) + hours(24), midnight(first) + hours(47)),
+        (midnight(first) + hours(24), midnight(first) + hours(46)),
+        (midnight(first) + hours(27), midnight(first) + hours(29)),
+        (
+            midnight(first) + hours(24) - chrono::Duration::seconds(1),
+            last,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    let mut read_days = false;
+    for (since, until) in ranges {
+        let (mismatched, days): (i64, i64) = sqlx::query_as(
+            "WITH rolled AS (SELECT account_id, api_version, actor_email, actor_type, ip_address, \
+                                    sum(events), sum(failed_events), sum(logins), sum(failed_logins), \
+                                    max(last_hour), max(last_failure_hour), max(last_login_hour) \
+                             FROM audit_actors_between($1, $2) GROUP BY 1, 2, 3, 4, 5), \
+                  hourly AS (SELECT account_id, api_version, actor_email, actor_type, ip_address, \
+                                    sum(events), sum(failed_events), sum(logins), sum(failed_logins), \
+                                    max(bucket), max(bucket) FILTER (WHERE failed_events > 0), \
+                                    max(bucket) FILTER (WHERE logins > 0) \
+                             FROM audit_actors_hourly WHERE bucket BETWEEN $1 AND $2 \
+                             GROUP BY 1, 2, 3, 4, 5) \
+             SELECT (SELECT count(*) FROM ((SELECT * FROM rolled EXCEPT ALL SELECT * FROM hourly) \
+                                 UNION ALL (SELECT * FROM hourly EXCEPT ALL SELECT * FROM rolled)) d), \
+                    (SELECT count(*) FROM audit_actors_between($1, $2) \
+                     WHERE last_hour > bucket)",
+        )
+        .bind(since)
+        .bind(until)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        read_days |= days > 0;
+        if mismatched != 0 {
+            wrong.push((since.to_rfc3339(), until.to_rfc3339(), mismatched));
+        }
+    }
+    assert!(
+        read_days,
+        "no range read a whole day from audit_actors_daily"
+    );
+    wrong
 }

@@ -419,11 +419,14 @@ const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 /// aside), and what they converted is restored (the overlap ids of events at and after each
 /// stream's checkpoint, the dead letters' text digest); the aggregates 9 and 12 recreated (12:
 /// tables kept by triggers, on plain PostgreSQL) are dropped here and created again as views by
-/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]).
+/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's daily rollup and its
+/// reading function are dropped.
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
+DROP FUNCTION audit_actors_between;
 DO $$
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+    DROP MATERIALIZED VIEW audit_actors_daily;
     DROP MATERIALIZED VIEW audit_events_hourly;
     DROP MATERIALIZED VIEW audit_actors_hourly;
   ELSE
@@ -434,6 +437,7 @@ BEGIN
     DROP FUNCTION cfaudit_count_rows;
     DROP TABLE audit_events_hourly;
     DROP TABLE audit_actors_hourly;
+    DROP TABLE audit_actors_daily;
   END IF;
 END
 $$;
@@ -693,6 +697,7 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
     for (view, column) in [
         ("audit_events_hourly", "events"),
         ("audit_actors_hourly", "events"),
+        ("audit_actors_daily", "events"),
     ] {
         let sql = format!(
             "SELECT coalesce(sum({column}), 0)::bigint FROM {view} WHERE api_version = 'v1'"
@@ -702,8 +707,8 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
     if timescale {
         assert_eq!(
             count(&pool, policies_sql).await,
-            policies,
-            "policies intact"
+            policies + 1,
+            "policies intact, and the daily rollup's refresh policy added"
         );
         assert!(
             policies >= 4,

@@ -267,7 +267,7 @@ async fn run_refresh_policies(pool: &sqlx::PgPool) {
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(policies.len(), 2, "a refresh policy per aggregate");
+    assert_eq!(policies.len(), 3, "a refresh policy per aggregate");
     for (view, start, end) in policies {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CALL refresh_continuous_aggregate('{view}', now() - '{start}'::interval, \
@@ -279,21 +279,23 @@ async fn run_refresh_policies(pool: &sqlx::PgPool) {
     }
 }
 
-/// Waits until both aggregates agree with `audit_logs` hour by hour, their refresh policies
-/// having run (a policy materializes the last 3 days only, after which the aggregates read
-/// every older hour as materialized).
+/// Waits until the aggregates agree with `audit_logs` bucket by bucket, their refresh
+/// policies having run (a policy materializes its last days only, after which the aggregates
+/// read every older bucket as materialized), and the panels' reading of whole days from the
+/// daily rollup agrees with their reading of the hours.
 async fn wait_aggregates_agree(pool: &sqlx::PgPool, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         run_refresh_policies(pool).await;
         let mismatches = aggregate_mismatches(pool).await;
-        if mismatches == (0, 0) {
+        if mismatches == (0, 0, 0) {
+            assert_eq!(rollup_mismatches(pool).await, [], "{what}");
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "{what}: hours where the aggregates disagree with audit_logs \
-             (events, actors): {mismatches:?}"
+             (events, actors, daily actors): {mismatches:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }

@@ -83,7 +83,8 @@ SQL
   # them (its refresh policy covers the last 3 days; cfaudit run the rest at start).
   if [ "$(psql -X -At "$url" -c "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")" = 1 ]; then
     psql -X -q "$url" -c "CALL refresh_continuous_aggregate('audit_events_hourly', NULL, NULL)" \
-      -c "CALL refresh_continuous_aggregate('audit_actors_hourly', NULL, NULL)"
+      -c "CALL refresh_continuous_aggregate('audit_actors_hourly', NULL, NULL)" \
+      -c "CALL refresh_continuous_aggregate('audit_actors_daily', NULL, NULL)"
   fi
   psql -X -q "$url" -c "VACUUM ANALYZE" -c "COMMENT ON TABLE audit_logs IS '$generator'"
   printf '   built in %s s; database %s\n' $((SECONDS - started)) \
@@ -103,6 +104,8 @@ def grafana(title, window):
             sql = panel["targets"][0]["rawSql"]
             sql = re.sub(r"\$__timeFilter\((\w+)\)",
                          rf"\1 BETWEEN now() - interval '{window}' AND now()", sql)
+            sql = sql.replace("$__timeFrom()", f"now() - interval '{window}'")
+            sql = sql.replace("$__timeTo()", "now()")
             return sql.replace("$account", "'%'").replace("$version", "'v1','v2'")
     raise SystemExit(f"no panel {title!r}")
 
