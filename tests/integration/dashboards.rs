@@ -402,6 +402,97 @@ async fn panels_show_the_counts(h: Harness) {
         ranked(logins.values().copied().collect()),
         "the most failed logins first"
     );
+    // Top actors, top addresses, actors with failures: every row shown is the truth for its
+    // actor or address (events, failures, distinct addresses or actors), and they are the
+    // busiest (most failing) ones.
+    let actor_of = |r: &BTreeMap<&str, Value>| {
+        text(r, "actor_email").unwrap_or_else(|| {
+            format!(
+                "({})",
+                text(r, "actor_type").unwrap_or_else(|| "unknown".into())
+            )
+        })
+    };
+    let is_failed = |r: &BTreeMap<&str, Value>| {
+        matches!(
+            text(r, "action_result").as_deref(),
+            Some("false" | "failure")
+        )
+    };
+    type Tally = (u64, u64, BTreeSet<String>, BTreeSet<String>);
+    let mut by_actor: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut by_ip: BTreeMap<String, Tally> = BTreeMap::new();
+    for r in &truth {
+        let failed = is_failed(r);
+        let ip = text(r, "ip_address");
+        let actor = by_actor.entry(actor_of(r)).or_default();
+        actor.0 += 1;
+        actor.1 += u64::from(failed);
+        if let Some(ip) = &ip {
+            actor.2.insert(ip.clone());
+            if failed {
+                actor.3.insert(ip.clone());
+            }
+            let address = by_ip.entry(ip.clone()).or_default();
+            address.0 += 1;
+            address.1 += u64::from(failed);
+            if let Some(email) = text(r, "actor_email") {
+                address.2.insert(email);
+            }
+        }
+    }
+    let top = |counts: Vec<u64>| {
+        let mut counts = counts;
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        counts.truncate(20);
+        counts
+    };
+    let number = |row: &[String], i: usize| row[i].parse::<u64>().unwrap();
+    let shown = panel_rows(&pool, "Top actors", ALL_VERSIONS).await;
+    for row in &shown {
+        let (events, failed, ips, _) = &by_actor[&row[0]];
+        assert_eq!(
+            (number(row, 2), number(row, 3), number(row, 4)),
+            (*events, *failed, ips.len() as u64),
+            "top actor {}",
+            row[0]
+        );
+    }
+    assert_eq!(
+        shown.iter().map(|row| number(row, 2)).collect::<Vec<_>>(),
+        top(by_actor.values().map(|t| t.0).collect()),
+        "the busiest actors"
+    );
+    let shown = panel_rows(&pool, "Top IP addresses", ALL_VERSIONS).await;
+    for row in &shown {
+        let (events, failed, actors, _) = &by_ip[&row[0]];
+        assert_eq!(
+            (number(row, 1), number(row, 2), number(row, 3)),
+            (*events, *failed, actors.len() as u64),
+            "top address {}",
+            row[0]
+        );
+    }
+    assert_eq!(
+        shown.iter().map(|row| number(row, 1)).collect::<Vec<_>>(),
+        top(by_ip.values().map(|t| t.0).collect()),
+        "the busiest addresses"
+    );
+    let shown = panel_rows(&pool, "Actors with failed actions", ALL_VERSIONS).await;
+    for row in &shown {
+        let (events, failed, _, failing_ips) = &by_actor[&row[0]];
+        assert_eq!(
+            (number(row, 1), number(row, 2), number(row, 4)),
+            (*failed, *events, failing_ips.len() as u64),
+            "failing actor {}",
+            row[0]
+        );
+    }
+    assert_eq!(
+        shown.iter().map(|row| number(row, 1)).collect::<Vec<_>>(),
+        top(by_actor.values().map(|t| t.1).filter(|&f| f > 0).collect()),
+        "the most failing actors"
+    );
     let per_hour = panel_rows(&pool, "Logins per hour", V2).await;
     let column = |i: usize| -> u64 {
         per_hour
