@@ -142,7 +142,8 @@ impl Postgres {
     ///
     /// On TimescaleDB a fresh database's migrations start the aggregates' refresh jobs and a
     /// later one replaces those aggregates: a job running at that moment fails it ("tuple
-    /// concurrently deleted"). Rolled back whole, it is applied again after a pause.
+    /// concurrently deleted", or a deadlock). Rolled back whole, it is applied again after a
+    /// pause.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let mut attempt = 1;
         loop {
@@ -568,7 +569,8 @@ impl Postgres {
 const MIGRATION_ATTEMPTS: u64 = 6;
 
 /// A migration failed because a TimescaleDB background job changed a catalog row it was
-/// changing too (an internal error of PostgreSQL's, known by its message only).
+/// changing too (an internal error of PostgreSQL's, known by its message only), or because
+/// the two deadlocked (seen on a fresh database: migration 9 against a refresh job).
 fn met_a_background_job(error: &sqlx::migrate::MigrateError) -> bool {
     use sqlx::migrate::MigrateError;
     let (MigrateError::Execute(sqlx::Error::Database(db))
@@ -576,7 +578,8 @@ fn met_a_background_job(error: &sqlx::migrate::MigrateError) -> bool {
     else {
         return false;
     };
-    db.message().contains("tuple concurrently deleted")
+    db.code().as_deref() == Some("40P01")
+        || db.message().contains("tuple concurrently deleted")
         || db.message().contains("tuple concurrently updated")
 }
 

@@ -2,7 +2,8 @@
 # Benchmark: a backfill of BENCH_EVENTS (default 200,000) emulator events with the release
 # build, measured by /usr/bin/time -v: events/s and peak RSS, plus the run's counts; on plain
 # PostgreSQL, then the same on TimescaleDB where ../shared/tools/timescaledb provides it; each
-# for v1 (1,000 events a page) and v2 (its own data set of as many events, limit 1,000).
+# for v1 (1,000 events a page) and v2 (its own data set of as many events, limit 1,000); v1
+# once more with BENCH_LARGE_EVENTS (1,000,000), against the first.
 # BENCH_S3=1: the dataset in a bucket of a local S3-compatible server instead of a folder throughout;
 # otherwise (where s3s-fs is installed) the v2 backfill runs once more on it, for the comparison.
 # Each backfill is followed by psql's \copy of the rows it stored into a fresh table of the same
@@ -110,6 +111,7 @@ PY
 if [ -z "${BENCH_ACCOUNTS_ONLY:-}" ]; then
 for version in v1 v2; do
   bench_once "postgres://postgres@127.0.0.1:5432/postgres" "$version, plain PostgreSQL (127.0.0.1:5432)" $version
+  if [ "$version" = v1 ]; then v1_seconds=$seconds v1_rss_kb=$rss_kb; fi
 done
 # Lake queries: DuckDB counting one hour and one day by action type in the dataset of the last
 # run reads only that hour's or that day's files (hive partition pruning), from its profile.
@@ -154,6 +156,24 @@ if [ -n "$timescale" ]; then
   for version in v1 v2; do
     bench_once "$timescale" "$version, TimescaleDB (${timescale#postgres://postgres@})" $version
   done
+fi
+
+# A backlog BENCH_LARGE_EVENTS (1,000,000) long: v1 on plain PostgreSQL again, its throughput
+# and peak RSS against the run of BENCH_EVENTS above (neither may depend on the backlog).
+# BENCH_LARGE_EVENTS=0 skips it.
+large=${BENCH_LARGE_EVENTS:-1000000}
+if [ "$large" -gt 0 ]; then
+  kill "$EMULATOR_PID" 2>/dev/null || true
+  wait "$EMULATOR_PID" 2>/dev/null || true
+  start_emulator "$(dirname "$bin")/cfaudit-emulator" "$port" "$large" "$out/emulator.log" \
+    --v2-page-cap 1000
+  small=$events events=$large
+  bench_once "postgres://postgres@127.0.0.1:5432/postgres" "v1, plain PostgreSQL, $large events" v1
+  events=$small
+  figure "v1, plain PostgreSQL: throughput with $large events against $events (goal >= 0.9)" \
+    "$(python3 -c "print(f'{($large / $seconds) / ($events / $v1_seconds):.2f}')")"
+  figure "v1, plain PostgreSQL: peak RSS with $large events against $events, MiB" \
+    "$(python3 -c "print(f'{$rss_kb / 1024:.1f} / {$v1_rss_kb / 1024:.1f}')")"
 fi
 fi
 
