@@ -50,6 +50,13 @@ async fn write_round(pool: &sqlx::PgPool, w: i32, round: i32) -> u32 {
     deadlocks
 }
 
+/// Every aggregate equals a GROUP BY over `audit_logs`, and the panels' reading of whole days
+/// from the daily rollup equals their reading of the hours.
+async fn assert_aggregates_exact(pool: &sqlx::PgPool, after: &str) {
+    assert_eq!(aggregate_mismatches(pool).await, (0, 0, 0), "after {after}");
+    assert_eq!(rollup_mismatches(pool).await, [], "after {after}");
+}
+
 async fn sum_of_events(pool: &sqlx::PgPool) -> i64 {
     count(
         pool,
@@ -72,12 +79,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     assert_eq!(kind.0, "r", "a table on plain PostgreSQL, not a view");
     let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
     assert_eq!(sum_of_events(&pool).await, rows);
-    assert_eq!(
-        aggregate_mismatches(&pool).await,
-        (0, 0, 0),
-        "after the run"
-    );
-    assert_eq!(rollup_mismatches(&pool).await, [], "after the run");
+    assert_aggregates_exact(&pool, "the run").await;
 
     // Four writers at once, ten rounds each, on the same hours.
     let writers: Vec<_> = (0..4)
@@ -106,12 +108,8 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         .await
             > 0
     );
-    assert_eq!(
-        aggregate_mismatches(&pool).await,
-        (0, 0, 0),
-        "after racing writers ({deadlocks} deadlocks retried)"
-    );
-    assert_eq!(rollup_mismatches(&pool).await, [], "after racing writers");
+    let after = format!("racing writers ({deadlocks} deadlocks retried)");
+    assert_aggregates_exact(&pool, &after).await;
 
     // One statement swaps two rows of the same hour, actor and address between accounts: a
     // failed one leaves a group as a succeeded one joins it, so only its failures change.
@@ -135,11 +133,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     .execute(&pool)
     .await
     .unwrap();
-    assert_eq!(
-        aggregate_mismatches(&pool).await,
-        (0, 0, 0),
-        "after a swap that changes failures only"
-    );
+    assert_aggregates_exact(&pool, "a swap that changes failures only").await;
 
     // An operator's retention by hand, and an update that moves nothing.
     sqlx::query("DELETE FROM audit_logs WHERE timestamp < (SELECT min(timestamp) + interval '3 hours' FROM audit_logs)")
@@ -150,12 +144,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(
-        aggregate_mismatches(&pool).await,
-        (0, 0, 0),
-        "after a delete"
-    );
-    assert_eq!(rollup_mismatches(&pool).await, [], "after a delete");
+    assert_aggregates_exact(&pool, "a delete").await;
     assert_eq!(
         count(
             &pool,
@@ -180,11 +169,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     let replayed = cfaudit::cli::replay::replay(&h.config()).await.unwrap();
     assert_eq!(replayed.inserted as i64, rows);
     assert_eq!(sum_of_events(&pool).await, rows);
-    assert_eq!(
-        aggregate_mismatches(&pool).await,
-        (0, 0, 0),
-        "after a replay"
-    );
+    assert_aggregates_exact(&pool, "a replay").await;
     println!(
         "aggregates: exact after a run of {rows} rows, 4 racing writers ({deadlocks} deadlocks \
          retried), a delete, a truncate and a replay"

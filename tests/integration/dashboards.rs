@@ -283,6 +283,15 @@ async fn panels_show_the_counts(h: Harness) {
     assert!(unreadable > 0 && truth.len() > 4_000, "{unreadable}");
     let text = |row: &BTreeMap<&str, Value>, column: &str| row[column].as_str().map(str::to_owned);
     let v2 = |row: &&BTreeMap<&str, Value>| text(row, "api_version").as_deref() == Some("v2");
+    // An actor as the panels name one: the e-mail, or the type in brackets.
+    let actor_of = |r: &BTreeMap<&str, Value>| {
+        text(r, "actor_email").unwrap_or_else(|| {
+            format!(
+                "({})",
+                text(r, "actor_type").unwrap_or_else(|| "unknown".into())
+            )
+        })
+    };
     let v2_rows = truth.iter().filter(v2).count();
     assert!(v2_rows > 1_500 && v2_rows < truth.len(), "{v2_rows}");
     // v2's products and logins, from the events as received (`resource.product`,
@@ -294,13 +303,7 @@ async fn panels_show_the_counts(h: Harness) {
         let product = raw["resource"]["product"].as_str().unwrap_or("(none)");
         *by_product.entry(product.to_owned()).or_default() += 1;
         if raw["action"]["type"] == "login" {
-            let actor = text(r, "actor_email").unwrap_or_else(|| {
-                format!(
-                    "({})",
-                    text(r, "actor_type").unwrap_or_else(|| "unknown".into())
-                )
-            });
-            let key = (actor, text(r, "ip_address").unwrap_or_default());
+            let key = (actor_of(r), text(r, "ip_address").unwrap_or_default());
             let entry = logins.entry(key).or_default();
             entry.0 += 1;
             entry.1 += u64::from(raw["action"]["result"] == "failure");
@@ -318,17 +321,7 @@ async fn panels_show_the_counts(h: Harness) {
             )
         })
         .count();
-    let actors: BTreeSet<String> = truth
-        .iter()
-        .map(|r| {
-            text(r, "actor_email").unwrap_or_else(|| {
-                format!(
-                    "({})",
-                    text(r, "actor_type").unwrap_or_else(|| "unknown".into())
-                )
-            })
-        })
-        .collect();
+    let actors: BTreeSet<String> = truth.iter().map(&actor_of).collect();
     let ips: BTreeSet<String> = truth.iter().filter_map(|r| text(r, "ip_address")).collect();
     let mut by_action: BTreeMap<String, u64> = BTreeMap::new();
     for r in &truth {
@@ -405,14 +398,6 @@ async fn panels_show_the_counts(h: Harness) {
     // Top actors, top addresses, actors with failures: every row shown is the truth for its
     // actor or address (events, failures, distinct addresses or actors), and they are the
     // busiest (most failing) ones.
-    let actor_of = |r: &BTreeMap<&str, Value>| {
-        text(r, "actor_email").unwrap_or_else(|| {
-            format!(
-                "({})",
-                text(r, "actor_type").unwrap_or_else(|| "unknown".into())
-            )
-        })
-    };
     let is_failed = |r: &BTreeMap<&str, Value>| {
         matches!(
             text(r, "action_result").as_deref(),
