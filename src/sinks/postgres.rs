@@ -16,10 +16,11 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::PgPool;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::settings::Secret;
 
+mod copy;
 mod leases;
 use crate::sinks::dataset::{DetailField, DETAIL_TEXT};
 use crate::streams::{backfill_key_prefix, Stream};
@@ -588,8 +589,105 @@ pub async fn answers(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }
 
+/// What the bulk path did with a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BulkWrite {
+    /// Every row was new and is stored.
+    Stored(u64),
+    /// Some rows are there already, or PostgreSQL refused the COPY: the upsert decides.
+    Declined,
+}
+
 #[async_trait]
 impl RowSink for Postgres {
+    /// A batch whose rows are all new (a backfill, live polling) is stored by COPY, at the
+    /// speed of PostgreSQL's own bulk load; one with rows already there (a retry after a failed
+    /// commit, an event another account stored), or one the COPY fails on (a value PostgreSQL
+    /// refuses, a row a concurrent writer stored meanwhile), by the upsert, which tells
+    /// inserted from present rows and isolates refused ones.
+    async fn write_rows(
+        &self,
+        fence: Option<&Fence>,
+        rows: &[AuditRow],
+    ) -> Result<RowWriteReport, SinkError> {
+        match self.copy_new_rows(fence, rows).await? {
+            BulkWrite::Stored(inserted) => Ok(RowWriteReport {
+                inserted,
+                duplicates: 0,
+                rejected: Vec::new(),
+            }),
+            BulkWrite::Declined => self.upsert_rows(fence, rows).await,
+        }
+    }
+}
+
+impl Postgres {
+    /// In one transaction: the fence, whether any row is there already, and the COPY of all
+    /// rows when none is. The fence is read as the upsert reads it, once, at the start.
+    pub async fn copy_new_rows(
+        &self,
+        fence: Option<&Fence>,
+        rows: &[AuditRow],
+    ) -> Result<BulkWrite, SinkError> {
+        if rows.is_empty() {
+            return Ok(BulkWrite::Stored(0));
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| sink_error("begin the bulk write", e))?;
+        let (fenced_in, present): (bool, bool) = sqlx::query_as(
+            "SELECT $3::text IS NULL \
+                    OR EXISTS (SELECT 1 FROM cfaudit_checkpoints WHERE account_id = $3 AND lease_token = $4), \
+                    EXISTS (SELECT 1 FROM UNNEST($1::timestamptz[], $2::text[]) AS u(t, e) \
+                            WHERE EXISTS (SELECT 1 FROM audit_logs a \
+                                          WHERE a.timestamp = u.t AND a.event_id = u.e \
+                                            AND a.timestamp BETWEEN $5 AND $6))",
+        )
+        .bind(rows.iter().map(|r| r.timestamp).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+        .bind(fence.map(|f| f.stream.as_str()))
+        .bind(fence.map_or(0, |f| f.lease as i64))
+        .bind(rows.iter().map(|r| r.timestamp).min())
+        .bind(rows.iter().map(|r| r.timestamp).max())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| sink_error("look up the batch's rows", e))?;
+        if !fenced_in {
+            return Err(fenced(fence));
+        }
+        if present {
+            return Ok(BulkWrite::Declined);
+        }
+        let stored = async {
+            let mut copy = tx.copy_in_raw(copy::COPY_AUDIT_LOGS).await?;
+            let mut buffer = Vec::with_capacity(COPY_CHUNK_BYTES + COPY_CHUNK_BYTES / 4);
+            for row in rows {
+                copy::encode_row(row, &mut buffer);
+                if buffer.len() >= COPY_CHUNK_BYTES {
+                    copy.send(buffer.as_slice()).await?;
+                    buffer.clear();
+                }
+            }
+            copy.send(buffer.as_slice()).await?;
+            let stored = copy.finish().await?;
+            tx.commit().await?;
+            Ok::<u64, sqlx::Error>(stored)
+        }
+        .await;
+        match stored {
+            Ok(stored) => Ok(BulkWrite::Stored(stored)),
+            // Refused by the database (a value, a key stored meanwhile, a deadlock): the
+            // transaction is rolled back whole and the upsert has its say.
+            Err(sqlx::Error::Database(error)) => {
+                debug!(%error, rows = rows.len(), "COPY refused; the upsert writes the batch");
+                Ok(BulkWrite::Declined)
+            }
+            Err(other) => Err(sink_error("copy into audit_logs", other)),
+        }
+    }
+
     /// One statement per batch: UNNEST keeps the bind count fixed whatever the batch size.
     /// A row already present (left by an attempt that never committed, of this stream or of
     /// another account that sees the same user-level event) takes the new `ingestion_time`
@@ -599,7 +697,7 @@ impl RowSink for Postgres {
     /// from updated.
     /// With a fence, nothing is written unless the fence's lease is the stream's: a process
     /// that lost its stream cannot overwrite the rows of the one that holds it now.
-    async fn write_rows(
+    pub async fn upsert_rows(
         &self,
         fence: Option<&Fence>,
         rows: &[AuditRow],
@@ -611,13 +709,12 @@ impl RowSink for Postgres {
             .collect();
         let details = |f: DetailField| rows.iter().map(|r| f(&r.detail)).collect::<Vec<_>>();
         let query = sqlx::query_as(
+            concat!(
             "WITH fence AS (SELECT $14::text IS NULL \
                                    OR EXISTS (SELECT 1 FROM cfaudit_checkpoints WHERE account_id = $14 AND lease_token = $15) AS ok), \
-             written AS (INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, actor_type, action_type, \
-                                     action_result, resource_type, resource_id, ip_address, metadata, raw_event, ingestion_time, \
-                                     api_version, actor_id, actor_context, actor_token_id, actor_token_name, action_description, \
-                                     resource_product, resource_scope, zone_id, zone_name, raw_method, raw_uri, raw_cf_ray_id, \
-                                     raw_user_agent, raw_status_code) \
+             written AS (INSERT INTO audit_logs (",
+            copy::audit_columns!(),
+            ") \
              SELECT e, t, a, ae, aty, ty, r, rt, ri, ip, m::jsonb, raw::jsonb, it, \
                     v, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, sc \
              FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
@@ -635,7 +732,8 @@ impl RowSink for Postgres {
              rewritten AS (INSERT INTO cfaudit_rewritten_rows (event_time, event_id) \
                            SELECT timestamp, event_id FROM written WHERE NOT inserted AND $14::text IS NOT NULL \
                            ON CONFLICT DO NOTHING) \
-             SELECT (SELECT ok FROM fence), count(*) FILTER (WHERE inserted) FROM written",
+             SELECT (SELECT ok FROM fence), count(*) FILTER (WHERE inserted) FROM written"
+            ),
         )
         .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.timestamp).collect::<Vec<_>>())
@@ -666,11 +764,7 @@ impl RowSink for Postgres {
             .await
             .map_err(|e| sink_error("insert into audit_logs", e))?;
         if !fenced_in {
-            let fence = fence.expect("only a fence can refuse");
-            return Err(SinkError::Fenced(format!(
-                "stream {} is no longer leased to this process (lease {}): another cfaudit holds it",
-                fence.stream, fence.lease
-            )));
+            return Err(fenced(fence));
         }
         let inserted = inserted as u64;
         Ok(RowWriteReport {
@@ -679,6 +773,18 @@ impl RowSink for Postgres {
             rejected: Vec::new(),
         })
     }
+}
+
+/// How much COPY data is encoded before it is sent: the batch is never held twice over.
+const COPY_CHUNK_BYTES: usize = 256 * 1024;
+
+/// A write refused by the fence of `fence` (only a fence can refuse).
+fn fenced(fence: Option<&Fence>) -> SinkError {
+    let fence = fence.expect("only a fence can refuse");
+    SinkError::Fenced(format!(
+        "stream {} is no longer leased to this process (lease {}): another cfaudit holds it",
+        fence.stream, fence.lease
+    ))
 }
 
 /// Text for a column that cannot hold NUL or invalid UTF-8: the exact bytes go next to it.

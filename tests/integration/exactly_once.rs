@@ -512,6 +512,161 @@ async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote
 
 on_both_clusters!(a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last);
 
+/// A batch of new rows is stored by COPY, one with a row already there by the upsert: both
+/// store every column alike (escapes, NULLs, addresses, JSON, sub-microsecond times), count
+/// inserted and present rows, store nothing of a refused batch, and obey the fence.
+async fn the_bulk_copy_and_the_upsert_store_the_same_rows(cluster: Cluster) {
+    use cfaudit::sinks::postgres::BulkWrite;
+    use cfaudit_actors::ports::{Fence, RowSink, SinkError};
+    use cfaudit_actors::ApiVersion;
+    let test = "the_bulk_copy_and_the_upsert_store_the_same_rows";
+    let Some((db, pg)) = TestDb::migrated(cluster, test).await else {
+        return;
+    };
+    let stream = "acct-bulk";
+    let session = cfaudit::sinks::postgres::LeaseSession::open(&pg, "test")
+        .await
+        .unwrap();
+    let lease = session.try_lease(stream).await.unwrap().unwrap();
+    let fence = Fence {
+        stream: stream.into(),
+        lease: lease.token,
+    };
+    // Not a whole microsecond: both paths must truncate alike.
+    let ingestion_time = DateTime::parse_from_rfc3339("2026-06-01T00:00:00.123456789Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let map = |version, raw: &str| {
+        cfaudit_actors::mapping::map_event(version, raw, stream, ingestion_time).unwrap()
+    };
+    let awkward = vec![
+        map(
+            ApiVersion::V1,
+            r#"{"id":"v1-escapes","when":"2026-05-01T10:00:00.5Z","actor":{"email":"a\\b\tc\nd\re","ip":"2001:db8::1","type":"user"},"action":{"type":"zone_update","result":true},"resource":{"type":"zone","id":"\\N"},"metadata":{"zone_name":"example.com","path":"C:\\x","note":"tab\there, \"quoted\", \u00e9"}}"#,
+        ),
+        map(
+            ApiVersion::V1,
+            r#"{"id":"v1-sparse","when":"2026-05-01T10:00:01Z","actor":{"ip":"not an address"},"metadata":null}"#,
+        ),
+        map(
+            ApiVersion::V2,
+            r#"{"id":"v2-detail","action":{"time":"2026-05-01T10:00:02.000001Z","type":"update","result":"success","description":"line one\nline two"},"actor":{"id":"u1","email":"x@example.com","ip_address":"192.0.2.7","context":"api_token","token_id":"t1","token_name":"deploy\\bot"},"resource":{"product":"dns","scope":{"k":"v"}},"zone":{"id":"z1","name":"example.org"},"raw":{"method":"PATCH","uri":"/zones/z1?a=1&b=\\t","cf_ray_id":"ray","user_agent":"curl/8","status_code":200}}"#,
+        ),
+    ];
+    let sentinel = map(
+        ApiVersion::V1,
+        r#"{"id":"sentinel","when":"2026-05-01T09:00:00Z"}"#,
+    );
+    // Every column of every row but the sentinel, as PostgreSQL renders it.
+    let stored = || async {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT to_jsonb(a)::text FROM audit_logs a WHERE event_id <> 'sentinel' ORDER BY event_id",
+        )
+        .fetch_all(pg.pool())
+        .await
+        .unwrap();
+        rows.into_iter().map(|(row,)| row).collect::<Vec<_>>()
+    };
+
+    // All new: COPY.
+    let copied = pg.copy_new_rows(Some(&fence), &awkward).await.unwrap();
+    assert_eq!(copied, BulkWrite::Stored(3));
+    let by_copy = stored().await;
+    assert_eq!(by_copy.len(), 3);
+    assert!(
+        by_copy[0].contains(r#""actor_email": "a\\b\tc\nd\re""#),
+        "{}",
+        by_copy[0]
+    );
+    assert!(
+        by_copy[0].contains(r#""resource_id": "\\N""#),
+        "{}",
+        by_copy[0]
+    );
+    assert!(
+        by_copy[1].contains(r#""ip_address": null"#),
+        "{}",
+        by_copy[1]
+    );
+    assert!(by_copy[0].contains(r#""ingestion_time": "2026-06-01T00:00:00.123456+00:00""#));
+
+    // The same rows by the upsert.
+    sqlx::query("DELETE FROM audit_logs")
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    let report = pg.upsert_rows(Some(&fence), &awkward).await.unwrap();
+    assert_eq!((report.inserted, report.duplicates), (3, 0));
+    assert_eq!(stored().await, by_copy);
+
+    // With one row there already, the bulk path declines and the sink upserts, counting it.
+    sqlx::query("DELETE FROM audit_logs")
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    pg.write_rows(Some(&fence), std::slice::from_ref(&sentinel))
+        .await
+        .unwrap();
+    let mut batch = awkward.clone();
+    batch.push(sentinel.clone());
+    let declined = pg.copy_new_rows(Some(&fence), &batch).await.unwrap();
+    assert_eq!(declined, BulkWrite::Declined);
+    let report = pg.write_rows(Some(&fence), &batch).await.unwrap();
+    assert_eq!((report.inserted, report.duplicates), (3, 1));
+    assert_eq!(stored().await, by_copy);
+
+    // A batch PostgreSQL refuses (an index row over its size limit; the id does not compress):
+    // nothing of it stays, neither the COPY's rows nor the upsert's.
+    let mut refused = vec![map(
+        ApiVersion::V1,
+        r#"{"id":"fine","when":"2026-05-01T11:00:00Z"}"#,
+    )];
+    let long_id: String = (0..600u128)
+        .map(|i| {
+            format!(
+                "{:032x}",
+                i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+            )
+        })
+        .collect();
+    refused.push(map(
+        ApiVersion::V1,
+        &format!(r#"{{"id":"{long_id}","when":"2026-05-01T11:00:01Z"}}"#),
+    ));
+    let outcome = pg.write_rows(Some(&fence), &refused).await;
+    assert!(
+        matches!(outcome, Err(SinkError::Rejected(_))),
+        "{outcome:?}"
+    );
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 4);
+
+    // Under a lease that is not the stream's: refused, nothing stored.
+    let stale = Fence {
+        stream: stream.into(),
+        lease: lease.token + 1,
+    };
+    let fresh = [map(
+        ApiVersion::V1,
+        r#"{"id":"fenced","when":"2026-05-01T12:00:00Z"}"#,
+    )];
+    let outcome = pg.write_rows(Some(&stale), &fresh).await;
+    assert!(matches!(outcome, Err(SinkError::Fenced(_))), "{outcome:?}");
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 4);
+    lease.release().await;
+    pg.pool().close().await;
+    db.drop_db().await;
+}
+
+on_both_clusters!(the_bulk_copy_and_the_upsert_store_the_same_rows);
+
 /// A user-level event is visible in every account its user belongs to: one row for the
 /// organisation, attributed to the account whose stream committed it, in PostgreSQL as in the
 /// dataset, whatever order the two accounts' attempts wrote and committed in.
