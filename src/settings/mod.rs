@@ -625,8 +625,9 @@ impl Default for LakeSettings {
 #[serde(default)]
 pub struct PipelineSettings {
     /// Batches of one stream fetched but not yet committed, at most. Bounds memory when a
-    /// sink is slow. Two keep the next batch fetching while one is written; three were about
-    /// 10 % faster on 2 cores but took a v2 backfill just over 64 MiB (`make bench`).
+    /// sink is slow. Two keep the next batch fetching while one is written, which keeps the
+    /// PostgreSQL writer busy from the first batch to the last: three were no faster on 2 cores
+    /// (`make bench`).
     pub max_inflight_batches: usize,
     /// Batches of all streams of the process together (every account and API version)
     /// fetched but not yet committed, at most: one memory bound whatever the number of
@@ -635,7 +636,8 @@ pub struct PipelineSettings {
     pub max_inflight_batches_total: usize,
     /// Pages are coalesced into one batch (one commit, one Parquet file per touched hour) of
     /// up to this many events… Larger batches mean fewer, larger files and commits, and more
-    /// memory: 2,000 keeps a backfill under 64 MiB, about 15 % slower than 10,000.
+    /// memory: 2,000 keeps a backfill near 40-46 MiB; 10,000 was about 10 % faster at 78 MiB
+    /// (`make bench`, 2 cores).
     pub batch_max_events: usize,
     /// …or this many bytes of raw JSON. Memory in flight is bounded by
     /// `MAX_INFLIGHT_BATCHES_TOTAL × BATCH_MAX_BYTES` (and, for one stream,
