@@ -632,9 +632,11 @@ impl Postgres {
         if rows.is_empty() {
             return Ok(BulkWrite::Stored(0));
         }
-        let mut tx = self
-            .pool
-            .begin()
+        let mut connection =
+            CopyConnection(Some(self.pool.acquire().await.map_err(|e| {
+                sink_error("acquire a connection for the bulk write", e)
+            })?));
+        let mut tx = sqlx::Connection::begin(&mut **connection.get())
             .await
             .map_err(|e| sink_error("begin the bulk write", e))?;
         let (fenced_in, present): (bool, bool) = sqlx::query_as(
@@ -654,11 +656,14 @@ impl Postgres {
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| sink_error("look up the batch's rows", e))?;
-        if !fenced_in {
-            return Err(fenced(fence));
-        }
-        if present {
-            return Ok(BulkWrite::Declined);
+        if !fenced_in || present {
+            drop(tx); // rolled back before the connection's next use
+            connection.release();
+            return if fenced_in {
+                Ok(BulkWrite::Declined)
+            } else {
+                Err(fenced(fence))
+            };
         }
         let stored = async {
             let mut copy = tx.copy_in_raw(copy::COPY_AUDIT_LOGS).await?;
@@ -677,12 +682,26 @@ impl Postgres {
         }
         .await;
         match stored {
-            Ok(stored) => Ok(BulkWrite::Stored(stored)),
-            // Refused by the database (a value, a key stored meanwhile, a deadlock): the
-            // transaction is rolled back whole and the upsert has its say.
-            Err(sqlx::Error::Database(error)) => {
-                debug!(%error, rows = rows.len(), "COPY refused; the upsert writes the batch");
+            Ok(stored) => {
+                connection.release();
+                Ok(BulkWrite::Stored(stored))
+            }
+            // Refused for the data (a value, a key stored meanwhile) or by a deadlock: the
+            // transaction is rolled back whole and the upsert, the authority on values and
+            // present rows, has its say. Anything else (a timeout, a server going away) is
+            // for the writer to retry.
+            Err(sqlx::Error::Database(error)) if upsert_decides(error.code().as_deref()) => {
+                if error.code().as_deref() == Some("23505") {
+                    debug!(%error, "a row of the batch was stored meanwhile; the upsert writes it");
+                } else {
+                    warn!(%error, rows = rows.len(), "COPY refused the batch; the upsert writes it");
+                }
+                connection.release();
                 Ok(BulkWrite::Declined)
+            }
+            Err(error @ sqlx::Error::Database(_)) => {
+                connection.release();
+                Err(sink_error("copy into audit_logs", error))
             }
             Err(other) => Err(sink_error("copy into audit_logs", other)),
         }
@@ -772,6 +791,43 @@ impl Postgres {
             duplicates: rows.len() as u64 - inserted,
             rejected: Vec::new(),
         })
+    }
+}
+
+/// Errors of a COPY the upsert may answer otherwise: a unique violation (a row stored
+/// meanwhile), data exceptions and program limits (class 22 and 54: the upsert isolates the
+/// refused rows, and stores rows a COPY-only error would have refused), serialization failures
+/// and deadlocks (class 40).
+fn upsert_decides(code: Option<&str>) -> bool {
+    code.is_some_and(|code| {
+        code == "23505"
+            || code.starts_with("22")
+            || code.starts_with("54")
+            || code.starts_with("40")
+    })
+}
+
+/// The connection of a bulk write. sqlx does not count the reply a COPY awaits: a write cut
+/// short inside one (the writer's deadline) would leave that reply on the connection, and the
+/// next statement would read it as its own. So the connection goes back to the pool only by
+/// [`CopyConnection::release`], once the exchange completed; dropped otherwise, it is closed.
+struct CopyConnection(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl CopyConnection {
+    fn get(&mut self) -> &mut sqlx::pool::PoolConnection<sqlx::Postgres> {
+        self.0.as_mut().expect("released only at the end")
+    }
+
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for CopyConnection {
+    fn drop(&mut self) {
+        if let Some(mut connection) = self.0.take() {
+            connection.close_on_drop();
+        }
     }
 }
 

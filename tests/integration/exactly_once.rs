@@ -615,6 +615,42 @@ async fn the_bulk_copy_and_the_upsert_store_the_same_rows(cluster: Cluster) {
     assert_eq!((report.inserted, report.duplicates), (3, 1));
     assert_eq!(stored().await, by_copy);
 
+    // TimescaleDB: the rows in compressed chunks are found as present, and a new row COPYs
+    // into a compressed chunk's day.
+    let count = || async {
+        let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs")
+            .fetch_one(pg.pool())
+            .await
+            .unwrap();
+        rows
+    };
+    if cluster == Cluster::Timescaledb {
+        sqlx::raw_sql("SELECT compress_chunk(c) FROM show_chunks('audit_logs') c")
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        let declined = pg.copy_new_rows(Some(&fence), &awkward).await.unwrap();
+        assert_eq!(declined, BulkWrite::Declined);
+        let late = map(
+            ApiVersion::V1,
+            r#"{"id":"late","when":"2026-05-01T10:30:00Z"}"#,
+        );
+        let copied = pg
+            .copy_new_rows(Some(&fence), std::slice::from_ref(&late))
+            .await
+            .unwrap();
+        assert_eq!(copied, BulkWrite::Stored(1));
+        let mut batch = awkward.clone();
+        batch.push(map(
+            ApiVersion::V1,
+            r#"{"id":"later","when":"2026-05-01T10:31:00Z"}"#,
+        ));
+        let report = pg.write_rows(Some(&fence), &batch).await.unwrap();
+        assert_eq!((report.inserted, report.duplicates), (1, 3));
+        assert_eq!(count().await, 6);
+    }
+    let rows_before = count().await;
+
     // A batch PostgreSQL refuses (an index row over its size limit; the id does not compress):
     // nothing of it stays, neither the COPY's rows nor the upsert's.
     let mut refused = vec![map(
@@ -638,11 +674,7 @@ async fn the_bulk_copy_and_the_upsert_store_the_same_rows(cluster: Cluster) {
         matches!(outcome, Err(SinkError::Rejected(_))),
         "{outcome:?}"
     );
-    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs")
-        .fetch_one(pg.pool())
-        .await
-        .unwrap();
-    assert_eq!(rows, 4);
+    assert_eq!(count().await, rows_before);
 
     // Under a lease that is not the stream's: refused, nothing stored.
     let stale = Fence {
@@ -655,11 +687,40 @@ async fn the_bulk_copy_and_the_upsert_store_the_same_rows(cluster: Cluster) {
     )];
     let outcome = pg.write_rows(Some(&stale), &fresh).await;
     assert!(matches!(outcome, Err(SinkError::Fenced(_))), "{outcome:?}");
-    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_logs")
-        .fetch_one(pg.pool())
-        .await
-        .unwrap();
-    assert_eq!(rows, 4);
+    assert_eq!(count().await, rows_before);
+
+    // A write cut short inside the COPY (the writer's deadline, while another transaction's
+    // row with the same key holds it) leaves the pool's connections sound: every later
+    // statement reads its own reply.
+    let other = db.pool().await;
+    let mut holder = other.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_logs (event_id, timestamp) VALUES ('held', '2026-05-01T13:00:00Z')",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let held = [map(
+        ApiVersion::V1,
+        r#"{"id":"held","when":"2026-05-01T13:00:00Z"}"#,
+    )];
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        pg.write_rows(Some(&fence), &held),
+    )
+    .await;
+    assert!(cut.is_err(), "the COPY waits for the holder: {cut:?}");
+    holder.rollback().await.unwrap();
+    other.close().await;
+    for minute in 0..10 {
+        assert_eq!(count().await, rows_before + minute);
+        let next = [map(
+            ApiVersion::V1,
+            &format!(r#"{{"id":"after-{minute}","when":"2026-05-01T14:{minute:02}:00Z"}}"#),
+        )];
+        let report = pg.write_rows(Some(&fence), &next).await.unwrap();
+        assert_eq!((report.inserted, report.duplicates), (1, 0));
+    }
     lease.release().await;
     pg.pool().close().await;
     db.drop_db().await;

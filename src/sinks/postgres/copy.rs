@@ -91,11 +91,18 @@ fn text(out: &mut Vec<u8>, value: Option<&str>) {
     }
 }
 
-/// Microseconds, truncated as the INSERT's binding truncates (a rounded value would be another
-/// key); UTC.
+/// Microseconds as the INSERT's binding counts them (a different value would be another key):
+/// since 2000-01-01, truncated toward zero, so a time before 2000 rounds up; UTC.
 fn time(out: &mut Vec<u8>, at: DateTime<Utc>) {
+    let epoch = DateTime::<Utc>::from_timestamp(POSTGRES_EPOCH, 0).expect("a valid time");
+    let at = (at - epoch)
+        .num_microseconds()
+        .map_or(at, |micros| epoch + chrono::Duration::microseconds(micros));
     write!(out, "{}", at.format("%Y-%m-%d %H:%M:%S%.6f+00")).expect("writing to a Vec");
 }
+
+/// 2000-01-01T00:00:00Z in Unix seconds, PostgreSQL's epoch.
+const POSTGRES_EPOCH: i64 = 946_684_800;
 
 #[cfg(test)]
 mod tests {
@@ -127,7 +134,8 @@ mod tests {
                 ..EventDetail::default()
             },
             raw_event: Arc::from("{\"a\":\"x\\\\y\"}"),
-            ingestion_time: Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 59).unwrap(),
+            ingestion_time: Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 58).unwrap()
+                + chrono::Duration::nanoseconds(999),
         }
     }
 
@@ -149,7 +157,8 @@ mod tests {
         assert_eq!(at("resource_id"), "\\\\N");
         assert_eq!(at("ip_address"), "2001:db8::1");
         assert_eq!(at("raw_event"), "{\"a\":\"x\\\\\\\\y\"}");
-        assert_eq!(at("ingestion_time"), "1999-12-31 23:59:59.000000+00");
+        // Before 2000 the binding's truncation toward zero rounds up.
+        assert_eq!(at("ingestion_time"), "1999-12-31 23:59:58.000001+00");
         assert_eq!(at("api_version"), "v2");
         assert_eq!(at("zone_name"), "example.com");
         assert_eq!(at("raw_status_code"), "200");
