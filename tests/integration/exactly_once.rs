@@ -404,6 +404,25 @@ async fn committed_files_lost_before_publishing_are_collected_again() {
     h.finish().await;
 }
 
+/// A lease on `stream`, in a session of its own, and the fence writes carry under it.
+async fn leased(
+    pg: &cfaudit::sinks::postgres::Postgres,
+    stream: &str,
+) -> (
+    cfaudit::sinks::postgres::Lease,
+    cfaudit_actors::ports::Fence,
+) {
+    let session = cfaudit::sinks::postgres::LeaseSession::open(pg, "test")
+        .await
+        .unwrap();
+    let lease = session.try_lease(stream).await.unwrap().unwrap();
+    let fence = cfaudit_actors::ports::Fence {
+        stream: stream.into(),
+        lease: lease.token,
+    };
+    (lease, fence)
+}
+
 /// The PostgreSQL adapter keeps `ingestion_time` equal to the dataset's, whatever order the
 /// attempts of a batch wrote in: a rewound attempt's write after the commit leaves a committed
 /// row alone, and the commit sets its own time on rows another attempt rewrote.
@@ -413,21 +432,14 @@ async fn a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote
     cluster: Cluster,
 ) {
     use cfaudit_actors::ports::{
-        CheckpointStore, CommitRecord, CommittedState, Fence, RowSink, SinkError,
+        CheckpointStore, CommitRecord, CommittedState, RowSink, SinkError,
     };
     let test = "a_committed_rows_ingestion_time_is_the_datasets_whichever_attempt_wrote_last";
     let Some((db, pg)) = TestDb::migrated(cluster, test).await else {
         return;
     };
     let stream = "acct-ingestion";
-    let session = cfaudit::sinks::postgres::LeaseSession::open(&pg, "test")
-        .await
-        .unwrap();
-    let lease = session.try_lease(stream).await.unwrap().unwrap();
-    let fence = Fence {
-        stream: stream.into(),
-        lease: lease.token,
-    };
+    let (lease, fence) = leased(&pg, stream).await;
     let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
     let (committed_time, rewound_time) = (at("2026-06-01T00:00:00Z"), at("2026-06-01T00:05:00Z"));
     let rows_at = |ids: &[&str], ingestion_time| {
@@ -524,14 +536,7 @@ async fn the_bulk_copy_and_the_upsert_store_the_same_rows(cluster: Cluster) {
         return;
     };
     let stream = "acct-bulk";
-    let session = cfaudit::sinks::postgres::LeaseSession::open(&pg, "test")
-        .await
-        .unwrap();
-    let lease = session.try_lease(stream).await.unwrap().unwrap();
-    let fence = Fence {
-        stream: stream.into(),
-        lease: lease.token,
-    };
+    let (lease, fence) = leased(&pg, stream).await;
     // Not a whole microsecond: both paths must truncate alike.
     let ingestion_time = DateTime::parse_from_rfc3339("2026-06-01T00:00:00.123456789Z")
         .unwrap()
