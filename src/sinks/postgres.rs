@@ -589,6 +589,24 @@ pub async fn answers(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }
 
+/// SQL that is true when a write may go ahead: without a fence (parameter `$stream` NULL, a
+/// replay), or while the fence's lease (parameter `$lease`) is the stream's. Both row-writing
+/// statements read it.
+macro_rules! fenced_in {
+    ($stream:literal, $lease:literal) => {
+        concat!(
+            "($",
+            $stream,
+            "::text IS NULL OR EXISTS (SELECT 1 FROM cfaudit_checkpoints \
+             WHERE account_id = $",
+            $stream,
+            " AND lease_token = $",
+            $lease,
+            "))"
+        )
+    };
+}
+
 /// What the bulk path did with a batch.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BulkWrite {
@@ -639,14 +657,14 @@ impl Postgres {
         let mut tx = sqlx::Connection::begin(&mut **connection.get())
             .await
             .map_err(|e| sink_error("begin the bulk write", e))?;
-        let (fenced_in, present): (bool, bool) = sqlx::query_as(
-            "SELECT $3::text IS NULL \
-                    OR EXISTS (SELECT 1 FROM cfaudit_checkpoints WHERE account_id = $3 AND lease_token = $4), \
-                    EXISTS (SELECT 1 FROM UNNEST($1::timestamptz[], $2::text[]) AS u(t, e) \
-                            WHERE EXISTS (SELECT 1 FROM audit_logs a \
-                                          WHERE a.timestamp = u.t AND a.event_id = u.e \
-                                            AND a.timestamp BETWEEN $5 AND $6))",
-        )
+        let (fenced_in, present): (bool, bool) = sqlx::query_as(concat!(
+            "SELECT ",
+            fenced_in!(3, 4),
+            ", EXISTS (SELECT 1 FROM UNNEST($1::timestamptz[], $2::text[]) AS u(t, e) \
+                       WHERE EXISTS (SELECT 1 FROM audit_logs a \
+                                     WHERE a.timestamp = u.t AND a.event_id = u.e \
+                                       AND a.timestamp BETWEEN $5 AND $6))",
+        ))
         .bind(rows.iter().map(|r| r.timestamp).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
         .bind(fence.map(|f| f.stream.as_str()))
@@ -690,18 +708,22 @@ impl Postgres {
             // transaction is rolled back whole and the upsert, the authority on values and
             // present rows, has its say. Anything else (a timeout, a server going away) is
             // for the writer to retry.
-            Err(sqlx::Error::Database(error)) if upsert_decides(error.code().as_deref()) => {
-                if error.code().as_deref() == Some("23505") {
+            Err(sqlx::Error::Database(error)) => {
+                // The server's answer was read: the connection is in step.
+                connection.release();
+                let code = error.code();
+                if !upsert_decides(code.as_deref()) {
+                    return Err(sink_error(
+                        "copy into audit_logs",
+                        sqlx::Error::Database(error),
+                    ));
+                }
+                if code.as_deref() == Some("23505") {
                     debug!(%error, "a row of the batch was stored meanwhile; the upsert writes it");
                 } else {
                     warn!(%error, rows = rows.len(), "COPY refused the batch; the upsert writes it");
                 }
-                connection.release();
                 Ok(BulkWrite::Declined)
-            }
-            Err(error @ sqlx::Error::Database(_)) => {
-                connection.release();
-                Err(sink_error("copy into audit_logs", error))
             }
             Err(other) => Err(sink_error("copy into audit_logs", other)),
         }
@@ -729,8 +751,9 @@ impl Postgres {
         let details = |f: DetailField| rows.iter().map(|r| f(&r.detail)).collect::<Vec<_>>();
         let query = sqlx::query_as(
             concat!(
-            "WITH fence AS (SELECT $14::text IS NULL \
-                                   OR EXISTS (SELECT 1 FROM cfaudit_checkpoints WHERE account_id = $14 AND lease_token = $15) AS ok), \
+            "WITH fence AS (SELECT ",
+            fenced_in!(14, 15),
+            " AS ok), \
              written AS (INSERT INTO audit_logs (",
             copy::audit_columns!(),
             ") \
