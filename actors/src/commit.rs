@@ -175,6 +175,7 @@ mod tests {
                     run: None,
                     previous_page: None,
                     newest: Some(at(29)),
+                    bound_event: None,
                 },
             },
             completes,

@@ -180,7 +180,8 @@ impl Metrics {
             ),
             api_retries: counter(
                 "cfaudit_api_retries_total",
-                "Page requests retried, by reason.",
+                "Page requests retried, by reason (out_of_place: an answer that is not the \
+                 answer to the request, asked again).",
                 &["reason"],
             ),
             batches_committed: counter(
@@ -246,7 +247,7 @@ impl Metrics {
             family.with_label_values(&source.labels());
         }
         self.auth_failed.with_label_values(&source.labels()).set(0);
-        for reason in ["rate_limited", "transient", "bad_request"] {
+        for reason in ["rate_limited", "transient", "bad_request", "out_of_place"] {
             self.api_retries.with_label_values(&[reason]);
         }
     }

@@ -397,6 +397,7 @@ mod tests {
                 run: None,
                 previous_page: None,
                 newest: None,
+                bound_event: None,
             },
         };
         let far_future = Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap();

@@ -77,9 +77,26 @@ pub struct PollerConfig {
 /// times before the sweep gives up on the API.
 const REPEATED_PAGE_RETRIES: u32 = 3;
 
+/// An answer that must be confirmed (see [`Sweep::reach`]) is asked for at most this many
+/// times without two answers agreeing before the sweep gives up on the API.
+const UNCONFIRMED_ANSWER_ASKS: u32 = 6;
+
 /// The smallest step of `when` (the pipeline keeps microseconds).
 fn tick() -> chrono::Duration {
     chrono::Duration::microseconds(1)
+}
+
+/// What an answer to the sweep's request must show before it is read (see [`Sweep::reach`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// It holds this event (its fingerprint), one the sweep read at the bound.
+    Holds(u64),
+    /// Oldest first: its first event is at or before this `when`.
+    StartsBy(DateTime<Utc>),
+    /// Nothing read fixes where it starts: a second answer to the same request confirms it.
+    Confirm,
+    /// Nothing to check.
+    Trusted,
 }
 
 /// How a sweep ended.
@@ -132,6 +149,12 @@ struct Sweep {
     /// what it wrote and did not commit. `Some(seq)` while that commit is on its way.
     announce: bool,
     announcing: Option<u64>,
+    /// See [`UnfinishedSweep::bound_event`].
+    bound_event: Option<u64>,
+    /// An answer that had to be confirmed: the request and its first event's fingerprint, and
+    /// how many answers were asked for without two agreeing.
+    unconfirmed: Option<(PageRequest, u64)>,
+    confirm_asks: u32,
     /// v2: the cursor of the next page of the chain being read, and the window the chain was
     /// started with (a cursor belongs to its query); while an end is confirmed, the request
     /// that ended the chain, sent again as it was. Never committed: a resumed sweep starts a
@@ -158,6 +181,7 @@ impl Sweep {
             reached: None,
             newest: at.newest,
             previous_page: at.previous_page,
+            bound_event: at.bound_event,
             previous_full: false,
             confirm: None,
             repeats: 0,
@@ -167,6 +191,8 @@ impl Sweep {
             failed_attempts: 0,
             announce: false,
             announcing: None,
+            unconfirmed: None,
+            confirm_asks: 0,
             cursor: None,
             chain: None,
         }
@@ -234,6 +260,95 @@ impl Sweep {
             Direction::Asc => when < request.since,
             Direction::Desc => when > request.before,
         })
+    }
+
+    /// What an answer to `request` must show before it is read. Keyset paging reads the
+    /// events at the bound again, so an answer without them skipped events, or answers another
+    /// request: a cache or balancer that mixes up answers, or the answer last given to a
+    /// process killed since (found by the chaos test, then by the simulation). Once the sweep
+    /// has moved its bound it knows such an event. Where it does not (the top of a window
+    /// newest first, a backfill's first window, a run's next page, the page after a run), a
+    /// second answer to the same request confirms the first. The live stream oldest first
+    /// polls every interval and a second request each time would halve how many accounts a
+    /// token serves: its window starts before the checkpoint, whose events were read, so the
+    /// answer must start by it.
+    fn reach(&self, request: &PageRequest, checkpoint: Option<DateTime<Utc>>, live: bool) -> Reach {
+        if request.cursor.is_some() {
+            // A cursor's page continues the chain its first page (no cursor) started.
+            return Reach::Trusted;
+        }
+        if request.page > 1 {
+            // A run's pages hold none of the pages before; other pages after the first follow
+            // a page with no usable `when`, whose events are not the bound's.
+            return if self.in_run() {
+                Reach::Confirm
+            } else {
+                Reach::Trusted
+            };
+        }
+        if let Some(event) = self.bound_event {
+            return Reach::Holds(event);
+        }
+        match checkpoint {
+            Some(c)
+                if live
+                    && self.direction == Direction::Asc
+                    && self.anchor == self.since
+                    && self.since <= c
+                    && c < self.before =>
+            {
+                Reach::StartsBy(c)
+            }
+            _ => Reach::Confirm,
+        }
+    }
+
+    /// After `page` (the answer to `request`) moved the bound: the first event on it at the
+    /// bound, which the answer from the bound starts with (the events at the bound come first,
+    /// from the first one: v1 pages a run of them longer than a page by number). `None` where
+    /// the bound is not an event's `when` (clamped to the window), or where the run may have
+    /// begun on the page before (a cursor's page that starts at the bound).
+    fn note_bound_event(
+        &mut self,
+        request: &PageRequest,
+        page: &Page,
+        whens: &[Option<DateTime<Utc>>],
+    ) {
+        let last = whens.iter().rev().find_map(|&when| when);
+        self.bound_event = last
+            .filter(|&t| Some(t) == self.boundary(whens))
+            .and_then(|t| whens.iter().position(|&when| when == Some(t)))
+            .filter(|&i| i > 0 || request.cursor.is_none())
+            .and_then(|i| page.event_fingerprints().nth(i));
+    }
+
+    /// Whether an answer lacks what [`Sweep::reach`] asked of it.
+    fn misses(reach: Reach, page: &Page, whens: &[Option<DateTime<Utc>>]) -> bool {
+        match reach {
+            Reach::Holds(event) => !page.event_fingerprints().any(|f| f == event),
+            Reach::StartsBy(by) => whens
+                .iter()
+                .find_map(|&when| when)
+                .is_some_and(|first| first > by),
+            Reach::Confirm | Reach::Trusted => false,
+        }
+    }
+
+    /// Whether `page` confirms the answer to the same request before it: it holds that
+    /// answer's first event (events arriving meanwhile may have shifted it). If not, it is the
+    /// answer the next one must confirm.
+    fn confirmed_by(&mut self, request: &PageRequest, page: &Page) -> bool {
+        let confirmed = self.unconfirmed.take().is_some_and(|(asked, first)| {
+            asked == *request && page.event_fingerprints().any(|f| f == first)
+        });
+        if !confirmed {
+            self.unconfirmed = page
+                .event_fingerprints()
+                .next()
+                .map(|first| (request.clone(), first));
+            self.confirm_asks += 1;
+        }
+        confirmed
     }
 
     /// Whether the page holds an event at exactly the request's `before`: the API treats it
@@ -332,6 +447,7 @@ impl Sweep {
         self.page = 1;
         self.run = None;
         self.previous_page = None;
+        self.bound_event = None;
     }
 
     /// Every event of the run of equal `when` at the bound is read (a short page of the run, or
@@ -383,6 +499,7 @@ impl Sweep {
                 run: self.run,
                 previous_page,
                 newest: self.newest,
+                bound_event: self.bound_event,
             },
         }
     }
@@ -550,6 +667,7 @@ impl Poller {
                         run: None,
                         previous_page: None,
                         newest: None,
+                        bound_event: None,
                     },
                     self.config.per_page,
                 );
@@ -771,15 +889,6 @@ impl Poller {
             .iter()
             .map(|e| event_time(self.config.api_version, e.get()))
             .collect();
-        if !self.before_inclusive && Sweep::includes_before(&request, &whens) {
-            // `before` is inclusive for this API: ask again for one microsecond less, as from
-            // now on, so no bound counts twice.
-            info!(account = %self.config.account_id,
-                "the API returns events at exactly `before`: it is inclusive; asking for one microsecond less");
-            self.before_inclusive = true;
-            self.fetch_next(ctx);
-            return;
-        }
         let sweep = self.sweep.as_mut().expect("checked by on_page");
         sweep.failed_attempts = 0;
         let fingerprint = page.fingerprint();
@@ -791,6 +900,10 @@ impl Poller {
                 || (request.cursor.is_some() && next_cursor == request.cursor);
         if repeated || sweep.stale(&request, &whens) {
             sweep.repeats += 1;
+            self.metrics
+                .api_retries
+                .with_label_values(&["out_of_place"])
+                .inc();
             if sweep.repeats <= REPEATED_PAGE_RETRIES {
                 let delay = self.config.backoff.delay(sweep.repeats, &mut self.rng);
                 warn!(account = %self.config.account_id, page = request.page, retry_in = ?delay,
@@ -808,10 +921,68 @@ impl Poller {
             }
             return;
         }
+        let learns_inclusive = !self.before_inclusive && Sweep::includes_before(&request, &whens);
+        let reach = match sweep.reach(&request, self.checkpoint, self.config.end.is_none()) {
+            _ if page.events.is_empty() => Reach::Trusted,
+            // How the API reads `before` is learned once, for good: from an answer to this
+            // request (an answer to another one may hold an event at exactly this `before`).
+            Reach::Trusted if learns_inclusive => Reach::Confirm,
+            reach => reach,
+        };
+        let misplaced = Sweep::misses(reach, &page, &whens);
+        let agreed = misplaced || reach == Reach::Confirm;
+        if agreed && !sweep.confirmed_by(&request, &page) {
+            // Events came back: an empty answer before this one was a glitch, and cannot be
+            // confirmed by one after it.
+            sweep.confirm = None;
+            let asks = sweep.confirm_asks;
+            if misplaced {
+                self.metrics
+                    .api_retries
+                    .with_label_values(&["out_of_place"])
+                    .inc();
+                warn!(account = %self.config.account_id, since = %request.since,
+                    before = %request.before, "an answer does not reach back to the events the sweep \
+                    read last (an answer to another request, or those events are gone); asking again");
+            }
+            if asks < UNCONFIRMED_ANSWER_ASKS {
+                let delay = match asks {
+                    1 => Duration::ZERO,
+                    _ => self.config.backoff.delay(asks - 1, &mut self.rng),
+                };
+                self.retry_later(epoch, delay, ctx);
+            } else {
+                warn!(account = %self.config.account_id, asks,
+                    "the API answers the same request differently every time; the sweep ends here and the next one goes on from it");
+                sweep.unconfirmed = None;
+                sweep.confirm_asks = 0;
+                self.push_page(Page::default(), Some(SweepEnd::CutShort), ctx);
+            }
+            return;
+        }
+        sweep.unconfirmed = None;
+        sweep.confirm_asks = 0;
+        if agreed {
+            // Two answers to this request that agree confirm an end as well.
+            sweep.confirm = Some(request.clone());
+        }
+        if learns_inclusive {
+            // `before` is inclusive for this API: ask again for one microsecond less, as from
+            // now on, so no bound counts twice.
+            info!(account = %self.config.account_id,
+                "the API returns events at exactly `before`: it is inclusive; asking for one microsecond less");
+            self.before_inclusive = true;
+            self.fetch_next(ctx);
+            return;
+        }
         sweep.repeats = 0;
         sweep.pages += 1;
         if self.config.api_version == ApiVersion::V2 {
+            let anchor = sweep.anchor;
             let end = sweep.after_cursor_page(&request, next_cursor, &whens, &self.config);
+            if sweep.anchor != anchor {
+                sweep.note_bound_event(&request, &page, &whens);
+            }
             if end == Some(SweepEnd::CutShort) {
                 warn!(account = %self.config.account_id, pages = sweep.pages,
                     "page cap reached; the next sweep goes on from here");
@@ -821,6 +992,9 @@ impl Poller {
         }
         let full = page.len() >= sweep.per_page as usize;
         let moved = sweep.advance(&whens);
+        if moved {
+            sweep.note_bound_event(&request, &page, &whens);
+        }
         sweep.previous_full = full;
         let confirmed = sweep.confirm.take().is_some_and(|c| c == request);
         let end = if sweep.in_run() && !moved && !full {
@@ -1187,6 +1361,7 @@ mod tests {
                 run: None,
                 previous_page: None,
                 newest: None,
+                bound_event: None,
             },
             100,
         )

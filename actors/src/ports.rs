@@ -89,6 +89,14 @@ impl Page {
         Some(hasher.finish())
     }
 
+    /// A fingerprint of each readable event, in the page's order: whether two answers share
+    /// an event.
+    pub fn event_fingerprints(&self) -> impl Iterator<Item = u64> + '_ {
+        self.events
+            .iter()
+            .map(|event| twox_hash::XxHash64::oneshot(0, event.get().as_bytes()))
+    }
+
     /// Elements on the page, readable or not: what tells a full page from a short one.
     pub fn len(&self) -> usize {
         self.events.len() + self.unreadable.len()
@@ -324,6 +332,10 @@ pub struct UnfinishedSweep {
     pub previous_page: Option<u64>,
     /// Newest first: the newest event read, the checkpoint once the sweep is complete.
     pub newest: Option<DateTime<Utc>>,
+    /// A fingerprint of an event at the bound that the answer to the first page from `anchor`
+    /// holds again: an answer without it is not that answer (see the Poller's `Reach`).
+    #[serde(default)]
+    pub bound_event: Option<u64>,
 }
 
 /// What is durably committed for one stream.

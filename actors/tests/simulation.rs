@@ -55,6 +55,9 @@ struct Scenario {
     p_5xx: f64,
     p_repeat: f64,
     p_missing: f64,
+    /// The answer the API last gave to any request of any process (a process killed or a
+    /// sweep rewound since): a cache or balancer that mixes up answers.
+    p_foreign: f64,
     p_expire: f64,
     p_late: f64,
     /// Which API the world serves: v1 (page numbers) or v2 (cursors).
@@ -159,6 +162,7 @@ impl Scenario {
             p_fail: p(&mut rng, 0.06),
             p_hang: p(&mut rng, 0.02),
             p_lost_answer: p(&mut rng, 0.04),
+            p_foreign: p(&mut rng, 0.05),
             api,
             since_exclusive,
             runs,
@@ -270,9 +274,11 @@ struct ApiState {
     quiet: bool,
     /// Every request, with the process that made it.
     requests: Vec<(usize, PageRequest)>,
-    /// Queries (by process) answered with a missing page: a glitch never answers the same
-    /// query twice in a row (two would look like the end of the window to any client).
+    /// Queries (by process) answered with a missing page or another request's answer: a
+    /// glitch never answers the same query twice in a row (two would be the truth to any client).
     glitched: BTreeSet<String>,
+    /// The last answer given, to whichever process and request, with its cursor.
+    last_answer: Option<(Vec<ApiEvent>, Option<String>)>,
 }
 
 struct World {
@@ -345,6 +351,7 @@ impl World {
                 quiet: false,
                 requests: Vec::new(),
                 glitched: BTreeSet::new(),
+                last_answer: None,
             }),
             rows,
             files: MemoryFileSink::default(),
@@ -492,6 +499,25 @@ impl World {
                 }
                 return Ok(Page::default());
             }
+            // As with a missing page: answered wrongly twice in a row, a query has that answer
+            // for any client.
+            let foreign = s.p_429 + s.p_5xx + s.p_repeat + s.p_missing + s.p_foreign;
+            if roll < foreign && !again {
+                if let Some((answer, next_cursor)) = api.last_answer.clone() {
+                    api.glitched.insert(query);
+                    self.count("api: answers to another request");
+                    if self.verbose {
+                        self.trace(format!(
+                            "p{process} {:?} since {} before {} page {} -> another request's answer",
+                            request.direction, request.since, request.before, request.page
+                        ));
+                    }
+                    return Ok(Page {
+                        next_cursor,
+                        ..page_of(&answer)
+                    });
+                }
+            }
         }
         let inclusive = s.before_inclusive;
         let asked = PageRequest {
@@ -522,6 +548,7 @@ impl World {
         };
         api.previous
             .insert(process, (request.clone(), selected.clone()));
+        api.last_answer = Some((selected.clone(), next_cursor.clone()));
         if self.verbose {
             self.trace(format!(
                 "p{process} {:?} since {} before {} page {} -> {:?}",
@@ -1307,6 +1334,7 @@ fn seeded_worlds_keep_every_event_exactly_once() {
             "api: 429",
             "api: 5xx",
             "api: repeated pages",
+            "api: answers to another request",
             "api: missing pages",
             "api: events expired at the head",
             "api: late events",
