@@ -1414,7 +1414,7 @@ fn synthetic_event(
         _ => {}
     }
     if config.invalid_every > 0 && i % config.invalid_every == config.invalid_every - 1 {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             e.as_object_mut().unwrap().remove("id");
         } else {
             e["when"] = json!("not-a-time");

@@ -177,7 +177,7 @@ pub fn event(i: usize, time: DateTime<Utc>, rng: &mut StdRng, config: &EmulatorC
         _ => {}
     }
     if config.invalid_every > 0 && i % config.invalid_every == config.invalid_every - 1 {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             e.as_object_mut().unwrap().remove("id");
         } else {
             e["action"]["time"] = json!("not-a-time");
