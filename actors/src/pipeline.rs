@@ -198,7 +198,7 @@ impl Pipeline {
     /// Stops the pipeline: no new pages, and in-flight batches commit (within `timeout`); the
     /// actors stay, idle. `false` when the timeout cut it short: uncommitted work is abandoned,
     /// never half-done, and the next run fetches it again.
-    pub async fn shutdown(mut self, timeout: Duration) -> bool {
+    pub async fn shutdown(&mut self, timeout: Duration) -> bool {
         self.drain();
         let clean = tokio::time::timeout(timeout, async {
             while let Some(event) = self.events.recv().await {
@@ -207,11 +207,11 @@ impl Pipeline {
                 }
             }
             let _ = self.mapper.send(Flush).await;
+            // The writers first: a write they finish now acks to the Checkpointer, which then
+            // deletes its staged file before its own Flush is answered.
             let flushes = self.writers.iter().map(|writer| writer.send(Flush));
-            let _ = futures::join!(
-                futures::future::join_all(flushes),
-                self.checkpointer.send(Flush)
-            );
+            futures::future::join_all(flushes).await;
+            let _ = self.checkpointer.send(Flush).await;
         })
         .await
         .is_ok();

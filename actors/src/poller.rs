@@ -151,8 +151,8 @@ struct Sweep {
     announcing: Option<u64>,
     /// See [`UnfinishedSweep::bound_event`].
     bound_event: Option<u64>,
-    /// An answer that had to be confirmed: the request and its first event's fingerprint, and
-    /// how many answers were asked for without two agreeing.
+    /// An answer that had to be confirmed: the request and the page's fingerprint, and how
+    /// many answers were asked for without two agreeing.
     unconfirmed: Option<(PageRequest, u64)>,
     confirm_asks: u32,
     /// v2: the cursor of the next page of the chain being read, and the window the chain was
@@ -322,10 +322,20 @@ impl Sweep {
             .and_then(|i| page.event_fingerprints().nth(i));
     }
 
-    /// Whether an answer lacks what [`Sweep::reach`] asked of it.
-    fn misses(reach: Reach, page: &Page, whens: &[Option<DateTime<Utc>>]) -> bool {
+    /// Whether an answer lacks what [`Sweep::reach`] asked of it. The bound's event must come
+    /// after nothing but events at the bound (ones that arrived late at that instant may sort
+    /// before it): an answer to another request may hold it further down.
+    fn misses(&self, reach: Reach, page: &Page, whens: &[Option<DateTime<Utc>>]) -> bool {
         match reach {
-            Reach::Holds(event) => !page.event_fingerprints().any(|f| f == event),
+            Reach::Holds(event) => {
+                let at = match self.direction {
+                    Direction::Asc => self.anchor,
+                    Direction::Desc => self.anchor - tick(),
+                };
+                let at = self.run.unwrap_or(at);
+                let held = page.event_fingerprints().position(|f| f == event);
+                !held.is_some_and(|i| whens[..i].iter().all(|&when| when == Some(at)))
+            }
             Reach::StartsBy(by) => whens
                 .iter()
                 .find_map(|&when| when)
@@ -334,18 +344,18 @@ impl Sweep {
         }
     }
 
-    /// Whether `page` confirms the answer to the same request before it: it holds that
-    /// answer's first event (events arriving meanwhile may have shifted it). If not, it is the
+    /// Whether `page` confirms the answer to the same request before it: the same page. (A
+    /// looser match, one holding the other's first event, let an answer to another request
+    /// through: the simulation found one sharing that event further down.) If not, it is the
     /// answer the next one must confirm.
     fn confirmed_by(&mut self, request: &PageRequest, page: &Page) -> bool {
-        let confirmed = self.unconfirmed.take().is_some_and(|(asked, first)| {
-            asked == *request && page.event_fingerprints().any(|f| f == first)
-        });
+        let fingerprint = page.fingerprint();
+        let confirmed = self
+            .unconfirmed
+            .take()
+            .is_some_and(|(asked, before)| asked == *request && Some(before) == fingerprint);
         if !confirmed {
-            self.unconfirmed = page
-                .event_fingerprints()
-                .next()
-                .map(|first| (request.clone(), first));
+            self.unconfirmed = fingerprint.map(|f| (request.clone(), f));
             self.confirm_asks += 1;
         }
         confirmed
@@ -923,13 +933,16 @@ impl Poller {
         }
         let learns_inclusive = !self.before_inclusive && Sweep::includes_before(&request, &whens);
         let reach = match sweep.reach(&request, self.checkpoint, self.config.end.is_none()) {
-            _ if page.events.is_empty() => Reach::Trusted,
+            _ if page.is_empty() => Reach::Trusted,
+            // Where an element could not be read, its place (and `when`) is unknown: the page
+            // cannot be shown to start at the bound, so two answers must agree.
+            Reach::Holds(_) | Reach::StartsBy(_) if !page.unreadable.is_empty() => Reach::Confirm,
             // How the API reads `before` is learned once, for good: from an answer to this
             // request (an answer to another one may hold an event at exactly this `before`).
             Reach::Trusted if learns_inclusive => Reach::Confirm,
             reach => reach,
         };
-        let misplaced = Sweep::misses(reach, &page, &whens);
+        let misplaced = sweep.misses(reach, &page, &whens);
         let agreed = misplaced || reach == Reach::Confirm;
         if agreed && !sweep.confirmed_by(&request, &page) {
             // Events came back: an empty answer before this one was a glitch, and cannot be

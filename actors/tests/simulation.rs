@@ -500,9 +500,10 @@ impl World {
                 return Ok(Page::default());
             }
             // As with a missing page: answered wrongly twice in a row, a query has that answer
-            // for any client.
+            // for any client. Not for a cursor's page: a cursor names where its chain goes on,
+            // and the Poller trusts it (checking would cost a second request per page).
             let foreign = s.p_429 + s.p_5xx + s.p_repeat + s.p_missing + s.p_foreign;
-            if roll < foreign && !again {
+            if roll < foreign && !again && request.cursor.is_none() {
                 if let Some((answer, next_cursor)) = api.last_answer.clone() {
                     api.glitched.insert(query);
                     self.count("api: answers to another request");
@@ -897,6 +898,8 @@ async fn run_process(
             event = running.pipeline.next_event() => match event {
                 Some(PipelineEvent::SweepCompleted { .. }) if plan.once => {
                     world.trace(format!("p{} completed", running.process.id));
+                    // As `run --once` ends.
+                    running.pipeline.shutdown(Duration::from_secs(30)).await;
                     return true;
                 }
                 Some(PipelineEvent::Failed { reason }) | Some(PipelineEvent::Fenced { reason }) => {
