@@ -376,6 +376,12 @@ impl Supervised for Checkpointer {
         warn!("Checkpointer restarted; reloading the committed state");
         self.recovering = false;
         self.pending.clear();
+        // The restart dropped the deletions under way: a Flush must not wait for them (the
+        // next start's recovery deletes what they left).
+        self.discarding = 0;
+        for flush in self.flushes.drain(..) {
+            let _ = flush.send(());
+        }
     }
 }
 

@@ -198,7 +198,13 @@ impl Pipeline {
     /// Stops the pipeline: no new pages, and in-flight batches commit (within `timeout`); the
     /// actors stay, idle. `false` when the timeout cut it short: uncommitted work is abandoned,
     /// never half-done, and the next run fetches it again.
-    pub async fn shutdown(&mut self, timeout: Duration) -> bool {
+    pub async fn shutdown(mut self, timeout: Duration) -> bool {
+        self.finish(timeout).await
+        // Dropped here: it halts.
+    }
+
+    /// [`Pipeline::shutdown`] for a runner that keeps the pipeline (and halts it later).
+    pub async fn finish(&mut self, timeout: Duration) -> bool {
         self.drain();
         let clean = tokio::time::timeout(timeout, async {
             while let Some(event) = self.events.recv().await {

@@ -91,13 +91,15 @@ fn tick() -> chrono::Duration {
 enum Reach {
     /// It holds this event (its fingerprint), one the sweep read at the bound.
     Holds(u64),
-    /// Oldest first: its first event is at or before this `when`.
-    StartsBy(DateTime<Utc>),
     /// Nothing read fixes where it starts: a second answer to the same request confirms it.
     Confirm,
     /// Nothing to check.
     Trusted,
 }
+
+/// An answer held until a second one confirms it: the request, the page's fingerprint, and
+/// its first event's fingerprint and `when`.
+type Unconfirmed = (PageRequest, u64, Option<(u64, DateTime<Utc>)>);
 
 /// How a sweep ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,9 +153,10 @@ struct Sweep {
     announcing: Option<u64>,
     /// See [`UnfinishedSweep::bound_event`].
     bound_event: Option<u64>,
-    /// An answer that had to be confirmed: the request and the page's fingerprint, and how
-    /// many answers were asked for without two agreeing.
-    unconfirmed: Option<(PageRequest, u64)>,
+    /// An answer that had to be confirmed: the request, the page's fingerprint and its first
+    /// event (fingerprint and `when`), and how many answers were asked for without two
+    /// agreeing.
+    unconfirmed: Option<Unconfirmed>,
     confirm_asks: u32,
     /// v2: the cursor of the next page of the chain being read, and the window the chain was
     /// started with (a cursor belongs to its query); while an end is confirmed, the request
@@ -266,13 +269,12 @@ impl Sweep {
     /// events at the bound again, so an answer without them skipped events, or answers another
     /// request: a cache or balancer that mixes up answers, or the answer last given to a
     /// process killed since (found by the chaos test, then by the simulation). Once the sweep
-    /// has moved its bound it knows such an event. Where it does not (the top of a window
-    /// newest first, a backfill's first window, a run's next page, the page after a run), a
-    /// second answer to the same request confirms the first. The live stream oldest first
-    /// polls every interval and a second request each time would halve how many accounts a
-    /// token serves: its window starts before the checkpoint, whose events were read, so the
-    /// answer must start by it.
-    fn reach(&self, request: &PageRequest, checkpoint: Option<DateTime<Utc>>, live: bool) -> Reach {
+    /// has moved its bound it knows such an event. Where it does not (the first page of a
+    /// window, a run's next page, the page after a run), a second answer to the same request
+    /// confirms the first. That includes the live stream's polls oldest first: checking only
+    /// that the first page starts by the checkpoint let the previous sweep's last page through,
+    /// and the events that arrived late in front of it were lost (found by the simulation).
+    fn reach(&self, request: &PageRequest) -> Reach {
         if request.cursor.is_some() {
             // A cursor's page continues the chain its first page (no cursor) started.
             return Reach::Trusted;
@@ -286,20 +288,9 @@ impl Sweep {
                 Reach::Trusted
             };
         }
-        if let Some(event) = self.bound_event {
-            return Reach::Holds(event);
-        }
-        match checkpoint {
-            Some(c)
-                if live
-                    && self.direction == Direction::Asc
-                    && self.anchor == self.since
-                    && self.since <= c
-                    && c < self.before =>
-            {
-                Reach::StartsBy(c)
-            }
-            _ => Reach::Confirm,
+        match self.bound_event {
+            Some(event) => Reach::Holds(event),
+            None => Reach::Confirm,
         }
     }
 
@@ -336,26 +327,53 @@ impl Sweep {
                 let held = page.event_fingerprints().position(|f| f == event);
                 !held.is_some_and(|i| whens[..i].iter().all(|&when| when == Some(at)))
             }
-            Reach::StartsBy(by) => whens
-                .iter()
-                .find_map(|&when| when)
-                .is_some_and(|first| first > by),
             Reach::Confirm | Reach::Trusted => false,
         }
     }
 
-    /// Whether `page` confirms the answer to the same request before it: the same page. (A
-    /// looser match, one holding the other's first event, let an answer to another request
-    /// through: the simulation found one sharing that event further down.) If not, it is the
+    /// Whether `page` confirms the answer to the same request before it: the same page, or
+    /// one that holds that answer's first event after nothing but events on the near side of
+    /// it, which arrived meanwhile (on a busy account the top of a window newest first changes
+    /// between two requests; demanding the same page, a stream could never get past it). An
+    /// answer to another request may share that event further down, after older events or
+    /// elements that cannot be read (found by the simulation). If not confirmed, `page` is the
     /// answer the next one must confirm.
-    fn confirmed_by(&mut self, request: &PageRequest, page: &Page) -> bool {
-        let fingerprint = page.fingerprint();
+    fn confirmed_by(
+        &mut self,
+        request: &PageRequest,
+        page: &Page,
+        whens: &[Option<DateTime<Utc>>],
+    ) -> bool {
+        let Some(fingerprint) = page.fingerprint() else {
+            return false;
+        };
+        let direction = self.direction;
         let confirmed = self
             .unconfirmed
             .take()
-            .is_some_and(|(asked, before)| asked == *request && Some(before) == fingerprint);
+            .is_some_and(|(asked, before, first)| {
+                let extends = || {
+                    let Some((event, at)) = first else {
+                        return false;
+                    };
+                    let held = page.event_fingerprints().position(|f| f == event);
+                    page.unreadable.is_empty()
+                        && held.is_some_and(|i| {
+                            whens[..i].iter().all(|when| match (when, direction) {
+                                (Some(w), Direction::Desc) => *w >= at,
+                                (Some(w), Direction::Asc) => *w <= at,
+                                (None, _) => false,
+                            })
+                        })
+                };
+                asked == *request && (before == fingerprint || extends())
+            });
         if !confirmed {
-            self.unconfirmed = fingerprint.map(|f| (request.clone(), f));
+            let first = page
+                .event_fingerprints()
+                .next()
+                .zip(whens.first().copied().flatten());
+            self.unconfirmed = Some((request.clone(), fingerprint, first));
             self.confirm_asks += 1;
         }
         confirmed
@@ -415,7 +433,7 @@ impl Sweep {
         whens: &[Option<DateTime<Utc>>],
         config: &PollerConfig,
     ) -> Option<SweepEnd> {
-        let read_from = (self.anchor, self.reached);
+        let read_from = (self.anchor, self.reached, self.bound_event);
         self.advance(whens);
         let confirmed = self.confirm.take().is_some_and(|c| &c == request);
         if let Some(cursor) = next_cursor {
@@ -446,9 +464,10 @@ impl Sweep {
         // position the confirmation reads from: committed past them, a rewind would never read
         // them again while a failed batch may have written them to one sink (found by the
         // simulation).
-        let (anchor, reached) = read_from;
+        let (anchor, reached, bound_event) = read_from;
         self.move_anchor(anchor);
         self.reached = reached;
+        self.bound_event = bound_event;
         None
     }
 
@@ -932,11 +951,11 @@ impl Poller {
             return;
         }
         let learns_inclusive = !self.before_inclusive && Sweep::includes_before(&request, &whens);
-        let reach = match sweep.reach(&request, self.checkpoint, self.config.end.is_none()) {
+        let reach = match sweep.reach(&request) {
             _ if page.is_empty() => Reach::Trusted,
             // Where an element could not be read, its place (and `when`) is unknown: the page
             // cannot be shown to start at the bound, so two answers must agree.
-            Reach::Holds(_) | Reach::StartsBy(_) if !page.unreadable.is_empty() => Reach::Confirm,
+            Reach::Holds(_) if !page.unreadable.is_empty() => Reach::Confirm,
             // How the API reads `before` is learned once, for good: from an answer to this
             // request (an answer to another one may hold an event at exactly this `before`).
             Reach::Trusted if learns_inclusive => Reach::Confirm,
@@ -944,7 +963,7 @@ impl Poller {
         };
         let misplaced = sweep.misses(reach, &page, &whens);
         let agreed = misplaced || reach == Reach::Confirm;
-        if agreed && !sweep.confirmed_by(&request, &page) {
+        if agreed && !sweep.confirmed_by(&request, &page, &whens) {
             // Events came back: an empty answer before this one was a glitch, and cannot be
             // confirmed by one after it.
             sweep.confirm = None;
@@ -959,9 +978,11 @@ impl Poller {
                     read last (an answer to another request, or those events are gone); asking again");
             }
             if asks < UNCONFIRMED_ANSWER_ASKS {
-                let delay = match asks {
-                    1 => Duration::ZERO,
-                    _ => self.config.backoff.delay(asks - 1, &mut self.rng),
+                // A first answer is confirmed at once; an answer found out of place, and any
+                // disagreement, wait first (a proxy's mix-up may last a moment).
+                let delay = match (asks, misplaced) {
+                    (1, false) => Duration::ZERO,
+                    _ => self.config.backoff.delay(asks, &mut self.rng),
                 };
                 self.retry_later(epoch, delay, ctx);
             } else {
@@ -1046,6 +1067,10 @@ impl Poller {
         } else if !verifies_end {
             // A short page past the bound: the end. Were it wrong, the next sweep's overlap
             // would read the rest.
+            Some(SweepEnd::Complete)
+        } else if agreed {
+            // Two answers to this request agreed: a confirmation as good as the next
+            // request's (newest first, a quiet sweep costs two requests, as before).
             Some(SweepEnd::Complete)
         } else {
             // Newest first or in a backfill a wrong end would lose events: the next request,

@@ -135,7 +135,7 @@ impl Scenario {
                 crash_at: chance(&mut rng, 0.45).then(|| rng.random_range(1..400)),
                 rival_after: chance(&mut rng, 0.2)
                     .then(|| Duration::from_millis(rng.random_range(0..400))),
-                wipe_staging: chance(&mut rng, 0.1),
+                wipe_staging: chance(&mut rng, 0.25),
                 overlap: chance(&mut rng, 0.1),
             })
             .collect();
@@ -899,7 +899,7 @@ async fn run_process(
                 Some(PipelineEvent::SweepCompleted { .. }) if plan.once => {
                     world.trace(format!("p{} completed", running.process.id));
                     // As `run --once` ends.
-                    running.pipeline.shutdown(Duration::from_secs(30)).await;
+                    running.pipeline.finish(Duration::from_secs(30)).await;
                     return true;
                 }
                 Some(PipelineEvent::Failed { reason }) | Some(PipelineEvent::Fenced { reason }) => {
