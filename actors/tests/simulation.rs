@@ -408,6 +408,16 @@ impl World {
         self.trace.lock().unwrap().push(line);
     }
 
+    /// In a replayed seed's trace: what the API answered `request` with, when it was a fault.
+    fn trace_answer(&self, process: usize, request: &PageRequest, answer: &str) {
+        if self.verbose {
+            self.trace(format!(
+                "p{process} {:?} since {} before {} page {} -> {answer}",
+                request.direction, request.since, request.before, request.page
+            ));
+        }
+    }
+
     fn page(&self, process: usize, request: &PageRequest) -> Result<Page, SourceError> {
         let s = &self.scenario;
         let mut rng = self.rng.lock().unwrap();
@@ -476,12 +486,7 @@ impl World {
                     } == *request;
                     if same_query && asked.page + 1 == request.page {
                         self.count("api: repeated pages");
-                        if self.verbose {
-                            self.trace(format!(
-                                "p{process} {:?} since {} before {} page {} -> repeated page",
-                                request.direction, request.since, request.before, request.page
-                            ));
-                        }
+                        self.trace_answer(process, request, "repeated page");
                         return Ok(page_of(answer));
                     }
                 }
@@ -491,12 +496,7 @@ impl World {
             if roll < s.p_429 + s.p_5xx + s.p_repeat + s.p_missing && !again {
                 api.glitched.insert(query);
                 self.count("api: missing pages");
-                if self.verbose {
-                    self.trace(format!(
-                        "p{process} {:?} since {} before {} page {} -> missing page",
-                        request.direction, request.since, request.before, request.page
-                    ));
-                }
+                self.trace_answer(process, request, "missing page");
                 return Ok(Page::default());
             }
             // As with a missing page: answered wrongly twice in a row, a query has that answer
@@ -507,12 +507,7 @@ impl World {
                 if let Some((answer, next_cursor)) = api.last_answer.clone() {
                     api.glitched.insert(query);
                     self.count("api: answers to another request");
-                    if self.verbose {
-                        self.trace(format!(
-                            "p{process} {:?} since {} before {} page {} -> another request's answer",
-                            request.direction, request.since, request.before, request.page
-                        ));
-                    }
+                    self.trace_answer(process, request, "another request's answer");
                     return Ok(Page {
                         next_cursor,
                         ..page_of(&answer)
