@@ -244,13 +244,18 @@ impl Checkpointer {
             .into_actor(self)
             .map(|(), act, _| {
                 act.discarding -= 1;
-                if act.discarding == 0 {
-                    for flush in act.flushes.drain(..) {
-                        let _ = flush.send(());
-                    }
-                }
+                act.answer_flushes();
             }),
         );
+    }
+
+    /// Answers the Flushes waiting for deletions once none is under way.
+    fn answer_flushes(&mut self) {
+        if self.discarding == 0 {
+            for flush in self.flushes.drain(..) {
+                let _ = flush.send(());
+            }
+        }
     }
 
     fn try_commit(&mut self, ctx: &mut Context<Self>) {
@@ -379,9 +384,7 @@ impl Supervised for Checkpointer {
         // The restart dropped the deletions under way: a Flush must not wait for them (the
         // next start's recovery deletes what they left).
         self.discarding = 0;
-        for flush in self.flushes.drain(..) {
-            let _ = flush.send(());
-        }
+        self.answer_flushes();
     }
 }
 

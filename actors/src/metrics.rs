@@ -41,6 +41,10 @@ impl std::fmt::Display for SourceKey {
     }
 }
 
+/// The `cfaudit_api_retries_total` reason of an answer that is not the answer to its request
+/// (stale, repeated, or without the event read at the bound).
+pub(crate) const OUT_OF_PLACE: &str = "out_of_place";
+
 /// Every metric cfaudit exports. Names follow Prometheus conventions with a `cfaudit_` prefix.
 pub struct Metrics {
     pub registry: Registry,
@@ -247,7 +251,7 @@ impl Metrics {
             family.with_label_values(&source.labels());
         }
         self.auth_failed.with_label_values(&source.labels()).set(0);
-        for reason in ["rate_limited", "transient", "bad_request", "out_of_place"] {
+        for reason in ["rate_limited", "transient", "bad_request", OUT_OF_PLACE] {
             self.api_retries.with_label_values(&[reason]);
         }
     }

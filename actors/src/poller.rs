@@ -27,7 +27,7 @@ use crate::event::{ApiVersion, RawEvent};
 use crate::guard::catch_panic;
 use crate::mapping::event_time;
 use crate::messages::*;
-use crate::metrics::{ActorMetrics, Metrics, SourceKey, SourceMetrics};
+use crate::metrics::{ActorMetrics, Metrics, SourceKey, SourceMetrics, OUT_OF_PLACE};
 use crate::outbox::Outbox;
 use crate::ports::{
     AuditSource, Direction, Page, PageRequest, SourceError, UnfinishedSweep, UnreadableEvent,
@@ -313,6 +313,18 @@ impl Sweep {
             .and_then(|i| page.event_fingerprints().nth(i));
     }
 
+    /// Whether `page` holds `event` after nothing but events whose `when` passes `ahead`.
+    fn holds_after(
+        page: &Page,
+        whens: &[Option<DateTime<Utc>>],
+        event: u64,
+        ahead: impl Fn(DateTime<Utc>) -> bool,
+    ) -> bool {
+        page.event_fingerprints()
+            .position(|f| f == event)
+            .is_some_and(|i| whens[..i].iter().all(|when| when.is_some_and(&ahead)))
+    }
+
     /// Whether an answer lacks what [`Sweep::reach`] asked of it. The bound's event must come
     /// after nothing but events at the bound (ones that arrived late at that instant may sort
     /// before it): an answer to another request may hold it further down.
@@ -324,8 +336,7 @@ impl Sweep {
                     Direction::Desc => self.anchor - tick(),
                 };
                 let at = self.run.unwrap_or(at);
-                let held = page.event_fingerprints().position(|f| f == event);
-                !held.is_some_and(|i| whens[..i].iter().all(|&when| when == Some(at)))
+                !Sweep::holds_after(page, whens, event, |when| when == at)
             }
             Reach::Confirm | Reach::Trusted => false,
         }
@@ -353,18 +364,13 @@ impl Sweep {
             .take()
             .is_some_and(|(asked, before, first)| {
                 let extends = || {
-                    let Some((event, at)) = first else {
-                        return false;
-                    };
-                    let held = page.event_fingerprints().position(|f| f == event);
-                    page.unreadable.is_empty()
-                        && held.is_some_and(|i| {
-                            whens[..i].iter().all(|when| match (when, direction) {
-                                (Some(w), Direction::Desc) => *w >= at,
-                                (Some(w), Direction::Asc) => *w <= at,
-                                (None, _) => false,
+                    first.is_some_and(|(event, at)| {
+                        page.unreadable.is_empty()
+                            && Sweep::holds_after(page, whens, event, |when| match direction {
+                                Direction::Desc => when >= at,
+                                Direction::Asc => when <= at,
                             })
-                        })
+                    })
                 };
                 asked == *request && (before == fingerprint || extends())
             });
@@ -931,7 +937,7 @@ impl Poller {
             sweep.repeats += 1;
             self.metrics
                 .api_retries
-                .with_label_values(&["out_of_place"])
+                .with_label_values(&[OUT_OF_PLACE])
                 .inc();
             if sweep.repeats <= REPEATED_PAGE_RETRIES {
                 let delay = self.config.backoff.delay(sweep.repeats, &mut self.rng);
@@ -971,7 +977,7 @@ impl Poller {
             if misplaced {
                 self.metrics
                     .api_retries
-                    .with_label_values(&["out_of_place"])
+                    .with_label_values(&[OUT_OF_PLACE])
                     .inc();
                 warn!(account = %self.config.account_id, since = %request.since,
                     before = %request.before, "an answer does not reach back to the events the sweep \
