@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::settings::{DatabaseSettings, Settings, TokenAccounts};
 use crate::sinks::lake::ParquetLake;
-use crate::sinks::postgres::{Lease, LeaseSession, Postgres};
+use crate::sinks::postgres::{AggregateRefresher, Lease, LeaseSession, Postgres};
 use crate::sources::cloudflare::CloudflareClient;
 use crate::streams::{live_key, live_start, Stream};
 
@@ -54,6 +54,8 @@ pub struct Adapters {
     token_of: HashMap<String, usize>,
     /// Batch slots shared by every pipeline (`MAX_INFLIGHT_BATCHES_TOTAL`).
     process_budget: Arc<tokio::sync::Semaphore>,
+    /// TimescaleDB's aggregates, materialized behind every pipeline's commits.
+    pub refresher: AggregateRefresher,
 }
 
 /// One credential, with its client (and so its request budget) and its accounts.
@@ -145,14 +147,6 @@ async fn prune_event_index(postgres: &Postgres) {
     }
 }
 
-/// Brings the dashboards' aggregates up to date where their own refresh policy does not look;
-/// a failure only delays that to the next sweep.
-async fn refresh_settled_aggregates(postgres: &Postgres) {
-    if let Err(error) = postgres.refresh_settled_aggregates().await {
-        warn!(%error, "could not refresh the dashboards' aggregates older than their policy's window; retried after the next sweep");
-    }
-}
-
 impl Adapters {
     /// Connects to the database (applying the migrations unless told not to), the object
     /// store and the API client.
@@ -198,6 +192,7 @@ impl Adapters {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let found = discover_accounts(&tokens, &HashMap::new()).await?;
+        let refresher = AggregateRefresher::start(&postgres).await?;
         let mut adapters = Adapters {
             accounts: Vec::new(),
             metrics,
@@ -208,6 +203,7 @@ impl Adapters {
             process_budget: Arc::new(tokio::sync::Semaphore::new(
                 config.pipeline.max_inflight_batches_total,
             )),
+            refresher,
         };
         adapters.set_accounts(found);
         Ok(adapters)
@@ -318,7 +314,7 @@ impl Adapters {
         let end = drive(
             &mut pipeline,
             true,
-            &self.postgres,
+            self,
             &stream.key,
             &mut lease,
             signals.recv(),
@@ -514,38 +510,32 @@ pub async fn apply_policies(
 }
 
 /// Waits for the end of the run (with `once`, the first sweep that reaches the end of its
-/// window; otherwise `stop`), recording each completed sweep of `stream`.
+/// window; otherwise `stop`), recording each completed sweep of `stream` and having the
+/// aggregates refreshed behind the commits.
 pub async fn drive(
     pipeline: &mut Pipeline,
     once: bool,
-    postgres: &Postgres,
+    adapters: &Adapters,
     stream: &str,
     lease: &mut Lease,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<RunEnd> {
-    // In the background, one at a time: a first refresh over a long backlog takes a while,
-    // and a stop and a lost lease must still be heard meanwhile.
-    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     let mut stop = std::pin::pin!(stop);
     loop {
         tokio::select! {
             event = pipeline.next_event() => match event {
                 Some(PipelineEvent::SweepCompleted { account_id, checkpoint }) => {
                     info!(account = %account_id, %stream, ?checkpoint, "sweep committed");
-                    if let Err(error) = postgres.record_sweep(stream).await {
+                    if let Err(error) = adapters.postgres.record_sweep(stream).await {
                         warn!(%error, "could not record the sweep's time (cfaudit status shows it)");
                     }
                     if once {
-                        refresh_settled_aggregates(postgres).await;
+                        adapters.refresher.refresh().await;
                         return Ok(RunEnd::Done);
                     }
-                    if refreshing.as_ref().is_none_or(|r| r.is_finished()) {
-                        let postgres = postgres.clone();
-                        refreshing = Some(tokio::spawn(async move {
-                            refresh_settled_aggregates(&postgres).await
-                        }));
-                    }
+                    adapters.refresher.request();
                 }
+                Some(PipelineEvent::EventsCommitted) => adapters.refresher.request(),
                 Some(PipelineEvent::Failed { reason }) => anyhow::bail!("run failed: {reason}"),
                 Some(PipelineEvent::Fenced { reason }) => return Ok(RunEnd::Lost(reason)),
                 Some(PipelineEvent::Drained) => {}

@@ -331,7 +331,7 @@ async fn collect(
         let end = drive(
             &mut pipeline,
             false,
-            &adapters.postgres,
+            &adapters,
             &stream.key,
             &mut lease,
             stop_asked(&mut stop),

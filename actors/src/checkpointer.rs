@@ -310,6 +310,9 @@ impl Checkpointer {
 
     fn after_commit(&mut self, batch: BatchId, record: CommitRecord) {
         self.counters.batches_committed.inc();
+        if !record.events.is_empty() {
+            let _ = self.events.send(PipelineEvent::EventsCommitted);
+        }
         self.metrics
             .parquet_files_published
             .inc_by(record.files.len() as u64);

@@ -224,6 +224,9 @@ pub enum PipelineEvent {
         account_id: String,
         checkpoint: Option<DateTime<Utc>>,
     },
+    /// A batch that wrote events is committed: a cue for work that follows the writers (the
+    /// runner keeps TimescaleDB's aggregates materialized behind them).
+    EventsCommitted,
     /// After [`Drain`]: no batch is in flight any more.
     Drained,
     /// `--once` cannot finish (authentication error, retries exhausted, no progress).

@@ -22,9 +22,11 @@ use crate::settings::Secret;
 
 mod copy;
 mod leases;
+mod refresher;
 use crate::sinks::dataset::{DetailField, DETAIL_TEXT};
 use crate::streams::{backfill_key_prefix, Stream};
 pub use leases::{Lease, LeaseHolder, LeaseSession, Replica, StreamOwner};
+pub use refresher::AggregateRefresher;
 
 /// Embedded at compile time: the binary carries its schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -32,6 +34,18 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// How far back the API can return events (18 months) plus a margin: the dataset's event
 /// index forgets events older than this, which no sweep can fetch again.
 const INDEX_HORIZON_DAYS: i32 = 550;
+
+/// The longest wait before asking again for a refresh that another refresh blocked (waits
+/// double from 0.5 s: about 8 s in all).
+const MAX_REFRESH_PAUSE: Duration = Duration::from_secs(4);
+
+/// TimescaleDB's "could not refresh continuous aggregate … due to a concurrent refresh".
+fn is_concurrent_refresh(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03")
+}
 
 /// How far back the continuous aggregates' refresh policy looks (`start_offset` in the
 /// aggregates' migration); older hours are refreshed by cfaudit itself.
@@ -315,9 +329,29 @@ impl Postgres {
                 "CALL refresh_continuous_aggregate('{view}', {since}, '{}'::timestamptz)",
                 until.to_rfc3339()
             );
-            sqlx::raw_sql(sqlx::AssertSqlSafe(call))
-                .execute(&mut *connection)
-                .await?;
+            // TimescaleDB refuses a refresh while another one (its policy's job, another
+            // process) covers part of the window: that one ends soon, so wait and ask again.
+            let mut pause = Duration::from_millis(500);
+            loop {
+                match sqlx::raw_sql(sqlx::AssertSqlSafe(call.clone()))
+                    .execute(&mut *connection)
+                    .await
+                {
+                    Err(error) if is_concurrent_refresh(&error) && pause <= MAX_REFRESH_PAUSE => {
+                        debug!(
+                            view,
+                            ?pause,
+                            "another refresh covers the window; waiting for it"
+                        );
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                    }
+                    result => {
+                        result?;
+                        break;
+                    }
+                }
+            }
         }
         Ok(true)
     }

@@ -1,0 +1,99 @@
+//! TimescaleDB's continuous aggregates kept materialized behind the writers, by one task per
+//! process.
+//!
+//! Their refresh policy looks at the last few days only; older hours (a backfill, a first
+//! catch-up) used to be materialized once a sweep had ended, so a 200,000-event backfill
+//! waited about 3 s for it after its last commit (`make bench`). Refreshing while the writers
+//! go on spreads that work over the run, on a connection of its own and the core the writers
+//! leave idle; the refresh that ends a run finds little left. TimescaleDB recomputes only the
+//! hours written since the last refresh, so a refresh with nothing new costs a few
+//! milliseconds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use tokio::sync::{Mutex, Notify};
+use tracing::warn;
+
+use super::Postgres;
+
+/// Cheap to clone; every clone asks the same task.
+#[derive(Clone)]
+pub struct AggregateRefresher {
+    /// `None` on plain PostgreSQL, whose aggregates the triggers keep exact.
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    postgres: Postgres,
+    wake: Arc<Notify>,
+    /// Requests made so far.
+    requested: AtomicU64,
+    /// One refresh at a time in the process (TimescaleDB refuses a second one on an
+    /// overlapping window); it holds how many requests the last refresh to start covered.
+    covered: Mutex<u64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The task wakes, finds the refresher gone and ends.
+        self.wake.notify_one();
+    }
+}
+
+impl AggregateRefresher {
+    /// Starts the task where the database has TimescaleDB.
+    pub async fn start(postgres: &Postgres) -> anyhow::Result<AggregateRefresher> {
+        if !postgres.has_timescaledb().await? {
+            return Ok(AggregateRefresher { inner: None });
+        }
+        let wake = Arc::new(Notify::new());
+        let inner = Arc::new(Inner {
+            postgres: postgres.clone(),
+            wake: wake.clone(),
+            requested: AtomicU64::new(0),
+            covered: Mutex::new(0),
+        });
+        let task: Weak<Inner> = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let Some(inner) = task.upgrade() else { return };
+                inner.run(false).await;
+            }
+        });
+        Ok(AggregateRefresher { inner: Some(inner) })
+    }
+
+    /// Asks for a refresh in the background; requests made while one runs are served by one
+    /// more after it.
+    pub fn request(&self) {
+        if let Some(inner) = &self.inner {
+            inner.requested.fetch_add(1, Ordering::SeqCst);
+            inner.wake.notify_one();
+        }
+    }
+
+    /// Refreshes now, after the refresh under way, and returns once done: the end of a run,
+    /// whose aggregates must read as the rows do. It covers the requests made before it, so
+    /// none of them starts another refresh after it.
+    pub async fn refresh(&self) {
+        if let Some(inner) = &self.inner {
+            inner.run(true).await;
+        }
+    }
+}
+
+impl Inner {
+    async fn run(&self, always: bool) {
+        let mut covered = self.covered.lock().await;
+        let requested = self.requested.load(Ordering::SeqCst);
+        if !always && *covered >= requested {
+            return;
+        }
+        *covered = requested;
+        if let Err(error) = self.postgres.refresh_settled_aggregates().await {
+            warn!(%error, "could not refresh the dashboards' aggregates older than their policy's window; retried after the next commit");
+        }
+    }
+}
