@@ -887,6 +887,9 @@ async fn run_process(
 ) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     let stop_at = tokio::time::Instant::now() + plan.service_for;
+    // One ticker for the whole run: a sleep made anew in each turn of the loop would start
+    // over at every event, and a busy pipeline (an event per commit) would never let it fire.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             biased;
@@ -904,7 +907,7 @@ async fn run_process(
                 Some(_) => {}
                 None => return false,
             },
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+            _ = tick.tick() => {
                 if !running.process.alive() || tokio::time::Instant::now() >= deadline {
                     return false;
                 }

@@ -15,6 +15,7 @@ use ipnetwork::IpNetwork;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
+use sqlx::Connection as _;
 use sqlx::PgPool;
 use tracing::{debug, info, warn};
 
@@ -36,8 +37,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const INDEX_HORIZON_DAYS: i32 = 550;
 
 /// The longest wait before asking again for a refresh that another refresh blocked (waits
-/// double from 0.5 s: about 8 s in all).
-const MAX_REFRESH_PAUSE: Duration = Duration::from_secs(4);
+/// double from 0.5 s: about 30 s in all, per view).
+const MAX_REFRESH_PAUSE: Duration = Duration::from_secs(16);
 
 /// TimescaleDB's "could not refresh continuous aggregate … due to a concurrent refresh".
 fn is_concurrent_refresh(error: &sqlx::Error) -> bool {
@@ -302,13 +303,15 @@ impl Postgres {
         if !self.has_timescaledb().await? {
             return Ok(false);
         }
-        // Materializing a long backlog can take longer than one statement of the pipeline
-        // may: no timeout on a connection of its own, closed afterwards.
-        let mut connection = self.pool.acquire().await?;
-        connection.close_on_drop();
-        sqlx::raw_sql("SET statement_timeout = 0")
-            .execute(&mut *connection)
+        // A connection of its own, not one of the pool's, which the writers and commits
+        // need meanwhile; without the timeout: materializing a long backlog can take longer
+        // than one statement of the pipeline may.
+        let mut connection = sqlx::PgConnection::connect_with(&self.options).await?;
+        sqlx::raw_sql("SET statement_timeout = 0; SET application_name = 'cfaudit refresh'")
+            .execute(&mut connection)
             .await?;
+        // Every view is asked even when one fails: the first failure is reported.
+        let mut failed = None;
         let hour = chrono::Duration::hours(1);
         let day = chrono::Duration::days(1);
         for (view, bucket) in [
@@ -330,11 +333,11 @@ impl Postgres {
                 until.to_rfc3339()
             );
             // TimescaleDB refuses a refresh while another one (its policy's job, another
-            // process) covers part of the window: that one ends soon, so wait and ask again.
+            // process) covers part of the window: that one ends, so wait and ask again.
             let mut pause = Duration::from_millis(500);
             loop {
                 match sqlx::raw_sql(sqlx::AssertSqlSafe(call.clone()))
-                    .execute(&mut *connection)
+                    .execute(&mut connection)
                     .await
                 {
                     Err(error) if is_concurrent_refresh(&error) && pause <= MAX_REFRESH_PAUSE => {
@@ -346,14 +349,21 @@ impl Postgres {
                         tokio::time::sleep(pause).await;
                         pause *= 2;
                     }
-                    result => {
-                        result?;
+                    Err(error) => {
+                        failed.get_or_insert(
+                            anyhow::Error::from(error).context(format!("refreshing {view}")),
+                        );
                         break;
                     }
+                    Ok(_) => break,
                 }
             }
         }
-        Ok(true)
+        let _ = connection.close().await;
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(true),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {

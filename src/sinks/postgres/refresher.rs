@@ -4,13 +4,14 @@
 //! Their refresh policy looks at the last few days only; older hours (a backfill, a first
 //! catch-up) used to be materialized once a sweep had ended, so a 200,000-event backfill
 //! waited about 3 s for it after its last commit (`make bench`). Refreshing while the writers
-//! go on spreads that work over the run, on a connection of its own and the core the writers
-//! leave idle; the refresh that ends a run finds little left. TimescaleDB recomputes only the
+//! go on spreads that work over the run, on a connection of its own (not the pool's), beside
+//! the writers; the refresh that ends a run finds little left. TimescaleDB recomputes only the
 //! hours written since the last refresh, so a refresh with nothing new costs a few
 //! milliseconds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify};
 use tracing::warn;
@@ -84,6 +85,9 @@ impl AggregateRefresher {
     }
 }
 
+/// After a refresh that failed, the next is tried this much later (or at the next commit).
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
 impl Inner {
     async fn run(&self, always: bool) {
         let mut covered = self.covered.lock().await;
@@ -91,9 +95,20 @@ impl Inner {
         if !always && *covered >= requested {
             return;
         }
-        *covered = requested;
+        let before = std::mem::replace(&mut *covered, requested);
         if let Err(error) = self.postgres.refresh_settled_aggregates().await {
-            warn!(%error, "could not refresh the dashboards' aggregates older than their policy's window; retried after the next commit");
+            // Not done: the requests it was to serve are still owed.
+            *covered = before;
+            if always {
+                warn!(error = format!("{error:#}"), "the dashboards' aggregates older than their policy's window were not all refreshed; the next run refreshes them, or run CALL refresh_continuous_aggregate('audit_events_hourly', NULL, now() - INTERVAL '3 days') and the same for audit_actors_hourly and audit_actors_daily");
+            } else {
+                warn!(error = format!("{error:#}"), retry_in = ?RETRY_AFTER, "could not refresh the dashboards' aggregates older than their policy's window; tried again");
+            }
+            let wake = self.wake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RETRY_AFTER).await;
+                wake.notify_one();
+            });
         }
     }
 }
