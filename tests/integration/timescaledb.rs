@@ -348,6 +348,76 @@ async fn a_run_ends_with_the_aggregates_materialized_while_it_wrote() {
     h.finish().await;
 }
 
+/// The service's first catch-up materializes the hours it has written while it is still
+/// writing, not once the whole backlog is in: a dashboard opened during a long first sweep
+/// shows what is committed from materialized hours. Before, the refresh ran only once a sweep
+/// had ended, and the materialized part held nothing older than the policies' window until
+/// every row was in.
+#[actix_rt::test]
+async fn the_catch_up_is_materialized_while_it_writes() {
+    let test = "the_catch_up_is_materialized_while_it_writes";
+    let Some(mut h) = Harness::on_timescale(test, emulator_config(6_000)).await else {
+        return;
+    };
+    // About 70 requests at 5 a second: a sweep of about 12 s.
+    h.set("CLOUDFLARE_PER_PAGE", "100");
+    h.set("BATCH_MAX_EVENTS", "100");
+    h.set("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "1500");
+    h.set("CLOUDFLARE_REQUEST_BURST", "5");
+    h.set("METRICS_ADDR", &format!("127.0.0.1:{}", free_port()));
+    let migrated = finish(cfaudit(&["migrate"], &h.env)).await;
+    assert!(migrated.success, "{}", migrated.stderr);
+    let pool = h.db.pool().await;
+    let total = valid_ids(&h.emu.emulator).len() as i64;
+    let (materialization,): (String,) = sqlx::query_as(
+        "SELECT format('%I.%I', m.schema_name, m.table_name) \
+         FROM _timescaledb_catalog.continuous_agg c \
+         JOIN _timescaledb_catalog.hypertable m ON m.id = c.mat_hypertable_id \
+         WHERE c.user_view_name = 'audit_events_hourly'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    // Materialized hours older than the policies' window, which only cfaudit refreshes.
+    let materialized = format!(
+        "SELECT coalesce(sum(events), 0)::bigint FROM {materialization} \
+         WHERE bucket < now() - INTERVAL '4 days'"
+    );
+    let child = cfaudit(&["run"], &h.env);
+    let mut seen_while_writing = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        // Materialized first, then the rows: a sample with every row in counts as after.
+        let done = count(&pool, &materialized).await;
+        let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
+        if rows >= total {
+            break;
+        }
+        if done > 0 && seen_while_writing.is_none() {
+            seen_while_writing = Some((done, rows));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rows} of {total} rows after 120 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (done, rows) = seen_while_writing
+        .expect("no hour was materialized before the catch-up had written every row");
+    assert!(done <= rows);
+    // The refresh after the last commits catches up while the service polls on.
+    wait_aggregates_agree(&pool, "after the catch-up").await;
+    signal(&child, "-TERM");
+    let stopped = finish(child).await;
+    assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    h.assert_exact().await;
+    println!(
+        "timescaledb: {done} events in materialized hours while {rows} of {total} rows were in"
+    );
+    pool.close().await;
+    h.finish().await;
+}
+
 /// The dashboards' continuous aggregates agree with `audit_logs` once their refresh policy has
 /// run: after the live stream's catch-up over 30 days, and after live polling that collects
 /// new events and a late one 10 days back (reached by the safety lag). A policy materializes
