@@ -398,6 +398,8 @@ pub struct MemoryFileSink {
     pub faults: Faults,
     /// When set, `stage` waits for a permit: a test holds the writer back.
     pub gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// When set, `discard` takes this long first: an object store answering slowly.
+    pub discard_delay: Option<std::time::Duration>,
     counter: Arc<AtomicU64>,
 }
 
@@ -502,6 +504,9 @@ impl FileSink for MemoryFileSink {
     }
 
     async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError> {
+        if let Some(delay) = self.discard_delay {
+            tokio::time::sleep(delay).await;
+        }
         self.faults
             .around("discard", || {
                 let mut staged = self.staged.lock().unwrap();

@@ -811,34 +811,6 @@ async fn a_backfill_and_the_live_stream_share_the_sinks_without_overlap() {
         .any(|f| f.stream == backfill_key && f.published));
 }
 
-/// A file sink whose deletions take `delay`: an object store answering slowly.
-struct SlowDiscard {
-    files: MemoryFileSink,
-    delay: Duration,
-}
-
-#[async_trait::async_trait]
-impl FileSink for SlowDiscard {
-    async fn stage(
-        &self,
-        stream: &str,
-        lease: u64,
-        rows: Arc<Vec<AuditRow>>,
-    ) -> Result<Vec<StagedFile>, SinkError> {
-        self.files.stage(stream, lease, rows).await
-    }
-    async fn publish(&self, files: &[CommittedFile]) -> Result<(), SinkError> {
-        self.files.publish(files).await
-    }
-    async fn discard(&self, staged_paths: &[String]) -> Result<(), SinkError> {
-        tokio::time::sleep(self.delay).await;
-        self.files.discard(staged_paths).await
-    }
-    async fn list_staged(&self, prefix: &str) -> Result<Vec<String>, SinkError> {
-        self.files.list_staged(prefix).await
-    }
-}
-
 /// A writer that finishes a batch after the pipeline rewound past it stages a file no commit
 /// will name; its deletion is still under way when the sweep ends. `run --once` ends with
 /// shutdown and then the process: shutdown must wait for the deletion, or the file stays in
@@ -851,14 +823,10 @@ async fn shutdown_waits_for_the_deletion_of_a_file_staged_after_a_rewind() {
     // Parquet holds the first batch while PostgreSQL fails it: the pipeline rewinds.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     world.files.gate = Some(gate.clone());
+    world.files.discard_delay = Some(Duration::from_secs(2));
     world.rows.faults.only("row sink");
     world.rows.faults.on_call(1, Fault::Fail);
-    let mut parts = world.parts(Direction::Asc, Some(1000));
-    parts.files = Arc::new(SlowDiscard {
-        files: world.files.clone(),
-        delay: Duration::from_secs(2),
-    });
-    let mut pipeline = Pipeline::start(parts);
+    let mut pipeline = world.start(Direction::Asc, Some(1000));
     // Recovery is done (its sweep of orphans found none) once the rewound batch is written
     // again; only then may the first batch's file appear, too late for that sweep.
     until("the first batch written again after the rewind", || {
