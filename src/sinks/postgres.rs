@@ -52,6 +52,22 @@ fn is_concurrent_refresh(error: &sqlx::Error) -> bool {
 /// aggregates' migration); older hours are refreshed by cfaudit itself.
 const AGGREGATE_POLICY_DAYS: i64 = 3;
 
+/// TimescaleDB's continuous aggregates with their bucket in hours, in the order they are
+/// refreshed: an aggregate built on another (the actor and address rollups on
+/// `audit_actors_daily`) after it.
+const CONTINUOUS_AGGREGATES: [(&str, i64); 5] = [
+    ("audit_events_hourly", 1),
+    ("audit_actors_hourly", 1),
+    ("audit_actors_daily", 24),
+    ("audit_actor_activity_daily", 24),
+    ("audit_address_activity_daily", 24),
+];
+
+/// The continuous aggregates' names, for messages that tell an operator what to refresh.
+fn continuous_aggregate_names() -> String {
+    CONTINUOUS_AGGREGATES.map(|(view, _)| view).join(", ")
+}
+
 #[derive(Clone)]
 pub struct Postgres {
     pool: PgPool,
@@ -278,8 +294,8 @@ impl Postgres {
         match self.try_refresh_aggregates(Some(since), until).await {
             Ok(true) => info!(%since, %until, "continuous aggregates refreshed over the range"),
             Ok(false) => {}
-            Err(error) => warn!(%error, %since, %until,
-                "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate('audit_events_hourly', since, until) and the same for audit_actors_hourly and audit_actors_daily"),
+            Err(error) => warn!(%error, %since, %until, views = continuous_aggregate_names(),
+                "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate(view, since, until) for each of the views, in that order"),
         }
     }
 
@@ -312,13 +328,8 @@ impl Postgres {
             .await?;
         // Every view is asked even when one fails: the first failure is reported.
         let mut failed = None;
-        let hour = chrono::Duration::hours(1);
-        let day = chrono::Duration::days(1);
-        for (view, bucket) in [
-            ("audit_events_hourly", hour),
-            ("audit_actors_hourly", hour),
-            ("audit_actors_daily", day),
-        ] {
+        for (view, hours) in CONTINUOUS_AGGREGATES {
+            let bucket = chrono::Duration::hours(hours);
             // A bucket is materialized only when the window covers it whole: the range
             // widened to whole buckets.
             let floor = |t: DateTime<Utc>| t.duration_trunc(bucket).expect("a bucket divides time");

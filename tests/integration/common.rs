@@ -1117,11 +1117,25 @@ pub async fn table_fingerprint(pool: &sqlx::PgPool) -> (Option<String>, i64) {
     .unwrap()
 }
 
-/// Groups where an aggregate and a GROUP BY over `audit_logs` disagree, in either direction,
-/// for (`audit_events_hourly`, `audit_actors_hourly`, `audit_actors_daily`): every grouped
-/// column, every count and (daily) every last hour. Hours and days are UTC, as both databases
-/// bucket them.
-pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> (i64, i64, i64) {
+/// Per aggregate, the groups where it and a GROUP BY over `audit_logs` disagree, in either
+/// direction: every grouped column, every count, (daily) every last hour and every array of
+/// distinct addresses or actors. Hours and days are UTC, as both databases bucket them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AggregateMismatches {
+    pub events_hourly: i64,
+    pub actors_hourly: i64,
+    pub actors_daily: i64,
+    pub actor_activity_daily: i64,
+    pub address_activity_daily: i64,
+}
+
+impl AggregateMismatches {
+    pub fn none(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
     let events: (i64,) = sqlx::query_as(
         "WITH raw AS (SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              action_type, action_result, resource_type, resource_product, \
@@ -1173,15 +1187,111 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> (i64, i64, i64) {
     .fetch_one(pool)
     .await
     .unwrap();
-    (events.0, actors.0, daily.0)
+    let actor_activity: (i64,) = sqlx::query_as(
+        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+                             actor_email, actor_type, count(*) AS events, \
+                             count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
+                             max(date_trunc('hour', timestamp, 'UTC')) AS last_hour, \
+                             max(date_trunc('hour', timestamp, 'UTC')) \
+                               FILTER (WHERE action_result IN ('false', 'failure')) AS last_failure_hour, \
+                             array_agg(DISTINCT ip_address ORDER BY ip_address) \
+                               FILTER (WHERE ip_address IS NOT NULL) AS ips, \
+                             array_agg(DISTINCT ip_address ORDER BY ip_address) \
+                               FILTER (WHERE ip_address IS NOT NULL \
+                                         AND action_result IN ('false', 'failure')) AS failure_ips \
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5), \
+              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, events, \
+                             failed_events, last_hour, last_failure_hour, ip_addresses, \
+                             failure_ip_addresses FROM audit_actor_activity_daily) \
+         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
+                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let address_activity: (i64,) = sqlx::query_as(
+        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+                             ip_address, count(*) AS events, \
+                             count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
+                             max(date_trunc('hour', timestamp, 'UTC')) AS last_hour, \
+                             array_agg(DISTINCT actor_email ORDER BY actor_email) \
+                               FILTER (WHERE actor_email IS NOT NULL) AS emails \
+                      FROM audit_logs WHERE ip_address IS NOT NULL GROUP BY 1, 2, 3, 4), \
+              agg AS (SELECT bucket, account_id, api_version, ip_address, events, failed_events, \
+                             last_hour, actor_emails FROM audit_address_activity_daily) \
+         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
+                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    AggregateMismatches {
+        events_hourly: events.0,
+        actors_hourly: actors.0,
+        actors_daily: daily.0,
+        actor_activity_daily: actor_activity.0,
+        address_activity_daily: address_activity.0,
+    }
 }
 
+/// Per range `[$1, $2]`: the groups where `audit_actor_activity_between` (per actor) and
+/// `audit_address_activity_between` (per address) disagree with `audit_actors_hourly`'s hours
+/// grouped the same way; sets of distinct values compared element by element.
+const ACTIVITY_MISMATCHES: &str = "
+WITH actors AS (SELECT * FROM audit_actor_activity_between($1, $2)),
+     addresses AS (SELECT * FROM audit_address_activity_between($1, $2)),
+     hours AS (SELECT * FROM audit_actors_hourly WHERE bucket BETWEEN $1 AND $2),
+     rolled_actors AS (
+       SELECT account_id, api_version, actor_email, actor_type, sum(events), sum(failed_events),
+              max(last_hour), max(last_failure_hour)
+       FROM actors GROUP BY 1, 2, 3, 4),
+     hourly_actors AS (
+       SELECT account_id, api_version, actor_email, actor_type, sum(events), sum(failed_events),
+              max(bucket), max(bucket) FILTER (WHERE failed_events > 0)
+       FROM hours GROUP BY 1, 2, 3, 4),
+     rolled_actor_ips AS (
+       SELECT a.account_id, a.api_version, a.actor_email, a.actor_type, ip, false AS failures
+       FROM actors a, unnest(a.ip_addresses) AS ip
+       UNION
+       SELECT a.account_id, a.api_version, a.actor_email, a.actor_type, ip, true
+       FROM actors a, unnest(a.failure_ip_addresses) AS ip),
+     hourly_actor_ips AS (
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, false
+       FROM hours WHERE ip_address IS NOT NULL
+       UNION
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, true
+       FROM hours WHERE ip_address IS NOT NULL AND failed_events > 0),
+     rolled_addresses AS (
+       SELECT account_id, api_version, ip_address, sum(events), sum(failed_events), max(last_hour)
+       FROM addresses GROUP BY 1, 2, 3),
+     hourly_addresses AS (
+       SELECT account_id, api_version, ip_address, sum(events), sum(failed_events), max(bucket)
+       FROM hours WHERE ip_address IS NOT NULL GROUP BY 1, 2, 3),
+     rolled_address_actors AS (
+       SELECT DISTINCT a.account_id, a.api_version, a.ip_address, email
+       FROM addresses a, unnest(a.actor_emails) AS email),
+     hourly_address_actors AS (
+       SELECT DISTINCT account_id, api_version, ip_address, actor_email
+       FROM hours WHERE ip_address IS NOT NULL AND actor_email IS NOT NULL)
+SELECT (SELECT count(*) FROM ((SELECT * FROM rolled_actors EXCEPT ALL SELECT * FROM hourly_actors)
+                  UNION ALL (SELECT * FROM hourly_actors EXCEPT ALL SELECT * FROM rolled_actors)) d)
+     + (SELECT count(*) FROM ((SELECT * FROM rolled_actor_ips EXCEPT SELECT * FROM hourly_actor_ips)
+                  UNION ALL (SELECT * FROM hourly_actor_ips EXCEPT SELECT * FROM rolled_actor_ips)) d),
+       (SELECT count(*) FROM ((SELECT * FROM rolled_addresses EXCEPT ALL SELECT * FROM hourly_addresses)
+                  UNION ALL (SELECT * FROM hourly_addresses EXCEPT ALL SELECT * FROM rolled_addresses)) d)
+     + (SELECT count(*) FROM ((SELECT * FROM rolled_address_actors EXCEPT SELECT * FROM hourly_address_actors)
+                  UNION ALL (SELECT * FROM hourly_address_actors EXCEPT SELECT * FROM rolled_address_actors)) d)
+";
+
 /// Ranges over the rows' own span, whole days and hours in the middle of days alike, where
-/// `audit_actors_between` (whole days from the daily aggregate, the rest from the hourly one)
-/// grouped by actor and address disagrees with the same grouping of the hourly aggregate's
-/// hours in the range, as the dashboards group them: `(since, until, mismatched groups)` of
-/// every range that disagrees. Also checks that some range read whole days (a daily row's
-/// last hour is after its bucket; an hourly row's is its bucket).
+/// a reading function (whole days from a daily aggregate, the rest from the hourly one)
+/// disagrees with the same grouping of the hourly aggregate's hours in the range, as the
+/// dashboards group them: `audit_actors_between` by actor and address,
+/// `audit_actor_activity_between` by actor (with its distinct addresses, all and of failures)
+/// and `audit_address_activity_between` by address (with its distinct actor e-mails).
+/// `(since, until, mismatched groups)` of every range that disagrees. Also checks that some
+/// range read whole days (a daily row's last hour is after its bucket; an hourly row's is its
+/// bucket).
 pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, i64)> {
     let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
         sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM audit_logs")
@@ -1204,6 +1314,17 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, i64)
         (
             midnight(first) + hours(24) - chrono::Duration::seconds(1),
             last,
+        ),
+        // Ending just after the newest row, as a range ending now does: on plain PostgreSQL
+        // its last day is read whole from the daily rollups. Ending before the newest rows:
+        // it is not.
+        (
+            midnight(first) + hours(24),
+            last + chrono::Duration::minutes(1),
+        ),
+        (
+            midnight(first) + hours(24),
+            last - chrono::Duration::minutes(90),
         ),
     ];
     let mut wrong = Vec::new();
@@ -1230,6 +1351,13 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, i64)
         .fetch_one(pool)
         .await
         .unwrap();
+        let (actors, addresses): (i64, i64) = sqlx::query_as(ACTIVITY_MISMATCHES)
+            .bind(since)
+            .bind(until)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        let mismatched = mismatched + actors + addresses;
         read_days |= days > 0;
         if mismatched != 0 {
             wrong.push((since.to_rfc3339(), until.to_rfc3339(), mismatched));

@@ -419,17 +419,35 @@ const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 /// aside), and what they converted is restored (the overlap ids of events at and after each
 /// stream's checkpoint, the dead letters' text digest); the aggregates 9 and 12 recreated (12:
 /// tables kept by triggers, on plain PostgreSQL) are dropped here and created again as views by
-/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's daily rollup and its
-/// reading function are dropped.
+/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's and 14's daily rollups
+/// and their reading functions are dropped.
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
 DROP FUNCTION audit_actors_between;
+DROP FUNCTION audit_actor_activity_between;
+DROP FUNCTION audit_address_activity_between;
+DROP FUNCTION cfaudit_create_reading_function;
+DROP FUNCTION cfaudit_last_day_is_whole;
+DROP FUNCTION cfaudit_first_whole_day;
+DROP FUNCTION cfaudit_whole_days_end;
+DROP FUNCTION cfaudit_utc_day;
 DO $$
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+    DROP MATERIALIZED VIEW audit_actor_activity_daily;
+    DROP MATERIALIZED VIEW audit_address_activity_daily;
     DROP MATERIALIZED VIEW audit_actors_daily;
     DROP MATERIALIZED VIEW audit_events_hourly;
     DROP MATERIALIZED VIEW audit_actors_hourly;
   ELSE
+    DROP TRIGGER audit_logs_roll_up_inserted ON audit_logs;
+    DROP TRIGGER audit_logs_roll_up_updated ON audit_logs;
+    DROP TRIGGER audit_logs_roll_up_deleted ON audit_logs;
+    DROP TRIGGER audit_logs_roll_up_truncated ON audit_logs;
+    DROP FUNCTION cfaudit_roll_up_rows;
+    DROP FUNCTION cfaudit_recount_actor_and_address_days;
+    DROP FUNCTION cfaudit_sorted_union;
+    DROP TABLE audit_actor_activity_daily;
+    DROP TABLE audit_address_activity_daily;
     DROP TRIGGER audit_logs_count_inserted ON audit_logs;
     DROP TRIGGER audit_logs_count_updated ON audit_logs;
     DROP TRIGGER audit_logs_count_deleted ON audit_logs;
@@ -692,23 +710,35 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
         .await,
         dead_letters
     );
-    // The aggregates came back by version and hold every row, the compressed history too
-    // (on TimescaleDB materialized by the run's refresh and the real-time part).
-    for (view, column) in [
-        ("audit_events_hourly", "events"),
-        ("audit_actors_hourly", "events"),
-        ("audit_actors_daily", "events"),
+    // The aggregates came back by version and hold every row (the address rollup every row
+    // with an address), the compressed history too (on TimescaleDB materialized by the run's
+    // refresh and the real-time part).
+    let with_address = count(
+        &pool,
+        "SELECT count(*) FROM audit_logs WHERE api_version = 'v1' AND ip_address IS NOT NULL",
+    )
+    .await;
+    assert!(with_address > 0 && with_address < rows, "{with_address}");
+    for (view, expected) in [
+        ("audit_events_hourly", rows),
+        ("audit_actors_hourly", rows),
+        ("audit_actors_daily", rows),
+        ("audit_actor_activity_daily", rows),
+        ("audit_address_activity_daily", with_address),
     ] {
-        let sql = format!(
-            "SELECT coalesce(sum({column}), 0)::bigint FROM {view} WHERE api_version = 'v1'"
+        let sql =
+            format!("SELECT coalesce(sum(events), 0)::bigint FROM {view} WHERE api_version = 'v1'");
+        assert_eq!(
+            count(&pool, &sql).await,
+            expected,
+            "{view} after the upgrade"
         );
-        assert_eq!(count(&pool, &sql).await, rows, "{view} after the upgrade");
     }
     if timescale {
         assert_eq!(
             count(&pool, policies_sql).await,
-            policies + 1,
-            "policies intact, and the daily rollup's refresh policy added"
+            policies + 3,
+            "policies intact, and the daily rollups' refresh policies added"
         );
         assert!(
             policies >= 4,

@@ -94,18 +94,20 @@ SQL
 # Times every query on $1's database: one line of JSON per query, ms.
 time_queries() {
   "$python" - "$1/$db" <<'PY'
-import json, re, subprocess, sys
+import datetime, json, re, subprocess, sys
 url = sys.argv[1]
 
-def grafana(title, window):
-    """A panel's SQL as Grafana sends it: the last `window`, every account and version."""
+def grafana(title, days):
+    """A panel's SQL as Grafana sends it: the last `days`, every account and version, the
+    range's ends as the literal timestamps Grafana's macros expand to."""
+    until = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    since, until = (f"'{t.strftime('%Y-%m-%dT%H:%M:%SZ')}'"
+                    for t in (until - datetime.timedelta(days=days), until))
     for panel in json.load(open("grafana/dashboards/audit-activity.json"))["panels"]:
         if panel.get("title") == title:
             sql = panel["targets"][0]["rawSql"]
-            sql = re.sub(r"\$__timeFilter\((\w+)\)",
-                         rf"\1 BETWEEN now() - interval '{window}' AND now()", sql)
-            sql = sql.replace("$__timeFrom()", f"now() - interval '{window}'")
-            sql = sql.replace("$__timeTo()", "now()")
+            sql = re.sub(r"\$__timeFilter\((\w+)\)", rf"\1 BETWEEN {since} AND {until}", sql)
+            sql = sql.replace("$__timeFrom()", since).replace("$__timeTo()", until)
             return sql.replace("$account", "'%'").replace("$version", "'v1','v2'")
     raise SystemExit(f"no panel {title!r}")
 
@@ -135,8 +137,8 @@ queries = [
     ("events per day, 90 days",
      "SELECT date_trunc('day', bucket) AS day, sum(events) FROM audit_events_hourly "
      "WHERE bucket > now() - interval '90 days' GROUP BY 1 ORDER BY 1"),
-] + [(f"dashboard: {title}, {window}", grafana(title, window))
-     for window in ("7 days", "30 days") for title in panels]
+] + [(f"dashboard: {title}, {days} days", grafana(title, days))
+     for days in (7, 30) for title in panels]
 for label, sql in queries:
     script = "\\timing on\n" + (sql.rstrip(";") + ";\n") * 6
     run = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", url],

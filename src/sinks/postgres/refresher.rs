@@ -109,7 +109,7 @@ impl Inner {
             // Not done: the requests it was to serve are still owed.
             *covered = before;
             if always {
-                warn!(error = format!("{error:#}"), "the dashboards' aggregates older than their policy's window were not all refreshed; the next run refreshes them, or run CALL refresh_continuous_aggregate('audit_events_hourly', NULL, now() - INTERVAL '3 days') and the same for audit_actors_hourly and audit_actors_daily");
+                warn!(error = format!("{error:#}"), views = super::continuous_aggregate_names(), "the dashboards' aggregates older than their policy's window were not all refreshed; the next run refreshes them, or run CALL refresh_continuous_aggregate(view, NULL, now() - INTERVAL '3 days') for each of the views, in that order");
             } else {
                 warn!(error = format!("{error:#}"), retry_in = ?RETRY_AFTER, "could not refresh the dashboards' aggregates older than their policy's window; tried again");
             }
