@@ -267,16 +267,23 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
 
     // The TimescaleDB branches cannot run here (no extension), but PostgreSQL's own PL/pgSQL
     // validator parses every statement of a function body at CREATE time: each migration's
-    // DO block, wrapped in a function that is never called, must be accepted.
-    for migration in cfaudit::sinks::postgres::MIGRATOR.iter() {
-        let sql = migration.sql.as_str();
-        let Some(start) = sql.find("DO $$") else {
-            continue;
-        };
-        let body = &sql[start + "DO $$".len()..sql.rfind("$$;").unwrap()];
+    // DO blocks, each wrapped in a function that is never called, must be accepted.
+    let blocks = cfaudit::sinks::postgres::MIGRATOR
+        .iter()
+        .flat_map(|migration| {
+            // Every DO block: from `DO $$` to the `$$;` that closes it.
+            let sql = migration.sql.as_str();
+            sql.match_indices("DO $$")
+                .enumerate()
+                .map(move |(n, (start, _))| {
+                    let body = &sql[start + "DO $$".len()..];
+                    (migration.version, n, &body[..body.find("$$;").unwrap()])
+                })
+        });
+    for (version, n, body) in blocks {
         let check = format!(
-            "CREATE FUNCTION pg_temp.check_{}() RETURNS void LANGUAGE plpgsql AS $check${body}$check$",
-            migration.version
+            "CREATE FUNCTION pg_temp.check_{version}_{n}() RETURNS void LANGUAGE plpgsql \
+             AS $check${body}$check$"
         );
         let mut conn = pool.acquire().await.unwrap();
         sqlx::raw_sql("SET check_function_bodies = on")
@@ -287,7 +294,7 @@ async fn migrations_apply_twice_and_give_the_expected_schema() {
             .execute(&mut *conn)
             .await
             .unwrap_or_else(|e| {
-                panic!("migration {} has invalid PL/pgSQL: {e}", migration.version)
+                panic!("migration {version} has invalid PL/pgSQL in DO block {n}: {e}")
             });
     }
     let applied: (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations")

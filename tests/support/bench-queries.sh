@@ -17,7 +17,7 @@ db=cfaudit_bench_queries
 python=${CFAUDIT_PYTHON:-python3}
 out=$(mktemp -d)
 # Says which rows a database holds: changed whenever the generator below changes.
-generator="bench-rows-3"
+generator="bench-rows-4"
 migrations=$(ls migrations | sed -n 's/^\([0-9]*\)_.*/\1/p' | sort | tail -1)
 trap 'rm -rf "$out"' EXIT
 
@@ -63,7 +63,7 @@ FROM generate_series(:lo::bigint, :hi::bigint) AS i,
 LATERAL (SELECT abs(hashint8(i)) AS h1, abs(hashint8(i + 1000000000)) AS h2,
                 abs(hashint8(i + 2000000000)) AS h3, abs(hashint8(i + 3000000000)) AS h4) AS hashes,
 LATERAL (SELECT floor(500 * power((h1 % 1000000) / 1000000.0, 3))::int AS actor) AS who,
-LATERAL (SELECT CASE WHEN h4 % 20 = 0 THEN h4 % 2000
+LATERAL (SELECT CASE WHEN h4 % 20 = 0 THEN (h4 / 20) % 2000
                      ELSE (who.actor * 4 + (h4 / 20) % 4) % 2000 END AS ip_n) AS addr,
 LATERAL (SELECT
   :'anchor'::timestamptz - (i - 1) * (interval '90 days' / :n) AS at,
