@@ -9,7 +9,7 @@
 --   address's distinct actor emails.
 -- audit_actor_activity_between and audit_address_activity_between read them as
 -- audit_actors_between reads the pairs: whole days from these, the hours of the partial days
--- at either end from audit_actors_hourly, grouped the same way.
+-- at either end from audit_actors_hourly, as rows of one address (or actor) each.
 -- Plain PostgreSQL: tables kept by triggers of their own, fired after migration 12's (trigger
 -- names sort after them): inserted rows are added (arrays merged); a delete or a move
 -- recomputes the days it touched from audit_actors_daily, exact by then and locked per day by

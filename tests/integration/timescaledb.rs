@@ -271,13 +271,30 @@ async fn run_refresh_policies(pool: &sqlx::PgPool) {
     // In the order they were created: an aggregate built on another refreshes after it.
     assert_eq!(policies.len(), 5, "a refresh policy per aggregate");
     for (view, start, end) in policies {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        let call = format!(
             "CALL refresh_continuous_aggregate('{view}', now() - '{start}'::interval, \
                                                now() - '{end}'::interval)"
-        )))
-        .execute(pool)
-        .await
-        .unwrap();
+        );
+        // A refresh of cfaudit's (or a policy's job) may cover part of the window: TimescaleDB
+        // refuses this one until that one is done, so ask again, as cfaudit does.
+        let mut refused = 0;
+        loop {
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(call.clone()))
+                .execute(pool)
+                .await
+            {
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("55P03") && refused < 60 =>
+                {
+                    refused += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                result => {
+                    result.unwrap();
+                    break;
+                }
+            }
+        }
     }
 }
 
