@@ -1118,8 +1118,7 @@ pub async fn table_fingerprint(pool: &sqlx::PgPool) -> (Option<String>, i64) {
 }
 
 /// Per aggregate, the groups where it and a GROUP BY over `audit_logs` disagree, in either
-/// direction: every grouped column, every count, (daily) every last hour and every array of
-/// distinct addresses or actors. Hours and days are UTC, as both databases bucket them.
+/// direction: every grouped column, every count and (daily) every last hour. Hours and days are UTC, as both databases bucket them.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct AggregateMismatches {
     pub events_hourly: i64,
@@ -1193,16 +1192,11 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
                              count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
                              max(date_trunc('hour', timestamp, 'UTC')) AS last_hour, \
                              max(date_trunc('hour', timestamp, 'UTC')) \
-                               FILTER (WHERE action_result IN ('false', 'failure')) AS last_failure_hour, \
-                             array_agg(DISTINCT ip_address ORDER BY ip_address) \
-                               FILTER (WHERE ip_address IS NOT NULL) AS ips, \
-                             array_agg(DISTINCT ip_address ORDER BY ip_address) \
-                               FILTER (WHERE ip_address IS NOT NULL \
-                                         AND action_result IN ('false', 'failure')) AS failure_ips \
+                               FILTER (WHERE action_result IN ('false', 'failure')) AS last_failure_hour \
                       FROM audit_logs GROUP BY 1, 2, 3, 4, 5), \
               agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, events, \
-                             failed_events, last_hour, last_failure_hour, ip_addresses, \
-                             failure_ip_addresses FROM audit_actor_activity_daily) \
+                             failed_events, last_hour, last_failure_hour \
+                      FROM audit_actor_activity_daily) \
          SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
                      UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
     )
@@ -1213,12 +1207,10 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
         "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              ip_address, count(*) AS events, \
                              count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
-                             max(date_trunc('hour', timestamp, 'UTC')) AS last_hour, \
-                             array_agg(DISTINCT actor_email ORDER BY actor_email) \
-                               FILTER (WHERE actor_email IS NOT NULL) AS emails \
+                             max(date_trunc('hour', timestamp, 'UTC')) AS last_hour \
                       FROM audit_logs WHERE ip_address IS NOT NULL GROUP BY 1, 2, 3, 4), \
               agg AS (SELECT bucket, account_id, api_version, ip_address, events, failed_events, \
-                             last_hour, actor_emails FROM audit_address_activity_daily) \
+                             last_hour FROM audit_address_activity_daily) \
          SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
                      UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
     )
@@ -1234,61 +1226,76 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
     }
 }
 
-/// Per range `[$1, $2]`: the groups where `audit_actor_activity_between` (per actor) and
-/// `audit_address_activity_between` (per address) disagree with `audit_actors_hourly`'s hours
-/// grouped the same way; sets of distinct values compared element by element.
+/// Per range `[$1, $2]`: the groups where `audit_actor_activity_between` (per actor),
+/// `audit_address_activity_between` (per address) and the pairs of every other actor
+/// (`audit_actor_pairs_between`, the actors without an e-mail among them) and of every other
+/// address (`audit_address_pairs_between`) disagree with `audit_actors_hourly`'s hours of the
+/// range grouped the same way (and filtered the same way).
 const ACTIVITY_MISMATCHES: &str = "
-WITH actors AS (SELECT * FROM audit_actor_activity_between($1, $2)),
-     addresses AS (SELECT * FROM audit_address_activity_between($1, $2)),
-     hours AS (SELECT * FROM audit_actors_hourly WHERE bucket BETWEEN $1 AND $2),
+WITH hours AS (SELECT * FROM audit_actors_hourly WHERE bucket BETWEEN $1 AND $2),
      rolled_actors AS (
        SELECT account_id, api_version, actor_email, actor_type, sum(events), sum(failed_events),
               max(last_hour), max(last_failure_hour)
-       FROM actors GROUP BY 1, 2, 3, 4),
+       FROM audit_actor_activity_between($1, $2) GROUP BY 1, 2, 3, 4),
      hourly_actors AS (
        SELECT account_id, api_version, actor_email, actor_type, sum(events), sum(failed_events),
               max(bucket), max(bucket) FILTER (WHERE failed_events > 0)
        FROM hours GROUP BY 1, 2, 3, 4),
-     rolled_actor_ips AS (
-       SELECT a.account_id, a.api_version, a.actor_email, a.actor_type, ip, false AS failures
-       FROM actors a, unnest(a.ip_addresses) AS ip
-       UNION
-       SELECT a.account_id, a.api_version, a.actor_email, a.actor_type, ip, true
-       FROM actors a, unnest(a.failure_ip_addresses) AS ip),
-     hourly_actor_ips AS (
-       SELECT account_id, api_version, actor_email, actor_type, ip_address, false
-       FROM hours WHERE ip_address IS NOT NULL
-       UNION
-       SELECT account_id, api_version, actor_email, actor_type, ip_address, true
-       FROM hours WHERE ip_address IS NOT NULL AND failed_events > 0),
      rolled_addresses AS (
        SELECT account_id, api_version, ip_address, sum(events), sum(failed_events), max(last_hour)
-       FROM addresses GROUP BY 1, 2, 3),
+       FROM audit_address_activity_between($1, $2) GROUP BY 1, 2, 3),
      hourly_addresses AS (
        SELECT account_id, api_version, ip_address, sum(events), sum(failed_events), max(bucket)
        FROM hours WHERE ip_address IS NOT NULL GROUP BY 1, 2, 3),
-     rolled_address_actors AS (
-       SELECT DISTINCT a.account_id, a.api_version, a.ip_address, email
-       FROM addresses a, unnest(a.actor_emails) AS email),
-     hourly_address_actors AS (
-       SELECT DISTINCT account_id, api_version, ip_address, actor_email
-       FROM hours WHERE ip_address IS NOT NULL AND actor_email IS NOT NULL)
+     some_actors AS (
+       SELECT array_agg(actor_email) AS emails
+       FROM (SELECT actor_email, row_number() OVER (ORDER BY actor_email NULLS FIRST) AS n
+             FROM (SELECT DISTINCT actor_email FROM hours) d) o
+       WHERE n % 2 = 1),
+     some_addresses AS (
+       SELECT array_agg(ip_address) AS addresses
+       FROM (SELECT ip_address, row_number() OVER (ORDER BY ip_address) AS n
+             FROM (SELECT DISTINCT ip_address FROM hours WHERE ip_address IS NOT NULL) d) o
+       WHERE n % 2 = 1),
+     rolled_actor_pairs AS (
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, sum(events),
+              sum(failed_events), sum(logins), max(last_hour)
+       FROM some_actors, audit_actor_pairs_between($1, $2, ARRAY['%'], NULL, some_actors.emails)
+       GROUP BY 1, 2, 3, 4, 5),
+     hourly_actor_pairs AS (
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, sum(events),
+              sum(failed_events), sum(logins), max(bucket)
+       FROM hours, some_actors
+       WHERE actor_email = ANY (emails) OR (actor_email IS NULL AND array_position(emails, NULL) IS NOT NULL)
+       GROUP BY 1, 2, 3, 4, 5),
+     rolled_address_pairs AS (
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, sum(events),
+              sum(failed_events), sum(logins), max(last_hour)
+       FROM some_addresses,
+            audit_address_pairs_between($1, $2, ARRAY['%'], NULL, some_addresses.addresses)
+       GROUP BY 1, 2, 3, 4, 5),
+     hourly_address_pairs AS (
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, sum(events),
+              sum(failed_events), sum(logins), max(bucket)
+       FROM hours, some_addresses WHERE ip_address = ANY (addresses)
+       GROUP BY 1, 2, 3, 4, 5)
 SELECT (SELECT count(*) FROM ((SELECT * FROM rolled_actors EXCEPT ALL SELECT * FROM hourly_actors)
                   UNION ALL (SELECT * FROM hourly_actors EXCEPT ALL SELECT * FROM rolled_actors)) d)
-     + (SELECT count(*) FROM ((SELECT * FROM rolled_actor_ips EXCEPT SELECT * FROM hourly_actor_ips)
-                  UNION ALL (SELECT * FROM hourly_actor_ips EXCEPT SELECT * FROM rolled_actor_ips)) d),
+     + (SELECT count(*) FROM ((SELECT * FROM rolled_actor_pairs EXCEPT ALL SELECT * FROM hourly_actor_pairs)
+                  UNION ALL (SELECT * FROM hourly_actor_pairs EXCEPT ALL SELECT * FROM rolled_actor_pairs)) d),
        (SELECT count(*) FROM ((SELECT * FROM rolled_addresses EXCEPT ALL SELECT * FROM hourly_addresses)
                   UNION ALL (SELECT * FROM hourly_addresses EXCEPT ALL SELECT * FROM rolled_addresses)) d)
-     + (SELECT count(*) FROM ((SELECT * FROM rolled_address_actors EXCEPT SELECT * FROM hourly_address_actors)
-                  UNION ALL (SELECT * FROM hourly_address_actors EXCEPT SELECT * FROM rolled_address_actors)) d)
+     + (SELECT count(*) FROM ((SELECT * FROM rolled_address_pairs EXCEPT ALL SELECT * FROM hourly_address_pairs)
+                  UNION ALL (SELECT * FROM hourly_address_pairs EXCEPT ALL SELECT * FROM rolled_address_pairs)) d)
 ";
 
 /// Ranges over the rows' own span, whole days and hours in the middle of days alike, where
 /// a reading function (whole days from a daily aggregate, the rest from the hourly one)
 /// disagrees with the same grouping of the hourly aggregate's hours in the range, as the
 /// dashboards group them: `audit_actors_between` by actor and address,
-/// `audit_actor_activity_between` by actor (with its distinct addresses, all and of failures)
-/// and `audit_address_activity_between` by address (with its distinct actor e-mails).
+/// `audit_actor_activity_between` by actor, `audit_address_activity_between` by address, and
+/// `audit_actor_pairs_between` and `audit_address_pairs_between` for some actors and addresses
+/// by actor and address.
 /// `(since, until, mismatched groups)` of every range that disagrees. Also checks that some
 /// range read whole days (a daily row's last hour is after its bucket; an hourly row's is its
 /// bucket).

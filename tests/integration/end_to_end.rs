@@ -426,12 +426,14 @@ const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 /// aside), and what they converted is restored (the overlap ids of events at and after each
 /// stream's checkpoint, the dead letters' text digest); the aggregates 9 and 12 recreated (12:
 /// tables kept by triggers, on plain PostgreSQL) are dropped here and created again as views by
-/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's and 14's daily rollups
-/// and their reading functions are dropped.
+/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's, 14's and 15's daily
+/// rollups and their reading functions are dropped.
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
 DROP FUNCTION audit_actors_between;
 DROP FUNCTION audit_actor_activity_between;
 DROP FUNCTION audit_address_activity_between;
+DROP FUNCTION audit_actor_pairs_between;
+DROP FUNCTION audit_address_pairs_between;
 DROP FUNCTION cfaudit_create_reading_function;
 DROP FUNCTION cfaudit_last_day_is_whole;
 DROP FUNCTION cfaudit_first_whole_day;
@@ -452,7 +454,6 @@ BEGIN
     DROP TRIGGER audit_logs_roll_up_truncated ON audit_logs;
     DROP FUNCTION cfaudit_roll_up_rows;
     DROP FUNCTION cfaudit_recount_actor_and_address_days;
-    DROP FUNCTION cfaudit_sorted_union;
     DROP TABLE audit_actor_activity_daily;
     DROP TABLE audit_address_activity_daily;
     DROP TRIGGER audit_logs_count_inserted ON audit_logs;

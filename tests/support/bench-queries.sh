@@ -79,12 +79,14 @@ SQL
     printf '   %s of %s rows, %s s\n' "$hi" "$rows" $((SECONDS - started))
     lo=$((hi + 1))
   done
-  # TimescaleDB: the continuous aggregates over the whole range, as a long-running service has
-  # them (its refresh policy covers the last 3 days; cfaudit run the rest at start).
+  # TimescaleDB: every continuous aggregate over the whole range, as a long-running service has
+  # them (their refresh policies cover the last days; cfaudit refreshes the rest at start), in
+  # the order they were made: an aggregate on another after that one.
   if [ "$(psql -X -At "$url" -c "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")" = 1 ]; then
-    psql -X -q "$url" -c "CALL refresh_continuous_aggregate('audit_events_hourly', NULL, NULL)" \
-      -c "CALL refresh_continuous_aggregate('audit_actors_hourly', NULL, NULL)" \
-      -c "CALL refresh_continuous_aggregate('audit_actors_daily', NULL, NULL)"
+    for view in $(psql -X -At "$url" -c "SELECT view_name FROM timescaledb_information.continuous_aggregates \
+        ORDER BY substring(materialization_hypertable_name FROM '[0-9]+$')::int"); do
+      psql -X -q "$url" -c "CALL refresh_continuous_aggregate('$view', NULL, NULL)"
+    done
   fi
   psql -X -q "$url" -c "VACUUM ANALYZE" -c "COMMENT ON TABLE audit_logs IS '$generator'"
   printf '   built in %s s; database %s\n' $((SECONDS - started)) \
