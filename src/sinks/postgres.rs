@@ -55,12 +55,13 @@ const AGGREGATE_POLICY_DAYS: i64 = 3;
 /// TimescaleDB's continuous aggregates with their bucket in hours, in the order they are
 /// refreshed: an aggregate built on another (the actor and address rollups on
 /// `audit_actors_daily`) after it.
-const CONTINUOUS_AGGREGATES: [(&str, i64); 5] = [
+const CONTINUOUS_AGGREGATES: [(&str, i64); 6] = [
     ("audit_events_hourly", 1),
     ("audit_actors_hourly", 1),
     ("audit_actors_daily", 24),
     ("audit_actor_activity_daily", 24),
     ("audit_address_activity_daily", 24),
+    ("audit_logins_daily", 24),
 ];
 
 /// The continuous aggregates' names, for messages that tell an operator what to refresh.

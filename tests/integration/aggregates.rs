@@ -169,6 +169,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         "audit_actors_daily",
         "audit_actor_activity_daily",
         "audit_address_activity_daily",
+        "audit_logins_daily",
     ] {
         let sql = format!("SELECT count(*) FROM {rollup}");
         assert_eq!(count(&pool, &sql).await, 0, "{rollup} after a truncate");

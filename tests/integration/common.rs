@@ -1126,6 +1126,7 @@ pub struct AggregateMismatches {
     pub actors_daily: i64,
     pub actor_activity_daily: i64,
     pub address_activity_daily: i64,
+    pub logins_daily: i64,
 }
 
 impl AggregateMismatches {
@@ -1217,12 +1218,27 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
     .fetch_one(pool)
     .await
     .unwrap();
+    let logins: (i64,) = sqlx::query_as(
+        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+                             actor_email, actor_type, ip_address, count(*) AS logins, \
+                             count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
+                             max(date_trunc('hour', timestamp, 'UTC')) AS last_hour \
+                      FROM audit_logs WHERE action_type = 'login' GROUP BY 1, 2, 3, 4, 5, 6), \
+              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
+                             logins, failed_logins, last_hour FROM audit_logins_daily) \
+         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
+                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
     AggregateMismatches {
         events_hourly: events.0,
         actors_hourly: actors.0,
         actors_daily: daily.0,
         actor_activity_daily: actor_activity.0,
         address_activity_daily: address_activity.0,
+        logins_daily: logins.0,
     }
 }
 
@@ -1230,7 +1246,8 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
 /// `audit_address_activity_between` (per address) and the pairs of every other actor
 /// (`audit_actor_pairs_between`, the actors without an e-mail among them) and of every other
 /// address (`audit_address_pairs_between`) disagree with `audit_actors_hourly`'s hours of the
-/// range grouped the same way (and filtered the same way).
+/// range grouped the same way (and filtered the same way); and the groups where
+/// `audit_logins_between` and those hours' pairs with logins disagree.
 const ACTIVITY_MISMATCHES: &str = "
 WITH hours AS (SELECT * FROM audit_actors_hourly WHERE bucket BETWEEN $1 AND $2),
      rolled_actors AS (
@@ -1278,7 +1295,15 @@ WITH hours AS (SELECT * FROM audit_actors_hourly WHERE bucket BETWEEN $1 AND $2)
        SELECT account_id, api_version, actor_email, actor_type, ip_address, sum(events),
               sum(failed_events), sum(logins), max(bucket)
        FROM hours, some_addresses WHERE ip_address = ANY (addresses)
-       GROUP BY 1, 2, 3, 4, 5)
+       GROUP BY 1, 2, 3, 4, 5),
+     rolled_logins AS (
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, sum(logins),
+              sum(failed_logins), max(last_login_hour)
+       FROM audit_logins_between($1, $2) GROUP BY 1, 2, 3, 4, 5),
+     hourly_logins AS (
+       SELECT account_id, api_version, actor_email, actor_type, ip_address, sum(logins),
+              sum(failed_logins), max(bucket)
+       FROM hours WHERE logins > 0 GROUP BY 1, 2, 3, 4, 5)
 SELECT (SELECT count(*) FROM ((SELECT * FROM rolled_actors EXCEPT ALL SELECT * FROM hourly_actors)
                   UNION ALL (SELECT * FROM hourly_actors EXCEPT ALL SELECT * FROM rolled_actors)) d)
      + (SELECT count(*) FROM ((SELECT * FROM rolled_actor_pairs EXCEPT ALL SELECT * FROM hourly_actor_pairs)
@@ -1286,7 +1311,9 @@ SELECT (SELECT count(*) FROM ((SELECT * FROM rolled_actors EXCEPT ALL SELECT * F
        (SELECT count(*) FROM ((SELECT * FROM rolled_addresses EXCEPT ALL SELECT * FROM hourly_addresses)
                   UNION ALL (SELECT * FROM hourly_addresses EXCEPT ALL SELECT * FROM rolled_addresses)) d)
      + (SELECT count(*) FROM ((SELECT * FROM rolled_address_pairs EXCEPT ALL SELECT * FROM hourly_address_pairs)
-                  UNION ALL (SELECT * FROM hourly_address_pairs EXCEPT ALL SELECT * FROM rolled_address_pairs)) d)
+                  UNION ALL (SELECT * FROM hourly_address_pairs EXCEPT ALL SELECT * FROM rolled_address_pairs)) d),
+       (SELECT count(*) FROM ((SELECT * FROM rolled_logins EXCEPT ALL SELECT * FROM hourly_logins)
+                  UNION ALL (SELECT * FROM hourly_logins EXCEPT ALL SELECT * FROM rolled_logins)) d)
 ";
 
 /// Ranges over the rows' own span, whole days and hours in the middle of days alike, where
@@ -1295,7 +1322,7 @@ SELECT (SELECT count(*) FROM ((SELECT * FROM rolled_actors EXCEPT ALL SELECT * F
 /// dashboards group them: `audit_actors_between` by actor and address,
 /// `audit_actor_activity_between` by actor, `audit_address_activity_between` by address, and
 /// `audit_actor_pairs_between` and `audit_address_pairs_between` for some actors and addresses
-/// by actor and address.
+/// by actor and address, `audit_logins_between` by actor and address.
 /// `(since, until, mismatched groups)` of every range that disagrees. Also checks that some
 /// range read whole days (a daily row's last hour is after its bucket; an hourly row's is its
 /// bucket).
@@ -1358,13 +1385,13 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> Vec<(String, String, i64)
         .fetch_one(pool)
         .await
         .unwrap();
-        let (actors, addresses): (i64, i64) = sqlx::query_as(ACTIVITY_MISMATCHES)
+        let (actors, addresses, logins): (i64, i64, i64) = sqlx::query_as(ACTIVITY_MISMATCHES)
             .bind(since)
             .bind(until)
             .fetch_one(pool)
             .await
             .unwrap();
-        let mismatched = mismatched + actors + addresses;
+        let mismatched = mismatched + actors + addresses + logins;
         read_days |= days > 0;
         if mismatched != 0 {
             wrong.push((since.to_rfc3339(), until.to_rfc3339(), mismatched));

@@ -426,14 +426,15 @@ const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 /// aside), and what they converted is restored (the overlap ids of events at and after each
 /// stream's checkpoint, the dead letters' text digest); the aggregates 9 and 12 recreated (12:
 /// tables kept by triggers, on plain PostgreSQL) are dropped here and created again as views by
-/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's, 14's and 15's daily
-/// rollups and their reading functions are dropped.
+/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's to 16's daily rollups and
+/// their reading functions are dropped.
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
 DROP FUNCTION audit_actors_between;
 DROP FUNCTION audit_actor_activity_between;
 DROP FUNCTION audit_address_activity_between;
 DROP FUNCTION audit_actor_pairs_between;
 DROP FUNCTION audit_address_pairs_between;
+DROP FUNCTION audit_logins_between;
 DROP FUNCTION cfaudit_create_reading_function;
 DROP FUNCTION cfaudit_last_day_is_whole;
 DROP FUNCTION cfaudit_first_whole_day;
@@ -444,6 +445,7 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
     DROP MATERIALIZED VIEW audit_actor_activity_daily;
     DROP MATERIALIZED VIEW audit_address_activity_daily;
+    DROP MATERIALIZED VIEW audit_logins_daily;
     DROP MATERIALIZED VIEW audit_actors_daily;
     DROP MATERIALIZED VIEW audit_events_hourly;
     DROP MATERIALIZED VIEW audit_actors_hourly;
@@ -452,6 +454,13 @@ BEGIN
     DROP TRIGGER audit_logs_roll_up_updated ON audit_logs;
     DROP TRIGGER audit_logs_roll_up_deleted ON audit_logs;
     DROP TRIGGER audit_logs_roll_up_truncated ON audit_logs;
+    DROP TRIGGER audit_logs_roll_up_logins_inserted ON audit_logs;
+    DROP TRIGGER audit_logs_roll_up_logins_updated ON audit_logs;
+    DROP TRIGGER audit_logs_roll_up_logins_deleted ON audit_logs;
+    DROP TRIGGER audit_logs_roll_up_logins_truncated ON audit_logs;
+    DROP FUNCTION cfaudit_roll_up_logins;
+    DROP FUNCTION cfaudit_recount_login_days;
+    DROP TABLE audit_logins_daily;
     DROP FUNCTION cfaudit_roll_up_rows;
     DROP FUNCTION cfaudit_recount_actor_and_address_days;
     DROP TABLE audit_actor_activity_daily;
@@ -742,10 +751,23 @@ async fn a_database_of_the_previous_release_upgrades_with_nothing_lost(cluster: 
             "{view} after the upgrade"
         );
     }
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT coalesce(sum(logins), 0)::bigint FROM audit_logins_daily WHERE api_version = 'v1'"
+        )
+        .await,
+        count(
+            &pool,
+            "SELECT count(*) FROM audit_logs WHERE api_version = 'v1' AND action_type = 'login'"
+        )
+        .await,
+        "audit_logins_daily after the upgrade"
+    );
     if timescale {
         assert_eq!(
             count(&pool, policies_sql).await,
-            policies + 3,
+            policies + 4,
             "policies intact, and the daily rollups' refresh policies added"
         );
         assert!(

@@ -269,7 +269,7 @@ async fn run_refresh_policies(pool: &sqlx::PgPool) {
     .await
     .unwrap();
     // In the order they were created: an aggregate built on another refreshes after it.
-    assert_eq!(policies.len(), 5, "a refresh policy per aggregate");
+    assert_eq!(policies.len(), 6, "a refresh policy per aggregate");
     for (view, start, end) in policies {
         let call = format!(
             "CALL refresh_continuous_aggregate('{view}', now() - '{start}'::interval, \
