@@ -32,6 +32,17 @@ async fn migrations_apply_twice_and_make_audit_logs_a_hypertable_with_one_day_ch
         aggregates, 2,
         "both hourly aggregates are continuous aggregates"
     );
+    // An index a migration dropped by name is gone here too, where an aggregate's indexes
+    // live outside the search path (and each chunk has a copy).
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_class WHERE relname LIKE '%audit_actors_daily_logins_idx'"
+        )
+        .await,
+        0,
+        "migration 14's index for the logins panel, dropped by 16 and 17"
+    );
     println!("timescaledb: audit_logs is a hypertable on {column}, chunks of {interval}");
     pool.close().await;
     db.drop_db().await;
