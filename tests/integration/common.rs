@@ -1136,37 +1136,32 @@ impl AggregateMismatches {
 }
 
 pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
-    let events: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
+    let events = differing_rows(
+        pool,
+        "SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              action_type, action_result, resource_type, resource_product, \
                              count(*) AS events \
-                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6, 7), \
-              agg AS (SELECT bucket, account_id, api_version, action_type, action_result, \
-                             resource_type, resource_product, events FROM audit_events_hourly) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6, 7",
+        "SELECT bucket, account_id, api_version, action_type, action_result, \
+                             resource_type, resource_product, events FROM audit_events_hourly",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let actors: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
+    .await;
+    let actors = differing_rows(
+        pool,
+        "SELECT date_trunc('hour', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              actor_email, actor_type, ip_address, count(*) AS events, \
                              count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
                              count(*) FILTER (WHERE action_type = 'login') AS logins, \
                              count(*) FILTER (WHERE action_type = 'login' \
                                                 AND action_result IN ('false', 'failure')) AS failed_logins \
-                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6), \
-              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
-                             events, failed_events, logins, failed_logins FROM audit_actors_hourly) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6",
+        "SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
+                             events, failed_events, logins, failed_logins FROM audit_actors_hourly",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let daily: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+    .await;
+    let daily = differing_rows(
+        pool,
+        "SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              actor_email, actor_type, ip_address, count(*) AS events, \
                              count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
                              count(*) FILTER (WHERE action_type = 'login') AS logins, \
@@ -1177,69 +1172,70 @@ pub async fn aggregate_mismatches(pool: &sqlx::PgPool) -> AggregateMismatches {
                                FILTER (WHERE action_result IN ('false', 'failure')) AS last_failure_hour, \
                              max(date_trunc('hour', timestamp, 'UTC')) \
                                FILTER (WHERE action_type = 'login') AS last_login_hour \
-                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6), \
-              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5, 6",
+        "SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
                              events, failed_events, logins, failed_logins, last_hour, \
-                             last_failure_hour, last_login_hour FROM audit_actors_daily) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+                             last_failure_hour, last_login_hour FROM audit_actors_daily",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let actor_activity: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+    .await;
+    let actor_activity = differing_rows(
+        pool,
+        "SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              actor_email, actor_type, count(*) AS events, \
                              count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
                              max(date_trunc('hour', timestamp, 'UTC')) AS last_hour, \
                              max(date_trunc('hour', timestamp, 'UTC')) \
                                FILTER (WHERE action_result IN ('false', 'failure')) AS last_failure_hour \
-                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5), \
-              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, events, \
+                      FROM audit_logs GROUP BY 1, 2, 3, 4, 5",
+        "SELECT bucket, account_id, api_version, actor_email, actor_type, events, \
                              failed_events, last_hour, last_failure_hour \
-                      FROM audit_actor_activity_daily) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+                      FROM audit_actor_activity_daily",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let address_activity: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+    .await;
+    let address_activity = differing_rows(
+        pool,
+        "SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              ip_address, count(*) AS events, \
                              count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
                              max(date_trunc('hour', timestamp, 'UTC')) AS last_hour \
-                      FROM audit_logs WHERE ip_address IS NOT NULL GROUP BY 1, 2, 3, 4), \
-              agg AS (SELECT bucket, account_id, api_version, ip_address, events, failed_events, \
-                             last_hour FROM audit_address_activity_daily) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+                      FROM audit_logs WHERE ip_address IS NOT NULL GROUP BY 1, 2, 3, 4",
+        "SELECT bucket, account_id, api_version, ip_address, events, failed_events, \
+                             last_hour FROM audit_address_activity_daily",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let logins: (i64,) = sqlx::query_as(
-        "WITH raw AS (SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
+    .await;
+    let logins = differing_rows(
+        pool,
+        "SELECT date_trunc('day', timestamp, 'UTC') AS bucket, account_id, api_version, \
                              actor_email, actor_type, ip_address, count(*) AS logins, \
                              count(*) FILTER (WHERE action_result IN ('false', 'failure')) AS failed, \
                              max(date_trunc('hour', timestamp, 'UTC')) AS last_hour \
-                      FROM audit_logs WHERE action_type = 'login' GROUP BY 1, 2, 3, 4, 5, 6), \
-              agg AS (SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
-                             logins, failed_logins, last_hour FROM audit_logins_daily) \
-         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
-                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d",
+                      FROM audit_logs WHERE action_type = 'login' GROUP BY 1, 2, 3, 4, 5, 6",
+        "SELECT bucket, account_id, api_version, actor_email, actor_type, ip_address, \
+                             logins, failed_logins, last_hour FROM audit_logins_daily",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    .await;
     AggregateMismatches {
-        events_hourly: events.0,
-        actors_hourly: actors.0,
-        actors_daily: daily.0,
-        actor_activity_daily: actor_activity.0,
-        address_activity_daily: address_activity.0,
-        logins_daily: logins.0,
+        events_hourly: events,
+        actors_hourly: actors,
+        actors_daily: daily,
+        actor_activity_daily: actor_activity,
+        address_activity_daily: address_activity,
+        logins_daily: logins,
     }
+}
+
+/// The rows in one query's result and not the other's, in either direction (as multisets).
+async fn differing_rows(pool: &sqlx::PgPool, raw: &str, agg: &str) -> i64 {
+    let sql = format!(
+        "WITH raw AS ({raw}), agg AS ({agg}) \
+         SELECT count(*) FROM ((SELECT * FROM raw EXCEPT ALL SELECT * FROM agg) \
+                     UNION ALL (SELECT * FROM agg EXCEPT ALL SELECT * FROM raw)) d"
+    );
+    let (rows,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    rows
 }
 
 /// Per range `[$1, $2]`: the groups where `audit_actor_activity_between` (per actor),

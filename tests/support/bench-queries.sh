@@ -80,13 +80,9 @@ SQL
     lo=$((hi + 1))
   done
   # TimescaleDB: every continuous aggregate over the whole range, as a long-running service has
-  # them (their refresh policies cover the last days; cfaudit refreshes the rest at start), in
-  # the order they were made: an aggregate on another after that one.
+  # them (their refresh policies cover the last days; cfaudit refreshes the rest at start).
   if [ "$(psql -X -At "$url" -c "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")" = 1 ]; then
-    for view in $(psql -X -At "$url" -c "SELECT view_name FROM timescaledb_information.continuous_aggregates \
-        ORDER BY substring(materialization_hypertable_name FROM '[0-9]+$')::int"); do
-      psql -X -q "$url" -c "CALL refresh_continuous_aggregate('$view', NULL, NULL)"
-    done
+    tests/support/refresh-aggregates.sh "$url"
   fi
   psql -X -q "$url" -c "VACUUM ANALYZE" -c "COMMENT ON TABLE audit_logs IS '$generator'"
   printf '   built in %s s; database %s\n' $((SECONDS - started)) \

@@ -104,10 +104,7 @@ PY
   # cfaudit refreshes at the end of its run; the same refresh, timed, for the second yardstick.
   local t2=$t1
   if [ "$(psql -X -At "$copy_url" -c "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")" = 1 ]; then
-    # Every continuous aggregate the migrations made, one CALL each (it refuses a transaction),
-    # in the order they were made: an aggregate on another after that one.
-    psql -X -At "$copy_url" -c "SELECT format('CALL refresh_continuous_aggregate(%L, NULL, now() + interval ''1 day'')', view_name) FROM timescaledb_information.continuous_aggregates ORDER BY substring(materialization_hypertable_name FROM '[0-9]+$')::int" \
-      | while read -r call; do psql -X -q "$copy_url" -c "$call"; done
+    "$(dirname "$0")/refresh-aggregates.sh" "$copy_url" "now() + interval '1 day'"
     t2=$(date +%s.%N)
   fi
   psql -q "$admin" -c "DROP DATABASE $copy_db WITH (FORCE)" 2>/dev/null
