@@ -192,7 +192,7 @@ impl Adapters {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let found = discover_accounts(&tokens, &HashMap::new()).await?;
-        let refresher = AggregateRefresher::start(&postgres).await?;
+        let refresher = AggregateRefresher::start(&postgres);
         let mut adapters = Adapters {
             accounts: Vec::new(),
             metrics,

@@ -286,47 +286,81 @@ impl Postgres {
         Ok(true)
     }
 
-    /// TimescaleDB only: materializes the aggregates over `[since, until)`, widened to whole
-    /// buckets (hours, days). Their refresh policy only looks at the last [`AGGREGATE_POLICY_DAYS`], so
-    /// rows written further back (a backfill, a replay) need this. Plain PostgreSQL's aggregates are
-    /// kept current by triggers. A failure loses nothing (the rows are committed): it is logged with the
-    /// command that fixes it.
+    /// Brings the dashboards' aggregates up to date after rows were written over
+    /// `[since, until)`. TimescaleDB: materializes the continuous aggregates over the range,
+    /// widened to whole buckets (hours, days); their refresh policy only looks at the last
+    /// [`AGGREGATE_POLICY_DAYS`], so rows written further back (a backfill, a replay) need
+    /// this. Plain PostgreSQL: folds the days written since the last fold into the daily
+    /// aggregates (the hourly ones are kept by triggers). A failure loses nothing (the rows are
+    /// committed): it is logged with the command that fixes it.
     pub async fn refresh_aggregates(&self, since: DateTime<Utc>, until: DateTime<Utc>) {
         match self.try_refresh_aggregates(Some(since), until).await {
-            Ok(true) => info!(%since, %until, "continuous aggregates refreshed over the range"),
+            Ok(true) => {
+                info!(%since, %until, "the dashboards' aggregates brought up to date over the range")
+            }
             Ok(false) => {}
-            Err(error) => warn!(%error, %since, %until, views = continuous_aggregate_names(),
-                "the dashboards' aggregates were not refreshed; run CALL refresh_continuous_aggregate(view, since, until) for each of the views, in that order"),
+            Err(error) => {
+                let fix = self.refresh_fix().await;
+                warn!(%error, %since, %until, fix, "the dashboards' aggregates were not brought up to date")
+            }
         }
     }
 
-    /// TimescaleDB only: brings the aggregates up to date everywhere their refresh
-    /// policy does not look (older than [`AGGREGATE_POLICY_DAYS`]). Once the policy has run,
-    /// the aggregates read as materialized everything before its window, so rows the live
-    /// stream commits there (its first catch-up, a late event reached by the safety lag) would
-    /// be missing from the dashboards. TimescaleDB recomputes only the hours that changed
-    /// since the last refresh, so a call with nothing new costs a few milliseconds.
+    /// Brings the aggregates up to date behind the writers. TimescaleDB: everywhere their
+    /// refresh policy does not look (older than [`AGGREGATE_POLICY_DAYS`]). Once the policy
+    /// has run, the aggregates read as materialized everything before its window, so rows the
+    /// live stream commits there (its first catch-up, a late event reached by the safety lag)
+    /// would be missing from the dashboards. TimescaleDB recomputes only the hours that
+    /// changed since the last refresh, so a call with nothing new costs a few milliseconds.
+    /// Plain PostgreSQL: folds the days written since the last fold (none: a fraction of a
+    /// millisecond).
     pub async fn refresh_settled_aggregates(&self) -> anyhow::Result<bool> {
         let until = Utc::now() - chrono::Duration::days(AGGREGATE_POLICY_DAYS);
         self.try_refresh_aggregates(None, until).await
     }
 
-    /// `false` on plain PostgreSQL. `since` `None` is the beginning of time.
+    /// What an operator runs to do what a failed refresh left undone.
+    pub async fn refresh_fix(&self) -> String {
+        match self.has_timescaledb().await {
+            Ok(false) => "SELECT cfaudit_fold_days() (until then the dashboards read the days not \
+                          folded hour by hour: exact, slower); the next refresh tries again"
+                .to_owned(),
+            _ => format!(
+                "CALL refresh_continuous_aggregate(view, NULL, now() - INTERVAL '{AGGREGATE_POLICY_DAYS} days') \
+                 for each of the views {}, in that order; the next run refreshes them",
+                continuous_aggregate_names()
+            ),
+        }
+    }
+
+    /// `false` when there was nothing to do (plain PostgreSQL, no day to fold). `since`
+    /// `None` is the beginning of time.
     async fn try_refresh_aggregates(
         &self,
         since: Option<DateTime<Utc>>,
         until: DateTime<Utc>,
     ) -> anyhow::Result<bool> {
-        if !self.has_timescaledb().await? {
-            return Ok(false);
-        }
+        let timescaledb = self.has_timescaledb().await?;
         // A connection of its own, not one of the pool's, which the writers and commits
-        // need meanwhile; without the timeout: materializing a long backlog can take longer
-        // than one statement of the pipeline may.
+        // need meanwhile; without the timeout: materializing or folding a long backlog can
+        // take longer than one statement of the pipeline may.
         let mut connection = sqlx::PgConnection::connect_with(&self.options).await?;
         sqlx::raw_sql("SET statement_timeout = 0; SET application_name = 'cfaudit refresh'")
             .execute(&mut connection)
             .await?;
+        if !timescaledb {
+            // The fold takes every day written since the last one, whatever the range.
+            let folded = sqlx::query_scalar::<_, i32>("SELECT cfaudit_fold_days()")
+                .fetch_one(&mut connection)
+                .await
+                .map_err(|error| {
+                    anyhow::Error::from(error).context("folding the daily aggregates")
+                });
+            let _ = connection.close().await;
+            let days = folded?;
+            debug!(days, "daily aggregates folded");
+            return Ok(days > 0);
+        }
         // Every view is asked even when one fails: the first failure is reported.
         let mut failed = None;
         for (view, hours) in CONTINUOUS_AGGREGATES {

@@ -1,9 +1,12 @@
-//! The dashboards' aggregates on plain PostgreSQL (hourly, and the daily actor rollup): tables
-//! that statement triggers on `audit_logs` keep current (TimescaleDB's continuous aggregates
-//! are tested in `timescaledb`). After a real run and after every kind of write that can reach
-//! `audit_logs` (racing writers on the same hours, rows moved between accounts, deletes, a
-//! truncate), they equal a GROUP BY over the table, group for group and count for count, and
-//! the panels' reading of whole days from the daily rollup equals their reading of the hours.
+//! The dashboards' aggregates on plain PostgreSQL (hourly, and the daily actor rollups):
+//! hourly tables that statement triggers on `audit_logs` keep current, daily ones folded from
+//! them by `cfaudit_fold_days()` (TimescaleDB's continuous aggregates are tested in
+//! `timescaledb`). After a real run and after every kind of write that can reach `audit_logs`
+//! (racing writers on the same hours with folds among them, rows moved between accounts and in
+//! time, deletes, a truncate): before the fold, the hourly tables equal a GROUP BY over the
+//! table and the panels' reading functions, reading the days not folded hour by hour, equal
+//! their reading of the hours; after it, every aggregate equals the GROUP BY, group for group
+//! and count for count, and so do the readings of whole days from the daily rollups.
 
 use crate::common::*;
 
@@ -50,15 +53,36 @@ async fn write_round(pool: &sqlx::PgPool, w: i32, round: i32) -> u32 {
     deadlocks
 }
 
-/// Every aggregate equals a GROUP BY over `audit_logs`, and the panels' reading of whole days
-/// from the daily rollup equals their reading of the hours.
-async fn assert_aggregates_exact(pool: &sqlx::PgPool, after: &str) {
+/// Before the fold, the hourly aggregates equal a GROUP BY over `audit_logs` and the panels'
+/// readings equal those of the hours, with `unfolded` days recorded (none: the run folded them
+/// at its end; some: the write recorded its days); after it, every aggregate equals the GROUP
+/// BY and the readings of whole days from the daily rollups equal those of the hours.
+async fn assert_aggregates_exact(pool: &sqlx::PgPool, after: &str, unfolded: bool) {
+    let days = count(pool, "SELECT count(*) FROM cfaudit_unfolded_days").await;
+    assert_eq!(days > 0, unfolded, "days to fold after {after}: {days}");
+    let before = aggregate_mismatches(pool).await;
+    assert_eq!(
+        (before.events_hourly, before.actors_hourly),
+        (0, 0),
+        "the hourly tables before the fold, after {after}"
+    );
+    assert_eq!(
+        unfolded_rollup_mismatches(pool).await,
+        [],
+        "the readings before the fold, after {after}"
+    );
+    let folded = count(pool, "SELECT cfaudit_fold_days()::bigint").await;
+    assert_eq!(folded > 0, unfolded, "days folded after {after}");
     assert_eq!(
         aggregate_mismatches(pool).await,
         AggregateMismatches::default(),
-        "after {after}"
+        "after {after} and the fold"
     );
-    assert_eq!(rollup_mismatches(pool).await, [], "after {after}");
+    assert_eq!(
+        rollup_mismatches(pool).await,
+        [],
+        "after {after} and the fold"
+    );
 }
 
 async fn sum_of_events(pool: &sqlx::PgPool) -> i64 {
@@ -83,9 +107,25 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     assert_eq!(kind.0, "r", "a table on plain PostgreSQL, not a view");
     let rows = count(&pool, "SELECT count(*) FROM audit_logs").await;
     assert_eq!(sum_of_events(&pool).await, rows);
-    assert_aggregates_exact(&pool, "the run").await;
+    assert_aggregates_exact(&pool, "the run", false).await;
 
-    // Four writers at once, ten rounds each, on the same hours.
+    // Four writers at once, ten rounds each, on the same hours, and a fold after another
+    // meanwhile, as cfaudit's refresher folds behind its writers.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let folder = {
+        let (pool, writing) = (pool.clone(), writing.clone());
+        actix_rt::spawn(async move {
+            let mut folds = 0;
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                sqlx::query("SELECT cfaudit_fold_days()")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                folds += 1;
+            }
+            folds
+        })
+    };
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let pool = pool.clone();
@@ -102,6 +142,9 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     for writer in writers {
         deadlocks += writer.await.unwrap();
     }
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let folds = folder.await.unwrap();
+    assert!(folds > 1, "folds among the writers: {folds}");
     let rows_now = count(&pool, "SELECT count(*) FROM audit_logs").await;
     assert_eq!(rows_now, rows + 4 * 10 * 10, "every new row once");
     assert!(
@@ -112,8 +155,18 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         .await
             > 0
     );
-    let after = format!("racing writers ({deadlocks} deadlocks retried)");
-    assert_aggregates_exact(&pool, &after).await;
+    // The writers' last statements may all have been folded: one more row makes sure that
+    // the readings are also checked with a day not folded.
+    sqlx::query(
+        "INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, action_type) \
+         SELECT 'after-the-race', max(timestamp), 'writer-0', 'racer@example.com', 'update' \
+         FROM audit_logs",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let after = format!("racing writers ({deadlocks} deadlocks retried, {folds} folds among them)");
+    assert_aggregates_exact(&pool, &after, true).await;
 
     // One statement swaps two rows of the same hour, actor and address between accounts: a
     // failed one leaves a group as a succeeded one joins it, so only its failures change.
@@ -137,7 +190,19 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     .execute(&pool)
     .await
     .unwrap();
-    assert_aggregates_exact(&pool, "a swap that changes failures only").await;
+    assert_aggregates_exact(&pool, "a swap that changes failures only", true).await;
+
+    // An operator moves rows in time, to another hour and day (the key changes: the
+    // statement's old and new rows share no key).
+    sqlx::query(
+        "UPDATE audit_logs SET timestamp = timestamp + INTERVAL '1 day 7 minutes' \
+         WHERE (timestamp, event_id) IN (SELECT timestamp, event_id FROM audit_logs \
+                                         ORDER BY timestamp, event_id LIMIT 25)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_aggregates_exact(&pool, "rows moved in time", true).await;
 
     // An operator's retention by hand, and an update that moves nothing.
     sqlx::query("DELETE FROM audit_logs WHERE timestamp < (SELECT min(timestamp) + interval '3 hours' FROM audit_logs)")
@@ -148,7 +213,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_aggregates_exact(&pool, "a delete").await;
+    assert_aggregates_exact(&pool, "a delete", true).await;
     assert_eq!(
         count(
             &pool,
@@ -177,7 +242,7 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     let replayed = cfaudit::cli::replay::replay(&h.config()).await.unwrap();
     assert_eq!(replayed.inserted as i64, rows);
     assert_eq!(sum_of_events(&pool).await, rows);
-    assert_aggregates_exact(&pool, "a replay").await;
+    assert_aggregates_exact(&pool, "a replay", false).await;
     println!(
         "aggregates: exact after a run of {rows} rows, 4 racing writers ({deadlocks} deadlocks \
          retried), a delete, a truncate and a replay"

@@ -426,8 +426,8 @@ const PREVIOUS_RELEASE_MIGRATIONS: i64 = 20260101000004;
 /// aside), and what they converted is restored (the overlap ids of events at and after each
 /// stream's checkpoint, the dead letters' text digest); the aggregates 9 and 12 recreated (12:
 /// tables kept by triggers, on plain PostgreSQL) are dropped here and created again as views by
-/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's to 16's daily rollups and
-/// their reading functions are dropped.
+/// migrations 2 and 4 ([`AGGREGATES_OF_PREVIOUS_RELEASE`]), and 13's to 16's daily rollups,
+/// their reading functions and 18's fold (plain PostgreSQL) are dropped.
 const DOWNGRADE_TO_PREVIOUS_RELEASE: &str = "
 DROP FUNCTION audit_actors_between;
 DROP FUNCTION audit_actor_activity_between;
@@ -450,18 +450,11 @@ BEGIN
     DROP MATERIALIZED VIEW audit_events_hourly;
     DROP MATERIALIZED VIEW audit_actors_hourly;
   ELSE
-    DROP TRIGGER audit_logs_roll_up_inserted ON audit_logs;
-    DROP TRIGGER audit_logs_roll_up_updated ON audit_logs;
-    DROP TRIGGER audit_logs_roll_up_deleted ON audit_logs;
-    DROP TRIGGER audit_logs_roll_up_truncated ON audit_logs;
-    DROP TRIGGER audit_logs_roll_up_logins_inserted ON audit_logs;
-    DROP TRIGGER audit_logs_roll_up_logins_updated ON audit_logs;
-    DROP TRIGGER audit_logs_roll_up_logins_deleted ON audit_logs;
-    DROP TRIGGER audit_logs_roll_up_logins_truncated ON audit_logs;
-    DROP FUNCTION cfaudit_roll_up_logins;
+    DROP FUNCTION cfaudit_fold_days;
+    DROP FUNCTION cfaudit_folded_days_end;
+    DROP TABLE cfaudit_unfolded_days;
     DROP FUNCTION cfaudit_recount_login_days;
     DROP TABLE audit_logins_daily;
-    DROP FUNCTION cfaudit_roll_up_rows;
     DROP FUNCTION cfaudit_recount_actor_and_address_days;
     DROP TABLE audit_actor_activity_daily;
     DROP TABLE audit_address_activity_daily;

@@ -1,17 +1,17 @@
-//! TimescaleDB's continuous aggregates kept materialized behind the writers, by one task per
-//! process.
+//! The dashboards' aggregates kept up to date behind the writers, by one task per process:
+//! TimescaleDB's continuous aggregates materialized, plain PostgreSQL's daily aggregates folded
+//! (`cfaudit_fold_days()`).
 //!
-//! Their refresh policy looks at the last few days only; older hours (a backfill, a first
-//! catch-up) used to be materialized once a sweep had ended, so a 200,000-event backfill
+//! TimescaleDB's refresh policy looks at the last few days only; older hours (a backfill, a
+//! first catch-up) used to be materialized once a sweep had ended, so a 200,000-event backfill
 //! waited about 3 s for it after its last commit (`make bench`). Refreshing while the writers
 //! go on spreads that work over the run, on a connection of its own (not the pool's), beside
-//! the writers; the refresh that ends a run finds little left. TimescaleDB recomputes only the
-//! hours written since the last refresh, so a refresh with nothing new costs a few
-//! milliseconds.
+//! the writers; the refresh that ends a run finds little left. Both recompute only what was
+//! written since the last refresh, so a refresh with nothing new costs a few milliseconds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, Notify};
 use tracing::warn;
@@ -21,8 +21,7 @@ use super::Postgres;
 /// Cheap to clone; every clone asks the same task.
 #[derive(Clone)]
 pub struct AggregateRefresher {
-    /// `None` on plain PostgreSQL, whose aggregates the triggers keep exact.
-    inner: Option<Arc<Inner>>,
+    inner: Arc<Inner>,
 }
 
 struct Inner {
@@ -43,11 +42,8 @@ impl Drop for Inner {
 }
 
 impl AggregateRefresher {
-    /// Starts the task where the database has TimescaleDB.
-    pub async fn start(postgres: &Postgres) -> anyhow::Result<AggregateRefresher> {
-        if !postgres.has_timescaledb().await? {
-            return Ok(AggregateRefresher { inner: None });
-        }
+    /// Starts the task.
+    pub fn start(postgres: &Postgres) -> AggregateRefresher {
         let wake = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             postgres: postgres.clone(),
@@ -60,37 +56,36 @@ impl AggregateRefresher {
             loop {
                 wake.notified().await;
                 let Some(inner) = task.upgrade() else { return };
+                let started = Instant::now();
                 inner.run(false).await;
                 drop(inner);
-                // Back to back, each refresh would recompute the day being written again.
-                tokio::time::sleep(REFRESH_GAP).await;
+                // Back to back, each refresh would recompute the day being written again; a
+                // long one (a busy day folded again) is followed by a pause four times as long.
+                tokio::time::sleep(REFRESH_GAP.max(started.elapsed() * 4)).await;
             }
         });
-        Ok(AggregateRefresher { inner: Some(inner) })
+        AggregateRefresher { inner }
     }
 
     /// Asks for a refresh in the background; requests made while one runs are served by one
     /// more after it.
     pub fn request(&self) {
-        if let Some(inner) = &self.inner {
-            inner.requested.fetch_add(1, Ordering::SeqCst);
-            inner.wake.notify_one();
-        }
+        self.inner.requested.fetch_add(1, Ordering::SeqCst);
+        self.inner.wake.notify_one();
     }
 
     /// Refreshes now, after the refresh under way, and returns once done: the end of a run,
     /// whose aggregates must read as the rows do. It covers the requests made before it, so
     /// none of them starts another refresh after it.
     pub async fn refresh(&self) {
-        if let Some(inner) = &self.inner {
-            inner.run(true).await;
-        }
+        self.inner.run(true).await;
     }
 }
 
 /// The least time between the end of one background refresh and the start of the next: the
 /// commits in between are served together, and the day being written is not recomputed
-/// after every batch. (On 2 cores, gaps of 0, 0.5 and 2 s gave backfill times within the
+/// after every batch. After a refresh that took longer than a quarter of this, the pause is
+/// four times its length: refreshing takes at most a fifth of the time. (On 2 cores, gaps of 0, 0.5 and 2 s gave backfill times within the
 /// run-to-run noise of each other.)
 const REFRESH_GAP: Duration = Duration::from_secs(1);
 
@@ -109,9 +104,13 @@ impl Inner {
             // Not done: the requests it was to serve are still owed.
             *covered = before;
             if always {
-                warn!(error = format!("{error:#}"), views = super::continuous_aggregate_names(), "the dashboards' aggregates older than their policy's window were not all refreshed; the next run refreshes them, or run CALL refresh_continuous_aggregate(view, NULL, now() - INTERVAL '3 days') for each of the views, in that order");
+                let fix = self.postgres.refresh_fix().await;
+                warn!(
+                    error = format!("{error:#}"),
+                    fix, "the dashboards' aggregates were not all brought up to date"
+                );
             } else {
-                warn!(error = format!("{error:#}"), retry_in = ?RETRY_AFTER, "could not refresh the dashboards' aggregates older than their policy's window; tried again");
+                warn!(error = format!("{error:#}"), retry_in = ?RETRY_AFTER, "could not bring the dashboards' aggregates up to date; tried again");
             }
             let wake = self.wake.clone();
             tokio::spawn(async move {
