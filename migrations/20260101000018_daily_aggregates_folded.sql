@@ -174,9 +174,12 @@ BEGIN
   $fn$;
 
   -- The reading functions read whole days up to cfaudit_folded_days_end, and hour by hour
-  -- from there: their text is that of migrations 15 and 16, with their two bounds rewritten
-  -- (one subquery each, evaluated once per query). A reading function made later on plain
-  -- PostgreSQL needs the same.
+  -- from there: their text is that of migrations 15 and 16, with their two bounds rewritten.
+  -- A plain call, not a subquery: the planner estimates a stable function's call with its
+  -- current value, and an index scan evaluates it once. As a subquery its value was unknown
+  -- to the planner, which then estimated 1,175 rows for 75,798 and sorted the logins panel's
+  -- 84,670 rows on disk instead of hashing them (30 days, 10 million rows: 170-290 ms
+  -- against 100-190). A reading function made later on plain PostgreSQL needs the same.
   FOR reader IN
     SELECT p.oid::regprocedure FROM pg_proc p
     WHERE p.proname IN ('audit_actors_between', 'audit_actor_pairs_between',
@@ -188,9 +191,9 @@ BEGIN
     EXECUTE replace(replace(pg_get_functiondef(reader),
       'r.bucket < cfaudit_whole_days_end(until)',
       'r.bucket < cfaudit_whole_days_end(until) '
-      'AND r.bucket < (SELECT cfaudit_folded_days_end(since, until))'),
+      'AND r.bucket < cfaudit_folded_days_end(since, until)'),
       'greatest(cfaudit_first_whole_day(since), cfaudit_whole_days_end(until))',
-      'greatest(cfaudit_first_whole_day(since), (SELECT cfaudit_folded_days_end(since, until)))');
+      'greatest(cfaudit_first_whole_day(since), cfaudit_folded_days_end(since, until))');
   END LOOP;
   -- Each reader names the bound twice, or its text was not the one expected.
   IF EXISTS (SELECT 1 FROM pg_proc

@@ -341,6 +341,15 @@ impl Postgres {
         until: DateTime<Utc>,
     ) -> anyhow::Result<bool> {
         let timescaledb = self.has_timescaledb().await?;
+        // Plain PostgreSQL: nothing to fold (an idle service's every sweep asks) costs one
+        // query on the pool, not a connection.
+        if !timescaledb
+            && !sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM cfaudit_unfolded_days)")
+                .fetch_one(&self.pool)
+                .await?
+        {
+            return Ok(false);
+        }
         // A connection of its own, not one of the pool's, which the writers and commits
         // need meanwhile; without the timeout: materializing or folding a long backlog can
         // take longer than one statement of the pipeline may.
