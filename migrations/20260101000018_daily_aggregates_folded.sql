@@ -18,6 +18,19 @@
 DO $$
 DECLARE
   reader REGPROCEDURE;
+  definition TEXT;
+  parts TEXT[];
+  -- The parts of a reading function's text the rewrite below looks for and adds.
+  whole_days CONSTANT TEXT := 'r.bucket < cfaudit_whole_days_end(until)';
+  hours_after CONSTANT TEXT :=
+    'r.bucket >= greatest(cfaudit_first_whole_day(since), cfaudit_whole_days_end(until))';
+  in_range CONSTANT TEXT := 'r.bucket >= since AND r.bucket <= until';
+  not_last_day CONSTANT TEXT := 'NOT \(SELECT cfaudit_last_day_is_whole\([^)]*\)\)';
+  folded_end CONSTANT TEXT := '(SELECT cfaudit_folded_days_end(since, until))';
+  folded_all CONSTANT TEXT :=
+    '(SELECT cfaudit_folded_days_end(since, until) = cfaudit_whole_days_end(until))';
+  folded_some CONSTANT TEXT :=
+    '(SELECT cfaudit_folded_days_end(since, until) < cfaudit_whole_days_end(until))';
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
     RETURN;
@@ -174,12 +187,21 @@ BEGIN
   $fn$;
 
   -- The reading functions read whole days up to cfaudit_folded_days_end, and hour by hour
-  -- from there: their text is that of migrations 15 and 16, with their two bounds rewritten.
-  -- A plain call, not a subquery: the planner estimates a stable function's call with its
-  -- current value, and an index scan evaluates it once. As a subquery its value was unknown
-  -- to the planner, which then estimated 1,175 rows for 75,798 and sorted the logins panel's
-  -- 84,670 rows on disk instead of hashing them (30 days, 10 million rows: 170-290 ms
-  -- against 100-190). A reading function made later on plain PostgreSQL needs the same.
+  -- from there. Their text is that of migrations 15 and 16, four parts joined by UNION ALL
+  -- (whole days from the daily aggregate, the day holding `until` from it, the hours before
+  -- the first whole day, the hours after the whole days), made six:
+  -- * the whole days as before, when none of them waits for a fold;
+  -- * otherwise the whole days up to the first one waiting, from the daily aggregate,
+  -- * and the hours from there to the end of the whole days, from the hourly one.
+  -- Each condition on the fold is a subquery (evaluated once per query) that names no row, so
+  -- PostgreSQL plans it as a gate and estimates the usual case with constant bounds; the two
+  -- parts for days waiting are bounded by subqueries only, which it estimates as a narrow
+  -- range (its estimates add up every part, gated or not, and decide whether a panel hashes
+  -- or sorts its rows). A bound per row on the fold in the usual case was estimated blind (a
+  -- subquery: 1,175 of 75,798 rows, and the logins panel sorted on disk instead of hashing) or
+  -- evaluated for every row where a bitmap scan rechecks its conditions (a stable call: the
+  -- top actors' pairs, 53,000 calls, 450 ms). A reading function made later on plain
+  -- PostgreSQL needs the same.
   FOR reader IN
     SELECT p.oid::regprocedure FROM pg_proc p
     WHERE p.proname IN ('audit_actors_between', 'audit_actor_pairs_between',
@@ -188,19 +210,30 @@ BEGIN
       AND p.pronamespace = 'public'::regnamespace
       AND pg_get_functiondef(p.oid) NOT LIKE '%cfaudit_folded_days_end%'
   LOOP
-    EXECUTE replace(replace(pg_get_functiondef(reader),
-      'r.bucket < cfaudit_whole_days_end(until)',
-      'r.bucket < cfaudit_whole_days_end(until) '
-      'AND r.bucket < cfaudit_folded_days_end(since, until)'),
-      'greatest(cfaudit_first_whole_day(since), cfaudit_whole_days_end(until))',
-      'greatest(cfaudit_first_whole_day(since), cfaudit_folded_days_end(since, until))');
+    definition := pg_get_functiondef(reader);
+    parts := string_to_array(split_part(definition, '$function$', 2), 'UNION ALL');
+    IF cardinality(parts) <> 4 OR strpos(parts[1], whole_days) = 0
+       OR strpos(parts[4], hours_after) = 0 OR strpos(parts[4], in_range) = 0
+       OR parts[4] !~ not_last_day THEN
+      RAISE EXCEPTION 'reading function % is not the text migration 18 expects', reader;
+    END IF;
+    EXECUTE split_part(definition, '$function$', 1) || '$function$' || array_to_string(ARRAY[
+      replace(parts[1], whole_days, whole_days || ' AND ' || folded_all),
+      replace(parts[1], whole_days, 'r.bucket < ' || folded_end || ' AND ' || folded_some),
+      parts[2],
+      parts[3],
+      parts[4],
+      regexp_replace(replace(replace(parts[4], hours_after, 'true'), in_range,
+                             'r.bucket >= ' || folded_end
+                             || ' AND r.bucket < (SELECT cfaudit_whole_days_end(until))'),
+                     not_last_day, folded_some)], 'UNION ALL') || '$function$';
   END LOOP;
-  -- Each reader names the bound twice, or its text was not the one expected.
+  -- Each reader names the fold's bound five times, or it was not rewritten.
   IF EXISTS (SELECT 1 FROM pg_proc
              WHERE pronamespace = 'public'::regnamespace AND proname LIKE 'audit\_%\_between'
                AND prosrc LIKE '%cfaudit_whole_days_end%'
                AND (length(prosrc) - length(replace(prosrc, 'cfaudit_folded_days_end', '')))
-                   <> 2 * length('cfaudit_folded_days_end')) THEN
+                   <> 5 * length('cfaudit_folded_days_end')) THEN
     RAISE EXCEPTION 'a reading function was not rewritten to read unfolded days hour by hour';
   END IF;
 END

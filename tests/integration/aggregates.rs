@@ -169,12 +169,15 @@ async fn plain_aggregates_equal_a_group_by_after_every_kind_of_write() {
     assert_aggregates_exact(&pool, &after, true).await;
 
     // One statement swaps two rows of the same hour, actor and address between accounts: a
-    // failed one leaves a group as a succeeded one joins it, so only its failures change.
+    // failed one leaves a group as a succeeded one joins it, so only its failures change. In
+    // the middle of the rows' days: the readings take the days before from the daily
+    // aggregates and the rest hour by hour.
     sqlx::query(
         "INSERT INTO audit_logs (event_id, timestamp, account_id, actor_email, action_type, \
                                  action_result, ip_address) \
          SELECT id, t, acc, 'swapper@example.com', 'login', result, '10.9.9.9' \
-         FROM (SELECT date_trunc('hour', max(timestamp)) AS hour FROM audit_logs) h, \
+         FROM (SELECT date_trunc('hour', min(timestamp) + (max(timestamp) - min(timestamp)) / 2) AS hour \
+               FROM audit_logs) h, \
               (VALUES ('swap-a', 'acct-x', 'failure', 1), ('swap-b', 'acct-y', 'success', 2)) \
                 AS v(id, acc, result, second), \
               LATERAL (SELECT h.hour + make_interval(secs => v.second) AS t) s",
