@@ -2,7 +2,7 @@
 -- are no longer updated by every statement that writes audit_logs. Each statement records the
 -- UTC days it changed in cfaudit_unfolded_days; cfaudit_fold_days() computes those days again
 -- from the hourly table, which the triggers still keep exact in every statement. cfaudit calls
--- it behind its writers (at most once a second) and at the end of a run, as it refreshes
+-- it behind its writers (a second apart at least) and at the end of a run, as it refreshes
 -- TimescaleDB's continuous aggregates.
 -- Why: a batch's rows hardly share an actor and address pair, so every statement updated
 -- about one daily row per row written, twice more for the rollups: 150 statements of 1,000
