@@ -6,8 +6,9 @@
 //! first catch-up) used to be materialized once a sweep had ended, so a 200,000-event backfill
 //! waited about 3 s for it after its last commit (`make bench`). Refreshing while the writers
 //! go on spreads that work over the run, on a connection of its own (not the pool's), beside
-//! the writers; the refresh that ends a run finds little left. Both recompute only what was
-//! written since the last refresh, so a refresh with nothing new costs a few milliseconds.
+//! the writers; the refresh that ends a run finds little left. Both work only on what was
+//! written since the last refresh (TimescaleDB its hours, the fold its days, each whole), so
+//! a refresh with nothing new costs a few milliseconds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -96,8 +97,9 @@ impl AggregateRefresher {
 /// The least time between the end of one background refresh and the start of the next: the
 /// commits in between are served together, and the day being written is not recomputed
 /// after every batch. On plain PostgreSQL, after a fold that took longer than a quarter of
-/// this, the pause is four times its length: folding takes at most a fifth of the time. (On 2 cores, gaps of 0, 0.5 and 2 s gave backfill times within the
-/// run-to-run noise of each other.)
+/// this, the pause is four times its length: folding takes at most a fifth of the time.
+/// (On 2 cores, gaps of 0, 0.5 and 2 s gave backfill times within the run-to-run noise of
+/// each other.)
 const REFRESH_GAP: Duration = Duration::from_secs(1);
 
 /// After a refresh that failed, the next is tried this much later (or at the next commit).
