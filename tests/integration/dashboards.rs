@@ -407,9 +407,16 @@ async fn panels_show_the_counts(h: Harness) {
     type Tally = (u64, u64, BTreeSet<String>, BTreeSet<String>);
     let mut by_actor: BTreeMap<String, Tally> = BTreeMap::new();
     let mut by_ip: BTreeMap<String, Tally> = BTreeMap::new();
+    // An actor's distinct types (the panel lists them comma-separated, in the database's
+    // collation order).
+    let mut actor_types: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for r in &truth {
         let failed = is_failed(r);
         let ip = text(r, "ip_address");
+        actor_types
+            .entry(actor_of(r))
+            .or_default()
+            .insert(text(r, "actor_type").unwrap_or_else(|| "unknown".into()));
         let actor = by_actor.entry(actor_of(r)).or_default();
         actor.0 += 1;
         actor.1 += u64::from(failed);
@@ -436,9 +443,16 @@ async fn panels_show_the_counts(h: Harness) {
     let shown = panel_rows(&pool, "Top actors", ALL_VERSIONS).await;
     for row in &shown {
         let (events, failed, ips, _) = &by_actor[&row[0]];
+        let mut types: Vec<&str> = row[1].split(", ").collect();
+        types.sort_unstable();
         assert_eq!(
-            (number(row, 2), number(row, 3), number(row, 4)),
-            (*events, *failed, ips.len() as u64),
+            (types, number(row, 2), number(row, 3), number(row, 4)),
+            (
+                actor_types[&row[0]].iter().map(String::as_str).collect(),
+                *events,
+                *failed,
+                ips.len() as u64
+            ),
             "top actor {}",
             row[0]
         );
