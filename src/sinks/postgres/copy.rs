@@ -80,15 +80,23 @@ fn text(out: &mut Vec<u8>, value: Option<&str>) {
         out.extend_from_slice(NULL);
         return;
     };
-    for &byte in value.as_bytes() {
-        match byte {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(byte),
-        }
+    // Copied a run at a time between the bytes to escape: pushed one byte at a time, this was
+    // the largest share of cfaudit's CPU after compression (the raw events are most of a row).
+    let bytes = value.as_bytes();
+    let mut copied = 0;
+    for (at, &byte) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match byte {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[copied..at]);
+        out.extend_from_slice(escaped);
+        copied = at + 1;
     }
+    out.extend_from_slice(&bytes[copied..]);
 }
 
 /// Microseconds as the INSERT's binding counts them (a different value would be another key):
@@ -120,7 +128,7 @@ mod tests {
                 + chrono::Duration::nanoseconds(123_456_789),
             account_id: "acc".into(),
             api_version: ApiVersion::V2,
-            actor_email: Some("a\tb\nc\rd".into()),
+            actor_email: Some("\ta\tb\nc\rd\\".into()),
             actor_type: None,
             action_type: Some("login".into()),
             action_result: None,
@@ -151,7 +159,7 @@ mod tests {
         assert_eq!(at("event_id"), "id\\\\1");
         // Truncated, not rounded: 123,456,789 ns is 123,456 µs.
         assert_eq!(at("timestamp"), "2026-05-01 10:00:00.123456+00");
-        assert_eq!(at("actor_email"), "a\\tb\\nc\\rd");
+        assert_eq!(at("actor_email"), "\\ta\\tb\\nc\\rd\\\\");
         assert_eq!(at("actor_type"), "\\N");
         // Data that reads like NULL is escaped into text.
         assert_eq!(at("resource_id"), "\\\\N");
