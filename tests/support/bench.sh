@@ -15,6 +15,14 @@
 set -euo pipefail
 bin=target/release/cfaudit
 events=${BENCH_EVENTS:-200000}
+# BENCH_ROUNDS (2) rounds of each backfill and of its yardstick, alternating; the figures take
+# the best of each (the machine's noise moves single runs by 10-20 %, either way), and the
+# largest peak RSS.
+rounds=${BENCH_ROUNDS:-2}
+if ! [ "$rounds" -ge 1 ] 2>/dev/null; then
+  echo "BENCH_ROUNDS is '$rounds': set it to a whole number of rounds, 1 or more" >&2
+  exit 1
+fi
 port=${BENCH_EMULATOR_PORT:-18788}
 db=cfaudit_bench
 out=data/bench
@@ -62,11 +70,6 @@ export LOG_FORMAT=json RUST_LOG=warn
 # 5 minutes plus a burst of 100, kept below Cloudflare's limit) sets the pace after 100 pages.
 # BENCH_BUDGET=1000 measures a backfill as it runs against the real API.
 export CLOUDFLARE_REQUESTS_PER_5_MINUTES=${BENCH_BUDGET:-1000000} CLOUDFLARE_REQUEST_BURST=${BENCH_BURST:-1000}
-
-# BENCH_ROUNDS (2) rounds of each backfill and of its yardstick, alternating; the figures take
-# the best of each (the machine's noise moves single runs by 10-20 %, either way), and the
-# largest peak RSS.
-rounds=${BENCH_ROUNDS:-2}
 
 # BENCH_ROUNDS backfills of the emulator's events of API version $3, each into a fresh database
 # of the cluster at $1 (a URL of its maintenance database) and a fresh dataset folder, each
