@@ -75,6 +75,9 @@ export CLOUDFLARE_REQUESTS_PER_5_MINUTES=${BENCH_BUDGET:-1000000} CLOUDFLARE_REQ
 # of the cluster at $1 (a URL of its maintenance database) and a fresh dataset folder, each
 # followed by its yardstick; prints its figures under label $2 and leaves the best wall time in
 # $seconds and the largest peak RSS in $rss_kb.
+# The least of the numbers given, the empty ones left out (the first round has no best yet).
+least() { python3 -c "import sys; print(min(float(x) for x in sys.argv[1:] if x))" "$@"; }
+
 bench_once() {
   local admin=$1 label=$2 version=$3 url round run_seconds run_rss_kb
   local copy_db=${db}_copy copy_url t0 t1 t2 copy= refreshed=
@@ -104,7 +107,7 @@ print(f"wall time:          {seconds:.1f} s")
 print(f"throughput:         {rows / seconds:,.0f} events/s")
 print(f"peak RSS:           {rss_kb / 1024:.1f} MiB")
 PY
-    seconds=$(python3 -c "import sys; print(min(float(x) for x in sys.argv[1:] if x))" "$run_seconds" "$seconds")
+    seconds=$(least "$run_seconds" "$seconds")
     [ "$run_rss_kb" -gt "$rss_kb" ] && rss_kb=$run_rss_kb
     # The database's own bulk load: the rows cfaudit stored, exported and loaded by psql's
     # \copy into a fresh table of the same schema (indexes and triggers included).
@@ -122,8 +125,8 @@ PY
     psql -q "$admin" -c "DROP DATABASE $copy_db WITH (FORCE)" 2>/dev/null
     rm -f "$out/rows.copy"
     python3 -c "import sys; t0, t1, t2 = map(float, sys.argv[1:]); print(f'psql \\\\copy, same rows: {t1 - t0:.1f} s   and the aggregates\' refresh: {t2 - t1:.1f} s')" "$t0" "$t1" "$t2"
-    copy=$(python3 -c "import sys; print(min(float(x) for x in sys.argv[1:] if x))" "$(python3 -c "print($t1 - $t0)")" "$copy")
-    refreshed=$(python3 -c "import sys; print(min(float(x) for x in sys.argv[1:] if x))" "$(python3 -c "print($t2 - $t0)")" "$refreshed")
+    copy=$(least "$(python3 -c "print($t1 - $t0)")" "$copy")
+    refreshed=$(least "$(python3 -c "print($t2 - $t0)")" "$refreshed")
   done
   python3 - "$out/summary.json" "$seconds" "$rss_kb" "$copy" "$refreshed" "$label" "$figures" "$rounds" <<'PY'
 import json, sys
