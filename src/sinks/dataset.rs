@@ -80,6 +80,10 @@ pub const DETAIL_TEXT: [(&str, DetailField, DetailSetter); 13] = [
     ),
 ];
 
+/// The text columns whose every value is its own (one event's): a dictionary of them only
+/// costs the writer hashing every value, and the file a dictionary as large as the column.
+pub const DISTINCT_TEXT: [&str; 4] = ["event_id", "metadata", "raw_event", "raw_cf_ray_id"];
+
 /// The Parquet schema of the original spec plus `raw_event` (replay needs it), then the
 /// columns of both API versions.
 pub fn schema() -> SchemaRef {

@@ -25,6 +25,7 @@ use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, R
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 pub struct ParquetLake {
     store: Arc<dyn ObjectStore>,
@@ -107,8 +108,15 @@ impl ParquetLake {
         } else {
             Path::from(format!("{}.staging", root.as_ref()))
         };
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        let props = crate::sinks::dataset::DISTINCT_TEXT
+            .iter()
+            .fold(
+                WriterProperties::builder()
+                    .set_compression(Compression::ZSTD(ZstdLevel::default())),
+                |props, column| {
+                    props.set_column_dictionary_enabled(ColumnPath::from(*column), false)
+                },
+            )
             .build();
         ParquetLake {
             store,

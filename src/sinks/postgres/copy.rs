@@ -106,8 +106,17 @@ fn time(out: &mut Vec<u8>, at: DateTime<Utc>) {
     let at = (at - epoch)
         .num_microseconds()
         .map_or(at, |micros| epoch + chrono::Duration::microseconds(micros));
-    write!(out, "{}", at.format("%Y-%m-%d %H:%M:%S%.6f+00")).expect("writing to a Vec");
+    write!(out, "{}", at.format_with_items(TIME_FORMAT.iter())).expect("writing to a Vec");
 }
+
+/// The text of a `timestamptz`, parsed once: `format` with the string parses it at every call,
+/// two per row (a sixth of the row's encoding in a profile).
+static TIME_FORMAT: std::sync::LazyLock<Vec<chrono::format::Item<'static>>> =
+    std::sync::LazyLock::new(|| {
+        chrono::format::StrftimeItems::new("%Y-%m-%d %H:%M:%S%.6f+00")
+            .parse_to_owned()
+            .expect("a valid format")
+    });
 
 /// 2000-01-01T00:00:00Z in Unix seconds, PostgreSQL's epoch.
 const POSTGRES_EPOCH: i64 = 946_684_800;
