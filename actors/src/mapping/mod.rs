@@ -426,8 +426,8 @@ mod tests {
             format!(r#"{{"id":" ","when":"{t}"}}"#),
             format!(r#"{{"id":{{"x":1}},"when":"{t}"}}"#),
             format!(r#"{{"id":null,"when":"{t}"}}"#),
-            format!(r#"{{"id":"a","when":null,"action":{{"time":null}}}}"#),
-            format!(r#"{{"id":"a","when":5,"action":{{"time":false}}}}"#),
+            r#"{"id":"a","when":null,"action":{"time":null}}"#.into(),
+            r#"{"id":"a","when":5,"action":{"time":false}}"#.into(),
             format!(r#"{{"id":"a","when":"{t}","action":"{t}"}}"#),
             format!(r#"{{"id":"a","when":"yesterday","action":{{"time":"{t}"}}}}"#),
             format!(
