@@ -443,6 +443,36 @@ mod tests {
                 "[".repeat(120),
                 "]".repeat(120)
             ),
+            // escaped member names are the same names
+            format!(
+                r#"{{"\u0069d":"a","when":"{t}","actor":{{"\u0065mail":"x@y","type":"user"}}}}"#
+            ),
+            format!(
+                r#"{{"id":"a","when":"{t}","action":{{"ti\u006de":"{t}"}},"raw":{{"status_\u0063ode":500}}}}"#
+            ),
+            // nesting up to serde_json's limit (128 levels) and one past it, in the values
+            // that are kept as well as in skipped ones
+            nested(
+                &format!(r#"{{"id":"a","when":"{t}","action":{{"time":"{t}","result":"#),
+                125,
+            ),
+            nested(
+                &format!(r#"{{"id":"a","when":"{t}","action":{{"time":"{t}","result":"#),
+                126,
+            ),
+            nested(
+                &format!(r#"{{"id":"a","when":"{t}","actor":{{"email":"#),
+                126,
+            ),
+            nested(
+                &format!(r#"{{"id":"a","when":"{t}","actor":{{"email":"#),
+                127,
+            ),
+            nested(&format!(r#"{{"id":"a","when":"{t}","metadata":"#), 126),
+            nested(&format!(r#"{{"id":"a","when":"{t}","metadata":"#), 127),
+            nested(&format!(r#"{{"id":"a","when":"{t}","metadata":"#), 128),
+            nested(&format!(r#"{{"id":"a","when":"{t}","other":"#), 127),
+            nested(&format!(r#"{{"id":"a","when":"{t}","other":"#), 128),
             r#"[1,2]"#.into(),
             r#""text""#.into(),
             "null".into(),
@@ -453,6 +483,25 @@ mod tests {
         for raw in &cases {
             agree(raw);
         }
+        // the limit is reached in both directions, so the cases above test it
+        let deepest = |prefix: &str, depth| {
+            map_v1(&nested(prefix, depth), "acc", chrono::DateTime::UNIX_EPOCH)
+        };
+        let metadata = format!(r#"{{"id":"a","when":"{t}","metadata":"#);
+        assert!(deepest(&metadata, 126).is_ok());
+        assert!(deepest(&metadata, 128).is_err());
+    }
+
+    /// `prefix` (which opens as many objects as it leaves open) and `depth` arrays nested in
+    /// one another, every object and array closed.
+    fn nested(prefix: &str, depth: usize) -> String {
+        let open = prefix.matches('{').count() - prefix.matches('}').count();
+        format!(
+            "{prefix}{}{}{}",
+            "[".repeat(depth),
+            "]".repeat(depth),
+            "}".repeat(open)
+        )
     }
 
     /// The one text the two read differently: serde_json's tree takes the member named by its
@@ -471,6 +520,7 @@ mod tests {
     #[test]
     fn random_events_map_as_the_whole_tree_does() {
         use rand::rngs::StdRng;
+        use rand::seq::SliceRandom;
         use rand::{Rng, SeedableRng};
 
         fn string(rng: &mut StdRng) -> String {
@@ -582,11 +632,14 @@ mod tests {
                 let name = TOP[rng.random_range(0..TOP.len())];
                 members.push(member(&mut rng, name));
             }
-            let len = members.len();
-            members[..len].rotate_left(rng.random_range(0..len) % 2);
+            members.shuffle(&mut rng);
             let mut raw = format!("{{{}}}", members.join(","));
             if rng.random_bool(0.02) {
-                raw.truncate(rng.random_range(0..raw.len()));
+                let mut at = rng.random_range(0..raw.len());
+                while !raw.is_char_boundary(at) {
+                    at -= 1;
+                }
+                raw.truncate(at);
             }
             agree(&raw);
             mapped +=

@@ -7,8 +7,12 @@
 //! same parser reads every value, skipped ones too, numbers and escapes checked alike), and
 //! reads what a lookup in that tree would: a member given twice is its last, a member of
 //! something that is not an object is absent. (One exception, by design: a member named by
-//! serde_json's private raw-value token is a member like any other here, where the tree would
-//! parse its string as the object's whole text.)
+//! serde_json's private raw-value token is a member like any other in the objects read here
+//! and in skipped values, where the tree would parse its string as the object's whole text;
+//! values kept as trees, v1's `metadata` and object-valued columns, still follow the tree's
+//! rule. Only valid JSON is accepted either way.) The tests compare both on every kind of
+//! text, so a serde_json feature that changed how values arrive (`arbitrary_precision`
+//! sends numbers as maps) would fail them.
 
 use std::borrow::Cow;
 use std::fmt;
