@@ -282,6 +282,19 @@ mod tests {
         assert_eq!(rows_from(&batch).unwrap(), vec![v1, v2]);
     }
 
+    /// The writer's per-column settings name columns by text, and a name that is not one is
+    /// silently ignored: each of these must be a text column of the schema.
+    #[test]
+    fn the_columns_without_a_dictionary_are_text_columns_of_the_schema() {
+        let schema = schema();
+        for name in DISTINCT_TEXT {
+            let field = schema
+                .field_with_name(name)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(field.data_type(), &DataType::Utf8, "{name}");
+        }
+    }
+
     /// A file from before the v2 columns: its rows are v1 rows, the added columns empty.
     #[test]
     fn a_batch_without_the_added_columns_reads_as_v1() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
 
-use read::{Event, Scalar};
+use read::{kind, Event, Scalar};
 
 use crate::event::{ApiVersion, AuditRow, DeadLetter, EventDetail};
 
@@ -245,17 +245,6 @@ pub fn parse_when(when: &str) -> Result<DateTime<Utc>, Rejection> {
         .map_err(|e| format!("`when` {when:?} is not an RFC 3339 timestamp: {e}"))
 }
 
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,7 +254,8 @@ mod tests {
     mod by_tree {
         use serde_json::{Map, Value};
 
-        use super::super::{escape_nul, kind, parse_when, Rejection};
+        use super::super::read::kind;
+        use super::super::{escape_nul, parse_when, Rejection};
         use crate::event::{ApiVersion, AuditRow, EventDetail};
 
         pub fn map_event(version: ApiVersion, raw: &str) -> Result<AuditRow, Rejection> {

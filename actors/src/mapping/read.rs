@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::event::ApiVersion;
 
 /// One member's value as the mapping needs it.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub(super) enum Scalar<'a> {
     Null,
     Text(Cow<'a, str>),
@@ -116,31 +116,51 @@ impl<'de> DeserializeSeed<'de> for TopSeed {
     }
 }
 
+/// What each kind of JSON value is called in a rejection ("… is a number instead of a string").
+const NULL: &str = "null";
+const BOOLEAN: &str = "a boolean";
+const NUMBER: &str = "a number";
+const STRING: &str = "a string";
+const ARRAY: &str = "an array";
+const OBJECT: &str = "an object";
+
+/// What `value` is called in a rejection.
+pub(super) fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => NULL,
+        Value::Bool(_) => BOOLEAN,
+        Value::Number(_) => NUMBER,
+        Value::String(_) => STRING,
+        Value::Array(_) => ARRAY,
+        Value::Object(_) => OBJECT,
+    }
+}
+
 /// The visitor methods for every value but an object, each answering `self.not_object(kind)`
 /// with what the value is called in a rejection (an array is read to its end first).
 macro_rules! not_an_object {
     () => {
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(self.not_object("a boolean"))
+            Ok(self.not_object(BOOLEAN))
         }
         fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(self.not_object("a number"))
+            Ok(self.not_object(NUMBER))
         }
         fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(self.not_object("a number"))
+            Ok(self.not_object(NUMBER))
         }
         fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(self.not_object("a number"))
+            Ok(self.not_object(NUMBER))
         }
         fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(self.not_object("a string"))
+            Ok(self.not_object(STRING))
         }
         fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(self.not_object("null"))
+            Ok(self.not_object(NULL))
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             while seq.next_element::<Checked>()?.is_some() {}
-            Ok(self.not_object("an array"))
+            Ok(self.not_object(ARRAY))
         }
     };
 }
