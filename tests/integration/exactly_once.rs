@@ -153,6 +153,76 @@ async fn events_postgresql_cannot_store_become_dead_letters_and_the_rest_lands()
     h.finish().await;
 }
 
+/// A lone surrogate escape (`\ud800`) is valid JSON syntax but no text: PostgreSQL's `jsonb`
+/// refuses it. The mapping reads only the members it maps and skips the rest, so a skipped
+/// member must still be checked as a full parse checks it: wherever the escape is (a member
+/// the mapping skips, v1's `metadata`, a mapped member), the event is a dead letter named by
+/// the mapping, and everything else lands once in both sinks, again on a second run.
+#[actix_web::test]
+async fn a_lone_surrogate_anywhere_in_an_event_makes_a_dead_letter_and_the_rest_lands() {
+    let h = Harness::new(emulator_config(1_000)).await;
+    let events = h.emu.emulator.events();
+    let with = |id: &str, member: &str, at: usize| {
+        format!(
+            r#"{{"id":"{id}","when":"{}","action":{{"type":"login","result":true}},{member}}}"#,
+            stamp(events[at].when)
+        )
+        .into_bytes()
+    };
+    let poison = [
+        (
+            with(
+                "surrogate-skipped",
+                r#""newValue":{"name":"a\ud800b"}"#,
+                100,
+            ),
+            100,
+        ),
+        (
+            with(
+                "surrogate-metadata",
+                r#""metadata":{"zone_name":"\udc00"}"#,
+                500,
+            ),
+            500,
+        ),
+        (
+            with(
+                "surrogate-mapped",
+                r#""actor":{"email":"x\ud83d@example.com"}"#,
+                900,
+            ),
+            900,
+        ),
+    ];
+    for (event, at) in &poison {
+        h.emu
+            .emulator
+            .insert_raw(events[*at].when, "poison", event.clone());
+    }
+    let expected = valid_ids(&h.emu.emulator);
+    assert_eq!(expected.len(), 1_000, "the ground truth takes none of them");
+
+    run_once(&h).await;
+    assert_exact_columns(&h, &expected).await;
+    let letters = dead_letters(&h).await;
+    assert_eq!(letters.len(), poison.len(), "{letters:?}");
+    for (event, _) in &poison {
+        let (reason, _) = letters
+            .iter()
+            .find(|(_, raw)| raw == event)
+            .unwrap_or_else(|| panic!("no dead letter holds {}", String::from_utf8_lossy(event)));
+        // Refused by the mapping (serde_json names the escape), not left to PostgreSQL.
+        assert!(reason.starts_with("event is not valid JSON"), "{reason}");
+        assert!(reason.contains("escape") || reason.contains("surrogate"), "{reason}");
+    }
+
+    run_once(&h).await;
+    assert_eq!(dead_letters(&h).await.len(), poison.len());
+    assert_exact_columns(&h, &expected).await;
+    h.finish().await;
+}
+
 /// 3. A member-chosen name holding the six characters `\u0000` was dead-lettered: the event
 /// was missing from `audit_logs` and the dataset. Only a real NUL is special, and even that
 /// event is stored, its NUL kept as that text.
