@@ -214,7 +214,10 @@ async fn a_lone_surrogate_anywhere_in_an_event_makes_a_dead_letter_and_the_rest_
             .unwrap_or_else(|| panic!("no dead letter holds {}", String::from_utf8_lossy(event)));
         // Refused by the mapping (serde_json names the escape), not left to PostgreSQL.
         assert!(reason.starts_with("event is not valid JSON"), "{reason}");
-        assert!(reason.contains("escape") || reason.contains("surrogate"), "{reason}");
+        assert!(
+            reason.contains("escape") || reason.contains("surrogate"),
+            "{reason}"
+        );
     }
 
     run_once(&h).await;
